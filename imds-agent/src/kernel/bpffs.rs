@@ -1,0 +1,67 @@
+//! The bpf filesystem that holds our pins (links and maps), so the filter outlives the agent.
+use std::{
+    fs,
+    os::unix::fs::DirBuilderExt as _,
+    path::{Path, PathBuf},
+};
+
+use nix::{mount::MsFlags, sys::statfs::statfs};
+
+/// Where the pins live unless `--bpffs` says otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/imds-filter";
+/// The conventional bpffs mount point; mounted by us when it is not.
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpffsError {
+    #[error("{path} is not on a bpf filesystem; mount one (`mount -t bpf bpf {path}`) or pick a --bpffs under {BPFFS_MOUNT}")]
+    NotBpffs { path: PathBuf },
+    #[error("mounting bpffs at {BPFFS_MOUNT}: {0}")]
+    Mount(nix::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Whether `path` (which must exist) lives on bpffs.
+pub fn is_bpffs(path: &Path) -> bool {
+    statfs(path).is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC)
+}
+
+/// Makes sure `dir` exists on bpffs, mounting bpffs at `/sys/fs/bpf` first when `dir` is
+/// below it and nothing is mounted there yet (as on a fresh node).
+pub fn ensure_pin_dir(dir: &Path) -> Result<(), BpffsError> {
+    let mount_point = Path::new(BPFFS_MOUNT);
+    if dir.starts_with(mount_point) && mount_point.is_dir() && !is_bpffs(mount_point) {
+        nix::mount::mount(
+            Some("bpf"),
+            mount_point,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(BpffsError::Mount)?;
+        tracing::info!(path = BPFFS_MOUNT, "mounted bpffs");
+    }
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if !is_bpffs(existing) {
+        return Err(BpffsError::NotBpffs {
+            path: dir.to_owned(),
+        });
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| BpffsError::Io {
+            path: dir.to_owned(),
+            source,
+        })
+}

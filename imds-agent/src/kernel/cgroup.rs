@@ -1,0 +1,186 @@
+//! Finding cgroup v2 and choosing where the programs attach.
+//!
+//! Nodes mount cgroup2 at `/sys/fs/cgroup` (unified) or `/sys/fs/cgroup/unified` (hybrid);
+//! we read the mount table rather than guess. The programs attach to the kubelet's pod
+//! hierarchy by default and never to the root cgroup: node daemons (the kubelet itself
+//! needs IMDS) live outside it and must keep their access.
+use std::{
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+/// Names the kubelet gives its pod hierarchy: systemd driver, then cgroupfs driver.
+pub const KUBEPODS: [&str; 2] = ["kubepods.slice", "kubepods"];
+
+/// `CGROUP2_SUPER_MAGIC` from linux/magic.h.
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("no cgroup v2 filesystem is mounted (checked /proc/self/mountinfo); the filter needs cgroup v2")]
+    NoCgroup2,
+    #[error("no kubelet pod hierarchy ({}) under {root}; pass --attach-cgroup PATH to choose the cgroup to filter", KUBEPODS.join(" or "))]
+    NoKubepods { root: PathBuf },
+    #[error("{path} is the root cgroup: attaching there would filter every process on the machine; choose a child cgroup")]
+    RootCgroup { path: PathBuf },
+    #[error("{path} is not a directory on the cgroup v2 filesystem mounted at {root}")]
+    NotCgroup2 { path: PathBuf, root: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Where cgroup v2 is mounted on this machine.
+pub fn cgroup2_root() -> Result<PathBuf, CgroupError> {
+    let path = Path::new("/proc/self/mountinfo");
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    parse_cgroup2_mount(&text).ok_or(CgroupError::NoCgroup2)
+}
+
+/// The mount point of the first cgroup2 filesystem in a `/proc/*/mountinfo` text.
+pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // id parent maj:min root mountpoint options [optional…] - fstype source superopts
+        let (left, right) = line.split_once(" - ")?;
+        if right.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        left.split_whitespace()
+            .nth(4)
+            .map(|p| PathBuf::from(unescape_octal(p)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        if let Some(d) = octal {
+            out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The kubelet pod hierarchy under `root`, if the node has one.
+pub fn default_attach_cgroup(root: &Path) -> Result<PathBuf, CgroupError> {
+    KUBEPODS
+        .iter()
+        .map(|name| root.join(name))
+        .find(|p| p.is_dir())
+        .ok_or_else(|| CgroupError::NoKubepods {
+            root: root.to_owned(),
+        })
+}
+
+/// Checks that `path` is a cgroup below (not at) the cgroup2 root; returns it canonicalised.
+pub fn validate_attach_cgroup(root: &Path, path: &Path) -> Result<PathBuf, CgroupError> {
+    let canonical = path.canonicalize().map_err(io_err(path))?;
+    let root = root.canonicalize().map_err(io_err(root))?;
+    if canonical == root {
+        return Err(CgroupError::RootCgroup { path: canonical });
+    }
+    let fs = nix::sys::statfs::statfs(&canonical).map_err(|e| CgroupError::Io {
+        path: canonical.clone(),
+        source: e.into(),
+    })?;
+    if !canonical.starts_with(&root)
+        || i64::from(fs.filesystem_type().0) != CGROUP2_MAGIC
+        || !canonical.is_dir()
+    {
+        return Err(CgroupError::NotCgroup2 {
+            path: canonical,
+            root,
+        });
+    }
+    Ok(canonical)
+}
+
+/// The id `bpf_get_current_cgroup_id()` reports for processes in `path`: its inode number.
+pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
+    fs::metadata(path).map(|m| m.ino()).map_err(io_err(path))
+}
+
+/// The cgroup v2 directory of the calling process.
+pub fn own_cgroup(root: &Path) -> Result<PathBuf, CgroupError> {
+    let path = Path::new("/proc/self/cgroup");
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    let rel = parse_proc_cgroup(&text).ok_or(CgroupError::NoCgroup2)?;
+    Ok(root.join(rel.trim_start_matches('/')))
+}
+
+/// The v2 entry (`0::/path`) of a `/proc/*/cgroup` text.
+pub fn parse_proc_cgroup(text: &str) -> Option<&str> {
+    text.lines().find_map(|l| l.strip_prefix("0::"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+25 1 0:23 / /sys rw,nosuid shared:7 - sysfs sysfs rw
+33 25 0:28 / /sys/fs/cgroup ro shared:9 - tmpfs tmpfs ro,mode=755
+34 33 0:29 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
+35 33 0:30 / /sys/fs/cgroup/systemd rw shared:11 - cgroup cgroup rw,xattr,name=systemd
+";
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_and_unified_layouts() {
+        assert_eq!(
+            parse_cgroup2_mount(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified = "30 24 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            parse_cgroup2_mount(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+    }
+
+    #[test]
+    fn optional_fields_and_escapes_do_not_confuse_the_parser() {
+        let line = "40 24 0:26 / /mnt/my\\040cg rw master:1 shared:4 - cgroup2 none rw\n";
+        assert_eq!(parse_cgroup2_mount(line), Some(PathBuf::from("/mnt/my cg")));
+    }
+
+    #[test]
+    fn v1_only_machine_has_no_cgroup2() {
+        let v1 = "35 33 0:30 / /sys/fs/cgroup/memory rw shared:11 - cgroup cgroup rw,memory\n";
+        assert_eq!(parse_cgroup2_mount(v1), None);
+    }
+
+    #[test]
+    fn proc_cgroup_picks_the_v2_line() {
+        let text =
+            "12:memory:/user.slice\n1:name=systemd:/user.slice/x\n0::/kubepods.slice/pod.slice\n";
+        assert_eq!(parse_proc_cgroup(text), Some("/kubepods.slice/pod.slice"));
+        assert_eq!(parse_proc_cgroup("12:memory:/\n"), None);
+    }
+
+    #[test]
+    fn unescape_leaves_plain_backslashes() {
+        assert_eq!(unescape_octal(r"a\134b"), r"a\b");
+        assert_eq!(unescape_octal(r"a\9b"), r"a\9b");
+        assert_eq!(unescape_octal(r"end\04"), r"end\04");
+    }
+}

@@ -1,0 +1,607 @@
+//! Loading the kernel programs, attaching them to one cgroup, and keeping them there.
+//!
+//! State that must outlive the agent process — the four links and the maps — is pinned under
+//! one bpffs directory. Every start loads the programs afresh with the maps reused from their
+//! pins, then for each hook either replaces the program behind the pinned link atomically
+//! (restart, upgrade: no instant without a filter, never two attachments) or attaches and
+//! pins a new link (first start). `uninstall` is the only way the filter goes away.
+pub mod bpffs;
+pub mod cgroup;
+pub mod origin;
+mod sys;
+
+use std::{
+    collections::BTreeMap,
+    fs, io,
+    net::SocketAddrV4,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use aya::{
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    programs::{
+        links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr,
+        ProgramError, SockOps,
+    },
+    Ebpf, EbpfLoader,
+};
+use aya_obj::generated::bpf_attach_type;
+use imds_common::{maps, programs, Config, Counter, ProtectedAddr, Verdict, MAX_PORTS_PER_ADDR};
+
+pub use self::origin::{CallerOrigin, OriginLookup, OriginTable};
+
+/// The compiled kernel programs (empty when built without the BPF toolchain).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-ebpf"));
+
+/// The metadata endpoint every cloud agrees on.
+pub const IMDS_ENDPOINT: SocketAddrV4 =
+    SocketAddrV4::new(std::net::Ipv4Addr::new(169, 254, 169, 254), 80);
+
+/// One of the four places the programs hook into the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Hook {
+    SockOps,
+    Connect4,
+    Connect6,
+    Egress,
+}
+
+impl Hook {
+    /// Attach order: origin tracking before anything is redirected.
+    pub const ALL: [Hook; 4] = [Hook::SockOps, Hook::Connect4, Hook::Connect6, Hook::Egress];
+
+    /// Name of the program in the object (and, truncated to 15 bytes, in the kernel).
+    pub const fn program(self) -> &'static str {
+        match self {
+            Hook::SockOps => programs::SOCK_OPS,
+            Hook::Connect4 => programs::CONNECT4,
+            Hook::Connect6 => programs::CONNECT6,
+            Hook::Egress => programs::EGRESS,
+        }
+    }
+
+    /// The kernel's attach type for this hook.
+    pub const fn attach_type(self) -> bpf_attach_type {
+        match self {
+            Hook::SockOps => bpf_attach_type::BPF_CGROUP_SOCK_OPS,
+            Hook::Connect4 => bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
+            Hook::Connect6 => bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
+            Hook::Egress => bpf_attach_type::BPF_CGROUP_INET_EGRESS,
+        }
+    }
+
+    /// File name of the pinned link in the pin directory.
+    pub fn link_pin(self) -> String {
+        format!("link_{}", self.program())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error(
+        "this imds-agent was built without its eBPF object (the BPF toolchain was missing at \
+         build time); run `cargo xtask setup`, then rebuild"
+    )]
+    NotBuilt,
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error(transparent)]
+    Bpffs(#[from] bpffs::BpffsError),
+    #[error(
+        "loading the eBPF object: {source}\n(if {} holds maps pinned by another version, run \
+         `imds-agent uninstall --bpffs {}` first)", pin_dir.display(), pin_dir.display()
+    )]
+    Load {
+        pin_dir: PathBuf,
+        source: Box<aya::EbpfError>,
+    },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error(
+        "{} is attached to another cgroup (id {found}) than {} (id {expected}); \
+         run `imds-agent uninstall --bpffs {}` first", pin.display(), cgroup.display(),
+         pin.parent().unwrap_or(pin).display()
+    )]
+    PinnedElsewhere {
+        pin: PathBuf,
+        cgroup: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error("{} is not a link of the {hook:?} hook; remove it or use another --bpffs", pin.display())]
+    PinnedWrongHook { pin: PathBuf, hook: Hook },
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("{addr} has more than {MAX_PORTS_PER_ADDR} protected ports")]
+    TooManyPorts { addr: std::net::Ipv4Addr },
+    #[error("no protected endpoints given")]
+    NoProtectedEndpoints,
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> FilterError {
+    move |source| FilterError::Map { name, source }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> FilterError {
+    move |source| FilterError::Program { name, source }
+}
+
+/// What to install and how.
+#[derive(Clone, Debug)]
+pub struct FilterOptions {
+    /// The cgroup whose processes (and all descendants') are filtered.
+    pub attach_cgroup: PathBuf,
+    /// bpffs directory holding the pins.
+    pub pin_dir: PathBuf,
+    /// Where redirected connections go: the agent's listen address.
+    pub agent: SocketAddrV4,
+    /// Protected endpoints (at most [`MAX_PORTS_PER_ADDR`] ports per address).
+    pub protected: Vec<SocketAddrV4>,
+    /// Verdict of cgroups without an entry.
+    pub default_verdict: Verdict,
+    /// cgroup id of the agent itself (its upstream connections pass); 0 for none.
+    pub exempt_cgroup: u64,
+    /// Most verbose kernel log level compiled into the programs' checks.
+    pub kernel_log_level: log::LevelFilter,
+    /// Origin records older than this are ignored.
+    pub origin_ttl: Duration,
+}
+
+/// How a hook came to run our program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// No pinned link existed: attached and pinned now.
+    Attached,
+    /// A pinned link existed: its program was replaced atomically.
+    Replaced,
+}
+
+/// The installed filter: its maps, for the agent to read and steer.
+pub struct Filter {
+    verdicts: HashMap<MapData, u64, u32>,
+    counters: PerCpuArray<MapData, u64>,
+    origins: Arc<OriginTable>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    attachments: Vec<(Hook, Attachment)>,
+    cgroup_id: u64,
+}
+
+impl Filter {
+    /// Loads the programs and makes them the ones running on `opts.attach_cgroup`, reusing
+    /// pinned state from an earlier run.
+    pub fn install(opts: &FilterOptions) -> Result<Filter, FilterError> {
+        if EBPF_OBJECT.is_empty() {
+            return Err(FilterError::NotBuilt);
+        }
+        let protected = group_endpoints(&opts.protected)?;
+        let root = cgroup::cgroup2_root()?;
+        let cgroup_path = cgroup::validate_attach_cgroup(&root, &opts.attach_cgroup)?;
+        let cgroup_id = cgroup::cgroup_id(&cgroup_path)?;
+        let cgroup_dir = fs::File::open(&cgroup_path).map_err(|source| FilterError::Io {
+            what: "opening cgroup",
+            path: cgroup_path.clone(),
+            source,
+        })?;
+        bpffs::ensure_pin_dir(&opts.pin_dir)?;
+
+        let log_level = kernel_log_level(opts.kernel_log_level);
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&opts.pin_dir)
+            .override_global("AYA_LOG_LEVEL", &log_level, true)
+            .load(EBPF_OBJECT)
+            .map_err(|source| FilterError::Load {
+                pin_dir: opts.pin_dir.clone(),
+                source: Box::new(source),
+            })?;
+
+        // Configure before anything is attached, so the first program run already sees it.
+        let mut config: Array<MapData, Config> = take_map(&mut ebpf, maps::CONFIG)?;
+        config
+            .set(
+                0,
+                Config {
+                    exempt_cgroup: opts.exempt_cgroup,
+                    agent_ip4_be: u32::from(*opts.agent.ip()).to_be(),
+                    default_verdict: opts.default_verdict as u32,
+                    agent_port_be: opts.agent.port().to_be(),
+                    _pad: [0; 6],
+                },
+                0,
+            )
+            .map_err(map_err(maps::CONFIG))?;
+        let mut protected_map: HashMap<MapData, u32, ProtectedAddr> =
+            take_map(&mut ebpf, maps::PROTECTED)?;
+        sync_protected(&mut protected_map, &protected)?;
+
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => Some(logger),
+            Err(e) => {
+                tracing::warn!(error = %e, "kernel-side logs unavailable");
+                None
+            }
+        };
+
+        let mut attachments = Vec::with_capacity(Hook::ALL.len());
+        for hook in Hook::ALL {
+            let pin = opts.pin_dir.join(hook.link_pin());
+            let how =
+                attach_or_replace(&mut ebpf, hook, &cgroup_dir, &cgroup_path, cgroup_id, &pin)?;
+            tracing::info!(hook = ?hook, how = ?how, cgroup = %cgroup_path.display(), "program in place");
+            attachments.push((hook, how));
+        }
+
+        Ok(Filter {
+            verdicts: take_map(&mut ebpf, maps::VERDICTS)?,
+            counters: take_map(&mut ebpf, maps::COUNTERS)?,
+            origins: Arc::new(OriginTable::new(
+                take_map(&mut ebpf, maps::ORIGINS)?,
+                opts.origin_ttl,
+            )),
+            logger,
+            attachments,
+            cgroup_id,
+        })
+    }
+
+    /// How each hook was put in place by [`Filter::install`].
+    pub fn attachments(&self) -> &[(Hook, Attachment)] {
+        &self.attachments
+    }
+
+    /// Id of the cgroup the programs are attached to.
+    pub fn cgroup_id(&self) -> u64 {
+        self.cgroup_id
+    }
+
+    /// Sets the verdict of a cgroup and, unless a descendant has its own, of everything below.
+    pub fn set_verdict(&mut self, cgroup_id: u64, verdict: Verdict) -> Result<(), FilterError> {
+        self.verdicts
+            .insert(cgroup_id, verdict as u32, 0)
+            .map_err(map_err(maps::VERDICTS))
+    }
+
+    /// Removes a cgroup's own verdict; it falls back to its ancestors' or the default.
+    pub fn clear_verdict(&mut self, cgroup_id: u64) -> Result<(), FilterError> {
+        match self.verdicts.remove(&cgroup_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(maps::VERDICTS)(e)),
+        }
+    }
+
+    /// Every cgroup's own verdict entry.
+    pub fn verdicts(&self) -> Result<Vec<(u64, Option<Verdict>)>, FilterError> {
+        self.verdicts
+            .iter()
+            .map(|r| r.map(|(id, raw)| (id, Verdict::from_raw(raw))))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(maps::VERDICTS))
+    }
+
+    /// The kernel counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, FilterError> {
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let per_cpu = self
+                    .counters
+                    .get(&(*c as u32), 0)
+                    .map_err(map_err(maps::COUNTERS))?;
+                Ok((*c, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// The origin records, shareable with connection handlers.
+    pub fn origins(&self) -> Arc<OriginTable> {
+        Arc::clone(&self.origins)
+    }
+
+    /// The reader of kernel-side log records (once; the caller drains it).
+    pub fn take_kernel_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        self.logger.take()
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, FilterError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(FilterError::Map {
+        name,
+        source: MapError::InvalidName { name: name.into() },
+    })?;
+    T::try_from(map).map_err(map_err(name))
+}
+
+/// aya-log's level numbering: 0 off, 1 error … 5 trace.
+fn kernel_log_level(level: log::LevelFilter) -> u8 {
+    level as u8
+}
+
+/// Groups endpoints by address, as the `PROTECTED` map stores them.
+pub fn group_endpoints(
+    endpoints: &[SocketAddrV4],
+) -> Result<BTreeMap<u32, ProtectedAddr>, FilterError> {
+    if endpoints.is_empty() {
+        return Err(FilterError::NoProtectedEndpoints);
+    }
+    let mut grouped: BTreeMap<u32, ProtectedAddr> = BTreeMap::new();
+    for ep in endpoints {
+        let entry = grouped.entry(u32::from(*ep.ip()).to_be()).or_default();
+        let port_be = ep.port().to_be();
+        if entry.has_port(port_be) {
+            continue;
+        }
+        let slot = entry
+            .ports_be
+            .iter_mut()
+            .find(|p| **p == 0)
+            .ok_or(FilterError::TooManyPorts { addr: *ep.ip() })?;
+        *slot = port_be;
+    }
+    Ok(grouped)
+}
+
+/// Makes the `PROTECTED` map hold exactly `wanted`.
+fn sync_protected(
+    map: &mut HashMap<MapData, u32, ProtectedAddr>,
+    wanted: &BTreeMap<u32, ProtectedAddr>,
+) -> Result<(), FilterError> {
+    let present: Vec<u32> = map
+        .keys()
+        .collect::<Result<_, _>>()
+        .map_err(map_err(maps::PROTECTED))?;
+    for (addr, ports) in wanted {
+        map.insert(addr, ports, 0)
+            .map_err(map_err(maps::PROTECTED))?;
+    }
+    for addr in present.iter().filter(|a| !wanted.contains_key(a)) {
+        map.remove(addr).map_err(map_err(maps::PROTECTED))?;
+    }
+    Ok(())
+}
+
+fn attach_or_replace(
+    ebpf: &mut Ebpf,
+    hook: Hook,
+    cgroup_dir: &fs::File,
+    cgroup_path: &Path,
+    cgroup_id: u64,
+    pin: &Path,
+) -> Result<Attachment, FilterError> {
+    let name = hook.program();
+    let program = ebpf.program_mut(name).ok_or(FilterError::Program {
+        name,
+        source: ProgramError::UnexpectedProgramType,
+    })?;
+    let io_err = |what: &'static str| {
+        move |source| FilterError::Io {
+            what,
+            path: pin.to_owned(),
+            source,
+        }
+    };
+
+    if pin.exists() {
+        let link = sys::obj_get(pin).map_err(io_err("opening pinned link"))?;
+        match sys::cgroup_link_target(link.as_fd()).map_err(io_err("reading pinned link"))? {
+            Some(t) if t.attach_type == hook.attach_type() && t.cgroup_id == cgroup_id => {}
+            Some(t) if t.attach_type == hook.attach_type() => {
+                return Err(FilterError::PinnedElsewhere {
+                    pin: pin.to_owned(),
+                    cgroup: cgroup_path.to_owned(),
+                    found: t.cgroup_id,
+                    expected: cgroup_id,
+                });
+            }
+            _ => {
+                return Err(FilterError::PinnedWrongHook {
+                    pin: pin.to_owned(),
+                    hook,
+                })
+            }
+        }
+        load(program, hook)?;
+        let prog_fd = program.fd().map_err(prog_err(name))?;
+        sys::link_update(link.as_fd(), prog_fd.as_fd())
+            .map_err(io_err("replacing the program of"))?;
+        return Ok(Attachment::Replaced);
+    }
+
+    load(program, hook)?;
+    // Links are always multi-attach in the kernel; "single" (flags 0) is what it accepts.
+    let mode = CgroupAttachMode::Single;
+    let link: FdLink = match hook {
+        Hook::SockOps => {
+            let p: &mut SockOps = program.try_into().map_err(prog_err(name))?;
+            let id = p.attach(cgroup_dir, mode).map_err(prog_err(name))?;
+            p.take_link(id).map_err(prog_err(name))?.try_into()
+        }
+        Hook::Connect4 | Hook::Connect6 => {
+            let p: &mut CgroupSockAddr = program.try_into().map_err(prog_err(name))?;
+            let id = p.attach(cgroup_dir, mode).map_err(prog_err(name))?;
+            p.take_link(id).map_err(prog_err(name))?.try_into()
+        }
+        Hook::Egress => {
+            let p: &mut CgroupSkb = program.try_into().map_err(prog_err(name))?;
+            let id = p
+                .attach(cgroup_dir, CgroupSkbAttachType::Egress, mode)
+                .map_err(prog_err(name))?;
+            p.take_link(id).map_err(prog_err(name))?.try_into()
+        }
+    }
+    .map_err(|e| io_err("taking link for")(io::Error::other(e)))?;
+    link.pin(pin)
+        .map_err(|e| io_err("pinning link")(io::Error::other(e)))?;
+    Ok(Attachment::Attached)
+}
+
+/// Loads (verifies) one program into the kernel.
+fn load(program: &mut aya::programs::Program, hook: Hook) -> Result<(), FilterError> {
+    let name = hook.program();
+    match hook {
+        Hook::SockOps => <&mut SockOps>::try_from(program)
+            .map_err(prog_err(name))?
+            .load(),
+        Hook::Connect4 | Hook::Connect6 => <&mut CgroupSockAddr>::try_from(program)
+            .map_err(prog_err(name))?
+            .load(),
+        Hook::Egress => <&mut CgroupSkb>::try_from(program)
+            .map_err(prog_err(name))?
+            .load(),
+    }
+    .map_err(prog_err(name))
+}
+
+/// What `uninstall` removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Uninstalled {
+    pub links: Vec<String>,
+    pub maps: Vec<String>,
+}
+
+/// Detaches every pinned link (even if a running agent still holds it) and removes all pins
+/// and the pin directory. Nothing installed is not an error.
+pub fn uninstall(pin_dir: &Path) -> Result<Uninstalled, FilterError> {
+    let mut done = Uninstalled::default();
+    if !pin_dir.exists() {
+        return Ok(done);
+    }
+    let io_err = |what: &'static str, path: &Path| {
+        let path = path.to_owned();
+        move |source| FilterError::Io { what, path, source }
+    };
+    for hook in Hook::ALL {
+        let pin = pin_dir.join(hook.link_pin());
+        if !pin.exists() {
+            continue;
+        }
+        let link = sys::obj_get(&pin).map_err(io_err("opening pinned link", &pin))?;
+        match sys::link_detach(link.as_fd()) {
+            // EINVAL: a kernel without BPF_LINK_DETACH (< 5.9): removing the pin detaches the
+            // link once no process holds it. ENOLINK: already detached.
+            Ok(()) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOLINK)) => {}
+            Err(source) => {
+                return Err(FilterError::Io {
+                    what: "detaching link",
+                    path: pin,
+                    source,
+                })
+            }
+        }
+        fs::remove_file(&pin).map_err(io_err("removing pin", &pin))?;
+        done.links.push(hook.link_pin());
+    }
+    for name in maps::PINNED {
+        let pin = pin_dir.join(name);
+        if pin.exists() {
+            fs::remove_file(&pin).map_err(io_err("removing pin", &pin))?;
+            done.maps.push(name.to_owned());
+        }
+    }
+    fs::remove_dir(pin_dir).map_err(io_err("removing pin directory", pin_dir))?;
+    Ok(done)
+}
+
+/// A program attached to a cgroup hook, as the kernel lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachedProgram {
+    pub id: u32,
+    pub name: String,
+}
+
+/// The programs attached directly to `cgroup` at each of our hooks (the kernel's own list).
+pub fn attached_programs(cgroup: &Path) -> Result<Vec<(Hook, Vec<AttachedProgram>)>, FilterError> {
+    let dir = fs::File::open(cgroup).map_err(|source| FilterError::Io {
+        what: "opening cgroup",
+        path: cgroup.to_owned(),
+        source,
+    })?;
+    let names: std::collections::HashMap<u32, String> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_owned()))
+        .collect();
+    Hook::ALL
+        .iter()
+        .map(|hook| {
+            let ids =
+                sys::attached_prog_ids(dir.as_fd(), hook.attach_type()).map_err(|source| {
+                    FilterError::Io {
+                        what: "querying cgroup",
+                        path: cgroup.to_owned(),
+                        source,
+                    }
+                })?;
+            let progs = ids
+                .into_iter()
+                .map(|id| AttachedProgram {
+                    id,
+                    name: names.get(&id).cloned().unwrap_or_default(),
+                })
+                .collect();
+            Ok((*hook, progs))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_group_by_address_and_dedupe_ports() {
+        let eps: Vec<SocketAddrV4> = [
+            "169.254.169.254:80",
+            "168.63.129.16:80",
+            "168.63.129.16:32526",
+            "169.254.169.254:80",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        let g = group_endpoints(&eps).unwrap();
+        assert_eq!(g.len(), 2);
+        let wire = g[&u32::from(std::net::Ipv4Addr::new(168, 63, 129, 16)).to_be()];
+        assert_eq!(wire.ports_be, [80u16.to_be(), 32526u16.to_be(), 0, 0]);
+        let imds = g[&u32::from(std::net::Ipv4Addr::new(169, 254, 169, 254)).to_be()];
+        assert_eq!(imds.ports_be, [80u16.to_be(), 0, 0, 0]);
+    }
+
+    #[test]
+    fn too_many_ports_on_one_address_is_an_error() {
+        let eps: Vec<SocketAddrV4> = (1..=5)
+            .map(|p| SocketAddrV4::new([10, 0, 0, 1].into(), p))
+            .collect();
+        assert!(matches!(
+            group_endpoints(&eps),
+            Err(FilterError::TooManyPorts { .. })
+        ));
+        assert!(matches!(
+            group_endpoints(&[]),
+            Err(FilterError::NoProtectedEndpoints)
+        ));
+    }
+
+    #[test]
+    fn link_pins_are_distinct_per_hook() {
+        let pins: std::collections::HashSet<String> =
+            Hook::ALL.iter().map(|h| h.link_pin()).collect();
+        assert_eq!(pins.len(), Hook::ALL.len());
+    }
+}

@@ -1,0 +1,358 @@
+//! Kernel programs of the IMDS filter.
+//!
+//! Attached to one cgroup (the kubelet pod hierarchy on a node), they see every socket of
+//! every process below it:
+//!
+//! - `imds_connect4` / `imds_connect6`: a `connect()` to a protected address is let through,
+//!   refused (`EPERM`) or rewritten to the agent, by the caller's cgroup verdict. The v6 hook
+//!   catches the v4-mapped spelling `::ffff:169.254.169.254`, which never reaches connect4.
+//! - `imds_sock_ops`: when a redirected TCP connection has its local port (just before the
+//!   SYN), the caller's identity moves from a socket-cookie key to the connection's address
+//!   tuple, which the agent can compute from its accepted socket.
+//! - `imds_egress`: a backstop that drops any packet to a protected address from a cgroup
+//!   that is not PASS (raw sockets, unconnected UDP, anything that skips `connect()`).
+//!
+//! All policy lives in one place per hook: a `try_` function decides, the entry point maps
+//! the decision to the kernel's return code.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
+    },
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+    },
+    macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{SkBuffContext, SockAddrContext, SockOpsContext},
+    EbpfContext as _,
+};
+use aya_log_ebpf::{debug, warn};
+use imds_common::{
+    capacity, Config, Counter, Origin, OriginKey, ProtectedAddr, MAX_CGROUP_DEPTH, VERDICT_PASS,
+    VERDICT_REDIRECT,
+};
+
+// ---- maps (pinned by name, so they outlive the agent process) ------------------------------
+
+#[map]
+static VERDICTS: HashMap<u64, u32> = HashMap::pinned(capacity::VERDICTS, 0);
+#[map]
+static PROTECTED: HashMap<u32, ProtectedAddr> = HashMap::pinned(capacity::PROTECTED, 0);
+#[map]
+static CONFIG: Array<Config> = Array::pinned(1, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::LEN, 0);
+#[map]
+static PENDING: LruHashMap<u64, Origin> = LruHashMap::pinned(capacity::PENDING, 0);
+#[map]
+static ORIGINS: LruHashMap<OriginKey, Origin> = LruHashMap::pinned(capacity::ORIGINS, 0);
+
+// ---- kernel return codes ---------------------------------------------------------------------
+
+/// cgroup sock_addr / skb programs: let the operation proceed.
+const ALLOW: i32 = 1;
+/// cgroup sock_addr: fail `connect()` with `EPERM`; cgroup skb: drop the packet.
+const REFUSE: i32 = 0;
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IPPROTO_TCP: u32 = 6;
+/// `ETH_P_IP` as `skb->protocol` holds it (network order in the low 16 bits).
+const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
+/// Offset of the destination address in an IPv4 header; cgroup_skb data starts at L3.
+const IPV4_DADDR_OFFSET: usize = 16;
+
+// ---- connect4 / connect6 ---------------------------------------------------------------------
+
+/// What a `connect()` to some destination gets.
+enum Connect {
+    /// Not a protected address: not ours to judge.
+    Untouched,
+    Pass,
+    Deny,
+    Redirect(Config),
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn imds_connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel passes a valid `bpf_sock_addr` that lives for the whole program run.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // `user_port` is a 32-bit field holding the port in network order in its low 16 bits.
+    let (ip4_be, port_be) = (sa.user_ip4, sa.user_port as u16);
+    match try_connect(ip4_be, port_be, sa.protocol) {
+        Connect::Untouched => ALLOW,
+        Connect::Pass => count(Counter::ConnectPass, ALLOW),
+        Connect::Deny => {
+            debug!(
+                &ctx,
+                "connect4 to protected {:i} refused",
+                u32::from_be(ip4_be)
+            );
+            count(Counter::ConnectDeny, REFUSE)
+        }
+        Connect::Redirect(cfg) => {
+            record_pending(&ctx, ip4_be, port_be, AF_INET);
+            sa.user_ip4 = cfg.agent_ip4_be;
+            sa.user_port = u32::from(cfg.agent_port_be);
+            count(Counter::ConnectRedirect, ALLOW)
+        }
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn imds_connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in connect4.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    // The verifier only allows 4-byte accesses to `user_ip6`: read it word by word. Only the
+    // v4-mapped form (::ffff:a.b.c.d) can reach an IPv4 endpoint from an AF_INET6 socket.
+    let (w0, w1, w2, w3) = (
+        sa.user_ip6[0],
+        sa.user_ip6[1],
+        sa.user_ip6[2],
+        sa.user_ip6[3],
+    );
+    if w0 != 0 || w1 != 0 || w2 != 0xffffu32.to_be() {
+        return ALLOW;
+    }
+    let port_be = sa.user_port as u16;
+    match try_connect(w3, port_be, sa.protocol) {
+        Connect::Untouched => ALLOW,
+        Connect::Pass => count(Counter::ConnectPass, ALLOW),
+        Connect::Deny => {
+            debug!(
+                &ctx,
+                "connect6 to v4-mapped protected {:i} refused",
+                u32::from_be(w3)
+            );
+            count(Counter::ConnectDeny, REFUSE)
+        }
+        Connect::Redirect(cfg) => {
+            record_pending(&ctx, w3, port_be, AF_INET6);
+            // Keep the v4-mapped form: words 0..=2 already read ::ffff.
+            sa.user_ip6[3] = cfg.agent_ip4_be;
+            sa.user_port = u32::from(cfg.agent_port_be);
+            count(Counter::ConnectRedirect, ALLOW)
+        }
+    }
+}
+
+/// The one place a `connect()` is judged.
+#[inline(always)]
+fn try_connect(ip4_be: u32, port_be: u16, protocol: u32) -> Connect {
+    // SAFETY: values are plain data copied out right away; a concurrent update can at worst
+    // give us the old or the new entry.
+    let Some(protected) = (unsafe { PROTECTED.get(&ip4_be) }).copied() else {
+        return Connect::Untouched;
+    };
+    let cfg = config();
+    // SAFETY: helper without preconditions.
+    let leaf = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: helper without preconditions; returns 0 past the caller's own level.
+    let verdict = cgroup_verdict(&cfg, leaf, |level| unsafe {
+        bpf_get_current_ancestor_cgroup_id(level)
+    });
+    let redirectable = protocol == IPPROTO_TCP && protected.has_port(port_be);
+    match verdict {
+        VERDICT_PASS => Connect::Pass,
+        VERDICT_REDIRECT if redirectable => Connect::Redirect(cfg),
+        // DENY, REDIRECT of something we cannot redirect (UDP, another port), or a value we
+        // do not know: refuse.
+        _ => Connect::Deny,
+    }
+}
+
+/// Remembers who is connecting, under the socket cookie, until sock_ops sees the local port.
+#[inline(always)]
+fn record_pending(ctx: &SockAddrContext, ip4_be: u32, port_be: u16, family: u16) {
+    // SAFETY: helpers without preconditions; the cookie helper accepts this context type.
+    let origin = unsafe {
+        Origin {
+            cgroup_id: bpf_get_current_cgroup_id(),
+            pid_tgid: bpf_get_current_pid_tgid(),
+            uid_gid: bpf_get_current_uid_gid(),
+            recorded_ns: bpf_ktime_get_ns(),
+            orig_ip4_be: ip4_be,
+            orig_port_be: port_be,
+            family,
+        }
+    };
+    // SAFETY: see above.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if PENDING.insert(&cookie, &origin, 0).is_err() {
+        warn!(
+            ctx,
+            "origin of a redirected connection could not be recorded"
+        );
+        bump(Counter::OriginLost);
+    }
+}
+
+// ---- sock_ops --------------------------------------------------------------------------------
+
+#[sock_ops]
+pub fn imds_sock_ops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_tcp_connect(&ctx),
+        // args[1] is the new state. Only sockets we recorded have this callback enabled.
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            let _gone = ORIGINS.remove(&connection_key(&ctx));
+        }
+        _ => {}
+    }
+    1
+}
+
+/// The client side of a connection, in the byte order `OriginKey` wants.
+#[inline(always)]
+fn connection_key(ctx: &SockOpsContext) -> OriginKey {
+    OriginKey {
+        // The v4 fields are right for AF_INET sockets and for v4-mapped AF_INET6 ones: the
+        // kernel runs those through tcp_v4_connect, which fills them before this callback.
+        client_ip4_be: ctx.local_ip4(),
+        agent_ip4_be: ctx.remote_ip4(),
+        // sock_ops quirks: `local_port` is in host order; `remote_port` is in network order
+        // in the *upper* 16 bits on little-endian, i.e. `ntohl()` of it is the host port.
+        client_port_be: (ctx.local_port() as u16).to_be(),
+        agent_port_be: (u32::from_be(ctx.remote_port()) as u16).to_be(),
+    }
+}
+
+/// Runs before the SYN of every TCP connection in the hierarchy, after the local port is set.
+#[inline(always)]
+fn on_tcp_connect(ctx: &SockOpsContext) {
+    let cfg = config();
+    let key = connection_key(ctx);
+    if key.agent_ip4_be != cfg.agent_ip4_be || key.agent_port_be != cfg.agent_port_be {
+        return; // not headed for the agent: nothing to record or clean
+    }
+    // SAFETY: the cookie helper accepts a sock_ops context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain data copied out right away.
+    match unsafe { PENDING.get(&cookie) }.copied() {
+        Some(origin) => {
+            let _taken = PENDING.remove(&cookie);
+            if ORIGINS.insert(&key, &origin, 0).is_ok() {
+                // Drop the record when this socket closes, whether or not the agent took it.
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+                bump(Counter::OriginRecorded);
+            } else {
+                warn!(
+                    ctx,
+                    "origin map full: connection will be refused by the agent"
+                );
+                bump(Counter::OriginLost);
+            }
+        }
+        // A direct connection to the agent (not redirected): it must not inherit a record an
+        // earlier connection with the same tuple left behind.
+        None => {
+            let _stale = ORIGINS.remove(&key);
+        }
+    }
+}
+
+// ---- egress backstop -------------------------------------------------------------------------
+
+#[cgroup_skb(egress)]
+pub fn imds_egress(ctx: SkBuffContext) -> i32 {
+    if try_egress_allowed(&ctx) {
+        ALLOW
+    } else {
+        count(Counter::EgressDrop, REFUSE)
+    }
+}
+
+/// Whether a packet leaving a socket in the hierarchy may go. Redirected connections never
+/// carry a protected destination, so only traffic that skipped connect() lands here.
+#[inline(always)]
+fn try_egress_allowed(ctx: &SkBuffContext) -> bool {
+    // v4-mapped IPv6 destinations are never sent as IPv6 packets; only IPv4 matters here.
+    if ctx.skb.protocol() != ETH_P_IP_BE {
+        return true;
+    }
+    let Ok(dst_be) = ctx.load::<u32>(IPV4_DADDR_OFFSET) else {
+        return true; // shorter than an IPv4 header: the stack will not send it anywhere
+    };
+    // SAFETY: plain lookup; presence is all we need.
+    if unsafe { PROTECTED.get(&dst_be) }.is_none() {
+        return true;
+    }
+    let cfg = config();
+    let skb = ctx.skb.skb;
+    // SAFETY: `skb` is the program's own context pointer; these helpers accept it in
+    // cgroup_skb programs and return the cgroup of the socket that sent the packet.
+    let leaf = unsafe { bpf_skb_cgroup_id(skb) };
+    // SAFETY: as above.
+    let verdict = cgroup_verdict(&cfg, leaf, |level| unsafe {
+        bpf_skb_ancestor_cgroup_id(skb, level)
+    });
+    verdict == VERDICT_PASS
+}
+
+// ---- shared helpers --------------------------------------------------------------------------
+
+#[inline(always)]
+fn config() -> Config {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// Verdict of the cgroup `leaf`: the entry of the deepest cgroup on its path from the root
+/// that has one (so a pod's entry covers all its containers), else the configured default.
+/// The agent's own cgroup always passes.
+#[inline(always)]
+fn cgroup_verdict(cfg: &Config, leaf: u64, ancestor: impl Fn(i32) -> u64) -> u32 {
+    if cfg.exempt_cgroup != 0 && leaf == cfg.exempt_cgroup {
+        return VERDICT_PASS;
+    }
+    let mut verdict = match cfg.default_verdict {
+        0 => VERDICT_REDIRECT, // not configured yet: fail closed
+        v => v,
+    };
+    let mut level = 0;
+    while level < MAX_CGROUP_DEPTH {
+        let id = ancestor(level);
+        if id == 0 {
+            break;
+        }
+        // SAFETY: plain data copied out right away.
+        if let Some(v) = unsafe { VERDICTS.get(&id) } {
+            verdict = *v;
+        }
+        if id == leaf {
+            break;
+        }
+        level += 1;
+    }
+    verdict
+}
+
+#[inline(always)]
+fn bump(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, and programs do not migrate CPUs mid-run: no data race.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Bumps `counter` and passes `ret` through, so entry points stay one expression per arm.
+#[inline(always)]
+fn count(counter: Counter, ret: i32) -> i32 {
+    bump(counter);
+    ret
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
