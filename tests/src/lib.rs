@@ -1,1 +1,617 @@
+//! Support for the privileged end-to-end tests: throwaway network namespaces, cgroups and
+//! bpffs pin directories behind guards that clean up even when a test panics, listeners
+//! bound inside a namespace, and the `imds-probe` client.
+//!
+//! Safety rules these helpers enforce: the metadata address is always put on an interface
+//! inside a namespace the test created *before* anything connects to it, so a failed
+//! redirect stays inside; programs attach only to a child cgroup the test created.
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
 
+use imds_agent::kernel::{cgroup, origin::OriginTable, CallerOrigin, OriginLookup};
+
+/// The metadata address, as tests use it (only ever inside their own namespaces).
+pub const IMDS_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
+
+/// What `imds-probe` prints.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ProbeReport {
+    pub pid: u32,
+    /// `connected`, `sent`, `error` or `setup-failed`.
+    pub outcome: String,
+    pub errno: Option<i32>,
+    pub error: Option<String>,
+    /// Local address of a connected TCP socket.
+    pub local: Option<String>,
+    /// First line the listener sent.
+    pub reply: Option<String>,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A short name unique to this process and call, e.g. `it1234-3-redir`.
+pub fn unique(tag: &str) -> String {
+    format!(
+        "it{}-{}-{tag}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A small number unique per call in this process, for per-test subnets.
+pub fn next_index() -> u32 {
+    SEQ.fetch_add(1, Ordering::Relaxed)
+}
+
+fn sh(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---- network namespaces --------------------------------------------------------------------
+
+/// A network namespace (`ip netns`), deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// A new namespace with loopback up.
+    pub fn new(tag: &str) -> NetNs {
+        let ns = NetNs { name: unique(tag) };
+        sh("ip", &["netns", "add", &ns.name]);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip -n NAME …`.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        sh("ip", &all);
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Puts the metadata address on this namespace's loopback, so anything sent to it here
+    /// stays here.
+    pub fn host_metadata_address(&self) {
+        self.ip(&["addr", "add", &format!("{IMDS_IP}/32"), "dev", "lo"]);
+    }
+
+    /// Runs `f` on a thread that has joined this namespace; sockets it creates live here.
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        thread::spawn(move || {
+            let ns = fs::File::open(&path).expect("open netns");
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
+        .join()
+        .expect("thread in netns panicked")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Joins two namespaces with a veth pair: `a_ip`/`b_ip` are /30 host addresses.
+pub fn veth(a: &NetNs, a_ip: Ipv4Addr, b: &NetNs, b_ip: Ipv4Addr) {
+    let n = next_index();
+    let (a_if, b_if) = (
+        format!("va{}x{n}", std::process::id() % 10000),
+        format!("vb{}x{n}", std::process::id() % 10000),
+    );
+    sh(
+        "ip",
+        &[
+            "link", "add", &a_if, "netns", &a.name, "type", "veth", "peer", "name", &b_if, "netns",
+            &b.name,
+        ],
+    );
+    a.ip(&["addr", "add", &format!("{a_ip}/30"), "dev", &a_if]);
+    b.ip(&["addr", "add", &format!("{b_ip}/30"), "dev", &b_if]);
+    a.ip(&["link", "set", &a_if, "up"]);
+    b.ip(&["link", "set", &b_if, "up"]);
+}
+
+// ---- cgroups -------------------------------------------------------------------------------
+
+/// A cgroup v2 directory this test created; on drop its processes (ours) are killed and it
+/// is removed. Create children through [`Cgroup::child`]; drop them before the parent.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    /// A new cgroup directly below the cgroup2 root (never the root itself).
+    pub fn new_top(tag: &str) -> Cgroup {
+        let root = cgroup::cgroup2_root().expect("cgroup v2 mounted");
+        Cgroup::create(root.join(unique(tag)))
+    }
+
+    pub fn child(&self, name: &str) -> Cgroup {
+        Cgroup::create(self.path.join(name))
+    }
+
+    fn create(path: PathBuf) -> Cgroup {
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Cgroup { path }
+    }
+
+    /// The id the kernel programs see for processes in here.
+    pub fn id(&self) -> u64 {
+        cgroup::cgroup_id(&self.path).expect("cgroup id")
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let procs = || fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
+        if !procs().trim().is_empty() {
+            // Only processes this test started can be in here.
+            let _ = fs::write(self.path.join("cgroup.kill"), "1");
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while !procs().trim().is_empty() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let _ = fs::remove_dir(&self.path);
+    }
+}
+
+// ---- bpffs pins ----------------------------------------------------------------------------
+
+/// A pin directory under /sys/fs/bpf; on drop everything pinned there is detached and removed.
+pub struct PinDir {
+    pub path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new(tag: &str) -> PinDir {
+        PinDir {
+            path: PathBuf::from("/sys/fs/bpf").join(unique(tag)),
+        }
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if let Err(e) = imds_agent::kernel::uninstall(&self.path) {
+            eprintln!("cleaning up {}: {e}", self.path.display());
+        }
+    }
+}
+
+// ---- listeners -----------------------------------------------------------------------------
+
+/// A TCP listener in a namespace, served by a thread until dropped.
+pub struct Server {
+    pub addr: SocketAddrV4,
+    listener: Arc<TcpListener>,
+    thread: Option<JoinHandle<()>>,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl Server {
+    /// Binds `addr` (port 0 picks one) inside `ns`.
+    pub fn bind(ns: &NetNs, addr: SocketAddrV4) -> TcpListener {
+        ns.enter(move || TcpListener::bind(addr).expect("bind listener"))
+    }
+
+    /// Listens on `addr` inside `ns`; `handle` runs for each connection.
+    pub fn start(
+        ns: &NetNs,
+        addr: SocketAddrV4,
+        handle: impl Fn(TcpStream) + Send + Sync + 'static,
+    ) -> Server {
+        Server::serve(Server::bind(ns, addr), handle)
+    }
+
+    /// Serves an already bound listener; `handle` runs for each connection.
+    pub fn serve(
+        listener: TcpListener,
+        handle: impl Fn(TcpStream) + Send + Sync + 'static,
+    ) -> Server {
+        let listener = Arc::new(listener);
+        let addr = match listener.local_addr().expect("local addr") {
+            SocketAddr::V4(a) => a,
+            SocketAddr::V6(_) => unreachable!("bound an IPv4 address"),
+        };
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (l, n) = (Arc::clone(&listener), Arc::clone(&accepted));
+        let thread = thread::spawn(move || {
+            // Ends when `shutdown()` on drop makes accept() fail.
+            while let Ok((stream, _)) = l.accept() {
+                n.fetch_add(1, Ordering::SeqCst);
+                handle(stream);
+            }
+        });
+        Server {
+            addr,
+            listener,
+            thread: Some(thread),
+            accepted,
+        }
+    }
+
+    /// A listener that answers every connection with `banner` and a newline.
+    pub fn banner(ns: &NetNs, addr: SocketAddrV4, banner: &'static str) -> Server {
+        Server::start(ns, addr, move |mut s| {
+            let _ = writeln!(s, "{banner}");
+        })
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: shutting down our own listening socket wakes the blocked accept().
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One connection the in-test agent accepted.
+#[derive(Clone, Debug)]
+pub struct Accepted {
+    pub peer: SocketAddr,
+    pub lookup: OriginLookup,
+}
+
+/// The agent's side of the chain, in-process: accepts, takes the kernel's origin record,
+/// and answers `agent pid=… cgroup=…` so the client can tell who it reached.
+pub struct AgentListener {
+    pub server: Server,
+    pub log: Arc<Mutex<Vec<Accepted>>>,
+}
+
+impl AgentListener {
+    /// Serves `listener` (bound before the filter was installed with its address).
+    pub fn serve(listener: TcpListener, origins: Arc<OriginTable>) -> AgentListener {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = Arc::clone(&log);
+        let server = Server::serve(listener, move |mut s| {
+            let lookup = origins.take_for(&s).expect("origin lookup");
+            let line = match lookup {
+                OriginLookup::Found(o) => describe(&o),
+                other => format!("agent none {other:?}"),
+            };
+            let _ = writeln!(s, "{line}");
+            l.lock().unwrap().push(Accepted {
+                peer: s.peer_addr().expect("peer"),
+                lookup,
+            });
+        });
+        AgentListener { server, log }
+    }
+
+    /// The origin the agent found for the connection whose client side was `local`.
+    pub fn origin_for(&self, client_local: &str) -> Option<OriginLookup> {
+        let want: SocketAddr = client_local.parse().ok()?;
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|a| canonical(a.peer) == canonical(want))
+            .map(|a| a.lookup)
+    }
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
+}
+
+/// The agent's reply line for an origin.
+pub fn describe(o: &CallerOrigin) -> String {
+    format!(
+        "agent pid={} cgroup={} uid={} gid={} dst={} v6={}",
+        o.pid, o.cgroup_id, o.uid, o.gid, o.original_dst, o.ipv6_socket
+    )
+}
+
+/// A UDP socket in `ns` counting datagrams that reach `addr`.
+pub fn udp_sink(ns: &NetNs, addr: SocketAddrV4) -> UdpSocket {
+    let sock = ns.enter(move || UdpSocket::bind(addr).expect("bind udp"));
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    sock
+}
+
+/// Whether a datagram arrives on `sink` within its read timeout.
+pub fn udp_received(sink: &UdpSocket) -> bool {
+    let mut buf = [0u8; 64];
+    sink.recv_from(&mut buf).is_ok()
+}
+
+/// A raw IPPROTO_TCP socket in `ns` that sees every TCP segment delivered there.
+pub struct TcpTap {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl TcpTap {
+    pub fn open(ns: &NetNs) -> TcpTap {
+        let fd = ns.enter(|| {
+            // SAFETY: plain socket(2); ownership taken right away.
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_INET,
+                    libc::SOCK_RAW | libc::SOCK_NONBLOCK,
+                    libc::IPPROTO_TCP,
+                )
+            };
+            assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+            // SAFETY: fresh descriptor nothing else owns.
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+        });
+        TcpTap { fd }
+    }
+
+    /// Whether a SYN from `sport` to `dst:dport` shows up within `wait`.
+    pub fn saw_syn(&self, dst: Ipv4Addr, dport: u16, sport: u16, wait: Duration) -> bool {
+        let deadline = Instant::now() + wait;
+        let mut buf = [0u8; 1500];
+        while Instant::now() < deadline {
+            // SAFETY: reading into our own buffer.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                thread::sleep(Duration::from_millis(5));
+                continue;
+            }
+            let pkt = &buf[..n as usize];
+            let ihl = usize::from(pkt[0] & 0x0f) * 4;
+            if pkt.len() < ihl + 14 || pkt[16..20] != dst.octets() {
+                continue;
+            }
+            let tcp = &pkt[ihl..];
+            let (s, d) = (
+                u16::from_be_bytes([tcp[0], tcp[1]]),
+                u16::from_be_bytes([tcp[2], tcp[3]]),
+            );
+            if s == sport && d == dport && tcp[13] & 0x02 != 0 {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+// ---- probe ---------------------------------------------------------------------------------
+
+/// Builder for one `imds-probe` run.
+pub struct Probe {
+    cmd: Command,
+}
+
+impl Probe {
+    pub fn new(ns: &NetNs, cgroup: &Cgroup) -> Probe {
+        let mut cmd = Command::new(built_binary("imds-probe", "IMDS_PROBE_BIN"));
+        cmd.arg("--netns")
+            .arg(ns.path())
+            .arg("--cgroup")
+            .arg(&cgroup.path);
+        Probe { cmd }
+    }
+
+    pub fn as_user(mut self, uid: u32, gid: u32) -> Probe {
+        self.cmd
+            .args(["--uid", &uid.to_string(), "--gid", &gid.to_string()]);
+        self
+    }
+
+    pub fn connect(mut self, addr: Ipv4Addr, port: u16, v6: bool) -> RunningProbe {
+        self.cmd
+            .args(["connect", &addr.to_string(), &port.to_string()]);
+        if v6 {
+            self.cmd.arg("--v6");
+        }
+        self.spawn()
+    }
+
+    pub fn udp(mut self, addr: Ipv4Addr, port: u16) -> RunningProbe {
+        self.cmd.args(["udp", &addr.to_string(), &port.to_string()]);
+        self.spawn()
+    }
+
+    pub fn raw_syn(mut self, addr: Ipv4Addr, port: u16, sport: u16) -> RunningProbe {
+        self.cmd.args([
+            "raw-syn",
+            &addr.to_string(),
+            &port.to_string(),
+            &sport.to_string(),
+        ]);
+        self.spawn()
+    }
+
+    fn spawn(mut self) -> RunningProbe {
+        let child = self
+            .cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn imds-probe");
+        RunningProbe { child: Some(child) }
+    }
+}
+
+/// A probe process; killed (by pid, it is ours) if dropped before it finished.
+pub struct RunningProbe {
+    child: Option<Child>,
+}
+
+impl RunningProbe {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn wait(mut self) -> ProbeReport {
+        let out = self
+            .child
+            .take()
+            .expect("running")
+            .wait_with_output()
+            .expect("wait for probe");
+        let line = String::from_utf8_lossy(&out.stdout);
+        let report: ProbeReport = serde_json::from_str(line.trim()).unwrap_or_else(|e| {
+            panic!(
+                "probe output {line:?} ({e}); stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        assert_ne!(
+            report.outcome, "setup-failed",
+            "probe could not set up: {:?}",
+            report.error
+        );
+        report
+    }
+}
+
+impl Drop for RunningProbe {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+// ---- the agent binary ----------------------------------------------------------------------
+
+/// Path of the `imds-agent` binary built next to this test (`cargo xtask test` builds it).
+pub fn agent_binary() -> PathBuf {
+    built_binary("imds-agent", "IMDS_AGENT_BIN")
+}
+
+/// A workspace binary: `$env_override`, else the one in this test's target directory.
+fn built_binary(name: &str, env_override: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env_override) {
+        return PathBuf::from(p);
+    }
+    // Test executables live in target/<profile>/deps; binaries in target/<profile>.
+    let exe = std::env::current_exe().expect("current exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "{} missing: build it first (`cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// An `imds-agent run` process (ours), SIGKILLed on drop if still running; its JSON log goes
+/// to a file the test can read.
+pub struct AgentProcess {
+    child: Option<Child>,
+    pub log_path: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `imds-agent --log-format json run ARGS…` inside `ns` and waits until it serves.
+    pub fn start(ns: &NetNs, args: &[String]) -> AgentProcess {
+        let log_path = std::env::temp_dir().join(format!("{}.log", unique("agent")));
+        let log = fs::File::create(&log_path).expect("agent log file");
+        let ns_file = fs::File::open(ns.path()).expect("open netns");
+        let mut cmd = Command::new(agent_binary());
+        cmd.args(["--log-format", "json", "run"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: between fork and exec only setns(2) runs: async-signal-safe, no allocation.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd.spawn().expect("spawn imds-agent");
+        let agent = AgentProcess {
+            child: Some(child),
+            log_path,
+        };
+        agent.wait_for_log("serving redirected connections", Duration::from_secs(30));
+        agent
+    }
+
+    /// The agent's JSON log lines so far.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        let f = fs::File::open(&self.log_path).expect("agent log");
+        BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str(&l).ok())
+            .collect()
+    }
+
+    /// Waits for a log line whose message contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self
+                .log_lines()
+                .into_iter()
+                .find(|l| l["message"].as_str().is_some_and(|m| m.contains(needle)))
+            {
+                return line;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent never logged {needle:?}; log:\n{}",
+                fs::read_to_string(&self.log_path).unwrap_or_default()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = fs::remove_file(&self.log_path);
+    }
+}

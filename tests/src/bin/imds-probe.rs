@@ -1,0 +1,193 @@
+//! Test client: joins a network namespace and a cgroup, optionally drops to a uid/gid, then
+//! does exactly one network operation and prints the outcome as one JSON line.
+//!
+//! It is a separate process so the kernel sees a real, distinct caller (its own pid, cgroup,
+//! uid and gid) — the test process itself never moves into a filtered cgroup.
+use std::{
+    fs,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
+    path::PathBuf,
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use imds_tests::ProbeReport;
+
+#[derive(Parser)]
+struct Args {
+    /// Network namespace to join (a /run/netns/NAME path).
+    #[arg(long)]
+    netns: Option<PathBuf>,
+    /// cgroup v2 directory to move into before creating any socket.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    #[arg(long)]
+    uid: Option<u32>,
+    #[arg(long)]
+    gid: Option<u32>,
+    #[command(subcommand)]
+    op: Op,
+}
+
+#[derive(Subcommand)]
+enum Op {
+    /// TCP connect, then read one line (the listener says who it is).
+    Connect {
+        addr: Ipv4Addr,
+        port: u16,
+        /// Use an AF_INET6 socket and the v4-mapped address.
+        #[arg(long)]
+        v6: bool,
+    },
+    /// One unconnected UDP datagram (sendto, no connect()).
+    Udp { addr: Ipv4Addr, port: u16 },
+    /// A hand-made TCP SYN through a raw socket, from source port `sport`.
+    RawSyn {
+        addr: Ipv4Addr,
+        port: u16,
+        sport: u16,
+    },
+}
+
+fn main() {
+    let args = Args::parse();
+    let report = run(&args).unwrap_or_else(|e| ProbeReport {
+        pid: std::process::id(),
+        outcome: "setup-failed".into(),
+        error: Some(format!("{e:#}")),
+        ..ProbeReport::default()
+    });
+    println!(
+        "{}",
+        serde_json::to_string(&report).expect("report serialises")
+    );
+}
+
+fn run(args: &Args) -> anyhow::Result<ProbeReport> {
+    if let Some(ns) = &args.netns {
+        let f = fs::File::open(ns)?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    }
+    if let Some(cg) = &args.cgroup {
+        fs::write(cg.join("cgroup.procs"), std::process::id().to_string())?;
+    }
+    if let Some(gid) = args.gid {
+        nix::unistd::setgid(gid.into())?;
+    }
+    if let Some(uid) = args.uid {
+        nix::unistd::setuid(uid.into())?;
+    }
+    let mut report = ProbeReport {
+        pid: std::process::id(),
+        ..ProbeReport::default()
+    };
+    match args.op {
+        Op::Connect { addr, port, v6 } => {
+            let dst = if v6 {
+                SocketAddr::V6(SocketAddrV6::new(addr.to_ipv6_mapped(), port, 0, 0))
+            } else {
+                SocketAddr::V4(SocketAddrV4::new(addr, port))
+            };
+            match TcpStream::connect_timeout(&dst, Duration::from_secs(3)) {
+                Ok(mut s) => {
+                    report.outcome = "connected".into();
+                    report.local = s.local_addr().ok().map(|a| a.to_string());
+                    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+                    let mut buf = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while buf.len() < 512 && matches!(s.read(&mut byte), Ok(1)) && byte[0] != b'\n'
+                    {
+                        buf.push(byte[0]);
+                    }
+                    report.reply = Some(String::from_utf8_lossy(&buf).into_owned());
+                }
+                Err(e) => set_error(&mut report, &e),
+            }
+        }
+        Op::Udp { addr, port } => {
+            let sock = UdpSocket::bind("0.0.0.0:0")?;
+            match sock.send_to(b"probe\n", SocketAddrV4::new(addr, port)) {
+                Ok(_) => report.outcome = "sent".into(),
+                Err(e) => set_error(&mut report, &e),
+            }
+        }
+        Op::RawSyn { addr, port, sport } => raw_syn(&mut report, addr, port, sport)?,
+    }
+    Ok(report)
+}
+
+fn set_error(report: &mut ProbeReport, e: &std::io::Error) {
+    report.outcome = "error".into();
+    report.errno = e.raw_os_error();
+    report.error = Some(e.to_string());
+}
+
+/// Sends a bare SYN with `sendto` on an IPPROTO_TCP raw socket (the kernel adds the IP
+/// header): no connect(), so no connect hook ever sees it.
+fn raw_syn(report: &mut ProbeReport, dst: Ipv4Addr, dport: u16, sport: u16) -> anyhow::Result<()> {
+    // SAFETY: plain socket(2) call; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+    if fd < 0 {
+        set_error(report, &std::io::Error::last_os_error());
+        return Ok(());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[4..8].copy_from_slice(&0x1d5e_ed00u32.to_be_bytes()); // sequence number
+    tcp[12] = 5 << 4; // data offset: 5 words
+    tcp[13] = 0x02; // SYN
+    tcp[14..16].copy_from_slice(&64240u16.to_be_bytes()); // window
+    let sum = checksum(dst, dst, &tcp); // source is the same local address (routed via lo)
+    tcp[16..18].copy_from_slice(&sum.to_be_bytes());
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(dst).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: buffer and address are valid for the call; lengths match.
+    let sent = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            tcp.as_ptr().cast(),
+            tcp.len(),
+            0,
+            std::ptr::from_ref(&sin).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        set_error(report, &std::io::Error::last_os_error());
+    } else {
+        report.outcome = "sent".into();
+    }
+    std::io::stdout().flush()?;
+    Ok(())
+}
+
+/// TCP checksum over the IPv4 pseudo-header and segment.
+fn checksum(src: Ipv4Addr, dst: Ipv4Addr, segment: &[u8]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut add = |bytes: &[u8]| {
+        for chunk in bytes.chunks(2) {
+            let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+    };
+    add(&src.octets());
+    add(&dst.octets());
+    add(&[0, 6]);
+    add(&(segment.len() as u16).to_be_bytes());
+    add(segment);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
