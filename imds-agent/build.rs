@@ -25,12 +25,12 @@ fn main() -> anyhow::Result<()> {
             if let Ok(linker) = which::which("bpf-linker") {
                 println!("cargo:rerun-if-changed={}", linker.display());
             }
+            // aya-build forwards every stderr line of the nested cargo as a cargo warning;
+            // keep that to real diagnostics. (Build scripts are single-threaded here.)
+            // SAFETY: no other thread reads or writes the environment at this point.
+            unsafe { env::set_var("CARGO_TERM_QUIET", "true") };
             aya_build::build_ebpf(
-                [aya_build::Package {
-                    name: PACKAGE,
-                    root_dir,
-                    ..Default::default()
-                }],
+                [aya_build::Package { name: PACKAGE, root_dir, ..Default::default() }],
                 aya_build::Toolchain::Nightly,
             )
         }

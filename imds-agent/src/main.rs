@@ -9,8 +9,8 @@ use std::{
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use imds_agent::kernel::{
-    self, bpffs::DEFAULT_PIN_DIR, cgroup, origin::DEFAULT_ORIGIN_TTL, Filter, FilterOptions,
-    OriginLookup, OriginTable, IMDS_ENDPOINT,
+    self, bpffs::DEFAULT_PIN_DIR, cgroup, origin::DEFAULT_ORIGIN_TTL, Filter, FilterOptions, OriginLookup, OriginTable,
+    IMDS_ENDPOINT,
 };
 use imds_common::Verdict;
 use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind};
@@ -23,7 +23,7 @@ use tracing_subscriber::EnvFilter;
     about = "Filters connections to the cloud metadata service (IMDS) in the kernel, per cgroup"
 )]
 struct Cli {
-    /// Log filter (tracing's EnvFilter syntax, e.g. `info` or `imds_agent=debug`).
+    /// Log filter (tracing's `EnvFilter` syntax, e.g. `info` or `imds_agent=debug`).
     #[arg(long, global = true, env = "IMDS_LOG", default_value = "info")]
     log: String,
     /// Log line format.
@@ -70,7 +70,7 @@ struct RunArgs {
     /// Verdict for cgroups the agent has no entry for.
     #[arg(long, value_enum, default_value_t = DefaultVerdict::Redirect)]
     default_verdict: DefaultVerdict,
-    /// Seconds an origin record stays valid after connect().
+    /// Seconds an origin record stays valid after `connect()`.
     #[arg(long, default_value_t = DEFAULT_ORIGIN_TTL.as_secs())]
     origin_ttl: u64,
 }
@@ -114,11 +114,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn init_logging(cli: &Cli) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&cli.log)
-        .with_context(|| format!("invalid --log filter {:?}", cli.log))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = EnvFilter::try_new(&cli.log).with_context(|| format!("invalid --log filter {:?}", cli.log))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -199,7 +196,7 @@ async fn serve(stream: tokio::net::TcpStream, origins: Arc<OriginTable>) {
             tracing::warn!(event = "refused", peer = ?peer, reason = "origin record expired", age_ms = age.as_millis() as u64, "refused a connection with a stale origin record");
         }
         Ok(Err(e)) => {
-            tracing::error!(event = "refused", peer = ?peer, error = %e, "origin lookup failed")
+            tracing::error!(event = "refused", peer = ?peer, error = %e, "origin lookup failed");
         }
         Err(e) => tracing::error!(error = %e, "origin lookup task failed"),
     }
@@ -208,11 +205,10 @@ async fn serve(stream: tokio::net::TcpStream, origins: Arc<OriginTable>) {
 async fn drain_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
     // SAFETY: the logger owns its ring buffer's fd, which stays open and unchanged for as long
     // as the logger lives, i.e. as long as this AsyncFd owns it.
-    let mut fd =
-        match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
-            Ok(fd) => fd,
-            Err(e) => return tracing::warn!(error = %e, "cannot watch kernel log buffer"),
-        };
+    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => return tracing::warn!(error = %e, "cannot watch kernel log buffer"),
+    };
     loop {
         match fd.readable_mut().await {
             Ok(mut guard) => {

@@ -25,6 +25,7 @@ pub const VERDICT_REDIRECT: u32 = Verdict::Redirect as u32;
 
 impl Verdict {
     /// The verdict a raw map value stands for; `None` for values no version ever wrote.
+    #[must_use]
     pub const fn from_raw(raw: u32) -> Option<Self> {
         match raw {
             VERDICT_PASS => Some(Verdict::Pass),
@@ -35,6 +36,7 @@ impl Verdict {
     }
 
     /// Lower-case name, as the CLI and logs spell it.
+    #[must_use]
     pub const fn name(self) -> &'static str {
         match self {
             Verdict::Pass => "pass",
@@ -118,6 +120,7 @@ impl Counter {
     pub const LEN: u32 = Self::ALL.len() as u32;
 
     /// A stable, metric-friendly name.
+    #[must_use]
     pub const fn name(self) -> &'static str {
         match self {
             Counter::ConnectPass => "connect_pass",
@@ -144,7 +147,8 @@ pub struct Config {
     pub default_verdict: u32,
     /// The agent's listen port, network order.
     pub agent_port_be: u16,
-    pub _pad: [u8; 6],
+    /// Explicit padding, always zero.
+    pub pad: [u8; 6],
 }
 
 /// Value of the `PROTECTED` map: the redirectable ports of one protected IPv4 address.
@@ -161,6 +165,8 @@ pub struct ProtectedAddr {
 impl ProtectedAddr {
     /// Whether `port_be` (network order) is one of the redirectable ports.
     #[inline(always)]
+    #[expect(clippy::inline_always, reason = "called from BPF programs, where calls cost verifier complexity")]
+    #[must_use]
     pub fn has_port(&self, port_be: u16) -> bool {
         let mut i = 0;
         while i < MAX_PORTS_PER_ADDR {
@@ -183,7 +189,7 @@ pub struct Origin {
     pub pid_tgid: u64,
     /// `bpf_get_current_uid_gid()`: uid in the low half, gid in the high half.
     pub uid_gid: u64,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the record was made.
+    /// `bpf_ktime_get_ns()` (`CLOCK_MONOTONIC`) when the record was made.
     pub recorded_ns: u64,
     /// Destination the caller asked for, network order.
     pub orig_ip4_be: u32,
@@ -205,11 +211,15 @@ pub struct OriginKey {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four are `#[repr(C)]`, `Copy`, contain only integers, and have no implicit
-    // padding (the layout tests below check the sizes), so every bit pattern is valid.
+    // SAFETY (all four): `#[repr(C)]`, `Copy`, only integer fields, no implicit padding (the
+    // layout test below checks the sizes), so every bit pattern is a valid value.
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::ProtectedAddr {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::Origin {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::OriginKey {}
 }
 
@@ -244,9 +254,7 @@ mod tests {
 
     #[test]
     fn has_port_ignores_empty_slots() {
-        let p = ProtectedAddr {
-            ports_be: [80u16.to_be(), 0, 0, 0],
-        };
+        let p = ProtectedAddr { ports_be: [80u16.to_be(), 0, 0, 0] };
         assert!(p.has_port(80u16.to_be()));
         assert!(!p.has_port(443u16.to_be()));
         assert!(!p.has_port(0));

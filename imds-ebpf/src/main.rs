@@ -14,18 +14,21 @@
 //!
 //! All policy lives in one place per hook: a `try_` function decides, the entry point maps
 //! the decision to the kernel's return code.
-#![no_std]
-#![no_main]
+// Built for bpfel-unknown-none by imds-agent's build script. On the host (e.g. `cargo build
+// --workspace`) it is an ordinary program that says so, so workspace-wide commands work.
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+#![expect(
+    clippy::inline_always,
+    reason = "BPF-to-BPF calls cost verifier complexity and stack; every helper here is inlined on purpose"
+)]
+#![expect(clippy::needless_pass_by_value, reason = "aya's program macros fix the entry points' signatures")]
 
 use aya_ebpf::{
-    bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
-    },
+    bindings::{BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
+        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id,
+        bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -34,8 +37,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use imds_common::{
-    capacity, Config, Counter, Origin, OriginKey, ProtectedAddr, MAX_CGROUP_DEPTH, VERDICT_PASS,
-    VERDICT_REDIRECT,
+    capacity, Config, Counter, Origin, OriginKey, ProtectedAddr, MAX_CGROUP_DEPTH, VERDICT_PASS, VERDICT_REDIRECT,
 };
 
 // ---- maps (pinned by name, so they outlive the agent process) ------------------------------
@@ -55,9 +57,9 @@ static ORIGINS: LruHashMap<OriginKey, Origin> = LruHashMap::pinned(capacity::ORI
 
 // ---- kernel return codes ---------------------------------------------------------------------
 
-/// cgroup sock_addr / skb programs: let the operation proceed.
+/// `cgroup/sock_addr` and `cgroup_skb` programs: let the operation proceed.
 const ALLOW: i32 = 1;
-/// cgroup sock_addr: fail `connect()` with `EPERM`; cgroup skb: drop the packet.
+/// `cgroup/sock_addr`: fail `connect()` with `EPERM`; `cgroup_skb`: drop the packet.
 const REFUSE: i32 = 0;
 
 const AF_INET: u16 = 2;
@@ -65,7 +67,7 @@ const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u32 = 6;
 /// `ETH_P_IP` as `skb->protocol` holds it (network order in the low 16 bits).
 const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
-/// Offset of the destination address in an IPv4 header; cgroup_skb data starts at L3.
+/// Offset of the destination address in an IPv4 header; `cgroup_skb` data starts at L3.
 const IPV4_DADDR_OFFSET: usize = 16;
 
 // ---- connect4 / connect6 ---------------------------------------------------------------------
@@ -89,11 +91,7 @@ pub fn imds_connect4(ctx: SockAddrContext) -> i32 {
         Connect::Untouched => ALLOW,
         Connect::Pass => count(Counter::ConnectPass, ALLOW),
         Connect::Deny => {
-            debug!(
-                &ctx,
-                "connect4 to protected {:i} refused",
-                u32::from_be(ip4_be)
-            );
+            debug!(&ctx, "connect4 to protected {:i} refused", u32::from_be(ip4_be));
             count(Counter::ConnectDeny, REFUSE)
         }
         Connect::Redirect(cfg) => {
@@ -111,12 +109,7 @@ pub fn imds_connect6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     // The verifier only allows 4-byte accesses to `user_ip6`: read it word by word. Only the
     // v4-mapped form (::ffff:a.b.c.d) can reach an IPv4 endpoint from an AF_INET6 socket.
-    let (w0, w1, w2, w3) = (
-        sa.user_ip6[0],
-        sa.user_ip6[1],
-        sa.user_ip6[2],
-        sa.user_ip6[3],
-    );
+    let (w0, w1, w2, w3) = (sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]);
     if w0 != 0 || w1 != 0 || w2 != 0xffffu32.to_be() {
         return ALLOW;
     }
@@ -125,11 +118,7 @@ pub fn imds_connect6(ctx: SockAddrContext) -> i32 {
         Connect::Untouched => ALLOW,
         Connect::Pass => count(Counter::ConnectPass, ALLOW),
         Connect::Deny => {
-            debug!(
-                &ctx,
-                "connect6 to v4-mapped protected {:i} refused",
-                u32::from_be(w3)
-            );
+            debug!(&ctx, "connect6 to v4-mapped protected {:i} refused", u32::from_be(w3));
             count(Counter::ConnectDeny, REFUSE)
         }
         Connect::Redirect(cfg) => {
@@ -147,16 +136,14 @@ pub fn imds_connect6(ctx: SockAddrContext) -> i32 {
 fn try_connect(ip4_be: u32, port_be: u16, protocol: u32) -> Connect {
     // SAFETY: values are plain data copied out right away; a concurrent update can at worst
     // give us the old or the new entry.
-    let Some(protected) = (unsafe { PROTECTED.get(&ip4_be) }).copied() else {
+    let Some(protected) = (unsafe { PROTECTED.get(ip4_be) }).copied() else {
         return Connect::Untouched;
     };
     let cfg = config();
     // SAFETY: helper without preconditions.
     let leaf = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: helper without preconditions; returns 0 past the caller's own level.
-    let verdict = cgroup_verdict(&cfg, leaf, |level| unsafe {
-        bpf_get_current_ancestor_cgroup_id(level)
-    });
+    let verdict = cgroup_verdict(&cfg, leaf, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) });
     let redirectable = protocol == IPPROTO_TCP && protected.has_port(port_be);
     match verdict {
         VERDICT_PASS => Connect::Pass,
@@ -167,7 +154,7 @@ fn try_connect(ip4_be: u32, port_be: u16, protocol: u32) -> Connect {
     }
 }
 
-/// Remembers who is connecting, under the socket cookie, until sock_ops sees the local port.
+/// Remembers who is connecting, under the socket cookie, until `sock_ops` sees the local port.
 #[inline(always)]
 fn record_pending(ctx: &SockAddrContext, ip4_be: u32, port_be: u16, family: u16) {
     // SAFETY: helpers without preconditions; the cookie helper accepts this context type.
@@ -184,11 +171,8 @@ fn record_pending(ctx: &SockAddrContext, ip4_be: u32, port_be: u16, family: u16)
     };
     // SAFETY: see above.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if PENDING.insert(&cookie, &origin, 0).is_err() {
-        warn!(
-            ctx,
-            "origin of a redirected connection could not be recorded"
-        );
+    if PENDING.insert(cookie, origin, 0).is_err() {
+        warn!(ctx, "origin of a redirected connection could not be recorded");
         bump(Counter::OriginLost);
     }
 }
@@ -201,7 +185,7 @@ pub fn imds_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_tcp_connect(&ctx),
         // args[1] is the new state. Only sockets we recorded have this callback enabled.
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            let _gone = ORIGINS.remove(&connection_key(&ctx));
+            let _gone = ORIGINS.remove(connection_key(&ctx));
         }
         _ => {}
     }
@@ -234,25 +218,22 @@ fn on_tcp_connect(ctx: &SockOpsContext) {
     // SAFETY: the cookie helper accepts a sock_ops context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: plain data copied out right away.
-    match unsafe { PENDING.get(&cookie) }.copied() {
+    match unsafe { PENDING.get(cookie) }.copied() {
         Some(origin) => {
-            let _taken = PENDING.remove(&cookie);
-            if ORIGINS.insert(&key, &origin, 0).is_ok() {
+            let _taken = PENDING.remove(cookie);
+            if ORIGINS.insert(key, origin, 0).is_ok() {
                 // Drop the record when this socket closes, whether or not the agent took it.
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
                 bump(Counter::OriginRecorded);
             } else {
-                warn!(
-                    ctx,
-                    "origin map full: connection will be refused by the agent"
-                );
+                warn!(ctx, "origin map full: connection will be refused by the agent");
                 bump(Counter::OriginLost);
             }
         }
         // A direct connection to the agent (not redirected): it must not inherit a record an
         // earlier connection with the same tuple left behind.
         None => {
-            let _stale = ORIGINS.remove(&key);
+            let _stale = ORIGINS.remove(key);
         }
     }
 }
@@ -269,7 +250,7 @@ pub fn imds_egress(ctx: SkBuffContext) -> i32 {
 }
 
 /// Whether a packet leaving a socket in the hierarchy may go. Redirected connections never
-/// carry a protected destination, so only traffic that skipped connect() lands here.
+/// carry a protected destination, so only traffic that skipped `connect()` lands here.
 #[inline(always)]
 fn try_egress_allowed(ctx: &SkBuffContext) -> bool {
     // v4-mapped IPv6 destinations are never sent as IPv6 packets; only IPv4 matters here.
@@ -280,7 +261,7 @@ fn try_egress_allowed(ctx: &SkBuffContext) -> bool {
         return true; // shorter than an IPv4 header: the stack will not send it anywhere
     };
     // SAFETY: plain lookup; presence is all we need.
-    if unsafe { PROTECTED.get(&dst_be) }.is_none() {
+    if unsafe { PROTECTED.get(dst_be) }.is_none() {
         return true;
     }
     let cfg = config();
@@ -289,9 +270,7 @@ fn try_egress_allowed(ctx: &SkBuffContext) -> bool {
     // cgroup_skb programs and return the cgroup of the socket that sent the packet.
     let leaf = unsafe { bpf_skb_cgroup_id(skb) };
     // SAFETY: as above.
-    let verdict = cgroup_verdict(&cfg, leaf, |level| unsafe {
-        bpf_skb_ancestor_cgroup_id(skb, level)
-    });
+    let verdict = cgroup_verdict(&cfg, leaf, |level| unsafe { bpf_skb_ancestor_cgroup_id(skb, level) });
     verdict == VERDICT_PASS
 }
 
@@ -321,7 +300,7 @@ fn cgroup_verdict(cfg: &Config, leaf: u64, ancestor: impl Fn(i32) -> u64) -> u32
             break;
         }
         // SAFETY: plain data copied out right away.
-        if let Some(v) = unsafe { VERDICTS.get(&id) } {
+        if let Some(v) = unsafe { VERDICTS.get(id) } {
             verdict = *v;
         }
         if id == leaf {
@@ -347,10 +326,16 @@ fn count(counter: Counter, ret: i32) -> i32 {
     ret
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    eprintln!("imds-ebpf holds eBPF programs for the kernel; the agent loads them. Nothing to run here.");
+    std::process::exit(2);
 }
 
 #[unsafe(link_section = "license")]

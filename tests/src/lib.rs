@@ -5,12 +5,13 @@
 //! Safety rules these helpers enforce: the metadata address is always put on an interface
 //! inside a namespace the test created *before* anything connects to it, so a failed
 //! redirect stays inside; programs attach only to a child cgroup the test created.
+#![expect(clippy::missing_panics_doc, reason = "test support: a panic is how a helper reports a broken setup")]
 use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicU32, AtomicUsize, Ordering},
@@ -20,7 +21,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use imds_agent::kernel::{cgroup, origin::OriginTable, CallerOrigin, OriginLookup};
+use imds_agent::kernel::{
+    cgroup, origin::OriginTable, CallerOrigin, Filter, FilterOptions, OriginLookup, IMDS_ENDPOINT,
+};
+use imds_common::{Counter, Verdict};
 
 /// The metadata address, as tests use it (only ever inside their own namespaces).
 pub const IMDS_IP: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
@@ -43,11 +47,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A short name unique to this process and call, e.g. `it1234-3-redir`.
 pub fn unique(tag: &str) -> String {
-    format!(
-        "it{}-{}-{tag}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("it{}-{}-{tag}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
 /// A small number unique per call in this process, for per-test subnets.
@@ -56,16 +56,8 @@ pub fn next_index() -> u32 {
 }
 
 fn sh(cmd: &str, args: &[&str]) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd} {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
 
 // ---- network namespaces --------------------------------------------------------------------
@@ -77,6 +69,7 @@ pub struct NetNs {
 
 impl NetNs {
     /// A new namespace with loopback up.
+    #[must_use]
     pub fn new(tag: &str) -> NetNs {
         let ns = NetNs { name: unique(tag) };
         sh("ip", &["netns", "add", &ns.name]);
@@ -91,6 +84,7 @@ impl NetNs {
         sh("ip", &all);
     }
 
+    #[must_use]
     pub fn path(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.name)
     }
@@ -116,30 +110,23 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
 /// Joins two namespaces with a veth pair: `a_ip`/`b_ip` are /30 host addresses.
 pub fn veth(a: &NetNs, a_ip: Ipv4Addr, b: &NetNs, b_ip: Ipv4Addr) {
-    let n = next_index();
-    let (a_if, b_if) = (
-        format!("va{}x{n}", std::process::id() % 10000),
-        format!("vb{}x{n}", std::process::id() % 10000),
-    );
+    // Interface names are at most 15 bytes; they only need to be unique while both exist.
+    let name = |side: char| format!("v{side}{}x{}", std::process::id() % 10000, next_index());
+    let (dev_in_a, dev_in_b) = (name('a'), name('b'));
     sh(
         "ip",
-        &[
-            "link", "add", &a_if, "netns", &a.name, "type", "veth", "peer", "name", &b_if, "netns",
-            &b.name,
-        ],
+        &["link", "add", &dev_in_a, "netns", &a.name, "type", "veth", "peer", "name", &dev_in_b, "netns", &b.name],
     );
-    a.ip(&["addr", "add", &format!("{a_ip}/30"), "dev", &a_if]);
-    b.ip(&["addr", "add", &format!("{b_ip}/30"), "dev", &b_if]);
-    a.ip(&["link", "set", &a_if, "up"]);
-    b.ip(&["link", "set", &b_if, "up"]);
+    a.ip(&["addr", "add", &format!("{a_ip}/30"), "dev", &dev_in_a]);
+    b.ip(&["addr", "add", &format!("{b_ip}/30"), "dev", &dev_in_b]);
+    a.ip(&["link", "set", &dev_in_a, "up"]);
+    b.ip(&["link", "set", &dev_in_b, "up"]);
 }
 
 // ---- cgroups -------------------------------------------------------------------------------
@@ -152,11 +139,13 @@ pub struct Cgroup {
 
 impl Cgroup {
     /// A new cgroup directly below the cgroup2 root (never the root itself).
+    #[must_use]
     pub fn new_top(tag: &str) -> Cgroup {
         let root = cgroup::cgroup2_root().expect("cgroup v2 mounted");
         Cgroup::create(root.join(unique(tag)))
     }
 
+    #[must_use]
     pub fn child(&self, name: &str) -> Cgroup {
         Cgroup::create(self.path.join(name))
     }
@@ -167,6 +156,7 @@ impl Cgroup {
     }
 
     /// The id the kernel programs see for processes in here.
+    #[must_use]
     pub fn id(&self) -> u64 {
         cgroup::cgroup_id(&self.path).expect("cgroup id")
     }
@@ -195,10 +185,9 @@ pub struct PinDir {
 }
 
 impl PinDir {
+    #[must_use]
     pub fn new(tag: &str) -> PinDir {
-        PinDir {
-            path: PathBuf::from("/sys/fs/bpf").join(unique(tag)),
-        }
+        PinDir { path: PathBuf::from("/sys/fs/bpf").join(unique(tag)) }
     }
 }
 
@@ -222,24 +211,18 @@ pub struct Server {
 
 impl Server {
     /// Binds `addr` (port 0 picks one) inside `ns`.
+    #[must_use]
     pub fn bind(ns: &NetNs, addr: SocketAddrV4) -> TcpListener {
         ns.enter(move || TcpListener::bind(addr).expect("bind listener"))
     }
 
     /// Listens on `addr` inside `ns`; `handle` runs for each connection.
-    pub fn start(
-        ns: &NetNs,
-        addr: SocketAddrV4,
-        handle: impl Fn(TcpStream) + Send + Sync + 'static,
-    ) -> Server {
+    pub fn start(ns: &NetNs, addr: SocketAddrV4, handle: impl Fn(TcpStream) + Send + Sync + 'static) -> Server {
         Server::serve(Server::bind(ns, addr), handle)
     }
 
     /// Serves an already bound listener; `handle` runs for each connection.
-    pub fn serve(
-        listener: TcpListener,
-        handle: impl Fn(TcpStream) + Send + Sync + 'static,
-    ) -> Server {
+    pub fn serve(listener: TcpListener, handle: impl Fn(TcpStream) + Send + Sync + 'static) -> Server {
         let listener = Arc::new(listener);
         let addr = match listener.local_addr().expect("local addr") {
             SocketAddr::V4(a) => a,
@@ -254,21 +237,18 @@ impl Server {
                 handle(stream);
             }
         });
-        Server {
-            addr,
-            listener,
-            thread: Some(thread),
-            accepted,
-        }
+        Server { addr, listener, thread: Some(thread), accepted }
     }
 
     /// A listener that answers every connection with `banner` and a newline.
+    #[must_use]
     pub fn banner(ns: &NetNs, addr: SocketAddrV4, banner: &'static str) -> Server {
         Server::start(ns, addr, move |mut s| {
             let _ = writeln!(s, "{banner}");
         })
     }
 
+    #[must_use]
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
@@ -310,23 +290,16 @@ impl AgentListener {
                 other => format!("agent none {other:?}"),
             };
             let _ = writeln!(s, "{line}");
-            l.lock().unwrap().push(Accepted {
-                peer: s.peer_addr().expect("peer"),
-                lookup,
-            });
+            l.lock().unwrap().push(Accepted { peer: s.peer_addr().expect("peer"), lookup });
         });
         AgentListener { server, log }
     }
 
     /// The origin the agent found for the connection whose client side was `local`.
+    #[must_use]
     pub fn origin_for(&self, client_local: &str) -> Option<OriginLookup> {
         let want: SocketAddr = client_local.parse().ok()?;
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|a| canonical(a.peer) == canonical(want))
-            .map(|a| a.lookup)
+        self.log.lock().unwrap().iter().find(|a| canonical(a.peer) == canonical(want)).map(|a| a.lookup)
     }
 }
 
@@ -335,6 +308,7 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 }
 
 /// The agent's reply line for an origin.
+#[must_use]
 pub fn describe(o: &CallerOrigin) -> String {
     format!(
         "agent pid={} cgroup={} uid={} gid={} dst={} v6={}",
@@ -343,35 +317,31 @@ pub fn describe(o: &CallerOrigin) -> String {
 }
 
 /// A UDP socket in `ns` counting datagrams that reach `addr`.
+#[must_use]
 pub fn udp_sink(ns: &NetNs, addr: SocketAddrV4) -> UdpSocket {
     let sock = ns.enter(move || UdpSocket::bind(addr).expect("bind udp"));
-    sock.set_read_timeout(Some(Duration::from_millis(500)))
-        .expect("timeout");
+    sock.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
     sock
 }
 
 /// Whether a datagram arrives on `sink` within its read timeout.
+#[must_use]
 pub fn udp_received(sink: &UdpSocket) -> bool {
     let mut buf = [0u8; 64];
     sink.recv_from(&mut buf).is_ok()
 }
 
-/// A raw IPPROTO_TCP socket in `ns` that sees every TCP segment delivered there.
+/// A raw `IPPROTO_TCP` socket in `ns` that sees every TCP segment delivered there.
 pub struct TcpTap {
     fd: std::os::fd::OwnedFd,
 }
 
 impl TcpTap {
+    #[must_use]
     pub fn open(ns: &NetNs) -> TcpTap {
         let fd = ns.enter(|| {
             // SAFETY: plain socket(2); ownership taken right away.
-            let fd = unsafe {
-                libc::socket(
-                    libc::AF_INET,
-                    libc::SOCK_RAW | libc::SOCK_NONBLOCK,
-                    libc::IPPROTO_TCP,
-                )
-            };
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_NONBLOCK, libc::IPPROTO_TCP) };
             assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
             // SAFETY: fresh descriptor nothing else owns.
             unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
@@ -380,13 +350,13 @@ impl TcpTap {
     }
 
     /// Whether a SYN from `sport` to `dst:dport` shows up within `wait`.
+    #[must_use]
     pub fn saw_syn(&self, dst: Ipv4Addr, dport: u16, sport: u16, wait: Duration) -> bool {
         let deadline = Instant::now() + wait;
         let mut buf = [0u8; 1500];
         while Instant::now() < deadline {
             // SAFETY: reading into our own buffer.
-            let n =
-                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
             if n < 0 {
                 thread::sleep(Duration::from_millis(5));
                 continue;
@@ -397,10 +367,7 @@ impl TcpTap {
                 continue;
             }
             let tcp = &pkt[ihl..];
-            let (s, d) = (
-                u16::from_be_bytes([tcp[0], tcp[1]]),
-                u16::from_be_bytes([tcp[2], tcp[3]]),
-            );
+            let (s, d) = (u16::from_be_bytes([tcp[0], tcp[1]]), u16::from_be_bytes([tcp[2], tcp[3]]));
             if s == sport && d == dport && tcp[13] & 0x02 != 0 {
                 return true;
             }
@@ -417,52 +384,42 @@ pub struct Probe {
 }
 
 impl Probe {
+    #[must_use]
     pub fn new(ns: &NetNs, cgroup: &Cgroup) -> Probe {
         let mut cmd = Command::new(built_binary("imds-probe", "IMDS_PROBE_BIN"));
-        cmd.arg("--netns")
-            .arg(ns.path())
-            .arg("--cgroup")
-            .arg(&cgroup.path);
+        cmd.arg("--netns").arg(ns.path()).arg("--cgroup").arg(&cgroup.path);
         Probe { cmd }
     }
 
+    #[must_use]
     pub fn as_user(mut self, uid: u32, gid: u32) -> Probe {
-        self.cmd
-            .args(["--uid", &uid.to_string(), "--gid", &gid.to_string()]);
+        self.cmd.args(["--uid", &uid.to_string(), "--gid", &gid.to_string()]);
         self
     }
 
+    #[must_use]
     pub fn connect(mut self, addr: Ipv4Addr, port: u16, v6: bool) -> RunningProbe {
-        self.cmd
-            .args(["connect", &addr.to_string(), &port.to_string()]);
+        self.cmd.args(["connect", &addr.to_string(), &port.to_string()]);
         if v6 {
             self.cmd.arg("--v6");
         }
         self.spawn()
     }
 
+    #[must_use]
     pub fn udp(mut self, addr: Ipv4Addr, port: u16) -> RunningProbe {
         self.cmd.args(["udp", &addr.to_string(), &port.to_string()]);
         self.spawn()
     }
 
+    #[must_use]
     pub fn raw_syn(mut self, addr: Ipv4Addr, port: u16, sport: u16) -> RunningProbe {
-        self.cmd.args([
-            "raw-syn",
-            &addr.to_string(),
-            &port.to_string(),
-            &sport.to_string(),
-        ]);
+        self.cmd.args(["raw-syn", &addr.to_string(), &port.to_string(), &sport.to_string()]);
         self.spawn()
     }
 
     fn spawn(mut self) -> RunningProbe {
-        let child = self
-            .cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn imds-probe");
+        let child = self.cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn imds-probe");
         RunningProbe { child: Some(child) }
     }
 }
@@ -473,29 +430,19 @@ pub struct RunningProbe {
 }
 
 impl RunningProbe {
+    #[must_use]
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
 
+    #[must_use]
     pub fn wait(mut self) -> ProbeReport {
-        let out = self
-            .child
-            .take()
-            .expect("running")
-            .wait_with_output()
-            .expect("wait for probe");
+        let out = self.child.take().expect("running").wait_with_output().expect("wait for probe");
         let line = String::from_utf8_lossy(&out.stdout);
         let report: ProbeReport = serde_json::from_str(line.trim()).unwrap_or_else(|e| {
-            panic!(
-                "probe output {line:?} ({e}); stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
+            panic!("probe output {line:?} ({e}); stderr: {}", String::from_utf8_lossy(&out.stderr))
         });
-        assert_ne!(
-            report.outcome, "setup-failed",
-            "probe could not set up: {:?}",
-            report.error
-        );
+        assert_ne!(report.outcome, "setup-failed", "probe could not set up: {:?}", report.error);
         report
     }
 }
@@ -509,9 +456,81 @@ impl Drop for RunningProbe {
     }
 }
 
+// ---- the standard sandbox -----------------------------------------------------------------
+
+/// One namespace holding the metadata address (with a stand-in listener on it), the agent
+/// listener on loopback, and a cgroup tree with one child per verdict, filtered in-process.
+/// Fields drop in order: listeners, filter, pins (detached), cgroups (children first), netns.
+pub struct Sandbox {
+    pub agent: AgentListener,
+    pub standin: Server,
+    pub filter: Filter,
+    _pins: PinDir,
+    pub pass_ctr: Cgroup,
+    pub pass: Cgroup,
+    pub deny: Cgroup,
+    pub redirect: Cgroup,
+    _root: Cgroup,
+    pub ns: NetNs,
+}
+
+impl Sandbox {
+    /// Builds the sandbox and installs the filter on its cgroup tree.
+    #[must_use]
+    pub fn new(tag: &str) -> Sandbox {
+        let ns = NetNs::new(tag);
+        ns.host_metadata_address();
+        let root = Cgroup::new_top(tag);
+        let (pass, deny, redirect) = (root.child("pass"), root.child("deny"), root.child("redirect"));
+        // A "container" below the "pod" cgroup: it has no entry of its own.
+        let pass_ctr = pass.child("ctr");
+        let pins = PinDir::new(tag);
+        let listener = Server::bind(&ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+        let agent_addr = v4_addr(&listener);
+        let mut filter = Filter::install(&filter_options(&root, &pins, agent_addr)).expect("install filter");
+        filter.set_verdict(pass.id(), Verdict::Pass).unwrap();
+        filter.set_verdict(deny.id(), Verdict::Deny).unwrap();
+        // `redirect` has no entry: it gets the default, REDIRECT.
+        let agent = AgentListener::serve(listener, filter.origins());
+        let standin = Server::banner(&ns, IMDS_ENDPOINT, "standin");
+        Sandbox { agent, standin, filter, _pins: pins, pass_ctr, pass, deny, redirect, _root: root, ns }
+    }
+
+    /// One kernel counter, summed over CPUs.
+    #[must_use]
+    pub fn counter(&self, which: Counter) -> u64 {
+        self.filter.counters().unwrap().into_iter().find(|(c, _)| *c == which).unwrap().1
+    }
+}
+
+/// Options for a test filter on `root`: protects the metadata endpoint, default REDIRECT.
+#[must_use]
+pub fn filter_options(root: &Cgroup, pins: &PinDir, agent: SocketAddrV4) -> FilterOptions {
+    FilterOptions {
+        attach_cgroup: root.path.clone(),
+        pin_dir: pins.path.clone(),
+        agent,
+        protected: vec![IMDS_ENDPOINT],
+        default_verdict: Verdict::Redirect,
+        exempt_cgroup: 0,
+        kernel_log_level: log::LevelFilter::Info,
+        origin_ttl: Duration::from_mins(1),
+    }
+}
+
+/// The IPv4 address a listener is bound to.
+#[must_use]
+pub fn v4_addr(listener: &TcpListener) -> SocketAddrV4 {
+    match listener.local_addr().expect("local addr") {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(a) => panic!("expected an IPv4 listener, got {a}"),
+    }
+}
+
 // ---- the agent binary ----------------------------------------------------------------------
 
 /// Path of the `imds-agent` binary built next to this test (`cargo xtask test` builds it).
+#[must_use]
 pub fn agent_binary() -> PathBuf {
     built_binary("imds-agent", "IMDS_AGENT_BIN")
 }
@@ -521,22 +540,20 @@ fn built_binary(name: &str, env_override: &str) -> PathBuf {
     if let Some(p) = std::env::var_os(env_override) {
         return PathBuf::from(p);
     }
-    // Test executables live in target/<profile>/deps; binaries in target/<profile>.
+    // Binaries live in target/<profile>; test executables one level down, in deps/.
     let exe = std::env::current_exe().expect("current exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .join(name);
-    assert!(
-        bin.exists(),
-        "{} missing: build it first (`cargo xtask test` does)",
-        bin.display()
-    );
-    bin
+    let dir = exe.parent().expect("executable has a directory");
+    [dir, dir.parent().unwrap_or(dir)]
+        .iter()
+        .map(|d| d.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} not found near {}: build it first (`cargo xtask test` does)", dir.display()))
 }
 
-/// An `imds-agent run` process (ours), SIGKILLed on drop if still running; its JSON log goes
+/// What `imds-agent run` logs once it serves (see `imds-agent/src/main.rs`).
+pub const AGENT_READY: &str = "filter installed; serving redirected connections";
+
+/// An `imds-agent run` process (ours), `SIGKILLed` on drop if still running; its JSON log goes
 /// to a file the test can read.
 pub struct AgentProcess {
     child: Option<Child>,
@@ -545,55 +562,41 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     /// Starts `imds-agent --log-format json run ARGS…` inside `ns` and waits until it serves.
+    #[must_use]
     pub fn start(ns: &NetNs, args: &[String]) -> AgentProcess {
         let log_path = std::env::temp_dir().join(format!("{}.log", unique("agent")));
         let log = fs::File::create(&log_path).expect("agent log file");
         let ns_file = fs::File::open(ns.path()).expect("open netns");
         let mut cmd = Command::new(agent_binary());
-        cmd.args(["--log-format", "json", "run"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(log);
+        cmd.args(["--log-format", "json", "run"]).args(args).stdout(Stdio::null()).stderr(log);
         // SAFETY: between fork and exec only setns(2) runs: async-signal-safe, no allocation.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(std::io::Error::from)
+                nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
             });
         }
         let child = cmd.spawn().expect("spawn imds-agent");
-        let agent = AgentProcess {
-            child: Some(child),
-            log_path,
-        };
-        agent.wait_for_log("serving redirected connections", Duration::from_secs(30));
+        let agent = AgentProcess { child: Some(child), log_path };
+        agent.wait_for_log(AGENT_READY, Duration::from_secs(30));
         agent
     }
 
     /// The agent's JSON log lines so far.
     pub fn log_lines(&self) -> Vec<serde_json::Value> {
         let f = fs::File::open(&self.log_path).expect("agent log");
-        BufReader::new(f)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect()
+        BufReader::new(f).lines().map_while(Result::ok).filter_map(|l| serde_json::from_str(&l).ok()).collect()
     }
 
-    /// Waits for a log line whose message contains `needle`.
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> serde_json::Value {
+    /// Waits for a log line whose message is exactly `message`.
+    pub fn wait_for_log(&self, message: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(line) = self
-                .log_lines()
-                .into_iter()
-                .find(|l| l["message"].as_str().is_some_and(|m| m.contains(needle)))
-            {
-                return line;
+            if self.log_lines().iter().any(|l| l["message"] == message) {
+                return;
             }
             assert!(
                 Instant::now() < deadline,
-                "agent never logged {needle:?}; log:\n{}",
+                "agent never logged {message:?}; log:\n{}",
                 fs::read_to_string(&self.log_path).unwrap_or_default()
             );
             thread::sleep(Duration::from_millis(20));

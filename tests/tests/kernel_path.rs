@@ -7,93 +7,12 @@ use std::{
     time::Duration,
 };
 
-use imds_agent::kernel::{
-    attached_programs, Attachment, Filter, FilterOptions, Hook, OriginLookup, IMDS_ENDPOINT,
-};
+use imds_agent::kernel::{attached_programs, Attachment, Filter, Hook, OriginLookup, IMDS_ENDPOINT};
 use imds_common::{Counter, Verdict};
 use imds_tests::{
-    describe, udp_received, udp_sink, veth, AgentListener, AgentProcess, Cgroup, NetNs, PinDir,
-    Probe, Server, TcpTap, IMDS_IP,
+    describe, filter_options, udp_received, udp_sink, veth, AgentListener, AgentProcess, Cgroup, NetNs, PinDir, Probe,
+    Sandbox, Server, TcpTap, IMDS_IP,
 };
-
-/// One namespace holding the metadata address (with a stand-in listener on it), the agent
-/// listener on loopback, and a cgroup tree with one child per verdict, filtered in-process.
-/// Fields drop in order: listeners, filter, pins (detached), cgroups (children first), netns.
-struct Sandbox {
-    agent: AgentListener,
-    standin: Server,
-    filter: Filter,
-    _pins: PinDir,
-    pass_ctr: Cgroup,
-    pass: Cgroup,
-    deny: Cgroup,
-    redirect: Cgroup,
-    _root: Cgroup,
-    ns: NetNs,
-}
-
-impl Sandbox {
-    fn new(tag: &str) -> Sandbox {
-        let ns = NetNs::new(tag);
-        ns.host_metadata_address();
-        let root = Cgroup::new_top(tag);
-        let (pass, deny, redirect) = (
-            root.child("pass"),
-            root.child("deny"),
-            root.child("redirect"),
-        );
-        // A "container" below the "pod" cgroup: it has no entry of its own.
-        let pass_ctr = pass.child("ctr");
-        let pins = PinDir::new(tag);
-        let listener = Server::bind(&ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
-        let agent_addr = match listener.local_addr().unwrap() {
-            std::net::SocketAddr::V4(a) => a,
-            std::net::SocketAddr::V6(_) => unreachable!(),
-        };
-        let mut filter =
-            Filter::install(&options(&root, &pins, agent_addr)).expect("install filter");
-        filter.set_verdict(pass.id(), Verdict::Pass).unwrap();
-        filter.set_verdict(deny.id(), Verdict::Deny).unwrap();
-        // `redirect` has no entry: it gets the default, REDIRECT.
-        let agent = AgentListener::serve(listener, filter.origins());
-        let standin = Server::banner(&ns, IMDS_ENDPOINT, "standin");
-        Sandbox {
-            agent,
-            standin,
-            filter,
-            _pins: pins,
-            pass_ctr,
-            pass,
-            deny,
-            redirect,
-            _root: root,
-            ns,
-        }
-    }
-
-    fn counter(&self, which: Counter) -> u64 {
-        self.filter
-            .counters()
-            .unwrap()
-            .into_iter()
-            .find(|(c, _)| *c == which)
-            .unwrap()
-            .1
-    }
-}
-
-fn options(root: &Cgroup, pins: &PinDir, agent: SocketAddrV4) -> FilterOptions {
-    FilterOptions {
-        attach_cgroup: root.path.clone(),
-        pin_dir: pins.path.clone(),
-        agent,
-        protected: vec![IMDS_ENDPOINT],
-        default_verdict: Verdict::Redirect,
-        exempt_cgroup: 0,
-        kernel_log_level: log::LevelFilter::Info,
-        origin_ttl: Duration::from_secs(60),
-    }
-}
 
 /// The origin the agent must report for a probe in `cgroup` with the given identity.
 fn expected_reply(pid: u32, cgroup: &Cgroup, uid: u32, gid: u32, v6: bool) -> String {
@@ -114,22 +33,14 @@ fn expected_reply(pid: u32, cgroup: &Cgroup, uid: u32, gid: u32, v6: bool) -> St
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn redirect_cgroup_lands_on_the_agent_with_its_origin() {
     let sb = Sandbox::new("redir");
-    let probe = Probe::new(&sb.ns, &sb.redirect)
-        .as_user(4242, 4343)
-        .connect(IMDS_IP, 80, false);
+    let probe = Probe::new(&sb.ns, &sb.redirect).as_user(4242, 4343).connect(IMDS_IP, 80, false);
     let pid = probe.pid();
     let report = probe.wait();
     assert_eq!(report.outcome, "connected", "{report:?}");
-    assert_eq!(
-        report.reply.as_deref(),
-        Some(expected_reply(pid, &sb.redirect, 4242, 4343, false).as_str())
-    );
+    assert_eq!(report.reply.as_deref(), Some(expected_reply(pid, &sb.redirect, 4242, 4343, false).as_str()));
     match sb.agent.origin_for(report.local.as_deref().unwrap()) {
         Some(OriginLookup::Found(o)) => {
-            assert_eq!(
-                (o.pid, o.tid, o.uid, o.gid, o.cgroup_id),
-                (pid, pid, 4242, 4343, sb.redirect.id())
-            );
+            assert_eq!((o.pid, o.tid, o.uid, o.gid, o.cgroup_id), (pid, pid, 4242, 4343, sb.redirect.id()));
             assert_eq!(o.original_dst, IMDS_ENDPOINT);
             assert!(o.age < Duration::from_secs(5));
         }
@@ -160,23 +71,11 @@ fn pass_cgroup_and_its_children_reach_the_real_endpoint() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn deny_cgroup_gets_eperm_and_other_ports_of_a_protected_address_are_refused() {
     let sb = Sandbox::new("deny");
-    let report = Probe::new(&sb.ns, &sb.deny)
-        .connect(IMDS_IP, 80, false)
-        .wait();
-    assert_eq!(
-        (report.outcome.as_str(), report.errno),
-        ("error", Some(libc::EPERM)),
-        "{report:?}"
-    );
+    let report = Probe::new(&sb.ns, &sb.deny).connect(IMDS_IP, 80, false).wait();
+    assert_eq!((report.outcome.as_str(), report.errno), ("error", Some(libc::EPERM)), "{report:?}");
     // Nothing but the redirectable port may be reached on a protected address.
-    let report = Probe::new(&sb.ns, &sb.redirect)
-        .connect(IMDS_IP, 81, false)
-        .wait();
-    assert_eq!(
-        (report.outcome.as_str(), report.errno),
-        ("error", Some(libc::EPERM)),
-        "{report:?}"
-    );
+    let report = Probe::new(&sb.ns, &sb.redirect).connect(IMDS_IP, 81, false).wait();
+    assert_eq!((report.outcome.as_str(), report.errno), ("error", Some(libc::EPERM)), "{report:?}");
     assert_eq!(sb.standin.accepted() + sb.agent.server.accepted(), 0);
     assert_eq!(sb.counter(Counter::ConnectDeny), 2);
 }
@@ -189,25 +88,13 @@ fn v4_mapped_ipv6_connects_get_the_same_three_outcomes() {
     let probe = Probe::new(&sb.ns, &sb.redirect).connect(IMDS_IP, 80, true);
     let pid = probe.pid();
     let report = probe.wait();
-    assert_eq!(
-        report.reply.as_deref(),
-        Some(expected_reply(pid, &sb.redirect, 0, 0, true).as_str()),
-        "{report:?}"
-    );
+    assert_eq!(report.reply.as_deref(), Some(expected_reply(pid, &sb.redirect, 0, 0, true).as_str()), "{report:?}");
 
-    let report = Probe::new(&sb.ns, &sb.pass)
-        .connect(IMDS_IP, 80, true)
-        .wait();
+    let report = Probe::new(&sb.ns, &sb.pass).connect(IMDS_IP, 80, true).wait();
     assert_eq!(report.reply.as_deref(), Some("standin"), "{report:?}");
 
-    let report = Probe::new(&sb.ns, &sb.deny)
-        .connect(IMDS_IP, 80, true)
-        .wait();
-    assert_eq!(
-        (report.outcome.as_str(), report.errno),
-        ("error", Some(libc::EPERM)),
-        "{report:?}"
-    );
+    let report = Probe::new(&sb.ns, &sb.deny).connect(IMDS_IP, 80, true).wait();
+    assert_eq!((report.outcome.as_str(), report.errno), ("error", Some(libc::EPERM)), "{report:?}");
     assert_eq!(sb.standin.accepted(), 1);
     assert_eq!(sb.agent.server.accepted(), 1);
 }
@@ -230,20 +117,15 @@ fn raw_sockets_and_unconnected_udp_never_reach_the_endpoint() {
         );
         let report = Probe::new(&sb.ns, cg).udp(IMDS_IP, 80).wait();
         assert_ne!(report.outcome, "setup-failed");
-        assert!(
-            !udp_received(&sink),
-            "UDP from {} got through",
-            cg.path.display()
-        );
+        assert!(!udp_received(&sink), "UDP from {} got through", cg.path.display());
     }
     assert!(sb.counter(Counter::EgressDrop) >= 4);
     // Control: the same sends from a PASS cgroup do arrive, so the checks above can fail.
-    let report = Probe::new(&sb.ns, &sb.pass)
-        .raw_syn(IMDS_IP, 80, 40_100)
-        .wait();
+    let report = Probe::new(&sb.ns, &sb.pass).raw_syn(IMDS_IP, 80, 40_100).wait();
     assert_eq!(report.outcome, "sent", "{report:?}");
     assert!(tap.saw_syn(IMDS_IP, 80, 40_100, Duration::from_secs(2)));
-    Probe::new(&sb.ns, &sb.pass).udp(IMDS_IP, 80).wait();
+    let report = Probe::new(&sb.ns, &sb.pass).udp(IMDS_IP, 80).wait();
+    assert_eq!(report.outcome, "sent", "{report:?}");
     assert!(udp_received(&sink));
 }
 
@@ -255,29 +137,17 @@ fn pod_namespace_is_redirected_across_a_veth_to_the_node_agent() {
     node.host_metadata_address();
     let pod = NetNs::new("pod");
     let n = imds_tests::next_index() % 250;
-    let (node_ip, pod_ip) = (
-        Ipv4Addr::new(10, 231, n as u8, 1),
-        Ipv4Addr::new(10, 231, n as u8, 2),
-    );
+    let (node_ip, pod_ip) = (Ipv4Addr::new(10, 231, n as u8, 1), Ipv4Addr::new(10, 231, n as u8, 2));
     veth(&node, node_ip, &pod, pod_ip);
     // A failed redirect would follow this route to the node namespace, and stay there.
-    pod.ip(&[
-        "route",
-        "add",
-        &format!("{IMDS_IP}/32"),
-        "via",
-        &node_ip.to_string(),
-    ]);
+    pod.ip(&["route", "add", &format!("{IMDS_IP}/32"), "via", &node_ip.to_string()]);
 
     let root = Cgroup::new_top("podns");
     let (pass, redirect) = (root.child("pass"), root.child("redirect"));
     let pins = PinDir::new("podns");
     let listener = Server::bind(&node, SocketAddrV4::new(node_ip, 0));
-    let agent_addr = match listener.local_addr().unwrap() {
-        std::net::SocketAddr::V4(a) => a,
-        std::net::SocketAddr::V6(_) => unreachable!(),
-    };
-    let mut filter = Filter::install(&options(&root, &pins, agent_addr)).unwrap();
+    let agent_addr = imds_tests::v4_addr(&listener);
+    let mut filter = Filter::install(&filter_options(&root, &pins, agent_addr)).unwrap();
     filter.set_verdict(pass.id(), Verdict::Pass).unwrap();
     let agent = AgentListener::serve(listener, filter.origins());
     let standin = Server::banner(&node, IMDS_ENDPOINT, "standin");
@@ -285,17 +155,9 @@ fn pod_namespace_is_redirected_across_a_veth_to_the_node_agent() {
     let probe = Probe::new(&pod, &redirect).connect(IMDS_IP, 80, false);
     let pid = probe.pid();
     let report = probe.wait();
-    assert_eq!(
-        report.reply.as_deref(),
-        Some(expected_reply(pid, &redirect, 0, 0, false).as_str()),
-        "{report:?}"
-    );
+    assert_eq!(report.reply.as_deref(), Some(expected_reply(pid, &redirect, 0, 0, false).as_str()), "{report:?}");
     let local: std::net::SocketAddr = report.local.as_deref().unwrap().parse().unwrap();
-    assert_eq!(
-        local.ip(),
-        std::net::IpAddr::V4(pod_ip),
-        "the agent saw the pod's own address"
-    );
+    assert_eq!(local.ip(), std::net::IpAddr::V4(pod_ip), "the agent saw the pod's own address");
     // Control: the route to the stand-in works from the pod namespace.
     let report = Probe::new(&pod, &pass).connect(IMDS_IP, 80, false).wait();
     assert_eq!(report.reply.as_deref(), Some("standin"), "{report:?}");
@@ -311,15 +173,8 @@ fn other_destinations_and_processes_outside_the_hierarchy_are_untouched() {
     let other = Server::banner(&sb.ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), "other");
     for cg in [&sb.redirect, &sb.deny, &sb.pass] {
         for v6 in [false, true] {
-            let report = Probe::new(&sb.ns, cg)
-                .connect(*other.addr.ip(), other.addr.port(), v6)
-                .wait();
-            assert_eq!(
-                report.reply.as_deref(),
-                Some("other"),
-                "{} v6={v6}: {report:?}",
-                cg.path.display()
-            );
+            let report = Probe::new(&sb.ns, cg).connect(*other.addr.ip(), other.addr.port(), v6).wait();
+            assert_eq!(report.reply.as_deref(), Some("other"), "{} v6={v6}: {report:?}", cg.path.display());
         }
     }
     // A node process (outside the attached cgroup) keeps its access to the endpoint.
@@ -331,12 +186,7 @@ fn other_destinations_and_processes_outside_the_hierarchy_are_untouched() {
     });
     assert_eq!(reply.trim(), "standin");
     assert_eq!(sb.agent.server.accepted(), 0);
-    for c in [
-        Counter::ConnectRedirect,
-        Counter::ConnectDeny,
-        Counter::ConnectPass,
-        Counter::OriginRecorded,
-    ] {
+    for c in [Counter::ConnectRedirect, Counter::ConnectDeny, Counter::ConnectPass, Counter::OriginRecorded] {
         assert_eq!(sb.counter(c), 0, "{c:?}");
     }
 }
@@ -366,12 +216,7 @@ fn agent_args(root: &Cgroup, pins: &PinDir, listen: &str) -> Vec<String> {
 }
 
 fn logged_origin_pids(agent: &AgentProcess) -> Vec<u64> {
-    agent
-        .log_lines()
-        .iter()
-        .filter(|l| l["event"] == "origin")
-        .filter_map(|l| l["pid"].as_u64())
-        .collect()
+    agent.log_lines().iter().filter(|l| l["event"] == "origin").filter_map(|l| l["pid"].as_u64()).collect()
 }
 
 // 8.
@@ -398,28 +243,15 @@ fn restart_reuses_pinned_state_with_no_gap_and_no_second_attachment() {
     // Down: the programs stay attached, so the redirect target refuses; the endpoint is
     // never reached.
     assert_eq!(assert_attached_once(&root), first_ids);
-    let report = Probe::new(&ns, &redirect)
-        .connect(IMDS_IP, 80, false)
-        .wait();
-    assert_eq!(
-        (report.outcome.as_str(), report.errno),
-        ("error", Some(libc::ECONNREFUSED)),
-        "{report:?}"
-    );
+    let report = Probe::new(&ns, &redirect).connect(IMDS_IP, 80, false).wait();
+    assert_eq!((report.outcome.as_str(), report.errno), ("error", Some(libc::ECONNREFUSED)), "{report:?}");
     let report = Probe::new(&ns, &redirect).connect(IMDS_IP, 80, true).wait();
     assert_eq!(report.errno, Some(libc::ECONNREFUSED), "{report:?}");
     assert_eq!(standin.accepted(), 0);
 
     let agent = AgentProcess::start(&ns, &args);
-    let hows: Vec<String> = agent
-        .log_lines()
-        .iter()
-        .filter_map(|l| l["how"].as_str().map(str::to_owned))
-        .collect();
-    assert_eq!(
-        hows,
-        vec![format!("{:?}", Attachment::Replaced); Hook::ALL.len()]
-    );
+    let hows: Vec<String> = agent.log_lines().iter().filter_map(|l| l["how"].as_str().map(str::to_owned)).collect();
+    assert_eq!(hows, vec![format!("{:?}", Attachment::Replaced); Hook::ALL.len()]);
     let second_ids = assert_attached_once(&root);
     for (a, b) in first_ids.iter().zip(&second_ids) {
         assert_ne!(a, b, "the restarted agent's programs run");
@@ -451,19 +283,13 @@ fn uninstall_detaches_everything_and_removes_the_pins() {
         .arg(&pins.path)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for (hook, progs) in attached_programs(&root.path).unwrap() {
         assert!(progs.is_empty(), "{hook:?} still has {progs:?}");
     }
     assert!(!pins.path.exists());
     // With the filter gone, the endpoint (our stand-in) is reachable again.
-    let report = Probe::new(&ns, &redirect)
-        .connect(IMDS_IP, 80, false)
-        .wait();
+    let report = Probe::new(&ns, &redirect).connect(IMDS_IP, 80, false).wait();
     assert_eq!(report.reply.as_deref(), Some("standin"), "{report:?}");
     assert_eq!(standin.accepted(), 1);
 }
@@ -473,23 +299,15 @@ fn uninstall_detaches_everything_and_removes_the_pins() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn forty_parallel_clients_from_several_cgroups_are_each_attributed_correctly() {
     let mut sb = Sandbox::new("par");
-    let cgroups: Vec<Cgroup> = (0..4)
-        .map(|i| sb.redirect.child(&format!("c{i}")))
-        .collect();
+    let cgroups: Vec<Cgroup> = (0..4).map(|i| sb.redirect.child(&format!("c{i}"))).collect();
     // Two with an explicit REDIRECT entry, two falling back to the default.
-    sb.filter
-        .set_verdict(cgroups[0].id(), Verdict::Redirect)
-        .unwrap();
-    sb.filter
-        .set_verdict(cgroups[1].id(), Verdict::Redirect)
-        .unwrap();
+    sb.filter.set_verdict(cgroups[0].id(), Verdict::Redirect).unwrap();
+    sb.filter.set_verdict(cgroups[1].id(), Verdict::Redirect).unwrap();
     let probes: Vec<_> = (0..40)
         .map(|i| {
             let cg = &cgroups[i % 4];
             let v6 = i % 2 == 1;
-            let p = Probe::new(&sb.ns, cg)
-                .as_user(1000 + i as u32, 2000 + i as u32)
-                .connect(IMDS_IP, 80, v6);
+            let p = Probe::new(&sb.ns, cg).as_user(1000 + i as u32, 2000 + i as u32).connect(IMDS_IP, 80, v6);
             (p, cg, v6, i as u32)
         })
         .collect();

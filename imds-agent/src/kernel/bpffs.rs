@@ -21,15 +21,13 @@ pub enum BpffsError {
     #[error("mounting bpffs at {BPFFS_MOUNT}: {0}")]
     Mount(nix::Error),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 /// Whether `path` (which must exist) lives on bpffs.
+#[must_use]
 pub fn is_bpffs(path: &Path) -> bool {
-    statfs(path).is_ok_and(|s| i64::from(s.filesystem_type().0) == BPF_FS_MAGIC)
+    statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Makes sure `dir` exists on bpffs, mounting bpffs at `/sys/fs/bpf` first when `dir` is
@@ -37,31 +35,17 @@ pub fn is_bpffs(path: &Path) -> bool {
 pub fn ensure_pin_dir(dir: &Path) -> Result<(), BpffsError> {
     let mount_point = Path::new(BPFFS_MOUNT);
     if dir.starts_with(mount_point) && mount_point.is_dir() && !is_bpffs(mount_point) {
-        nix::mount::mount(
-            Some("bpf"),
-            mount_point,
-            Some("bpf"),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(BpffsError::Mount)?;
+        nix::mount::mount(Some("bpf"), mount_point, Some("bpf"), MsFlags::empty(), None::<&str>)
+            .map_err(BpffsError::Mount)?;
         tracing::info!(path = BPFFS_MOUNT, "mounted bpffs");
     }
-    let existing = dir
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(Path::new("/"));
+    let existing = dir.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
     if !is_bpffs(existing) {
-        return Err(BpffsError::NotBpffs {
-            path: dir.to_owned(),
-        });
+        return Err(BpffsError::NotBpffs { path: dir.to_owned() });
     }
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|source| BpffsError::Io {
-            path: dir.to_owned(),
-            source,
-        })
+        .map_err(|source| BpffsError::Io { path: dir.to_owned(), source })
 }

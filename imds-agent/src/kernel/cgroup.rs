@@ -22,22 +22,18 @@ pub enum CgroupError {
     NoCgroup2,
     #[error("no kubelet pod hierarchy ({}) under {root}; pass --attach-cgroup PATH to choose the cgroup to filter", KUBEPODS.join(" or "))]
     NoKubepods { root: PathBuf },
-    #[error("{path} is the root cgroup: attaching there would filter every process on the machine; choose a child cgroup")]
+    #[error(
+        "{path} is the root cgroup: attaching there would filter every process on the machine; choose a child cgroup"
+    )]
     RootCgroup { path: PathBuf },
     #[error("{path} is not a directory on the cgroup v2 filesystem mounted at {root}")]
     NotCgroup2 { path: PathBuf, root: PathBuf },
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
-    move |source| CgroupError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| CgroupError::Io { path: path.to_owned(), source }
 }
 
 /// Where cgroup v2 is mounted on this machine.
@@ -48,6 +44,7 @@ pub fn cgroup2_root() -> Result<PathBuf, CgroupError> {
 }
 
 /// The mount point of the first cgroup2 filesystem in a `/proc/*/mountinfo` text.
+#[must_use]
 pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
         // id parent maj:min root mountpoint options [optional…] - fstype source superopts
@@ -55,9 +52,7 @@ pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
         if right.split_whitespace().next()? != "cgroup2" {
             return None;
         }
-        left.split_whitespace()
-            .nth(4)
-            .map(|p| PathBuf::from(unescape_octal(p)))
+        left.split_whitespace().nth(4).map(|p| PathBuf::from(unescape_octal(p)))
     })
 }
 
@@ -67,9 +62,8 @@ fn unescape_octal(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal =
+            bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         if let Some(d) = octal {
             out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
             i += 4;
@@ -87,9 +81,7 @@ pub fn default_attach_cgroup(root: &Path) -> Result<PathBuf, CgroupError> {
         .iter()
         .map(|name| root.join(name))
         .find(|p| p.is_dir())
-        .ok_or_else(|| CgroupError::NoKubepods {
-            root: root.to_owned(),
-        })
+        .ok_or_else(|| CgroupError::NoKubepods { root: root.to_owned() })
 }
 
 /// Checks that `path` is a cgroup below (not at) the cgroup2 root; returns it canonicalised.
@@ -99,18 +91,10 @@ pub fn validate_attach_cgroup(root: &Path, path: &Path) -> Result<PathBuf, Cgrou
     if canonical == root {
         return Err(CgroupError::RootCgroup { path: canonical });
     }
-    let fs = nix::sys::statfs::statfs(&canonical).map_err(|e| CgroupError::Io {
-        path: canonical.clone(),
-        source: e.into(),
-    })?;
-    if !canonical.starts_with(&root)
-        || i64::from(fs.filesystem_type().0) != CGROUP2_MAGIC
-        || !canonical.is_dir()
-    {
-        return Err(CgroupError::NotCgroup2 {
-            path: canonical,
-            root,
-        });
+    let fs = nix::sys::statfs::statfs(&canonical)
+        .map_err(|e| CgroupError::Io { path: canonical.clone(), source: e.into() })?;
+    if !canonical.starts_with(&root) || fs.filesystem_type().0 != CGROUP2_MAGIC || !canonical.is_dir() {
+        return Err(CgroupError::NotCgroup2 { path: canonical, root });
     }
     Ok(canonical)
 }
@@ -129,6 +113,7 @@ pub fn own_cgroup(root: &Path) -> Result<PathBuf, CgroupError> {
 }
 
 /// The v2 entry (`0::/path`) of a `/proc/*/cgroup` text.
+#[must_use]
 pub fn parse_proc_cgroup(text: &str) -> Option<&str> {
     text.lines().find_map(|l| l.strip_prefix("0::"))
 }
@@ -146,15 +131,9 @@ mod tests {
 
     #[test]
     fn finds_cgroup2_in_hybrid_and_unified_layouts() {
-        assert_eq!(
-            parse_cgroup2_mount(HYBRID),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
+        assert_eq!(parse_cgroup2_mount(HYBRID), Some(PathBuf::from("/sys/fs/cgroup/unified")));
         let unified = "30 24 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n";
-        assert_eq!(
-            parse_cgroup2_mount(unified),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
+        assert_eq!(parse_cgroup2_mount(unified), Some(PathBuf::from("/sys/fs/cgroup")));
     }
 
     #[test]
@@ -171,8 +150,7 @@ mod tests {
 
     #[test]
     fn proc_cgroup_picks_the_v2_line() {
-        let text =
-            "12:memory:/user.slice\n1:name=systemd:/user.slice/x\n0::/kubepods.slice/pod.slice\n";
+        let text = "12:memory:/user.slice\n1:name=systemd:/user.slice/x\n0::/kubepods.slice/pod.slice\n";
         assert_eq!(parse_proc_cgroup(text), Some("/kubepods.slice/pod.slice"));
         assert_eq!(parse_proc_cgroup("12:memory:/\n"), None);
     }

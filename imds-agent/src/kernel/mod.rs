@@ -23,8 +23,7 @@ use std::{
 use aya::{
     maps::{Array, HashMap, MapData, MapError, PerCpuArray},
     programs::{
-        links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr,
-        ProgramError, SockOps,
+        links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
     },
     Ebpf, EbpfLoader,
 };
@@ -37,8 +36,7 @@ pub use self::origin::{CallerOrigin, OriginLookup, OriginTable};
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-ebpf"));
 
 /// The metadata endpoint every cloud agrees on.
-pub const IMDS_ENDPOINT: SocketAddrV4 =
-    SocketAddrV4::new(std::net::Ipv4Addr::new(169, 254, 169, 254), 80);
+pub const IMDS_ENDPOINT: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(169, 254, 169, 254), 80);
 
 /// One of the four places the programs hook into the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -54,6 +52,7 @@ impl Hook {
     pub const ALL: [Hook; 4] = [Hook::SockOps, Hook::Connect4, Hook::Connect6, Hook::Egress];
 
     /// Name of the program in the object (and, truncated to 15 bytes, in the kernel).
+    #[must_use]
     pub const fn program(self) -> &'static str {
         match self {
             Hook::SockOps => programs::SOCK_OPS,
@@ -64,6 +63,7 @@ impl Hook {
     }
 
     /// The kernel's attach type for this hook.
+    #[must_use]
     pub const fn attach_type(self) -> bpf_attach_type {
         match self {
             Hook::SockOps => bpf_attach_type::BPF_CGROUP_SOCK_OPS,
@@ -74,6 +74,7 @@ impl Hook {
     }
 
     /// File name of the pinned link in the pin directory.
+    #[must_use]
     pub fn link_pin(self) -> String {
         format!("link_{}", self.program())
     }
@@ -94,39 +95,21 @@ pub enum FilterError {
         "loading the eBPF object: {source}\n(if {} holds maps pinned by another version, run \
          `imds-agent uninstall --bpffs {}` first)", pin_dir.display(), pin_dir.display()
     )]
-    Load {
-        pin_dir: PathBuf,
-        source: Box<aya::EbpfError>,
-    },
+    Load { pin_dir: PathBuf, source: Box<aya::EbpfError> },
     #[error("program {name}: {source}")]
-    Program {
-        name: &'static str,
-        source: ProgramError,
-    },
+    Program { name: &'static str, source: ProgramError },
     #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: MapError,
-    },
+    Map { name: &'static str, source: MapError },
     #[error(
         "{} is attached to another cgroup (id {found}) than {} (id {expected}); \
          run `imds-agent uninstall --bpffs {}` first", pin.display(), cgroup.display(),
          pin.parent().unwrap_or(pin).display()
     )]
-    PinnedElsewhere {
-        pin: PathBuf,
-        cgroup: PathBuf,
-        found: u64,
-        expected: u64,
-    },
+    PinnedElsewhere { pin: PathBuf, cgroup: PathBuf, found: u64, expected: u64 },
     #[error("{} is not a link of the {hook:?} hook; remove it or use another --bpffs", pin.display())]
     PinnedWrongHook { pin: PathBuf, hook: Hook },
     #[error("{what} {}: {source}", path.display())]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io { what: &'static str, path: PathBuf, source: io::Error },
     #[error("{addr} has more than {MAX_PORTS_PER_ADDR} protected ports")]
     TooManyPorts { addr: std::net::Ipv4Addr },
     #[error("no protected endpoints given")]
@@ -204,10 +187,7 @@ impl Filter {
             .default_map_pin_directory(&opts.pin_dir)
             .override_global("AYA_LOG_LEVEL", &log_level, true)
             .load(EBPF_OBJECT)
-            .map_err(|source| FilterError::Load {
-                pin_dir: opts.pin_dir.clone(),
-                source: Box::new(source),
-            })?;
+            .map_err(|source| FilterError::Load { pin_dir: opts.pin_dir.clone(), source: Box::new(source) })?;
 
         // Configure before anything is attached, so the first program run already sees it.
         let mut config: Array<MapData, Config> = take_map(&mut ebpf, maps::CONFIG)?;
@@ -219,13 +199,12 @@ impl Filter {
                     agent_ip4_be: u32::from(*opts.agent.ip()).to_be(),
                     default_verdict: opts.default_verdict as u32,
                     agent_port_be: opts.agent.port().to_be(),
-                    _pad: [0; 6],
+                    pad: [0; 6],
                 },
                 0,
             )
             .map_err(map_err(maps::CONFIG))?;
-        let mut protected_map: HashMap<MapData, u32, ProtectedAddr> =
-            take_map(&mut ebpf, maps::PROTECTED)?;
+        let mut protected_map: HashMap<MapData, u32, ProtectedAddr> = take_map(&mut ebpf, maps::PROTECTED)?;
         sync_protected(&mut protected_map, &protected)?;
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -239,8 +218,7 @@ impl Filter {
         let mut attachments = Vec::with_capacity(Hook::ALL.len());
         for hook in Hook::ALL {
             let pin = opts.pin_dir.join(hook.link_pin());
-            let how =
-                attach_or_replace(&mut ebpf, hook, &cgroup_dir, &cgroup_path, cgroup_id, &pin)?;
+            let how = attach_or_replace(&mut ebpf, hook, &cgroup_dir, &cgroup_path, cgroup_id, &pin)?;
             tracing::info!(hook = ?hook, how = ?how, cgroup = %cgroup_path.display(), "program in place");
             attachments.push((hook, how));
         }
@@ -248,10 +226,7 @@ impl Filter {
         Ok(Filter {
             verdicts: take_map(&mut ebpf, maps::VERDICTS)?,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
-            origins: Arc::new(OriginTable::new(
-                take_map(&mut ebpf, maps::ORIGINS)?,
-                opts.origin_ttl,
-            )),
+            origins: Arc::new(OriginTable::new(take_map(&mut ebpf, maps::ORIGINS)?, opts.origin_ttl)),
             logger,
             attachments,
             cgroup_id,
@@ -259,20 +234,20 @@ impl Filter {
     }
 
     /// How each hook was put in place by [`Filter::install`].
+    #[must_use]
     pub fn attachments(&self) -> &[(Hook, Attachment)] {
         &self.attachments
     }
 
     /// Id of the cgroup the programs are attached to.
+    #[must_use]
     pub fn cgroup_id(&self) -> u64 {
         self.cgroup_id
     }
 
     /// Sets the verdict of a cgroup and, unless a descendant has its own, of everything below.
     pub fn set_verdict(&mut self, cgroup_id: u64, verdict: Verdict) -> Result<(), FilterError> {
-        self.verdicts
-            .insert(cgroup_id, verdict as u32, 0)
-            .map_err(map_err(maps::VERDICTS))
+        self.verdicts.insert(cgroup_id, verdict as u32, 0).map_err(map_err(maps::VERDICTS))
     }
 
     /// Removes a cgroup's own verdict; it falls back to its ancestors' or the default.
@@ -297,16 +272,14 @@ impl Filter {
         Counter::ALL
             .iter()
             .map(|c| {
-                let per_cpu = self
-                    .counters
-                    .get(&(*c as u32), 0)
-                    .map_err(map_err(maps::COUNTERS))?;
+                let per_cpu = self.counters.get(&(*c as u32), 0).map_err(map_err(maps::COUNTERS))?;
                 Ok((*c, per_cpu.iter().sum()))
             })
             .collect()
     }
 
     /// The origin records, shareable with connection handlers.
+    #[must_use]
     pub fn origins(&self) -> Arc<OriginTable> {
         Arc::clone(&self.origins)
     }
@@ -321,10 +294,8 @@ fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, FilterError>
 where
     T: TryFrom<aya::maps::Map, Error = MapError>,
 {
-    let map = ebpf.take_map(name).ok_or(FilterError::Map {
-        name,
-        source: MapError::InvalidName { name: name.into() },
-    })?;
+    let map =
+        ebpf.take_map(name).ok_or(FilterError::Map { name, source: MapError::InvalidName { name: name.into() } })?;
     T::try_from(map).map_err(map_err(name))
 }
 
@@ -334,9 +305,7 @@ fn kernel_log_level(level: log::LevelFilter) -> u8 {
 }
 
 /// Groups endpoints by address, as the `PROTECTED` map stores them.
-pub fn group_endpoints(
-    endpoints: &[SocketAddrV4],
-) -> Result<BTreeMap<u32, ProtectedAddr>, FilterError> {
+pub fn group_endpoints(endpoints: &[SocketAddrV4]) -> Result<BTreeMap<u32, ProtectedAddr>, FilterError> {
     if endpoints.is_empty() {
         return Err(FilterError::NoProtectedEndpoints);
     }
@@ -347,11 +316,7 @@ pub fn group_endpoints(
         if entry.has_port(port_be) {
             continue;
         }
-        let slot = entry
-            .ports_be
-            .iter_mut()
-            .find(|p| **p == 0)
-            .ok_or(FilterError::TooManyPorts { addr: *ep.ip() })?;
+        let slot = entry.ports_be.iter_mut().find(|p| **p == 0).ok_or(FilterError::TooManyPorts { addr: *ep.ip() })?;
         *slot = port_be;
     }
     Ok(grouped)
@@ -362,13 +327,9 @@ fn sync_protected(
     map: &mut HashMap<MapData, u32, ProtectedAddr>,
     wanted: &BTreeMap<u32, ProtectedAddr>,
 ) -> Result<(), FilterError> {
-    let present: Vec<u32> = map
-        .keys()
-        .collect::<Result<_, _>>()
-        .map_err(map_err(maps::PROTECTED))?;
+    let present: Vec<u32> = map.keys().collect::<Result<_, _>>().map_err(map_err(maps::PROTECTED))?;
     for (addr, ports) in wanted {
-        map.insert(addr, ports, 0)
-            .map_err(map_err(maps::PROTECTED))?;
+        map.insert(addr, ports, 0).map_err(map_err(maps::PROTECTED))?;
     }
     for addr in present.iter().filter(|a| !wanted.contains_key(a)) {
         map.remove(addr).map_err(map_err(maps::PROTECTED))?;
@@ -385,17 +346,9 @@ fn attach_or_replace(
     pin: &Path,
 ) -> Result<Attachment, FilterError> {
     let name = hook.program();
-    let program = ebpf.program_mut(name).ok_or(FilterError::Program {
-        name,
-        source: ProgramError::UnexpectedProgramType,
-    })?;
-    let io_err = |what: &'static str| {
-        move |source| FilterError::Io {
-            what,
-            path: pin.to_owned(),
-            source,
-        }
-    };
+    let program =
+        ebpf.program_mut(name).ok_or(FilterError::Program { name, source: ProgramError::UnexpectedProgramType })?;
+    let io_err = |what: &'static str| move |source| FilterError::Io { what, path: pin.to_owned(), source };
 
     if pin.exists() {
         let link = sys::obj_get(pin).map_err(io_err("opening pinned link"))?;
@@ -409,17 +362,11 @@ fn attach_or_replace(
                     expected: cgroup_id,
                 });
             }
-            _ => {
-                return Err(FilterError::PinnedWrongHook {
-                    pin: pin.to_owned(),
-                    hook,
-                })
-            }
+            _ => return Err(FilterError::PinnedWrongHook { pin: pin.to_owned(), hook }),
         }
         load(program, hook)?;
         let prog_fd = program.fd().map_err(prog_err(name))?;
-        sys::link_update(link.as_fd(), prog_fd.as_fd())
-            .map_err(io_err("replacing the program of"))?;
+        sys::link_update(link.as_fd(), prog_fd.as_fd()).map_err(io_err("replacing the program of"))?;
         return Ok(Attachment::Replaced);
     }
 
@@ -439,33 +386,41 @@ fn attach_or_replace(
         }
         Hook::Egress => {
             let p: &mut CgroupSkb = program.try_into().map_err(prog_err(name))?;
-            let id = p
-                .attach(cgroup_dir, CgroupSkbAttachType::Egress, mode)
-                .map_err(prog_err(name))?;
+            let id = p.attach(cgroup_dir, CgroupSkbAttachType::Egress, mode).map_err(prog_err(name))?;
             p.take_link(id).map_err(prog_err(name))?.try_into()
         }
     }
     .map_err(|e| io_err("taking link for")(io::Error::other(e)))?;
-    link.pin(pin)
-        .map_err(|e| io_err("pinning link")(io::Error::other(e)))?;
+    link.pin(pin).map_err(|e| io_err("pinning link")(io::Error::other(e)))?;
     Ok(Attachment::Attached)
 }
 
 /// Loads (verifies) one program into the kernel.
+///
+/// The verifier gives up with `EAGAIN` when the loading thread has a signal pending; like
+/// libbpf, try again a few times before calling it a failure.
 fn load(program: &mut aya::programs::Program, hook: Hook) -> Result<(), FilterError> {
+    const ATTEMPTS: usize = 5;
     let name = hook.program();
-    match hook {
-        Hook::SockOps => <&mut SockOps>::try_from(program)
-            .map_err(prog_err(name))?
-            .load(),
-        Hook::Connect4 | Hook::Connect6 => <&mut CgroupSockAddr>::try_from(program)
-            .map_err(prog_err(name))?
-            .load(),
-        Hook::Egress => <&mut CgroupSkb>::try_from(program)
-            .map_err(prog_err(name))?
-            .load(),
+    let mut attempt = 1;
+    loop {
+        let result = match hook {
+            Hook::SockOps => <&mut SockOps>::try_from(&mut *program).map_err(prog_err(name))?.load(),
+            Hook::Connect4 | Hook::Connect6 => {
+                <&mut CgroupSockAddr>::try_from(&mut *program).map_err(prog_err(name))?.load()
+            }
+            Hook::Egress => <&mut CgroupSkb>::try_from(&mut *program).map_err(prog_err(name))?.load(),
+        };
+        match result {
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempt < ATTEMPTS =>
+            {
+                tracing::debug!(program = name, attempt, "verifier interrupted; loading again");
+                attempt += 1;
+            }
+            other => return other.map_err(prog_err(name)),
+        }
     }
-    .map_err(prog_err(name))
 }
 
 /// What `uninstall` removed.
@@ -497,13 +452,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<Uninstalled, FilterError> {
             // link once no process holds it. ENOLINK: already detached.
             Ok(()) => {}
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOLINK)) => {}
-            Err(source) => {
-                return Err(FilterError::Io {
-                    what: "detaching link",
-                    path: pin,
-                    source,
-                })
-            }
+            Err(source) => return Err(FilterError::Io { what: "detaching link", path: pin, source }),
         }
         fs::remove_file(&pin).map_err(io_err("removing pin", &pin))?;
         done.links.push(hook.link_pin());
@@ -540,20 +489,14 @@ pub fn attached_programs(cgroup: &Path) -> Result<Vec<(Hook, Vec<AttachedProgram
     Hook::ALL
         .iter()
         .map(|hook| {
-            let ids =
-                sys::attached_prog_ids(dir.as_fd(), hook.attach_type()).map_err(|source| {
-                    FilterError::Io {
-                        what: "querying cgroup",
-                        path: cgroup.to_owned(),
-                        source,
-                    }
-                })?;
+            let ids = sys::attached_prog_ids(dir.as_fd(), hook.attach_type()).map_err(|source| FilterError::Io {
+                what: "querying cgroup",
+                path: cgroup.to_owned(),
+                source,
+            })?;
             let progs = ids
                 .into_iter()
-                .map(|id| AttachedProgram {
-                    id,
-                    name: names.get(&id).cloned().unwrap_or_default(),
-                })
+                .map(|id| AttachedProgram { id, name: names.get(&id).cloned().unwrap_or_default() })
                 .collect();
             Ok((*hook, progs))
         })
@@ -566,15 +509,11 @@ mod tests {
 
     #[test]
     fn endpoints_group_by_address_and_dedupe_ports() {
-        let eps: Vec<SocketAddrV4> = [
-            "169.254.169.254:80",
-            "168.63.129.16:80",
-            "168.63.129.16:32526",
-            "169.254.169.254:80",
-        ]
-        .iter()
-        .map(|s| s.parse().unwrap())
-        .collect();
+        let eps: Vec<SocketAddrV4> =
+            ["169.254.169.254:80", "168.63.129.16:80", "168.63.129.16:32526", "169.254.169.254:80"]
+                .iter()
+                .map(|s| s.parse().unwrap())
+                .collect();
         let g = group_endpoints(&eps).unwrap();
         assert_eq!(g.len(), 2);
         let wire = g[&u32::from(std::net::Ipv4Addr::new(168, 63, 129, 16)).to_be()];
@@ -585,23 +524,14 @@ mod tests {
 
     #[test]
     fn too_many_ports_on_one_address_is_an_error() {
-        let eps: Vec<SocketAddrV4> = (1..=5)
-            .map(|p| SocketAddrV4::new([10, 0, 0, 1].into(), p))
-            .collect();
-        assert!(matches!(
-            group_endpoints(&eps),
-            Err(FilterError::TooManyPorts { .. })
-        ));
-        assert!(matches!(
-            group_endpoints(&[]),
-            Err(FilterError::NoProtectedEndpoints)
-        ));
+        let eps: Vec<SocketAddrV4> = (1..=5).map(|p| SocketAddrV4::new([10, 0, 0, 1].into(), p)).collect();
+        assert!(matches!(group_endpoints(&eps), Err(FilterError::TooManyPorts { .. })));
+        assert!(matches!(group_endpoints(&[]), Err(FilterError::NoProtectedEndpoints)));
     }
 
     #[test]
     fn link_pins_are_distinct_per_hook() {
-        let pins: std::collections::HashSet<String> =
-            Hook::ALL.iter().map(|h| h.link_pin()).collect();
+        let pins: std::collections::HashSet<String> = Hook::ALL.iter().map(|h| h.link_pin()).collect();
         assert_eq!(pins.len(), Hook::ALL.len());
     }
 }

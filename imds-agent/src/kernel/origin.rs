@@ -17,7 +17,7 @@ use imds_common::{Origin, OriginKey};
 
 /// How long a record stays valid after `connect()`: long enough for a SYN retried while the
 /// agent restarts, short enough that a stale record is useless.
-pub const DEFAULT_ORIGIN_TTL: Duration = Duration::from_secs(60);
+pub const DEFAULT_ORIGIN_TTL: Duration = Duration::from_mins(1);
 
 /// The caller of a redirected connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,7 +32,7 @@ pub struct CallerOrigin {
     pub gid: u32,
     /// The address the caller asked for before the kernel redirected it.
     pub original_dst: SocketAddrV4,
-    /// Whether the caller used an AF_INET6 socket (the `::ffff:a.b.c.d` spelling).
+    /// Whether the caller used an `AF_INET6` socket (the `::ffff:a.b.c.d` spelling).
     pub ipv6_socket: bool,
     /// Time from `connect()` to this lookup.
     pub age: Duration,
@@ -48,10 +48,7 @@ impl CallerOrigin {
             tid: low(raw.pid_tgid),
             uid: low(raw.uid_gid),
             gid: high(raw.uid_gid),
-            original_dst: SocketAddrV4::new(
-                u32::from_be(raw.orig_ip4_be).into(),
-                u16::from_be(raw.orig_port_be),
-            ),
+            original_dst: SocketAddrV4::new(u32::from_be(raw.orig_ip4_be).into(), u16::from_be(raw.orig_port_be)),
             ipv6_socket: raw.family == libc::AF_INET6 as u16,
             age,
         }
@@ -105,13 +102,11 @@ impl ConnectionAddrs for tokio::net::TcpStream {
 
 /// The kernel's map key for a connection the agent accepted, or `None` if it is not IPv4
 /// (redirected connections always are: a v4-mapped peer is normalised).
+#[must_use]
 pub fn origin_key(peer: SocketAddr, local: SocketAddr) -> Option<OriginKey> {
     let v4 = |a: SocketAddr| match a {
         SocketAddr::V4(a) => Some(a),
-        SocketAddr::V6(a) => a
-            .ip()
-            .to_ipv4_mapped()
-            .map(|ip| SocketAddrV4::new(ip, a.port())),
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().map(|ip| SocketAddrV4::new(ip, a.port())),
     };
     let (client, agent) = (v4(peer)?, v4(local)?);
     Some(OriginKey {
@@ -130,10 +125,7 @@ pub struct OriginTable {
 
 impl OriginTable {
     pub(crate) fn new(map: HashMap<MapData, OriginKey, Origin>, ttl: Duration) -> Self {
-        OriginTable {
-            map: Mutex::new(map),
-            ttl,
-        }
+        OriginTable { map: Mutex::new(map), ttl }
     }
 
     /// Takes the origin record of an accepted connection.
@@ -147,10 +139,7 @@ impl OriginTable {
             return Ok(OriginLookup::Missing);
         };
         let raw = {
-            let mut map = self
-                .map
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut map = self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let raw = match map.get(&key, 0) {
                 Ok(raw) => raw,
                 Err(MapError::KeyNotFound) => return Ok(OriginLookup::Missing),
@@ -170,12 +159,11 @@ impl OriginTable {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock `bpf_ktime_get_ns()` reads.
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock `bpf_ktime_get_ns()` reads.
 fn monotonic_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .expect("CLOCK_MONOTONIC is always available on Linux");
-    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000
-        + u64::try_from(ts.tv_nsec()).unwrap_or(0)
+    u64::try_from(ts.tv_sec()).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec()).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -185,11 +173,7 @@ mod tests {
 
     #[test]
     fn key_is_the_full_tuple_in_network_order() {
-        let key = origin_key(
-            "10.0.0.7:40000".parse().unwrap(),
-            "10.0.0.1:8182".parse().unwrap(),
-        )
-        .unwrap();
+        let key = origin_key("10.0.0.7:40000".parse().unwrap(), "10.0.0.1:8182".parse().unwrap()).unwrap();
         assert_eq!(key.client_ip4_be.to_ne_bytes(), [10, 0, 0, 7]);
         assert_eq!(key.agent_ip4_be.to_ne_bytes(), [10, 0, 0, 1]);
         assert_eq!(key.client_port_be.to_ne_bytes(), 40000u16.to_be_bytes());
@@ -198,46 +182,30 @@ mod tests {
 
     #[test]
     fn v4_mapped_peers_give_the_same_key_as_plain_v4() {
-        let mapped =
-            |ip: Ipv4Addr, port| SocketAddr::V6(SocketAddrV6::new(ip.to_ipv6_mapped(), port, 0, 0));
-        let plain = origin_key(
-            "127.0.0.2:5000".parse().unwrap(),
-            "127.0.0.1:80".parse().unwrap(),
-        );
-        let v6 = origin_key(
-            mapped(Ipv4Addr::new(127, 0, 0, 2), 5000),
-            mapped(Ipv4Addr::LOCALHOST, 80),
-        );
+        let mapped = |ip: Ipv4Addr, port| SocketAddr::V6(SocketAddrV6::new(ip.to_ipv6_mapped(), port, 0, 0));
+        let plain = origin_key("127.0.0.2:5000".parse().unwrap(), "127.0.0.1:80".parse().unwrap());
+        let v6 = origin_key(mapped(Ipv4Addr::new(127, 0, 0, 2), 5000), mapped(Ipv4Addr::LOCALHOST, 80));
         assert_eq!(plain, v6);
     }
 
     #[test]
     fn same_port_on_another_address_is_another_key() {
-        let a = origin_key(
-            "127.0.0.1:5000".parse().unwrap(),
-            "127.0.0.1:80".parse().unwrap(),
-        );
-        let b = origin_key(
-            "127.0.0.2:5000".parse().unwrap(),
-            "127.0.0.1:80".parse().unwrap(),
-        );
+        let a = origin_key("127.0.0.1:5000".parse().unwrap(), "127.0.0.1:80".parse().unwrap());
+        let b = origin_key("127.0.0.2:5000".parse().unwrap(), "127.0.0.1:80".parse().unwrap());
         assert_ne!(a, b);
     }
 
     #[test]
     fn real_ipv6_connections_have_no_key() {
-        assert_eq!(
-            origin_key("[::1]:5000".parse().unwrap(), "[::1]:80".parse().unwrap()),
-            None
-        );
+        assert_eq!(origin_key("[::1]:5000".parse().unwrap(), "[::1]:80".parse().unwrap()), None);
     }
 
     #[test]
     fn origin_fields_split_the_kernel_halves() {
         let raw = Origin {
             cgroup_id: 99,
-            pid_tgid: (1234u64 << 32) | 1240,
-            uid_gid: (4343u64 << 32) | 4242,
+            pid_tgid: (1234u64 << 32) + 1240,
+            uid_gid: (4343u64 << 32) + 4242,
             recorded_ns: 0,
             orig_ip4_be: u32::from(Ipv4Addr::new(169, 254, 169, 254)).to_be(),
             orig_port_be: 80u16.to_be(),

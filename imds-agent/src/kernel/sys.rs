@@ -17,7 +17,7 @@ use std::{
 
 use aya_obj::generated::{bpf_attach_type, bpf_cmd};
 
-/// `attr.obj_get` (BPF_OBJ_GET).
+/// `attr.obj_get` (`BPF_OBJ_GET`).
 #[repr(C)]
 struct ObjGetAttr {
     pathname: u64,
@@ -25,7 +25,7 @@ struct ObjGetAttr {
     file_flags: u32,
 }
 
-/// `attr.link_update` (BPF_LINK_UPDATE).
+/// `attr.link_update` (`BPF_LINK_UPDATE`).
 #[repr(C)]
 struct LinkUpdateAttr {
     link_fd: u32,
@@ -34,13 +34,13 @@ struct LinkUpdateAttr {
     old_prog_fd: u32,
 }
 
-/// `attr.link_detach` (BPF_LINK_DETACH).
+/// `attr.link_detach` (`BPF_LINK_DETACH`).
 #[repr(C)]
 struct LinkDetachAttr {
     link_fd: u32,
 }
 
-/// `attr.info` (BPF_OBJ_GET_INFO_BY_FD).
+/// `attr.info` (`BPF_OBJ_GET_INFO_BY_FD`).
 #[repr(C)]
 struct InfoAttr {
     bpf_fd: u32,
@@ -61,7 +61,7 @@ struct CgroupLinkInfo {
     _pad2: u32,
 }
 
-/// `attr.query` (BPF_PROG_QUERY), up to `prog_cnt`.
+/// `attr.query` (`BPF_PROG_QUERY`), up to `prog_cnt`.
 #[repr(C)]
 struct QueryAttr {
     target_fd: u32,
@@ -80,14 +80,7 @@ const LINK_TYPE_CGROUP: u32 = 3;
 fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, properly sized `#[repr(C)]` prefix of `union bpf_attr` for
     // `cmd`; any pointers inside it point at buffers that outlive the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            std::ptr::from_mut(attr),
-            size_of::<T>(),
-        )
-    };
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd as libc::c_long, std::ptr::from_mut(attr), size_of::<T>()) };
     if ret < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -99,11 +92,7 @@ fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<libc::c_long> {
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c_path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
-    let mut attr = ObjGetAttr {
-        pathname: c_path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
+    let mut attr = ObjGetAttr { pathname: c_path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
     let fd = bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)?;
     let fd = i32::try_from(fd).map_err(io::Error::other)?;
     // SAFETY: on success BPF_OBJ_GET returns a new file descriptor that nothing else owns.
@@ -117,12 +106,7 @@ fn raw(fd: BorrowedFd<'_>) -> u32 {
 /// Atomically makes `link` run `new_prog` instead of its current program: no moment with
 /// neither, never both.
 pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
-    let mut attr = LinkUpdateAttr {
-        link_fd: raw(link),
-        new_prog_fd: raw(new_prog),
-        flags: 0,
-        old_prog_fd: 0,
-    };
+    let mut attr = LinkUpdateAttr { link_fd: raw(link), new_prog_fd: raw(new_prog), flags: 0, old_prog_fd: 0 };
     bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
@@ -156,19 +140,11 @@ pub fn cgroup_link_target(link: BorrowedFd<'_>) -> io::Result<Option<CgroupLinkT
     }
     let attach_type = attach_type_from_raw(info.attach_type)
         .ok_or_else(|| io::Error::other(format!("unknown attach type {}", info.attach_type)))?;
-    Ok(Some(CgroupLinkTarget {
-        link_id: info.id,
-        prog_id: info.prog_id,
-        cgroup_id: info.cgroup_id,
-        attach_type,
-    }))
+    Ok(Some(CgroupLinkTarget { link_id: info.id, prog_id: info.prog_id, cgroup_id: info.cgroup_id, attach_type }))
 }
 
 /// Ids of the programs attached directly to `cgroup` at `attach_type` (not inherited ones).
-pub fn attached_prog_ids(
-    cgroup: BorrowedFd<'_>,
-    attach_type: bpf_attach_type,
-) -> io::Result<Vec<u32>> {
+pub fn attached_prog_ids(cgroup: BorrowedFd<'_>, attach_type: bpf_attach_type) -> io::Result<Vec<u32>> {
     let mut ids = vec![0u32; 16];
     loop {
         let mut attr = QueryAttr {
@@ -186,9 +162,7 @@ pub fn attached_prog_ids(
                 return Ok(ids);
             }
             // The buffer was too small; the kernel wrote the real count.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                ids.resize(attr.prog_cnt as usize, 0)
-            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => ids.resize(attr.prog_cnt as usize, 0),
             Err(e) => return Err(e),
         }
     }
@@ -196,15 +170,9 @@ pub fn attached_prog_ids(
 
 fn attach_type_from_raw(raw: u32) -> Option<bpf_attach_type> {
     use bpf_attach_type::{
-        BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET_EGRESS,
-        BPF_CGROUP_SOCK_OPS,
+        BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET_EGRESS, BPF_CGROUP_SOCK_OPS,
     };
-    [
-        BPF_CGROUP_INET4_CONNECT,
-        BPF_CGROUP_INET6_CONNECT,
-        BPF_CGROUP_INET_EGRESS,
-        BPF_CGROUP_SOCK_OPS,
-    ]
-    .into_iter()
-    .find(|t| *t as u32 == raw)
+    [BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET_EGRESS, BPF_CGROUP_SOCK_OPS]
+        .into_iter()
+        .find(|t| *t as u32 == raw)
 }

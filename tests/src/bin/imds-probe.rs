@@ -37,18 +37,14 @@ enum Op {
     Connect {
         addr: Ipv4Addr,
         port: u16,
-        /// Use an AF_INET6 socket and the v4-mapped address.
+        /// Use an `AF_INET6` socket and the v4-mapped address.
         #[arg(long)]
         v6: bool,
     },
-    /// One unconnected UDP datagram (sendto, no connect()).
+    /// One unconnected UDP datagram (sendto, no `connect()`).
     Udp { addr: Ipv4Addr, port: u16 },
     /// A hand-made TCP SYN through a raw socket, from source port `sport`.
-    RawSyn {
-        addr: Ipv4Addr,
-        port: u16,
-        sport: u16,
-    },
+    RawSyn { addr: Ipv4Addr, port: u16, sport: u16 },
 }
 
 fn main() {
@@ -59,10 +55,7 @@ fn main() {
         error: Some(format!("{e:#}")),
         ..ProbeReport::default()
     });
-    println!(
-        "{}",
-        serde_json::to_string(&report).expect("report serialises")
-    );
+    println!("{}", serde_json::to_string(&report).expect("report serialises"));
 }
 
 fn run(args: &Args) -> anyhow::Result<ProbeReport> {
@@ -79,10 +72,7 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
     if let Some(uid) = args.uid {
         nix::unistd::setuid(uid.into())?;
     }
-    let mut report = ProbeReport {
-        pid: std::process::id(),
-        ..ProbeReport::default()
-    };
+    let mut report = ProbeReport { pid: std::process::id(), ..ProbeReport::default() };
     match args.op {
         Op::Connect { addr, port, v6 } => {
             let dst = if v6 {
@@ -97,8 +87,7 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
                     s.set_read_timeout(Some(Duration::from_secs(3)))?;
                     let mut buf = Vec::new();
                     let mut byte = [0u8; 1];
-                    while buf.len() < 512 && matches!(s.read(&mut byte), Ok(1)) && byte[0] != b'\n'
-                    {
+                    while buf.len() < 512 && matches!(s.read(&mut byte), Ok(1)) && byte[0] != b'\n' {
                         buf.push(byte[0]);
                     }
                     report.reply = Some(String::from_utf8_lossy(&buf).into_owned());
@@ -124,8 +113,8 @@ fn set_error(report: &mut ProbeReport, e: &std::io::Error) {
     report.error = Some(e.to_string());
 }
 
-/// Sends a bare SYN with `sendto` on an IPPROTO_TCP raw socket (the kernel adds the IP
-/// header): no connect(), so no connect hook ever sees it.
+/// Sends a bare SYN with `sendto` on an `IPPROTO_TCP` raw socket (the kernel adds the IP
+/// header): no `connect()`, so no connect hook ever sees it.
 fn raw_syn(report: &mut ProbeReport, dst: Ipv4Addr, dport: u16, sport: u16) -> anyhow::Result<()> {
     // SAFETY: plain socket(2) call; the fd is owned below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
@@ -147,9 +136,7 @@ fn raw_syn(report: &mut ProbeReport, dst: Ipv4Addr, dport: u16, sport: u16) -> a
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(dst).to_be(),
-        },
+        sin_addr: libc::in_addr { s_addr: u32::from(dst).to_be() },
         sin_zero: [0; 8],
     };
     // SAFETY: buffer and address are valid for the call; lengths match.
@@ -160,7 +147,7 @@ fn raw_syn(report: &mut ProbeReport, dst: Ipv4Addr, dport: u16, sport: u16) -> a
             tcp.len(),
             0,
             std::ptr::from_ref(&sin).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
         )
     };
     if sent < 0 {
