@@ -1,1 +1,287 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker release built by `setup` (its `llvm-<major>` features match the nightly's LLVM).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Project tasks for imds-filter")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building the kernel programs needs (nightly rust-src, bpf-linker built
+    /// against the nightly's LLVM) and the tools the tests use. Idempotent.
+    Setup,
+    /// Build the eBPF object from source and copy it to target/bpf/imds-ebpf.o.
+    BuildEbpf {
+        #[arg(long)]
+        release: bool,
+    },
+    /// The test command: setup, formatting and lints, unit tests, and the privileged
+    /// end-to-end tests in the real kernel (needs root).
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Only the tests that need neither root nor the BPF toolchain.
+        #[arg(long)]
+        unprivileged: bool,
+    },
+    /// Show the kernel path at work in a throwaway sandbox (needs root).
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::BuildEbpf { release } => build_ebpf(release).map(|path| println!("{}", path.display())),
+        Task::Test { no_lint, unprivileged } => test(no_lint, unprivileged),
+        Task::Demo => demo(),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_owned()
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn step(n: usize, of: usize, what: &str) {
+    println!("==> [{n}/{of}] {what}");
+}
+
+/// Runs a command with inherited output; fails on a non-zero exit.
+fn run(cmd: &mut Command) -> Result<()> {
+    println!("    $ {}", shown(cmd));
+    let status = cmd.status().with_context(|| format!("starting {}", shown(cmd)))?;
+    ensure!(status.success(), "{} failed ({status})", shown(cmd));
+    Ok(())
+}
+
+fn shown(cmd: &Command) -> String {
+    let mut parts = vec![cmd.get_program().to_string_lossy().into_owned()];
+    parts.extend(cmd.get_args().map(|a| a.to_string_lossy().into_owned()));
+    parts.join(" ")
+}
+
+/// stdout of a command that must succeed.
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.stderr(Stdio::inherit()).output().with_context(|| format!("starting {}", shown(cmd)))?;
+    ensure!(out.status.success(), "{} failed ({})", shown(cmd), out.status);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+// ---- setup -----------------------------------------------------------------------------------
+
+fn setup() -> Result<()> {
+    const STEPS: usize = 4;
+    step(1, STEPS, "nightly toolchain with rust-src (builds the kernel programs)");
+    let nightly = nightly_info()?;
+    let core_src = nightly.sysroot.join("lib/rustlib/src/rust/library/core");
+    if core_src.is_dir() {
+        println!("    rust-src present ({})", nightly.version);
+    } else {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+
+    step(2, STEPS, "bpf-linker built against the nightly's LLVM");
+    install_bpf_linker(&nightly)?;
+
+    step(3, STEPS, "tools the privileged tests use (iproute2)");
+    if Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success()) {
+        println!("    ip present");
+    } else {
+        ensure!(is_root(), "iproute2 (`ip`) is missing; install it (apt-get install iproute2) or rerun as root");
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "iproute2"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+
+    step(4, STEPS, "kernel features");
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    println!(
+        "    BTF (/sys/kernel/btf/vmlinux): {}",
+        if btf { "yes" } else { "MISSING — kernel ≥ 5.8 with BTF needed" }
+    );
+    let cgroup2 = fs::read_to_string("/proc/self/mountinfo")?.lines().any(|l| l.contains(" - cgroup2 "));
+    println!("    cgroup v2 mounted: {}", if cgroup2 { "yes" } else { "NO — the filter needs cgroup v2" });
+    println!("setup complete");
+    Ok(())
+}
+
+struct Nightly {
+    version: String,
+    commit: String,
+    llvm_major: String,
+    sysroot: PathBuf,
+}
+
+fn nightly_info() -> Result<Nightly> {
+    let vv = if let Ok(vv) = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"])) {
+        vv
+    } else {
+        println!("    no nightly toolchain; installing one");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))?
+    };
+    let field = |name: &str| {
+        vv.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_owned())
+            .with_context(|| format!("`rustc +nightly -vV` has no {name:?} line"))
+    };
+    let llvm = field("LLVM version:")?;
+    let sysroot = output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))?;
+    Ok(Nightly {
+        version: field("release:")?,
+        commit: field("commit-hash:")?,
+        llvm_major: llvm.split('.').next().unwrap_or(&llvm).to_owned(),
+        sysroot: PathBuf::from(sysroot.trim()),
+    })
+}
+
+fn cargo_home() -> Result<PathBuf> {
+    if let Some(h) = env::var_os("CARGO_HOME") {
+        return Ok(h.into());
+    }
+    Ok(PathBuf::from(env::var_os("HOME").context("neither CARGO_HOME nor HOME is set")?).join(".cargo"))
+}
+
+/// Builds bpf-linker against the nightly's own libLLVM (the system has no matching LLVM).
+/// Skipped when the installed one was built for this very nightly and still runs.
+fn install_bpf_linker(nightly: &Nightly) -> Result<()> {
+    let home = cargo_home()?;
+    let prefix = home.join("bpf-linker-llvm");
+    let stamp_path = prefix.join("STAMP");
+    let lib_dir = nightly.sysroot.join("lib");
+    let libllvm = fs::read_dir(&lib_dir)?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
+    let wanted =
+        format!("bpf-linker {BPF_LINKER_VERSION} llvm-{} {libllvm} nightly {}\n", nightly.llvm_major, nightly.commit);
+    let linker = home.join("bin/bpf-linker");
+    let runs = Command::new(&linker).arg("--version").output().is_ok_and(|o| o.status.success());
+    if runs && fs::read_to_string(&stamp_path).is_ok_and(|s| s == wanted) {
+        println!("    up to date: {}", wanted.trim());
+        return Ok(());
+    }
+    println!("    building {} (a few minutes on 2 cores; cargo shows progress)", wanted.trim());
+    // The prefix's lib/ holds libLLVM.so (for linking) and the versioned name (found at run
+    // time through the binary's runpath), both pointing into the nightly's sysroot.
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)?;
+    for name in ["libLLVM.so", libllvm.as_str()] {
+        let link = prefix_lib.join(name);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib_dir.join(&libllvm), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    run(Command::new("cargo")
+        .args(["install", "bpf-linker", "--locked", "--force", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", &format!("llvm-{}", nightly.llvm_major)])
+        .env("LLVM_PREFIX", &prefix))?;
+    fs::write(&stamp_path, wanted)?;
+    Ok(())
+}
+
+// ---- build-ebpf ------------------------------------------------------------------------------
+
+/// Builds the agent's build script, which compiles the kernel crate for the BPF target (the
+/// one place that knows how), and copies the object out of its `OUT_DIR`.
+fn build_ebpf(release: bool) -> Result<PathBuf> {
+    let mut cmd = cargo();
+    cmd.args(["build", "--package", "imds-agent", "--message-format=json-render-diagnostics"])
+        .env("IMDS_REQUIRE_EBPF", "1")
+        .stdout(Stdio::piped());
+    if release {
+        cmd.arg("--release");
+    }
+    let stdout = output(&mut cmd).context("building the eBPF object (run `cargo xtask setup` first?)")?;
+    let out_dir = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "build-script-executed")
+        .filter(|m| m["package_id"].as_str().is_some_and(|id| id.contains("imds-agent")))
+        .find_map(|m| m["out_dir"].as_str().map(PathBuf::from))
+        .context("cargo did not report imds-agent's build script output")?;
+    let object = out_dir.join("imds-ebpf");
+    let size = fs::metadata(&object).with_context(|| format!("{} missing", object.display()))?.len();
+    ensure!(size > 0, "{} is an empty stub: the BPF toolchain was not used", object.display());
+    let dest_dir =
+        env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace_root().join("target"), PathBuf::from).join("bpf");
+    fs::create_dir_all(&dest_dir)?;
+    let dest = dest_dir.join("imds-ebpf.o");
+    fs::copy(&object, &dest)?;
+    eprintln!("eBPF object: {size} bytes");
+    Ok(dest)
+}
+
+// ---- test ------------------------------------------------------------------------------------
+
+fn test(no_lint: bool, unprivileged: bool) -> Result<()> {
+    if unprivileged {
+        // What works on any machine: no root, no BPF toolchain needed (a stub object is used).
+        return run(cargo().args(["test", "--workspace"]));
+    }
+    if !is_root() {
+        bail!("the end-to-end tests load eBPF programs and create namespaces and cgroups: run as root (or pass --unprivileged)");
+    }
+    setup()?;
+    if !no_lint {
+        println!("==> formatting and lints");
+        run(cargo().args(["fmt", "--all", "--check"]))?;
+        run(cargo()
+            .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+            .env("IMDS_REQUIRE_EBPF", "1"))?;
+        // The kernel crate for its real target (imds-ebpf/.cargo/config.toml sets it).
+        run(Command::new("cargo")
+            .args(["+nightly", "clippy", "--release", "--", "-D", "warnings"])
+            .current_dir(workspace_root().join("imds-ebpf")))?;
+    }
+    println!("==> building the kernel programs from source");
+    let object = build_ebpf(false)?;
+    println!("    {}", object.display());
+    println!("==> unit tests and privileged end-to-end tests");
+    run(cargo().args(["build", "--workspace", "--bins"]).env("IMDS_REQUIRE_EBPF", "1"))?;
+    run(cargo().args(["test", "--workspace", "--", "--include-ignored"]).env("IMDS_REQUIRE_EBPF", "1"))
+}
+
+// ---- demo ------------------------------------------------------------------------------------
+
+fn demo() -> Result<()> {
+    if !is_root() {
+        bail!("the demo loads eBPF programs and creates a namespace and cgroups: run as root");
+    }
+    run(cargo().args(["run", "--quiet", "--package", "imds-tests", "--bin", "imds-demo"]).env("IMDS_REQUIRE_EBPF", "1"))
+        .context("the demo needs the BPF toolchain: run `cargo xtask setup` first")
+}
