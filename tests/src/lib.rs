@@ -406,6 +406,15 @@ impl Probe {
         self.spawn()
     }
 
+    /// Connects, then closes at once without reading: with `reset`, by aborting (RST, the
+    /// socket goes straight to `TCP_CLOSE`), else with a normal FIN.
+    #[must_use]
+    pub fn connect_then_close(mut self, addr: Ipv4Addr, port: u16, reset: bool) -> RunningProbe {
+        let then = if reset { "reset" } else { "close" };
+        self.cmd.args(["connect", &addr.to_string(), &port.to_string(), "--then", then]);
+        self.spawn()
+    }
+
     #[must_use]
     pub fn udp(mut self, addr: Ipv4Addr, port: u16) -> RunningProbe {
         self.cmd.args(["udp", &addr.to_string(), &port.to_string()]);

@@ -274,8 +274,14 @@ fn uninstall_detaches_everything_and_removes_the_pins() {
     let redirect = root.child("redirect");
     let pins = PinDir::new("uninst");
     let standin = Server::banner(&ns, IMDS_ENDPOINT, "standin");
-    let _agent = AgentProcess::start(&ns, &agent_args(&root, &pins, "127.0.0.1:8182"));
+    let mut args = agent_args(&root, &pins, "127.0.0.1:8182");
+    args.extend(["--log".into(), "debug".into()]);
+    let agent = AgentProcess::start(&ns, &args);
     assert_attached_once(&root);
+    // Kernel-side log records reach the agent's log.
+    let report = Probe::new(&ns, &redirect).connect(IMDS_IP, 81, false).wait();
+    assert_eq!(report.errno, Some(libc::EPERM), "{report:?}");
+    agent.wait_for_log("connect4 to protected 169.254.169.254 refused", Duration::from_secs(5));
 
     // While the agent still runs: uninstall must not depend on it exiting.
     let out = std::process::Command::new(imds_tests::agent_binary())
@@ -323,4 +329,56 @@ fn forty_parallel_clients_from_several_cgroups_are_each_attributed_correctly() {
     assert_eq!(sb.agent.server.accepted(), 40);
     assert_eq!(sb.standin.accepted(), 0);
     drop(cgroups); // before their parent
+}
+
+// Origin records must never outlive their connection, or a later caller could inherit them.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn origin_records_never_outlive_their_connection() {
+    let ns = NetNs::new("stale");
+    ns.host_metadata_address();
+    let root = Cgroup::new_top("stale");
+    let redirect = root.child("redirect");
+    let pins = PinDir::new("stale");
+    // Bound but never accepted: connections wait in the backlog, records in the kernel map.
+    let listener = Server::bind(&ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+    let agent = imds_tests::v4_addr(&listener);
+    let filter = Filter::install(&filter_options(&root, &pins, agent)).unwrap();
+    let origins = filter.origins();
+    let client = |report: &imds_tests::ProbeReport| -> std::net::SocketAddr {
+        assert_eq!(report.outcome, "connected", "{report:?}");
+        report.local.as_deref().unwrap().parse().unwrap()
+    };
+
+    // Closed normally (FIN_WAIT until the agent answers): the record waits for the agent.
+    let probe = Probe::new(&ns, &redirect).connect_then_close(IMDS_IP, 80, false);
+    let pid = probe.pid();
+    let closed = client(&probe.wait());
+    match origins.take(closed, agent.into()).unwrap() {
+        OriginLookup::Found(o) => assert_eq!((o.pid, o.cgroup_id), (pid, redirect.id())),
+        other => panic!("record of a live connection: {other:?}"),
+    }
+    // Taking it consumed it.
+    assert_eq!(origins.take(closed, agent.into()).unwrap(), OriginLookup::Missing);
+
+    // Aborted (straight to TCP_CLOSE): the kernel deleted the record when the socket closed.
+    let aborted = client(&Probe::new(&ns, &redirect).connect_then_close(IMDS_IP, 80, true).wait());
+    assert_eq!(origins.take(aborted, agent.into()).unwrap(), OriginLookup::Missing);
+
+    // A direct connection to the agent, from inside the hierarchy, has no record at all.
+    let direct = client(&Probe::new(&ns, &redirect).connect_then_close(*agent.ip(), agent.port(), false).wait());
+    assert_eq!(origins.take(direct, agent.into()).unwrap(), OriginLookup::Missing);
+
+    // Past the TTL a record is refused. Installing again on the same pins (as a restart
+    // does) gives a table with a zero TTL.
+    let mut options = filter_options(&root, &pins, agent);
+    options.origin_ttl = Duration::ZERO;
+    let strict = Filter::install(&options).unwrap();
+    let late = client(&Probe::new(&ns, &redirect).connect_then_close(IMDS_IP, 80, false).wait());
+    assert!(
+        matches!(strict.origins().take(late, agent.into()).unwrap(), OriginLookup::Expired { .. }),
+        "an expired record must not be served"
+    );
+    assert_eq!(strict.counters().unwrap().iter().find(|(c, _)| *c == Counter::OriginRecorded).unwrap().1, 3);
+    drop((strict, filter, listener, pins, redirect, root));
 }

@@ -23,11 +23,9 @@ enum Task {
     /// Install what building the kernel programs needs (nightly rust-src, bpf-linker built
     /// against the nightly's LLVM) and the tools the tests use. Idempotent.
     Setup,
-    /// Build the eBPF object from source and copy it to target/bpf/imds-ebpf.o.
-    BuildEbpf {
-        #[arg(long)]
-        release: bool,
-    },
+    /// Build the eBPF object from source (release, with BTF) and copy it to
+    /// target/bpf/imds-ebpf.o.
+    BuildEbpf,
     /// The test command: setup, formatting and lints, unit tests, and the privileged
     /// end-to-end tests in the real kernel (needs root).
     Test {
@@ -45,7 +43,7 @@ enum Task {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup(),
-        Task::BuildEbpf { release } => build_ebpf(release).map(|path| println!("{}", path.display())),
+        Task::BuildEbpf => build_ebpf().map(|path| println!("{}", path.display())),
         Task::Test { no_lint, unprivileged } => test(no_lint, unprivileged),
         Task::Demo => demo(),
     }
@@ -218,14 +216,12 @@ fn install_bpf_linker(nightly: &Nightly) -> Result<()> {
 
 /// Builds the agent's build script, which compiles the kernel crate for the BPF target (the
 /// one place that knows how), and copies the object out of its `OUT_DIR`.
-fn build_ebpf(release: bool) -> Result<PathBuf> {
+/// (aya-build always builds the kernel crate in release mode, with BTF.)
+fn build_ebpf() -> Result<PathBuf> {
     let mut cmd = cargo();
     cmd.args(["build", "--package", "imds-agent", "--message-format=json-render-diagnostics"])
         .env("IMDS_REQUIRE_EBPF", "1")
         .stdout(Stdio::piped());
-    if release {
-        cmd.arg("--release");
-    }
     let stdout = output(&mut cmd).context("building the eBPF object (run `cargo xtask setup` first?)")?;
     let out_dir = stdout
         .lines()
@@ -269,7 +265,7 @@ fn test(no_lint: bool, unprivileged: bool) -> Result<()> {
             .current_dir(workspace_root().join("imds-ebpf")))?;
     }
     println!("==> building the kernel programs from source");
-    let object = build_ebpf(false)?;
+    let object = build_ebpf()?;
     println!("    {}", object.display());
     println!("==> unit tests and privileged end-to-end tests");
     run(cargo().args(["build", "--workspace", "--bins"]).env("IMDS_REQUIRE_EBPF", "1"))?;

@@ -31,15 +31,28 @@ struct Args {
     op: Op,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Then {
+    /// Read one line (the listener says who it is), then close.
+    Read,
+    /// Close at once (FIN): the socket lingers in `FIN_WAIT` until the peer closes.
+    Close,
+    /// Abort at once (`SO_LINGER` 0: RST): the socket goes straight to `TCP_CLOSE`.
+    Reset,
+}
+
 #[derive(Subcommand)]
 enum Op {
-    /// TCP connect, then read one line (the listener says who it is).
+    /// TCP connect, then (by default) read one line: the listener says who it is.
     Connect {
         addr: Ipv4Addr,
         port: u16,
         /// Use an `AF_INET6` socket and the v4-mapped address.
         #[arg(long)]
         v6: bool,
+        /// What to do once connected.
+        #[arg(long, value_enum, default_value_t = Then::Read)]
+        then: Then,
     },
     /// One unconnected UDP datagram (sendto, no `connect()`).
     Udp { addr: Ipv4Addr, port: u16 },
@@ -74,7 +87,7 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
     }
     let mut report = ProbeReport { pid: std::process::id(), ..ProbeReport::default() };
     match args.op {
-        Op::Connect { addr, port, v6 } => {
+        Op::Connect { addr, port, v6, then } => {
             let dst = if v6 {
                 SocketAddr::V6(SocketAddrV6::new(addr.to_ipv6_mapped(), port, 0, 0))
             } else {
@@ -84,6 +97,14 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
                 Ok(mut s) => {
                     report.outcome = "connected".into();
                     report.local = s.local_addr().ok().map(|a| a.to_string());
+                    match then {
+                        Then::Read => {}
+                        Then::Close => return Ok(report),
+                        Then::Reset => {
+                            abort_on_close(&s)?;
+                            return Ok(report);
+                        }
+                    }
                     s.set_read_timeout(Some(Duration::from_secs(3)))?;
                     let mut buf = Vec::new();
                     let mut byte = [0u8; 1];
@@ -105,6 +126,26 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
         Op::RawSyn { addr, port, sport } => raw_syn(&mut report, addr, port, sport)?,
     }
     Ok(report)
+}
+
+/// `SO_LINGER` with a zero timeout: `close()` sends RST and the socket goes to `TCP_CLOSE`.
+fn abort_on_close(s: &TcpStream) -> std::io::Result<()> {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: valid socket fd and a correctly sized option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 fn set_error(report: &mut ProbeReport, e: &std::io::Error) {
