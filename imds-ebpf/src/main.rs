@@ -87,20 +87,10 @@ pub fn imds_connect4(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     // `user_port` is a 32-bit field holding the port in network order in its low 16 bits.
     let (ip4_be, port_be) = (sa.user_ip4, sa.user_port as u16);
-    match try_connect(ip4_be, port_be, sa.protocol) {
-        Connect::Untouched => ALLOW,
-        Connect::Pass => count(Counter::ConnectPass, ALLOW),
-        Connect::Deny => {
-            debug!(&ctx, "connect4 to protected {:i} refused", u32::from_be(ip4_be));
-            count(Counter::ConnectDeny, REFUSE)
-        }
-        Connect::Redirect(cfg) => {
-            record_pending(&ctx, ip4_be, port_be, AF_INET);
-            sa.user_ip4 = cfg.agent_ip4_be;
-            sa.user_port = u32::from(cfg.agent_port_be);
-            count(Counter::ConnectRedirect, ALLOW)
-        }
-    }
+    apply(&ctx, try_connect(ip4_be, port_be, sa.protocol), ip4_be, port_be, AF_INET, |cfg| {
+        sa.user_ip4 = cfg.agent_ip4_be;
+        sa.user_port = u32::from(cfg.agent_port_be);
+    })
 }
 
 #[cgroup_sock_addr(connect6)]
@@ -109,23 +99,40 @@ pub fn imds_connect6(ctx: SockAddrContext) -> i32 {
     let sa = unsafe { &mut *ctx.sock_addr };
     // The verifier only allows 4-byte accesses to `user_ip6`: read it word by word. Only the
     // v4-mapped form (::ffff:a.b.c.d) can reach an IPv4 endpoint from an AF_INET6 socket.
-    let (w0, w1, w2, w3) = (sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]);
+    let (w0, w1, w2, ip4_be) = (sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]);
     if w0 != 0 || w1 != 0 || w2 != 0xffffu32.to_be() {
         return ALLOW;
     }
     let port_be = sa.user_port as u16;
-    match try_connect(w3, port_be, sa.protocol) {
+    apply(&ctx, try_connect(ip4_be, port_be, sa.protocol), ip4_be, port_be, AF_INET6, |cfg| {
+        // Keep the v4-mapped form: words 0..=2 already read ::ffff.
+        sa.user_ip6[3] = cfg.agent_ip4_be;
+        sa.user_port = u32::from(cfg.agent_port_be);
+    })
+}
+
+/// The one mapping from a decision to what the kernel does; `redirect` rewrites the
+/// destination in the family's own fields.
+#[inline(always)]
+fn apply(
+    ctx: &SockAddrContext,
+    decision: Connect,
+    ip4_be: u32,
+    port_be: u16,
+    family: u16,
+    redirect: impl FnOnce(&Config),
+) -> i32 {
+    match decision {
         Connect::Untouched => ALLOW,
         Connect::Pass => count(Counter::ConnectPass, ALLOW),
         Connect::Deny => {
-            debug!(&ctx, "connect6 to v4-mapped protected {:i} refused", u32::from_be(w3));
+            let hook = if family == AF_INET { "connect4" } else { "connect6" };
+            debug!(ctx, "{} to protected {:i} refused", hook, u32::from_be(ip4_be));
             count(Counter::ConnectDeny, REFUSE)
         }
         Connect::Redirect(cfg) => {
-            record_pending(&ctx, w3, port_be, AF_INET6);
-            // Keep the v4-mapped form: words 0..=2 already read ::ffff.
-            sa.user_ip6[3] = cfg.agent_ip4_be;
-            sa.user_port = u32::from(cfg.agent_port_be);
+            record_pending(ctx, ip4_be, port_be, family);
+            redirect(&cfg);
             count(Counter::ConnectRedirect, ALLOW)
         }
     }

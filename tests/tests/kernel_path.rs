@@ -204,15 +204,41 @@ fn assert_attached_once(cgroup: &Cgroup) -> Vec<u32> {
         .collect()
 }
 
-fn agent_args(root: &Cgroup, pins: &PinDir, listen: &str) -> Vec<String> {
-    vec![
-        "--attach-cgroup".into(),
-        root.path.display().to_string(),
-        "--bpffs".into(),
-        pins.path.display().to_string(),
-        "--listen".into(),
-        listen.into(),
-    ]
+/// For tests that run the `imds-agent` binary: a namespace holding the metadata address and
+/// its stand-in, a cgroup tree (`root`, and `redirect` below it with no entry) and a pin
+/// directory. Fields drop in order: stand-in, pins, cgroups (child first), namespace.
+struct AgentSandbox {
+    standin: Server,
+    pins: PinDir,
+    redirect: Cgroup,
+    root: Cgroup,
+    ns: NetNs,
+}
+
+impl AgentSandbox {
+    fn new(tag: &str) -> AgentSandbox {
+        let ns = NetNs::new(tag);
+        ns.host_metadata_address();
+        let root = Cgroup::new_top(tag);
+        let redirect = root.child("redirect");
+        let pins = PinDir::new(tag);
+        let standin = Server::banner(&ns, IMDS_ENDPOINT, "standin");
+        AgentSandbox { standin, pins, redirect, root, ns }
+    }
+
+    /// `imds-agent run` arguments for this sandbox, plus `extra`.
+    fn agent_args(&self, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "--attach-cgroup".into(),
+            self.root.path.display().to_string(),
+            "--bpffs".into(),
+            self.pins.path.display().to_string(),
+            "--listen".into(),
+            "127.0.0.1:8182".into(),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        args
+    }
 }
 
 fn logged_origin_pids(agent: &AgentProcess) -> Vec<u64> {
@@ -223,17 +249,12 @@ fn logged_origin_pids(agent: &AgentProcess) -> Vec<u64> {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn restart_reuses_pinned_state_with_no_gap_and_no_second_attachment() {
-    let ns = NetNs::new("restart");
-    ns.host_metadata_address();
-    let root = Cgroup::new_top("restart");
-    let redirect = root.child("redirect");
-    let pins = PinDir::new("restart");
-    let standin = Server::banner(&ns, IMDS_ENDPOINT, "standin");
-    let args = agent_args(&root, &pins, "127.0.0.1:8182");
+    let sb = AgentSandbox::new("restart");
+    let args = sb.agent_args(&[]);
 
-    let mut agent = AgentProcess::start(&ns, &args);
-    let first_ids = assert_attached_once(&root);
-    let probe = Probe::new(&ns, &redirect).connect(IMDS_IP, 80, false);
+    let mut agent = AgentProcess::start(&sb.ns, &args);
+    let first_ids = assert_attached_once(&sb.root);
+    let probe = Probe::new(&sb.ns, &sb.redirect).connect(IMDS_IP, 80, false);
     let pid = u64::from(probe.pid());
     assert_eq!(probe.wait().outcome, "connected");
     agent.wait_for_log("redirected connection", Duration::from_secs(5));
@@ -242,62 +263,55 @@ fn restart_reuses_pinned_state_with_no_gap_and_no_second_attachment() {
     agent.kill();
     // Down: the programs stay attached, so the redirect target refuses; the endpoint is
     // never reached.
-    assert_eq!(assert_attached_once(&root), first_ids);
-    let report = Probe::new(&ns, &redirect).connect(IMDS_IP, 80, false).wait();
+    assert_eq!(assert_attached_once(&sb.root), first_ids);
+    let report = Probe::new(&sb.ns, &sb.redirect).connect(IMDS_IP, 80, false).wait();
     assert_eq!((report.outcome.as_str(), report.errno), ("error", Some(libc::ECONNREFUSED)), "{report:?}");
-    let report = Probe::new(&ns, &redirect).connect(IMDS_IP, 80, true).wait();
+    let report = Probe::new(&sb.ns, &sb.redirect).connect(IMDS_IP, 80, true).wait();
     assert_eq!(report.errno, Some(libc::ECONNREFUSED), "{report:?}");
-    assert_eq!(standin.accepted(), 0);
+    assert_eq!(sb.standin.accepted(), 0);
 
-    let agent = AgentProcess::start(&ns, &args);
+    let agent = AgentProcess::start(&sb.ns, &args);
     let hows: Vec<String> = agent.log_lines().iter().filter_map(|l| l["how"].as_str().map(str::to_owned)).collect();
     assert_eq!(hows, vec![format!("{:?}", Attachment::Replaced); Hook::ALL.len()]);
-    let second_ids = assert_attached_once(&root);
+    let second_ids = assert_attached_once(&sb.root);
     for (a, b) in first_ids.iter().zip(&second_ids) {
         assert_ne!(a, b, "the restarted agent's programs run");
     }
-    let probe = Probe::new(&ns, &redirect).connect(IMDS_IP, 80, false);
+    let probe = Probe::new(&sb.ns, &sb.redirect).connect(IMDS_IP, 80, false);
     let pid = u64::from(probe.pid());
     assert_eq!(probe.wait().outcome, "connected");
     agent.wait_for_log("redirected connection", Duration::from_secs(5));
     assert_eq!(logged_origin_pids(&agent), vec![pid]);
-    assert_eq!(standin.accepted(), 0);
+    assert_eq!(sb.standin.accepted(), 0);
 }
 
 // 9.
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn uninstall_detaches_everything_and_removes_the_pins() {
-    let ns = NetNs::new("uninst");
-    ns.host_metadata_address();
-    let root = Cgroup::new_top("uninst");
-    let redirect = root.child("redirect");
-    let pins = PinDir::new("uninst");
-    let standin = Server::banner(&ns, IMDS_ENDPOINT, "standin");
-    let mut args = agent_args(&root, &pins, "127.0.0.1:8182");
-    args.extend(["--log".into(), "debug".into()]);
-    let agent = AgentProcess::start(&ns, &args);
-    assert_attached_once(&root);
+    let sb = AgentSandbox::new("uninst");
+    let agent = AgentProcess::start(&sb.ns, &sb.agent_args(&["--log", "debug"]));
+    assert_attached_once(&sb.root);
     // Kernel-side log records reach the agent's log.
-    let report = Probe::new(&ns, &redirect).connect(IMDS_IP, 81, false).wait();
+    let report = Probe::new(&sb.ns, &sb.redirect).connect(IMDS_IP, 81, false).wait();
     assert_eq!(report.errno, Some(libc::EPERM), "{report:?}");
     agent.wait_for_log("connect4 to protected 169.254.169.254 refused", Duration::from_secs(5));
 
     // While the agent still runs: uninstall must not depend on it exiting.
     let out = std::process::Command::new(imds_tests::agent_binary())
         .args(["uninstall", "--bpffs"])
-        .arg(&pins.path)
+        .arg(&sb.pins.path)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for (hook, progs) in attached_programs(&root.path).unwrap() {
+    for (hook, progs) in attached_programs(&sb.root.path).unwrap() {
         assert!(progs.is_empty(), "{hook:?} still has {progs:?}");
     }
-    assert!(!pins.path.exists());
+    assert!(!sb.pins.path.exists());
     // With the filter gone, the endpoint (our stand-in) is reachable again.
-    let report = Probe::new(&ns, &redirect).connect(IMDS_IP, 80, false).wait();
+    let report = Probe::new(&sb.ns, &sb.redirect).connect(IMDS_IP, 80, false).wait();
     assert_eq!(report.reply.as_deref(), Some("standin"), "{report:?}");
-    assert_eq!(standin.accepted(), 1);
+    assert_eq!(sb.standin.accepted(), 1);
 }
 
 // 10.
