@@ -124,6 +124,9 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
+    if !kernel::programs_built() {
+        return Err(kernel::FilterError::NotBuilt.into());
+    }
     if args.listen.ip().is_unspecified() {
         bail!("--listen must be a concrete address: the kernel rewrites connections to it");
     }
@@ -196,7 +199,9 @@ async fn serve(stream: tokio::net::TcpStream, origins: Arc<OriginTable>) {
             tracing::warn!(event = "refused", peer = ?peer, reason = "origin record expired", age_ms = age.as_millis() as u64, "refused a connection with a stale origin record");
         }
         Ok(Err(e)) => {
-            tracing::error!(event = "refused", peer = ?peer, error = %e, "origin lookup failed");
+            // The whole chain: the map error under the lookup's own message.
+            let error = format!("{:#}", anyhow::Error::from(e));
+            tracing::error!(event = "refused", peer = ?peer, error, "origin lookup failed");
         }
         Err(e) => tracing::error!(error = %e, "origin lookup task failed"),
     }

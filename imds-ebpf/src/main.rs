@@ -233,7 +233,7 @@ fn on_tcp_connect(ctx: &SockOpsContext) {
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
                 bump(Counter::OriginRecorded);
             } else {
-                warn!(ctx, "origin map full: connection will be refused by the agent");
+                warn!(ctx, "origin could not be stored: the agent will refuse this connection");
                 bump(Counter::OriginLost);
             }
         }

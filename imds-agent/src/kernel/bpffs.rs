@@ -18,9 +18,9 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 pub enum BpffsError {
     #[error("{path} is not on a bpf filesystem; mount one (`mount -t bpf bpf {path}`) or pick a --bpffs under {BPFFS_MOUNT}")]
     NotBpffs { path: PathBuf },
-    #[error("mounting bpffs at {BPFFS_MOUNT}: {0}")]
-    Mount(nix::Error),
-    #[error("{path}: {source}")]
+    #[error("mounting bpffs at {BPFFS_MOUNT}")]
+    Mount(#[source] nix::Error),
+    #[error("{path}")]
     Io { path: PathBuf, source: std::io::Error },
 }
 

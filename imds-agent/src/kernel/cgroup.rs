@@ -28,7 +28,7 @@ pub enum CgroupError {
     RootCgroup { path: PathBuf },
     #[error("{path} is not a directory on the cgroup v2 filesystem mounted at {root}")]
     NotCgroup2 { path: PathBuf, root: PathBuf },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io { path: PathBuf, source: std::io::Error },
 }
 

@@ -35,6 +35,13 @@ pub use self::origin::{CallerOrigin, OriginLookup, OriginTable};
 /// The compiled kernel programs (empty when built without the BPF toolchain).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/imds-ebpf"));
 
+/// Whether this binary carries the kernel programs (false when it was built without the BPF
+/// toolchain; [`Filter::install`] then fails with [`FilterError::NotBuilt`]).
+#[must_use]
+pub fn programs_built() -> bool {
+    !EBPF_OBJECT.is_empty()
+}
+
 /// The metadata endpoint every cloud agrees on.
 pub const IMDS_ENDPOINT: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(169, 254, 169, 254), 80);
 
@@ -92,13 +99,13 @@ pub enum FilterError {
     #[error(transparent)]
     Bpffs(#[from] bpffs::BpffsError),
     #[error(
-        "loading the eBPF object: {source}\n(if {} holds maps pinned by another version, run \
+        "loading the eBPF object (if {} holds maps pinned by another version, run \
          `imds-agent uninstall --bpffs {}` first)", pin_dir.display(), pin_dir.display()
     )]
     Load { pin_dir: PathBuf, source: Box<aya::EbpfError> },
-    #[error("program {name}: {source}")]
+    #[error("program {name}")]
     Program { name: &'static str, source: ProgramError },
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map { name: &'static str, source: MapError },
     #[error(
         "{} is attached to another cgroup (id {found}) than {} (id {expected}); \
@@ -108,7 +115,7 @@ pub enum FilterError {
     PinnedElsewhere { pin: PathBuf, cgroup: PathBuf, found: u64, expected: u64 },
     #[error("{} is not a link of the {hook:?} hook; remove it or use another --bpffs", pin.display())]
     PinnedWrongHook { pin: PathBuf, hook: Hook },
-    #[error("{what} {}: {source}", path.display())]
+    #[error("{what} {}", path.display())]
     Io { what: &'static str, path: PathBuf, source: io::Error },
     #[error("{addr} has more than {MAX_PORTS_PER_ADDR} protected ports")]
     TooManyPorts { addr: std::net::Ipv4Addr },
@@ -168,7 +175,7 @@ impl Filter {
     /// Loads the programs and makes them the ones running on `opts.attach_cgroup`, reusing
     /// pinned state from an earlier run.
     pub fn install(opts: &FilterOptions) -> Result<Filter, FilterError> {
-        if EBPF_OBJECT.is_empty() {
+        if !programs_built() {
             return Err(FilterError::NotBuilt);
         }
         let protected = group_endpoints(&opts.protected)?;

@@ -70,9 +70,9 @@ pub enum OriginLookup {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OriginError {
-    #[error("reading the connection's addresses: {0}")]
+    #[error("reading the connection's addresses")]
     Addresses(#[from] io::Error),
-    #[error("origin map: {0}")]
+    #[error("origin map")]
     Map(#[from] MapError),
 }
 
