@@ -396,3 +396,35 @@ fn origin_records_never_outlive_their_connection() {
     assert_eq!(strict.counters().unwrap().iter().find(|(c, _)| *c == Counter::OriginRecorded).unwrap().1, 3);
     drop((strict, filter, listener, pins, redirect, root));
 }
+
+// The agent's own upstream connections must reach the endpoint although the default is
+// REDIRECT: its cgroup is exempt (by cgroup, not by a socket mark a pod could forge).
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn the_agents_own_cgroup_is_never_redirected() {
+    let ns = NetNs::new("exempt");
+    ns.host_metadata_address();
+    let root = Cgroup::new_top("exempt");
+    let (agent_cg, sibling) = (root.child("agent"), root.child("sibling"));
+    let pins = PinDir::new("exempt");
+    let listener = Server::bind(&ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+    let mut options = filter_options(&root, &pins, imds_tests::v4_addr(&listener));
+    options.exempt_cgroup = agent_cg.id();
+    let filter = Filter::install(&options).unwrap();
+    let agent = AgentListener::serve(listener, filter.origins());
+    let standin = Server::banner(&ns, IMDS_ENDPOINT, "standin");
+    let tap = TcpTap::open(&ns);
+
+    for v6 in [false, true] {
+        let report = Probe::new(&ns, &agent_cg).connect(IMDS_IP, 80, v6).wait();
+        assert_eq!(report.reply.as_deref(), Some("standin"), "v6={v6}: {report:?}");
+    }
+    let report = Probe::new(&ns, &agent_cg).raw_syn(IMDS_IP, 80, 40_200).wait();
+    assert_eq!(report.outcome, "sent", "{report:?}");
+    assert!(tap.saw_syn(IMDS_IP, 80, 40_200, Duration::from_secs(2)), "the backstop exempts the agent too");
+    // The exemption is that cgroup only, not its siblings.
+    let report = Probe::new(&ns, &sibling).connect(IMDS_IP, 80, false).wait();
+    assert!(report.reply.as_deref().is_some_and(|r| r.starts_with("agent pid=")), "{report:?}");
+    assert_eq!((standin.accepted(), agent.server.accepted()), (2, 1));
+    drop((agent, standin, filter, pins, agent_cg, sibling, root));
+}
