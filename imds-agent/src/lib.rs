@@ -1,5 +1,10 @@
 //! The IMDS filter agent as a library: the binary (`main.rs`) and the privileged tests use it.
 //!
+//! Data flows top to bottom:
 //! - [`kernel`]: load, attach and keep the eBPF programs; steer them through their maps;
-//!   find out who made an accepted connection.
+//!   find out who made an accepted connection (cgroup, pid, uid, original destination).
+//! - [`caller`]: from that cgroup to the pod (kubelet cgroup naming).
+//! - [`policy`]: aad-pod-identity's rules as a pure function of a snapshot and a request.
+pub mod caller;
 pub mod kernel;
+pub mod policy;

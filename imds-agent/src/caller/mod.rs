@@ -1,0 +1,111 @@
+//! From a connection's kernel origin to the pod that made it.
+//!
+//! The kernel records a cgroup id (the inode number of the cgroup's directory). The cgroup's
+//! path comes from the id directly — cgroup2 accepts the id as a file handle
+//! (`open_by_handle_at` with a kernfs handle) — and the pod UID from the kubelet's naming of
+//! that path ([`podpath`]). Ids are never reused while the machine runs, so a cached answer
+//! never goes wrong; entries for cgroups that have gone away are dropped by [`CgroupResolver::prune`].
+pub mod podpath;
+
+use std::{
+    collections::HashMap,
+    fs, io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+/// A cgroup, as the agent needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupInfo {
+    /// Path below the cgroup2 root, starting with `/`.
+    pub path: String,
+    /// The pod it belongs to, if it is in a pod's cgroup.
+    pub pod_uid: Option<String>,
+}
+
+/// Resolves cgroup ids to paths and pods, with a cache.
+pub struct CgroupResolver {
+    root: PathBuf,
+    mount: fs::File,
+    cache: Mutex<HashMap<u64, CgroupInfo>>,
+}
+
+/// `FILEID_KERNFS`: the handle type of cgroup2 (kernfs) file handles; the handle is the id.
+const FILEID_KERNFS: i32 = 0xfe;
+
+/// `struct file_handle` with the 8-byte kernfs payload.
+#[repr(C)]
+struct KernfsHandle {
+    handle_bytes: u32,
+    handle_type: i32,
+    id: u64,
+}
+
+impl CgroupResolver {
+    /// A resolver for the cgroup2 filesystem mounted at `root`.
+    pub fn new(root: &Path) -> io::Result<CgroupResolver> {
+        Ok(CgroupResolver { root: root.to_owned(), mount: fs::File::open(root)?, cache: Mutex::default() })
+    }
+
+    /// The cgroup with this id, or `None` if it no longer exists.
+    pub fn resolve(&self, cgroup_id: u64) -> io::Result<Option<CgroupInfo>> {
+        if let Some(hit) = self.lock().get(&cgroup_id) {
+            return Ok(Some(hit.clone()));
+        }
+        let Some(full) = self.path_of(cgroup_id)? else {
+            return Ok(None);
+        };
+        let rel = full.strip_prefix(&self.root).unwrap_or(&full);
+        let path = format!("/{}", rel.display()).replace("//", "/");
+        let info = CgroupInfo { pod_uid: podpath::pod_uid(&path), path };
+        self.lock().insert(cgroup_id, info.clone());
+        Ok(Some(info))
+    }
+
+    /// Drops cached cgroups that no longer exist; returns how many were dropped.
+    pub fn prune(&self) -> usize {
+        let mut cache = self.lock();
+        let before = cache.len();
+        let root = self.root.clone();
+        cache.retain(|id, info| {
+            let dir = root.join(info.path.trim_start_matches('/'));
+            fs::metadata(dir).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == *id)
+        });
+        before - cache.len()
+    }
+
+    /// Number of cached cgroups.
+    pub fn cached(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, CgroupInfo>> {
+        self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Opens the cgroup directory by id and reads back its path.
+    fn path_of(&self, cgroup_id: u64) -> io::Result<Option<PathBuf>> {
+        let mut handle = KernfsHandle { handle_bytes: 8, handle_type: FILEID_KERNFS, id: cgroup_id };
+        // SAFETY: `handle` is a valid `struct file_handle` with an 8-byte payload, and the
+        // mount fd stays open for the call. Needs CAP_DAC_READ_SEARCH (the agent runs as root).
+        let fd = unsafe {
+            libc::open_by_handle_at(
+                self.mount.as_raw_fd(),
+                std::ptr::from_mut(&mut handle).cast(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                // The cgroup is gone (or the id never existed).
+                Some(libc::ESTALE | libc::ENOENT) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let dir = unsafe { OwnedFd::from_raw_fd(fd) };
+        fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).map(Some)
+    }
+}

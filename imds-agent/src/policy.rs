@@ -1,0 +1,415 @@
+//! Who may get which token: aad-pod-identity's rules as a pure function.
+//!
+//! Sources (a manifests directory, the Kubernetes API) turn what they read into a
+//! [`Snapshot`]; the HTTP side asks [`Snapshot::decide`] about one pod and one request.
+//! Nothing here does I/O, so every rule is tested with plain tables below.
+//!
+//! The rules, in order:
+//! 1. A pod matching an `AzurePodIdentityException` of its own namespace (any one label pair,
+//!    values compared case-insensitively, as NMI does) is an exception. Exceptions get a PASS
+//!    verdict in the kernel, so their connections never reach the agent; if one does (a race
+//!    with a policy change), it is forwarded unchecked, as NMI did.
+//! 2. Otherwise the pod's `aadpodidbinding` label selects the `AzureIdentityBinding`s **of its
+//!    own namespace** whose `selector` equals it exactly (NMI's forceNamespaced mode), and
+//!    through them the `AzureIdentity`s (same namespace) they name.
+//! 3. A selector in the request (`client_id`, `object_id`, `msi_res_id`/`mi_res_id`) must match
+//!    one of those identities. With none, the identity whose `AzureIdentity` name sorts first
+//!    is used — a documented, deterministic choice (NMI picked one at random).
+//! 4. No binding, or a selector matching no bound identity: "Identity not found", IMDS's own
+//!    400, so SDKs give up instead of retrying.
+use std::collections::{BTreeMap, HashMap};
+
+/// The pod label that names a binding.
+pub const BINDING_LABEL: &str = "aadpodidbinding";
+
+/// `AzureIdentity.spec.type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdentityType {
+    /// 0: a user-assigned managed identity, served by IMDS.
+    UserAssignedMsi,
+    /// 1: a service principal with a client secret.
+    ServicePrincipal,
+    /// 2: a service principal with a certificate.
+    ServicePrincipalCertificate,
+}
+
+/// What the policy needs of an `AzureIdentity`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub namespace: String,
+    pub name: String,
+    pub kind: IdentityType,
+    pub client_id: String,
+    /// ARM resource id (`resourceID`), for user-assigned identities.
+    pub resource_id: String,
+    /// Principal (object) id. aad-pod-identity's CRD has no such field; it comes from the
+    /// `imds-filter.io/object-id` annotation, and without it `object_id` requests never match.
+    pub object_id: Option<String>,
+}
+
+/// What the policy needs of an `AzureIdentityBinding`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.azureIdentity`: an `AzureIdentity` name in the same namespace.
+    pub identity: String,
+    /// `spec.selector`: must equal the pod's `aadpodidbinding` label.
+    pub selector: String,
+}
+
+/// What the policy needs of an `AzurePodIdentityException`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exception {
+    pub namespace: String,
+    pub name: String,
+    pub pod_labels: BTreeMap<String, String>,
+}
+
+/// What the policy needs of a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The identity a request names, if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selector {
+    ClientId(String),
+    ObjectId(String),
+    /// `msi_res_id` or its alias `mi_res_id`.
+    ResourceId(String),
+}
+
+impl Selector {
+    fn matches(&self, identity: &Identity) -> bool {
+        // GUIDs and ARM ids are case-insensitive.
+        match self {
+            Selector::ClientId(id) => id.eq_ignore_ascii_case(&identity.client_id),
+            Selector::ObjectId(id) => identity.object_id.as_deref().is_some_and(|o| o.eq_ignore_ascii_case(id)),
+            Selector::ResourceId(id) => {
+                !identity.resource_id.is_empty() && id.eq_ignore_ascii_case(&identity.resource_id)
+            }
+        }
+    }
+}
+
+/// Why a request gets "Identity not found".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DenyReason {
+    /// The pod has no `aadpodidbinding` label.
+    NoBindingLabel,
+    /// No binding of the pod's namespace has that selector (or none names an existing identity).
+    NoBinding { label: String },
+    /// The request names an identity the pod is not bound to.
+    SelectorNotBound { selector: Selector },
+}
+
+/// How an allowed identity was chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Choice {
+    /// The request named it.
+    Requested,
+    /// No selector: the bound identity whose name sorts first.
+    FirstByName,
+}
+
+/// The policy's answer for one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision<'a> {
+    /// Serve a token for `identity`, bound through `binding`.
+    Allow { identity: &'a Identity, binding: &'a str, choice: Choice },
+    /// "Identity not found" (400).
+    Deny(DenyReason),
+    /// An exception pod: forward unchecked (it should not have reached us).
+    Exception { exception: &'a str },
+    /// Not in the snapshot (yet): wait for the sources, then a retryable 404.
+    UnknownPod,
+}
+
+/// The verdict the kernel should hold for a pod's cgroup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodVerdict {
+    /// Exception: its connections go to IMDS directly.
+    Pass,
+    /// Unbound and the agent runs with `--deny-unbound`: `connect()` fails at once.
+    Deny,
+    /// Everything else: the agent decides per request.
+    Redirect,
+}
+
+/// Everything the policy knows at one moment. Built by a source, replaced as a whole.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pods: HashMap<String, Pod>,
+    /// (namespace, name) → identity.
+    identities: HashMap<(String, String), Identity>,
+    bindings: Vec<Binding>,
+    exceptions: Vec<Exception>,
+}
+
+impl Snapshot {
+    /// Builds a snapshot. Duplicate pod uids or identity names: the last one wins.
+    pub fn new(
+        pods: impl IntoIterator<Item = Pod>,
+        identities: impl IntoIterator<Item = Identity>,
+        bindings: impl IntoIterator<Item = Binding>,
+        exceptions: impl IntoIterator<Item = Exception>,
+    ) -> Snapshot {
+        Snapshot {
+            pods: pods.into_iter().map(|p| (p.uid.clone(), p)).collect(),
+            identities: identities.into_iter().map(|i| ((i.namespace.clone(), i.name.clone()), i)).collect(),
+            bindings: bindings.into_iter().collect(),
+            exceptions: exceptions.into_iter().collect(),
+        }
+    }
+
+    pub fn pod(&self, uid: &str) -> Option<&Pod> {
+        self.pods.get(uid)
+    }
+
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.pods.values()
+    }
+
+    /// Sizes, for logs and metrics: (pods, identities, bindings, exceptions).
+    #[must_use]
+    pub fn sizes(&self) -> (usize, usize, usize, usize) {
+        (self.pods.len(), self.identities.len(), self.bindings.len(), self.exceptions.len())
+    }
+
+    /// The exception a pod matches, if any.
+    pub fn exception_for(&self, pod: &Pod) -> Option<&Exception> {
+        self.exceptions
+            .iter()
+            .filter(|e| e.namespace == pod.namespace)
+            .find(|e| e.pod_labels.iter().any(|(k, v)| pod.labels.get(k).is_some_and(|pv| pv.eq_ignore_ascii_case(v))))
+    }
+
+    /// The identities a pod is bound to, sorted by identity name, each with its binding.
+    pub fn bound_identities(&self, pod: &Pod) -> Vec<(&Identity, &str)> {
+        let Some(label) = pod.labels.get(BINDING_LABEL) else {
+            return Vec::new();
+        };
+        let mut bound: Vec<(&Identity, &str)> = self
+            .bindings
+            .iter()
+            .filter(|b| b.namespace == pod.namespace && &b.selector == label)
+            .filter_map(|b| {
+                self.identities.get(&(b.namespace.clone(), b.identity.clone())).map(|i| (i, b.name.as_str()))
+            })
+            .collect();
+        bound.sort_by(|a, b| a.0.name.cmp(&b.0.name).then(a.1.cmp(b.1)));
+        bound.dedup_by(|a, b| a.0.name == b.0.name);
+        bound
+    }
+
+    /// The decision for a token request from the pod `pod_uid`.
+    pub fn decide(&self, pod_uid: &str, selector: Option<&Selector>) -> Decision<'_> {
+        let Some(pod) = self.pods.get(pod_uid) else {
+            return Decision::UnknownPod;
+        };
+        if let Some(e) = self.exception_for(pod) {
+            return Decision::Exception { exception: &e.name };
+        }
+        let Some(label) = pod.labels.get(BINDING_LABEL) else {
+            return Decision::Deny(DenyReason::NoBindingLabel);
+        };
+        let bound = self.bound_identities(pod);
+        let Some(&(first, first_binding)) = bound.first() else {
+            return Decision::Deny(DenyReason::NoBinding { label: label.clone() });
+        };
+        match selector {
+            None => Decision::Allow { identity: first, binding: first_binding, choice: Choice::FirstByName },
+            Some(sel) => match bound.iter().find(|(i, _)| sel.matches(i)) {
+                Some(&(identity, binding)) => Decision::Allow { identity, binding, choice: Choice::Requested },
+                None => Decision::Deny(DenyReason::SelectorNotBound { selector: sel.clone() }),
+            },
+        }
+    }
+
+    /// The kernel verdict for a pod's cgroup.
+    #[must_use]
+    pub fn pod_verdict(&self, pod: &Pod, deny_unbound: bool) -> PodVerdict {
+        if self.exception_for(pod).is_some() {
+            PodVerdict::Pass
+        } else if deny_unbound && self.bound_identities(pod).is_empty() {
+            PodVerdict::Deny
+        } else {
+            PodVerdict::Redirect
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    fn pod(uid: &str, ns: &str, l: &[(&str, &str)]) -> Pod {
+        Pod { uid: uid.into(), namespace: ns.into(), name: format!("pod-{uid}"), labels: labels(l) }
+    }
+
+    fn identity(ns: &str, name: &str, client: &str) -> Identity {
+        Identity {
+            namespace: ns.into(),
+            name: name.into(),
+            kind: IdentityType::UserAssignedMsi,
+            client_id: client.into(),
+            resource_id: format!(
+                "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
+            ),
+            object_id: Some(format!("obj-{client}")),
+        }
+    }
+
+    fn binding(ns: &str, name: &str, identity: &str, selector: &str) -> Binding {
+        Binding { namespace: ns.into(), name: name.into(), identity: identity.into(), selector: selector.into() }
+    }
+
+    /// app/web is bound to "blob" (client c-blob); app/multi to "table" and "kv" through one
+    /// selector; app/plain has no label; app/exc and app/exc2 are exceptions; other/web
+    /// carries app's selector in another namespace.
+    fn world() -> Snapshot {
+        Snapshot::new(
+            [
+                pod("web", "app", &[("aadpodidbinding", "blob-sel")]),
+                pod("multi", "app", &[("aadpodidbinding", "multi-sel")]),
+                pod("plain", "app", &[]),
+                pod("exc", "app", &[("role", "Kubelet-Helper"), ("aadpodidbinding", "blob-sel")]),
+                pod("exc2", "other", &[("role", "kubelet-helper")]),
+                pod("foreign", "other", &[("aadpodidbinding", "blob-sel")]),
+                pod("dangling", "app", &[("aadpodidbinding", "ghost-sel")]),
+            ],
+            [
+                identity("app", "blob", "c-blob"),
+                identity("app", "table", "c-table"),
+                identity("app", "kv", "c-kv"),
+                identity("other", "elsewhere", "c-else"),
+            ],
+            [
+                binding("app", "blob-binding", "blob", "blob-sel"),
+                binding("app", "table-binding", "table", "multi-sel"),
+                binding("app", "kv-binding", "kv", "multi-sel"),
+                binding("app", "ghost-binding", "no-such-identity", "ghost-sel"),
+            ],
+            [Exception {
+                namespace: "app".into(),
+                name: "helpers".into(),
+                pod_labels: labels(&[("role", "kubelet-helper")]),
+            }],
+        )
+    }
+
+    fn allowed<'a>(d: &Decision<'a>) -> Option<(&'a str, Choice)> {
+        match d {
+            Decision::Allow { identity, choice, .. } => Some((identity.name.as_str(), *choice)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn decisions_table() {
+        let w = world();
+        let client = |c: &str| Some(Selector::ClientId(c.into()));
+        let cases: Vec<(&str, Option<Selector>, Decision<'_>)> = vec![
+            // bound pod, no selector: its only identity
+            (
+                "web",
+                None,
+                Decision::Allow {
+                    identity: &w.identities[&("app".into(), "blob".into())],
+                    binding: "blob-binding",
+                    choice: Choice::FirstByName,
+                },
+            ),
+            // bound pod naming its own identity, any case
+            (
+                "web",
+                client("C-BLOB"),
+                Decision::Allow {
+                    identity: &w.identities[&("app".into(), "blob".into())],
+                    binding: "blob-binding",
+                    choice: Choice::Requested,
+                },
+            ),
+            // another identity's client id
+            (
+                "web",
+                client("c-table"),
+                Decision::Deny(DenyReason::SelectorNotBound { selector: Selector::ClientId("c-table".into()) }),
+            ),
+            // no label
+            ("plain", None, Decision::Deny(DenyReason::NoBindingLabel)),
+            // label whose binding names a missing identity
+            ("dangling", None, Decision::Deny(DenyReason::NoBinding { label: "ghost-sel".into() })),
+            // same selector in another namespace binds nothing there
+            ("foreign", None, Decision::Deny(DenyReason::NoBinding { label: "blob-sel".into() })),
+            // exception (value case-insensitive), even with a binding label
+            ("exc", None, Decision::Exception { exception: "helpers" }),
+            // an exception only covers its own namespace
+            ("exc2", None, Decision::Deny(DenyReason::NoBindingLabel)),
+            ("nobody", None, Decision::UnknownPod),
+        ];
+        for (uid, sel, want) in cases {
+            assert_eq!(w.decide(uid, sel.as_ref()), want, "pod {uid} selector {sel:?}");
+        }
+    }
+
+    #[test]
+    fn two_identities_on_one_selector() {
+        let w = world();
+        // No selector: the name that sorts first ("kv" < "table"), whatever the binding order.
+        assert_eq!(allowed(&w.decide("multi", None)), Some(("kv", Choice::FirstByName)));
+        let by = |s: Selector| allowed(&w.decide("multi", Some(&s)));
+        assert_eq!(by(Selector::ClientId("c-table".into())), Some(("table", Choice::Requested)));
+        assert_eq!(by(Selector::ObjectId("OBJ-c-table".into())), Some(("table", Choice::Requested)));
+        let table_rid = w.identities[&("app".into(), "table".into())].resource_id.to_uppercase();
+        assert_eq!(by(Selector::ResourceId(table_rid)), Some(("table", Choice::Requested)));
+        assert_eq!(by(Selector::ClientId("c-blob".into())), None);
+        assert_eq!(by(Selector::ObjectId("obj-c-blob".into())), None);
+        assert_eq!(by(Selector::ResourceId(String::new())), None);
+    }
+
+    #[test]
+    fn object_id_needs_the_annotation() {
+        let mut i = identity("app", "blob", "c-blob");
+        i.object_id = None;
+        assert!(!Selector::ObjectId("obj-c-blob".into()).matches(&i));
+        assert!(Selector::ClientId("c-blob".into()).matches(&i));
+    }
+
+    #[test]
+    fn kernel_verdicts_table() {
+        let w = world();
+        let cases = [
+            ("web", false, PodVerdict::Redirect),
+            ("web", true, PodVerdict::Redirect),
+            ("plain", false, PodVerdict::Redirect),
+            ("plain", true, PodVerdict::Deny),
+            ("dangling", true, PodVerdict::Deny),
+            ("exc", false, PodVerdict::Pass),
+            ("exc", true, PodVerdict::Pass),
+        ];
+        for (uid, deny_unbound, want) in cases {
+            assert_eq!(w.pod_verdict(w.pod(uid).unwrap(), deny_unbound), want, "{uid} deny_unbound={deny_unbound}");
+        }
+    }
+
+    #[test]
+    fn duplicate_bindings_to_one_identity_count_once() {
+        let w = Snapshot::new(
+            [pod("p", "ns", &[("aadpodidbinding", "s")])],
+            [identity("ns", "i", "c")],
+            [binding("ns", "b1", "i", "s"), binding("ns", "b2", "i", "s")],
+            [],
+        );
+        assert_eq!(w.bound_identities(w.pod("p").unwrap()).len(), 1);
+    }
+}
