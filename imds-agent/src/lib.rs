@@ -4,7 +4,9 @@
 //! - [`kernel`]: load, attach and keep the eBPF programs; steer them through their maps;
 //!   find out who made an accepted connection (cgroup, pid, uid, original destination).
 //! - [`caller`]: from that cgroup to the pod (kubelet cgroup naming).
+//! - [`imds`]: the IMDS protocol: paths, request validation, error shapes.
 //! - [`policy`]: aad-pod-identity's rules as a pure function of a snapshot and a request.
 pub mod caller;
+pub mod imds;
 pub mod kernel;
 pub mod policy;
