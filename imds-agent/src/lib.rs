@@ -6,7 +6,14 @@
 //! - [`caller`]: from that cgroup to the pod (kubelet cgroup naming).
 //! - [`imds`]: the IMDS protocol: paths, request validation, error shapes.
 //! - [`policy`]: aad-pod-identity's rules as a pure function of a snapshot and a request.
+//! - [`sources`]: where snapshots come from (a manifests directory).
+//! - [`server`]: HTTP on each redirected connection; [`upstream`] the real metadata service;
+//!   [`decisions`] the decision log.
 pub mod caller;
+pub mod decisions;
 pub mod imds;
 pub mod kernel;
 pub mod policy;
+pub mod server;
+pub mod sources;
+pub mod upstream;

@@ -1,0 +1,214 @@
+//! One request: validate (IMDS's rules), decide (policy), answer (upstream or refusal), and
+//! log the decision. Upstream is called only once the decision allows it.
+use std::{sync::Arc, time::Instant};
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::Full;
+
+use super::AgentState;
+use crate::{
+    caller::CgroupInfo,
+    decisions::DecisionRecord,
+    imds::{self, ImdsError, Route, TokenRequest},
+    kernel::CallerOrigin,
+    policy::{Choice, Decision, DenyReason, IdentityType, Selector, Snapshot},
+    upstream::{UpstreamError, UpstreamResponse, UpstreamSelector},
+};
+
+/// Who is on the other end of a connection.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub origin: CallerOrigin,
+    /// `None` when the cgroup vanished before it could be resolved.
+    pub cgroup: Option<CgroupInfo>,
+}
+
+/// Whether refusals are enforced or only logged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    /// Requests the policy would refuse are logged (`audit-allow`) and forwarded as asked.
+    Audit,
+}
+
+type Answer = Response<Full<Bytes>>;
+
+/// Answers one request and writes its decision record. The body is never read.
+pub async fn handle<B>(req: Request<B>, caller: &Caller, state: &AgentState) -> Answer {
+    let started = Instant::now();
+    let (req, _unread_body) = req.into_parts();
+    let mut record = DecisionRecord::now();
+    record.cgroup_id = caller.origin.cgroup_id;
+    record.pid = caller.origin.pid;
+    record.method = req.method.to_string();
+    record.path = req.uri.path().to_owned();
+    let answer = answer(&req, caller, state, &mut record).await;
+    record.status = answer.status().as_u16();
+    record.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
+    record.emit();
+    answer
+}
+
+async fn answer(req: &http::request::Parts, caller: &Caller, state: &AgentState, record: &mut DecisionRecord) -> Answer {
+    let route = imds::route(&req.method, req.uri.path(), req.uri.query(), &req.headers, &state.rules);
+    match route {
+        Err(e) => {
+            record.verdict = "invalid";
+            record.reason.clone_from(&e.description);
+            refusal(&e)
+        }
+        Ok(Route::Forward { path, query }) => {
+            record.verdict = "forward";
+            record.reason = "path allowed by the path rules".into();
+            let path_and_query = match query {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            relay(state.upstream.get(&path_and_query).await, record)
+        }
+        Ok(Route::Token(token)) => token_answer(token, caller, state, record).await,
+    }
+}
+
+async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, record: &mut DecisionRecord) -> Answer {
+    record.selector = token.selector.as_ref().map(describe_selector);
+    let Some(uid) = caller.cgroup.as_ref().and_then(|c| c.pod_uid.clone()) else {
+        record.reason = "the caller's cgroup is not a pod's".into();
+        return refuse_or_audit(&token, state, record).await;
+    };
+    let snapshot = wait_for_pod(state, &uid).await;
+    if let Some(pod) = snapshot.pod(&uid) {
+        record.pod_namespace = Some(pod.namespace.clone());
+        record.pod_name = Some(pod.name.clone());
+    }
+    record.pod_uid = Some(uid.clone());
+    match snapshot.decide(&uid, token.selector.as_ref()) {
+        Decision::Allow { identity, binding, choice } => {
+            record.identity = Some(format!("{}/{}", identity.namespace, identity.name));
+            record.reason = match choice {
+                Choice::Requested => format!("bound through {binding}; the identity the request named"),
+                Choice::FirstByName => format!("bound through {binding}; no selector, so the first bound identity by name"),
+            };
+            if identity.kind != IdentityType::UserAssignedMsi {
+                record.verdict = "deny";
+                record.reason = format!("{}; service-principal identities are not served yet", record.reason);
+                return refusal(&ImdsError::identity_not_found());
+            }
+            record.verdict = "allow";
+            let selector = UpstreamSelector::ClientId(&identity.client_id);
+            let upstream = state.upstream.token(token.api_version.as_deref(), &token.resource, Some(selector)).await;
+            relay(upstream, record)
+        }
+        Decision::Deny(reason) => {
+            record.reason = describe_denial(&reason);
+            refuse_or_audit(&token, state, record).await
+        }
+        Decision::Exception { exception } => {
+            record.verdict = "exception";
+            record.reason = format!("pod matches AzurePodIdentityException {exception}; forwarded unchecked");
+            forward_as_asked(&token, state, record).await
+        }
+        Decision::UnknownPod => {
+            record.verdict = "unknown-pod";
+            record.reason = format!("pod not known after waiting {:?}; retry", state.pod_grace);
+            refusal(&ImdsError {
+                status: StatusCode::NOT_FOUND,
+                error: "unknown",
+                description: "The pod is not known to the node agent yet; retry".into(),
+            })
+        }
+    }
+}
+
+/// The snapshot once it knows the pod, or after the grace period, whichever comes first.
+async fn wait_for_pod(state: &AgentState, uid: &str) -> Arc<Snapshot> {
+    let mut updates = state.snapshot.clone();
+    let deadline = tokio::time::Instant::now() + state.pod_grace;
+    loop {
+        let snapshot = Arc::clone(&updates.borrow_and_update());
+        if snapshot.pod(uid).is_some() {
+            return snapshot;
+        }
+        match tokio::time::timeout_at(deadline, updates.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return snapshot, // no more updates, or out of time
+        }
+    }
+}
+
+async fn refuse_or_audit(token: &TokenRequest, state: &AgentState, record: &mut DecisionRecord) -> Answer {
+    match state.mode {
+        Mode::Enforce => {
+            record.verdict = "deny";
+            refusal(&ImdsError::identity_not_found())
+        }
+        Mode::Audit => {
+            record.verdict = "audit-allow";
+            forward_as_asked(token, state, record).await
+        }
+    }
+}
+
+/// The token request as the client made it (its validated parts only).
+async fn forward_as_asked(token: &TokenRequest, state: &AgentState, record: &mut DecisionRecord) -> Answer {
+    let selector = token.selector.as_ref().map(|s| match s {
+        Selector::ClientId(v) => UpstreamSelector::ClientId(v),
+        Selector::ObjectId(v) => UpstreamSelector::ObjectId(v),
+        Selector::ResourceId(v) => UpstreamSelector::ResourceId(v),
+    });
+    let upstream = state.upstream.token(token.api_version.as_deref(), &token.resource, selector).await;
+    relay(upstream, record)
+}
+
+/// Passes IMDS's answer back as it came (status, content type, body).
+fn relay(upstream: Result<UpstreamResponse, UpstreamError>, record: &mut DecisionRecord) -> Answer {
+    match upstream {
+        Ok(r) => {
+            record.upstream_status = Some(r.status.as_u16());
+            let mut answer = Response::new(Full::new(r.body));
+            *answer.status_mut() = r.status;
+            if let Some(ct) = r.content_type {
+                answer.headers_mut().insert(header::CONTENT_TYPE, ct);
+            }
+            answer
+        }
+        Err(e) => {
+            record.verdict = "error";
+            record.reason = format!("{}: {:#}", record.reason, anyhow::Error::from(e));
+            // IMDS's backend-failure shape; SDKs retry it.
+            refusal(&ImdsError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                error: "unknown",
+                description: "The metadata service could not be reached".into(),
+            })
+        }
+    }
+}
+
+fn refusal(e: &ImdsError) -> Answer {
+    let mut answer = Response::new(Full::new(Bytes::from(e.body())));
+    *answer.status_mut() = e.status;
+    answer.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json; charset=utf-8"));
+    answer
+}
+
+fn describe_selector(s: &Selector) -> String {
+    match s {
+        Selector::ClientId(v) => format!("client_id={v}"),
+        Selector::ObjectId(v) => format!("object_id={v}"),
+        Selector::ResourceId(v) => format!("msi_res_id={v}"),
+    }
+}
+
+fn describe_denial(reason: &DenyReason) -> String {
+    match reason {
+        DenyReason::NoBindingLabel => "the pod has no aadpodidbinding label".into(),
+        DenyReason::NoBinding { label } => {
+            format!("no AzureIdentityBinding in the pod's namespace has selector {label:?} and an existing AzureIdentity")
+        }
+        DenyReason::SelectorNotBound { selector } => {
+            format!("the pod is not bound to the identity it asked for ({})", describe_selector(selector))
+        }
+    }
+}

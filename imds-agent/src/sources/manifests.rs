@@ -1,0 +1,280 @@
+//! Policy from a directory of Kubernetes manifests (`--manifests DIR`).
+//!
+//! Every `*.yaml`/`*.yml` file may hold several documents. Pods (`v1`, which must carry
+//! `metadata.uid`, since there is no API server to assign one) and aad-pod-identity's
+//! `AzureIdentity`, `AzureIdentityBinding` and `AzurePodIdentityException`
+//! (`aadpodidentity.k8s.io/v1`) are read exactly as `kubectl apply` would take them; other
+//! kinds are ignored. A document without a namespace is in `default`, as with kubectl.
+//!
+//! A file that does not parse, or a document missing what the policy needs, makes the whole
+//! load fail with the file, the document and (for YAML errors) the line and column — the
+//! caller then keeps the policy it had.
+use std::{
+    collections::BTreeMap,
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+
+use crate::policy::{Binding, Exception, Identity, IdentityType, Pod, Snapshot};
+
+const AAD_POD_IDENTITY: &str = "aadpodidentity.k8s.io/v1";
+/// `AzureIdentity` annotation carrying the identity's object (principal) id.
+pub const OBJECT_ID_ANNOTATION: &str = "imds-filter.io/object-id";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("reading {}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: {message}", path.display())]
+    Yaml { path: PathBuf, message: String },
+    #[error("{}, document {document} ({kind} {name:?}): {problem}", path.display())]
+    Invalid { path: PathBuf, document: usize, kind: String, name: String, problem: String },
+}
+
+/// The fields of any document we read. One flat `spec` covers the four kinds, so parsing
+/// stays typed (and YAML errors keep their positions) without a generic value tree.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct Document {
+    api_version: String,
+    kind: String,
+    metadata: Metadata,
+    spec: Spec,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Metadata {
+    name: String,
+    namespace: Option<String>,
+    uid: String,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Spec {
+    // AzureIdentity
+    #[serde(rename = "type")]
+    identity_type: Option<i64>,
+    #[serde(rename = "resourceID")]
+    resource_id: String,
+    #[serde(rename = "clientID")]
+    client_id: String,
+    // AzureIdentityBinding
+    #[serde(rename = "azureIdentity")]
+    azure_identity: String,
+    selector: String,
+    // AzurePodIdentityException
+    #[serde(rename = "podLabels")]
+    pod_labels: BTreeMap<String, String>,
+}
+
+/// Everything the manifests in `dir` say, as one snapshot.
+pub fn load_dir(dir: &Path) -> Result<Snapshot, ManifestError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ManifestError::Io { path, source }
+    };
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml") && p.is_file())
+        .collect();
+    files.sort();
+    let mut parts = Parts::default();
+    for file in files {
+        let text = fs::read_to_string(&file).map_err(io(&file))?;
+        parts.add_file(&file, &text)?;
+    }
+    Ok(Snapshot::new(parts.pods, parts.identities, parts.bindings, parts.exceptions))
+}
+
+#[derive(Default)]
+struct Parts {
+    pods: Vec<Pod>,
+    identities: Vec<Identity>,
+    bindings: Vec<Binding>,
+    exceptions: Vec<Exception>,
+}
+
+impl Parts {
+    fn add_file(&mut self, path: &Path, text: &str) -> Result<(), ManifestError> {
+        let documents: Vec<Document> = serde_saphyr::from_multiple(text)
+            .map_err(|e| ManifestError::Yaml { path: path.to_owned(), message: e.to_string() })?;
+        for (i, doc) in documents.into_iter().enumerate() {
+            let invalid = |problem: &str| ManifestError::Invalid {
+                path: path.to_owned(),
+                document: i + 1,
+                kind: doc.kind.clone(),
+                name: doc.metadata.name.clone(),
+                problem: problem.to_owned(),
+            };
+            let known = matches!(
+                (doc.api_version.as_str(), doc.kind.as_str()),
+                ("v1", "Pod")
+                    | (
+                        AAD_POD_IDENTITY,
+                        "AzureIdentity" | "AzureIdentityBinding" | "AzurePodIdentityException"
+                    )
+            );
+            if !known {
+                continue;
+            }
+            if doc.metadata.name.is_empty() {
+                return Err(invalid("metadata.name is required"));
+            }
+            let namespace = doc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+            let name = doc.metadata.name.clone();
+            match doc.kind.as_str() {
+                "Pod" => {
+                    if doc.metadata.uid.is_empty() {
+                        return Err(invalid("metadata.uid is required (there is no API server to assign one)"));
+                    }
+                    self.pods.push(Pod { uid: doc.metadata.uid.clone(), namespace, name, labels: doc.metadata.labels.clone() });
+                }
+                "AzureIdentity" => {
+                    let kind = match doc.spec.identity_type.unwrap_or(0) {
+                        0 => IdentityType::UserAssignedMsi,
+                        1 => IdentityType::ServicePrincipal,
+                        2 => IdentityType::ServicePrincipalCertificate,
+                        _ => return Err(invalid("spec.type must be 0, 1 or 2")),
+                    };
+                    if doc.spec.client_id.is_empty() {
+                        return Err(invalid("spec.clientID is required"));
+                    }
+                    self.identities.push(Identity {
+                        namespace,
+                        name,
+                        kind,
+                        client_id: doc.spec.client_id.clone(),
+                        resource_id: doc.spec.resource_id.clone(),
+                        object_id: doc.metadata.annotations.get(OBJECT_ID_ANNOTATION).cloned(),
+                    });
+                }
+                "AzureIdentityBinding" => {
+                    if doc.spec.azure_identity.is_empty() || doc.spec.selector.is_empty() {
+                        return Err(invalid("spec.azureIdentity and spec.selector are required"));
+                    }
+                    self.bindings.push(Binding {
+                        namespace,
+                        name,
+                        identity: doc.spec.azure_identity.clone(),
+                        selector: doc.spec.selector.clone(),
+                    });
+                }
+                _ => {
+                    if doc.spec.pod_labels.is_empty() {
+                        return Err(invalid("spec.podLabels must not be empty"));
+                    }
+                    self.exceptions.push(Exception { namespace, name, pod_labels: doc.spec.pod_labels.clone() });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Decision, Selector};
+
+    /// aad-pod-identity's own examples, unchanged, plus pods.
+    const EXAMPLE: &str = r#"
+apiVersion: "aadpodidentity.k8s.io/v1"
+kind: AzureIdentity
+metadata:
+  name: demo-identity
+  namespace: app
+  annotations:
+    imds-filter.io/object-id: 00000000-0000-0000-0000-0000000000ob
+spec:
+  type: 0
+  resourceID: /subscriptions/sub/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/demo
+  clientID: 11111111-1111-1111-1111-111111111111
+---
+apiVersion: "aadpodidentity.k8s.io/v1"
+kind: AzureIdentityBinding
+metadata:
+  name: demo-binding
+  namespace: app
+spec:
+  azureIdentity: demo-identity
+  selector: demo
+---
+apiVersion: "aadpodidentity.k8s.io/v1"
+kind: AzurePodIdentityException
+metadata:
+  name: helpers
+  namespace: app
+spec:
+  podLabels:
+    role: node-helper
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: app
+  uid: 8d3b1f8e-7c1a-4b5e-9f2d-0a1b2c3d4e5f
+  labels:
+    aadpodidbinding: demo
+spec:
+  containers: [{name: web, image: nginx}]
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: ignored}
+"#;
+
+    fn load(files: &[(&str, &str)]) -> Result<Snapshot, ManifestError> {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            fs::write(dir.path().join(name), text).unwrap();
+        }
+        load_dir(dir.path())
+    }
+
+    #[test]
+    fn aad_pod_identity_manifests_apply_unchanged() {
+        let snap = load(&[("example.yaml", EXAMPLE), ("notes.txt", "not yaml: [")]).unwrap();
+        assert_eq!(snap.sizes(), (1, 1, 1, 1));
+        match snap.decide("8d3b1f8e-7c1a-4b5e-9f2d-0a1b2c3d4e5f", Some(&Selector::ObjectId("00000000-0000-0000-0000-0000000000OB".into()))) {
+            Decision::Allow { identity, binding, .. } => {
+                assert_eq!((identity.name.as_str(), binding), ("demo-identity", "demo-binding"));
+                assert_eq!(identity.client_id, "11111111-1111-1111-1111-111111111111");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn namespace_defaults_to_default() {
+        let snap = load(&[("p.yml", "apiVersion: v1\nkind: Pod\nmetadata: {name: p, uid: u1}\n")]).unwrap();
+        assert_eq!(snap.pod("u1").unwrap().namespace, "default");
+    }
+
+    #[test]
+    fn errors_name_the_file_the_document_and_the_position() {
+        let err = load(&[("a.yaml", EXAMPLE), ("b.yaml", "apiVersion: v1\nkind: Pod\nmetadata:\n  name: [oops\n")]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("b.yaml") && msg.contains("line"), "{msg}");
+
+        let missing_uid = "---\napiVersion: v1\nkind: Service\nmetadata: {name: s}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: nouid}\n";
+        let msg = load(&[("c.yaml", missing_uid)]).unwrap_err().to_string();
+        assert!(msg.contains("c.yaml, document 2 (Pod \"nouid\"): metadata.uid is required"), "{msg}");
+
+        let bad_type = "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentity\nmetadata: {name: i}\nspec: {type: 7, clientID: c}\n";
+        let msg = load(&[("d.yaml", bad_type)]).unwrap_err().to_string();
+        assert!(msg.contains("spec.type must be 0, 1 or 2"), "{msg}");
+
+        let wrong_shape = "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzurePodIdentityException\nmetadata: {name: e}\nspec:\n  podLabels: [a, b]\n";
+        let msg = load(&[("e.yaml", wrong_shape)]).unwrap_err().to_string();
+        assert!(msg.contains("e.yaml") && msg.contains("line 5"), "{msg}");
+    }
+}
