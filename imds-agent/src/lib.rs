@@ -9,6 +9,8 @@
 //! - [`sources`]: where snapshots come from (a manifests directory).
 //! - [`server`]: HTTP on each redirected connection; [`upstream`] the real metadata service;
 //!   [`decisions`] the decision log.
+//! - [`verdicts`]: the policy's per-pod kernel verdicts (PASS for exceptions, DENY for unbound
+//!   pods with `--deny-unbound`), kept in sync with the pod cgroups.
 pub mod caller;
 pub mod decisions;
 pub mod imds;
@@ -17,3 +19,4 @@ pub mod policy;
 pub mod server;
 pub mod sources;
 pub mod upstream;
+pub mod verdicts;

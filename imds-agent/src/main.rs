@@ -1,4 +1,5 @@
 //! `imds-agent`: installs the in-kernel IMDS filter and serves the connections it redirects.
+#![allow(clippy::doc_markdown, reason = "doc comments on the CLI types are --help text, where backticks show")]
 use std::{
     net::{SocketAddr, SocketAddrV4},
     path::PathBuf,
@@ -8,12 +9,18 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
-use imds_agent::kernel::{
-    self, bpffs::DEFAULT_PIN_DIR, cgroup, origin::DEFAULT_ORIGIN_TTL, Filter, FilterOptions, OriginLookup, OriginTable,
-    IMDS_ENDPOINT,
+use imds_agent::{
+    caller::CgroupResolver,
+    imds::PathRules,
+    kernel::{self, bpffs::DEFAULT_PIN_DIR, cgroup, origin::DEFAULT_ORIGIN_TTL, Filter, FilterOptions, IMDS_ENDPOINT},
+    policy::Snapshot,
+    server::{self, AgentState, Mode},
+    sources::manifests,
+    upstream::{Upstream, IMDS_TIMEOUT},
+    verdicts::VerdictSync,
 };
 use imds_common::Verdict;
-use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind};
+use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -61,9 +68,33 @@ struct RunArgs {
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     bpffs: PathBuf,
     /// Address the agent listens on; redirected connections are rewritten to it, so it must
-    /// be reachable from the filtered processes' network namespaces (e.g. the node IP).
+    /// be reachable from the pods' network namespaces [default: $HOST_IP:8182, the node's
+    /// address from the downward API].
     #[arg(long, env = "IMDS_AGENT_LISTEN")]
-    listen: SocketAddrV4,
+    listen: Option<SocketAddrV4>,
+    /// Directory of Kubernetes manifests (Pods, AzureIdentity, AzureIdentityBinding,
+    /// AzurePodIdentityException); watched for changes.
+    #[arg(long)]
+    manifests: PathBuf,
+    /// The real metadata service, called only after a request is authorised.
+    #[arg(long, default_value_t = IMDS_ENDPOINT)]
+    upstream: SocketAddrV4,
+    /// `audit` logs what would be refused and forwards it anyway.
+    #[arg(long, value_enum, default_value_t = ModeArg::Enforce)]
+    mode: ModeArg,
+    /// Pods without a binding get DENY in the kernel: connect() fails at once instead of a 400.
+    #[arg(long)]
+    deny_unbound: bool,
+    /// How long a request from a pod the policy does not know yet waits before a retryable 404.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    pod_grace: Duration,
+    /// Forward GET requests for metadata paths under this prefix (repeatable). By default no
+    /// path but the token endpoint is served.
+    #[arg(long = "allow-path", value_name = "PREFIX")]
+    allow_paths: Vec<String>,
+    /// Forward every metadata path, as NMI did (token-path variants are still refused).
+    #[arg(long, conflicts_with = "allow_paths")]
+    forward_all_paths: bool,
     /// Protected endpoint (repeatable).
     #[arg(long = "protect", value_name = "ADDR:PORT", default_values_t = [IMDS_ENDPOINT])]
     protected: Vec<SocketAddrV4>,
@@ -74,6 +105,15 @@ struct RunArgs {
     #[arg(long, default_value_t = DEFAULT_ORIGIN_TTL.as_secs())]
     origin_ttl: u64,
 }
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Enforce,
+    Audit,
+}
+
+/// Port of the default listen address.
+const DEFAULT_LISTEN_PORT: u16 = 8182;
 
 /// Fail-open (`pass`) is deliberately not offered as a default.
 #[derive(Clone, Copy, ValueEnum)]
@@ -127,9 +167,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     if !kernel::programs_built() {
         return Err(kernel::FilterError::NotBuilt.into());
     }
-    if args.listen.ip().is_unspecified() {
-        bail!("--listen must be a concrete address: the kernel rewrites connections to it");
-    }
+    let listen = listen_address(args.listen)?;
     let root = cgroup::cgroup2_root()?;
     let attach_cgroup = match args.attach_cgroup {
         Some(path) => path,
@@ -137,16 +175,17 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     };
     let own = cgroup::own_cgroup(&root)?;
     let exempt_cgroup = cgroup::cgroup_id(&own)?;
+    // The policy must load before anything changes: a broken file is an error now, and
+    // later only keeps the previous policy.
+    let snapshot = Arc::new(manifests::load_dir(&args.manifests)?);
 
     // Bind before touching the kernel: a bad --listen must not leave a half-installed filter.
-    let listener = TcpListener::bind(SocketAddr::V4(args.listen))
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+    let listener = TcpListener::bind(SocketAddr::V4(listen)).await.with_context(|| format!("listening on {listen}"))?;
 
     let mut filter = Filter::install(&FilterOptions {
-        attach_cgroup,
+        attach_cgroup: attach_cgroup.clone(),
         pin_dir: args.bpffs,
-        agent: args.listen,
+        agent: listen,
         protected: args.protected,
         default_verdict: args.default_verdict.into(),
         exempt_cgroup,
@@ -156,54 +195,92 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     if let Some(logger) = filter.take_kernel_logger() {
         tokio::spawn(drain_kernel_logs(logger));
     }
-    tracing::info!(listen = %args.listen, agent_cgroup = %own.display(), "filter installed; serving redirected connections");
-
     let origins = filter.origins();
+
+    let (snapshots, updates) = watch::channel(snapshot);
+    let _watcher = manifests::watch(&args.manifests, snapshots).context("watching the manifests directory")?;
+    let attach_root = cgroup::validate_attach_cgroup(&root, &attach_cgroup)?;
+    spawn_verdict_sync(VerdictSync::new(filter, attach_root, args.deny_unbound), updates.clone())?;
+
+    let resolver = Arc::new(CgroupResolver::new(&root).context("opening the cgroup2 filesystem")?);
+    tokio::spawn(prune_resolver(Arc::clone(&resolver)));
+    let rules = if args.forward_all_paths { PathRules::ForwardAll } else { PathRules::Allow(args.allow_paths) };
+    let state = Arc::new(AgentState {
+        snapshot: updates,
+        upstream: Upstream::new(SocketAddr::V4(args.upstream), IMDS_TIMEOUT),
+        rules,
+        mode: match args.mode {
+            ModeArg::Enforce => Mode::Enforce,
+            ModeArg::Audit => Mode::Audit,
+        },
+        pod_grace: args.pod_grace,
+        origins,
+        resolver,
+    });
+    tracing::info!(listen = %listen, agent_cgroup = %own.display(), "filter installed; serving redirected connections");
+
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => { tokio::spawn(serve(stream, Arc::clone(&origins))); }
-                Err(e) => tracing::warn!(error = %e, "accept failed"),
-            },
-            _ = terminate.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
-        }
+    tokio::select! {
+        served = server::serve(listener, state) => served.context("accepting connections")?,
+        _ = terminate.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("exiting; the kernel filter stays attached (`imds-agent uninstall` removes it)");
     Ok(())
 }
 
-/// Identifies the caller of one redirected connection. Serving the IMDS protocol on it is
-/// the next step (issue #3); until then the connection is logged and closed.
-async fn serve(stream: tokio::net::TcpStream, origins: Arc<OriginTable>) {
-    let peer = stream.peer_addr().ok();
-    match tokio::task::spawn_blocking(move || origins.take_for(&stream)).await {
-        Ok(Ok(OriginLookup::Found(o))) => tracing::info!(
-            event = "origin",
-            peer = ?peer,
-            cgroup_id = o.cgroup_id,
-            pid = o.pid,
-            tid = o.tid,
-            uid = o.uid,
-            gid = o.gid,
-            original_dst = %o.original_dst,
-            ipv6_socket = o.ipv6_socket,
-            age_us = o.age.as_micros() as u64,
-            "redirected connection"
-        ),
-        Ok(Ok(OriginLookup::Missing)) => {
-            tracing::warn!(event = "refused", peer = ?peer, reason = "no kernel origin record", "refused a connection that was not redirected by the filter");
+/// `--listen`, else the node's address from the downward API.
+fn listen_address(given: Option<SocketAddrV4>) -> anyhow::Result<SocketAddrV4> {
+    let listen = if let Some(listen) = given {
+        listen
+    } else {
+        let host_ip = std::env::var("HOST_IP").map_err(|_| {
+            anyhow::anyhow!("pass --listen ADDR:PORT (an address pods can reach, e.g. the node's) or set HOST_IP")
+        })?;
+        let ip = host_ip.parse().with_context(|| format!("HOST_IP={host_ip:?} is not an IPv4 address"))?;
+        SocketAddrV4::new(ip, DEFAULT_LISTEN_PORT)
+    };
+    if listen.ip().is_unspecified() {
+        bail!("--listen must be a concrete address: the kernel rewrites connections to it");
+    }
+    Ok(listen)
+}
+
+/// Syncs the kernel verdicts now, then on every policy change and every second (new pod
+/// cgroups appear without a policy change). Runs on its own thread: it walks cgroupfs.
+fn spawn_verdict_sync(mut sync: VerdictSync, mut updates: watch::Receiver<Arc<Snapshot>>) -> anyhow::Result<()> {
+    let report = sync.sync(&updates.borrow_and_update())?;
+    tracing::info!(pod_cgroups = report.pod_cgroups, set = report.set, "kernel verdicts in place");
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::Builder::new().name("verdict-sync".into()).spawn(move || loop {
+        let changed = runtime.block_on(tokio::time::timeout(Duration::from_secs(1), updates.changed()));
+        if matches!(changed, Ok(Err(_))) {
+            return; // the policy source is gone: the agent is shutting down
         }
-        Ok(Ok(OriginLookup::Expired { age })) => {
-            tracing::warn!(event = "refused", peer = ?peer, reason = "origin record expired", age_ms = age.as_millis() as u64, "refused a connection with a stale origin record");
+        let snapshot = Arc::clone(&updates.borrow_and_update());
+        match sync.sync(&snapshot) {
+            Ok(r) if r.set + r.cleared > 0 => {
+                tracing::info!(
+                    pod_cgroups = r.pod_cgroups,
+                    set = r.set,
+                    cleared = r.cleared,
+                    "kernel verdicts updated"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "updating kernel verdicts"),
         }
-        Ok(Err(e)) => {
-            // The whole chain: the map error under the lookup's own message.
-            let error = format!("{:#}", anyhow::Error::from(e));
-            tracing::error!(event = "refused", peer = ?peer, error, "origin lookup failed");
-        }
-        Err(e) => tracing::error!(error = %e, "origin lookup task failed"),
+    })?;
+    Ok(())
+}
+
+/// Forgets cgroups that went away, so the cache stays the size of the node's pods.
+async fn prune_resolver(resolver: Arc<CgroupResolver>) {
+    let mut every = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        every.tick().await;
+        let resolver = Arc::clone(&resolver);
+        let _ = tokio::task::spawn_blocking(move || resolver.prune()).await;
     }
 }
 

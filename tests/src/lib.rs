@@ -6,6 +6,9 @@
 //! inside a namespace the test created *before* anything connects to it, so a failed
 //! redirect stays inside; programs attach only to a child cgroup the test created.
 #![expect(clippy::missing_panics_doc, reason = "test support: a panic is how a helper reports a broken setup")]
+
+pub mod fake_imds;
+pub mod node;
 use std::{
     fs,
     io::{BufRead as _, BufReader, Write as _},
@@ -386,7 +389,7 @@ pub struct Probe {
 impl Probe {
     #[must_use]
     pub fn new(ns: &NetNs, cgroup: &Cgroup) -> Probe {
-        let mut cmd = Command::new(built_binary("imds-probe", "IMDS_PROBE_BIN"));
+        let mut cmd = Command::new(probe_binary());
         cmd.arg("--netns").arg(ns.path()).arg("--cgroup").arg(&cgroup.path);
         Probe { cmd }
     }
@@ -538,6 +541,29 @@ pub fn v4_addr(listener: &TcpListener) -> SocketAddrV4 {
 
 // ---- the agent binary ----------------------------------------------------------------------
 
+/// Runs `command` as a process in `ns` and `cgroup` (exec'd by `imds-probe`, so the pid
+/// the kernel records is the command's own); returns its pid and output.
+pub fn run_in(ns: &NetNs, cgroup: &Cgroup, command: &[&str]) -> (u32, std::process::Output) {
+    let child = Command::new(probe_binary())
+        .arg("--netns")
+        .arg(ns.path())
+        .arg("--cgroup")
+        .arg(&cgroup.path)
+        .arg("exec")
+        .args(command)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn imds-probe exec");
+    let pid = child.id();
+    (pid, child.wait_with_output().expect("wait for command"))
+}
+
+/// Path of the `imds-probe` binary.
+pub fn probe_binary() -> PathBuf {
+    built_binary("imds-probe", "IMDS_PROBE_BIN")
+}
+
 /// Path of the `imds-agent` binary built next to this test (`cargo xtask test` builds it).
 #[must_use]
 pub fn agent_binary() -> PathBuf {
@@ -567,6 +593,8 @@ pub const AGENT_READY: &str = "filter installed; serving redirected connections"
 pub struct AgentProcess {
     child: Option<Child>,
     pub log_path: PathBuf,
+    /// The decision log (the agent's stdout).
+    pub decisions_path: PathBuf,
 }
 
 impl AgentProcess {
@@ -574,10 +602,12 @@ impl AgentProcess {
     #[must_use]
     pub fn start(ns: &NetNs, args: &[String]) -> AgentProcess {
         let log_path = std::env::temp_dir().join(format!("{}.log", unique("agent")));
+        let decisions_path = log_path.with_extension("decisions");
         let log = fs::File::create(&log_path).expect("agent log file");
+        let decisions = fs::File::create(&decisions_path).expect("agent decision log file");
         let ns_file = fs::File::open(ns.path()).expect("open netns");
         let mut cmd = Command::new(agent_binary());
-        cmd.args(["--log-format", "json", "run"]).args(args).stdout(Stdio::null()).stderr(log);
+        cmd.args(["--log-format", "json", "run"]).args(args).stdout(decisions).stderr(log);
         // SAFETY: between fork and exec only setns(2) runs: async-signal-safe, no allocation.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
@@ -585,15 +615,20 @@ impl AgentProcess {
             });
         }
         let child = cmd.spawn().expect("spawn imds-agent");
-        let agent = AgentProcess { child: Some(child), log_path };
+        let agent = AgentProcess { child: Some(child), log_path, decisions_path };
         agent.wait_for_log(AGENT_READY, Duration::from_secs(30));
         agent
     }
 
     /// The agent's JSON log lines so far.
     pub fn log_lines(&self) -> Vec<serde_json::Value> {
-        let f = fs::File::open(&self.log_path).expect("agent log");
-        BufReader::new(f).lines().map_while(Result::ok).filter_map(|l| serde_json::from_str(&l).ok()).collect()
+        json_lines(&self.log_path)
+    }
+
+    /// The decision log so far; every line must be JSON.
+    pub fn decisions(&self) -> Vec<serde_json::Value> {
+        let text = fs::read_to_string(&self.decisions_path).expect("decision log");
+        text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("decision line {l:?}: {e}"))).collect()
     }
 
     /// Waits for a log line whose message is exactly `message`.
@@ -625,5 +660,11 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         self.kill();
         let _ = fs::remove_file(&self.log_path);
+        let _ = fs::remove_file(&self.decisions_path);
     }
+}
+
+fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    let f = fs::File::open(path).expect("log file");
+    BufReader::new(f).lines().map_while(Result::ok).filter_map(|l| serde_json::from_str(&l).ok()).collect()
 }

@@ -209,6 +209,7 @@ fn assert_attached_once(cgroup: &Cgroup) -> Vec<u32> {
 /// directory. Fields drop in order: stand-in, pins, cgroups (child first), namespace.
 struct AgentSandbox {
     standin: Server,
+    manifests: tempfile::TempDir,
     pins: PinDir,
     redirect: Cgroup,
     root: Cgroup,
@@ -223,7 +224,8 @@ impl AgentSandbox {
         let redirect = root.child("redirect");
         let pins = PinDir::new(tag);
         let standin = Server::banner(&ns, IMDS_ENDPOINT, "standin");
-        AgentSandbox { standin, pins, redirect, root, ns }
+        let manifests = tempfile::tempdir().unwrap();
+        AgentSandbox { standin, manifests, pins, redirect, root, ns }
     }
 
     /// `imds-agent run` arguments for this sandbox, plus `extra`.
@@ -235,14 +237,24 @@ impl AgentSandbox {
             self.pins.path.display().to_string(),
             "--listen".into(),
             "127.0.0.1:8182".into(),
+            "--manifests".into(),
+            self.manifests.path().display().to_string(),
         ];
         args.extend(extra.iter().map(|a| (*a).to_owned()));
         args
     }
 }
 
-fn logged_origin_pids(agent: &AgentProcess) -> Vec<u64> {
-    agent.log_lines().iter().filter(|l| l["event"] == "origin").filter_map(|l| l["pid"].as_u64()).collect()
+/// A token request from a real client (curl) in `cgroup`; the agent's answer and the pid.
+fn token_request_from(sb: &AgentSandbox, cgroup: &Cgroup) -> (u32, String) {
+    let url = "http://169.254.169.254/metadata/identity/oauth2/token?api-version=2018-02-01&resource=r";
+    let (pid, out) = imds_tests::run_in(&sb.ns, cgroup, &["curl", "-sS", "-m", "10", "-H", "Metadata: true", url]);
+    (pid, String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Pids of the callers in the agent's decision log.
+fn decision_pids(agent: &AgentProcess) -> Vec<u64> {
+    agent.decisions().iter().filter_map(|d| d["pid"].as_u64()).collect()
 }
 
 // 8.
@@ -254,11 +266,10 @@ fn restart_reuses_pinned_state_with_no_gap_and_no_second_attachment() {
 
     let mut agent = AgentProcess::start(&sb.ns, &args);
     let first_ids = assert_attached_once(&sb.root);
-    let probe = Probe::new(&sb.ns, &sb.redirect).connect(IMDS_IP, 80, false);
-    let pid = u64::from(probe.pid());
-    assert_eq!(probe.wait().outcome, "connected");
-    agent.wait_for_log("redirected connection", Duration::from_secs(5));
-    assert_eq!(logged_origin_pids(&agent), vec![pid]);
+    // Not a pod's cgroup: the agent answers IMDS's "Identity not found", and logs the caller.
+    let (pid, answer) = token_request_from(&sb, &sb.redirect);
+    assert!(answer.contains("Identity not found"), "{answer}");
+    assert_eq!(decision_pids(&agent), vec![u64::from(pid)]);
 
     agent.kill();
     // Down: the programs stay attached, so the redirect target refuses; the endpoint is
@@ -277,11 +288,9 @@ fn restart_reuses_pinned_state_with_no_gap_and_no_second_attachment() {
     for (a, b) in first_ids.iter().zip(&second_ids) {
         assert_ne!(a, b, "the restarted agent's programs run");
     }
-    let probe = Probe::new(&sb.ns, &sb.redirect).connect(IMDS_IP, 80, false);
-    let pid = u64::from(probe.pid());
-    assert_eq!(probe.wait().outcome, "connected");
-    agent.wait_for_log("redirected connection", Duration::from_secs(5));
-    assert_eq!(logged_origin_pids(&agent), vec![pid]);
+    let (pid, answer) = token_request_from(&sb, &sb.redirect);
+    assert!(answer.contains("Identity not found"), "{answer}");
+    assert_eq!(decision_pids(&agent), vec![u64::from(pid)]);
     assert_eq!(sb.standin.accepted(), 0);
 }
 

@@ -50,7 +50,12 @@ pub async fn handle<B>(req: Request<B>, caller: &Caller, state: &AgentState) -> 
     answer
 }
 
-async fn answer(req: &http::request::Parts, caller: &Caller, state: &AgentState, record: &mut DecisionRecord) -> Answer {
+async fn answer(
+    req: &http::request::Parts,
+    caller: &Caller,
+    state: &AgentState,
+    record: &mut DecisionRecord,
+) -> Answer {
     let route = imds::route(&req.method, req.uri.path(), req.uri.query(), &req.headers, &state.rules);
     match route {
         Err(e) => {
@@ -88,7 +93,9 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
             record.identity = Some(format!("{}/{}", identity.namespace, identity.name));
             record.reason = match choice {
                 Choice::Requested => format!("bound through {binding}; the identity the request named"),
-                Choice::FirstByName => format!("bound through {binding}; no selector, so the first bound identity by name"),
+                Choice::FirstByName => {
+                    format!("bound through {binding}; no selector, so the first bound identity by name")
+                }
             };
             if identity.kind != IdentityType::UserAssignedMsi {
                 record.verdict = "deny";
@@ -189,7 +196,9 @@ fn relay(upstream: Result<UpstreamResponse, UpstreamError>, record: &mut Decisio
 fn refusal(e: &ImdsError) -> Answer {
     let mut answer = Response::new(Full::new(Bytes::from(e.body())));
     *answer.status_mut() = e.status;
-    answer.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json; charset=utf-8"));
+    answer
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json; charset=utf-8"));
     answer
 }
 
@@ -205,7 +214,9 @@ fn describe_denial(reason: &DenyReason) -> String {
     match reason {
         DenyReason::NoBindingLabel => "the pod has no aadpodidbinding label".into(),
         DenyReason::NoBinding { label } => {
-            format!("no AzureIdentityBinding in the pod's namespace has selector {label:?} and an existing AzureIdentity")
+            format!(
+                "no AzureIdentityBinding in the pod's namespace has selector {label:?} and an existing AzureIdentity"
+            )
         }
         DenyReason::SelectorNotBound { selector } => {
             format!("the pod is not bound to the identity it asked for ({})", describe_selector(selector))

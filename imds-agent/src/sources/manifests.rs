@@ -13,9 +13,13 @@ use std::{
     collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
 };
 
+use notify::Watcher as _;
 use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
 
 use crate::policy::{Binding, Exception, Identity, IdentityType, Pod, Snapshot};
 
@@ -94,6 +98,50 @@ pub fn load_dir(dir: &Path) -> Result<Snapshot, ManifestError> {
     Ok(Snapshot::new(parts.pods, parts.identities, parts.bindings, parts.exceptions))
 }
 
+/// Changes arriving this close together are one reload (editors write in several steps).
+const SETTLE: Duration = Duration::from_millis(20);
+
+/// Watches `dir` and publishes a new snapshot on `tx` after every change that loads; a
+/// change that does not load is logged (once per distinct error) and the previous policy
+/// stays in force. Returns the watcher, which must be kept alive.
+pub fn watch(dir: &Path, tx: watch::Sender<Arc<Snapshot>>) -> notify::Result<notify::RecommendedWatcher> {
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let _ = events_tx.send(event);
+    })?;
+    // Non-recursive: a ConfigMap mount swaps its `..data` link in this very directory.
+    watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    let dir = dir.to_owned();
+    tokio::spawn(async move {
+        let mut last_error = None;
+        while events.recv().await.is_some() {
+            tokio::time::sleep(SETTLE).await;
+            while events.try_recv().is_ok() {}
+            let loaded = {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || load_dir(&dir)).await
+            };
+            match loaded {
+                Ok(Ok(snapshot)) => {
+                    last_error = None;
+                    let (pods, identities, bindings, exceptions) = snapshot.sizes();
+                    tracing::info!(pods, identities, bindings, exceptions, "manifests reloaded");
+                    tx.send_replace(Arc::new(snapshot));
+                }
+                Ok(Err(e)) => {
+                    let message = format!("{:#}", anyhow::Error::from(e));
+                    if last_error.as_ref() != Some(&message) {
+                        tracing::error!(error = %message, "manifests do not load; the previous policy stays in force");
+                        last_error = Some(message);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "manifest reload task failed"),
+            }
+        }
+    });
+    Ok(watcher)
+}
+
 #[derive(Default)]
 struct Parts {
     pods: Vec<Pod>,
@@ -117,10 +165,7 @@ impl Parts {
             let known = matches!(
                 (doc.api_version.as_str(), doc.kind.as_str()),
                 ("v1", "Pod")
-                    | (
-                        AAD_POD_IDENTITY,
-                        "AzureIdentity" | "AzureIdentityBinding" | "AzurePodIdentityException"
-                    )
+                    | (AAD_POD_IDENTITY, "AzureIdentity" | "AzureIdentityBinding" | "AzurePodIdentityException")
             );
             if !known {
                 continue;
@@ -135,7 +180,12 @@ impl Parts {
                     if doc.metadata.uid.is_empty() {
                         return Err(invalid("metadata.uid is required (there is no API server to assign one)"));
                     }
-                    self.pods.push(Pod { uid: doc.metadata.uid.clone(), namespace, name, labels: doc.metadata.labels.clone() });
+                    self.pods.push(Pod {
+                        uid: doc.metadata.uid.clone(),
+                        namespace,
+                        name,
+                        labels: doc.metadata.labels.clone(),
+                    });
                 }
                 "AzureIdentity" => {
                     let kind = match doc.spec.identity_type.unwrap_or(0) {
@@ -244,7 +294,10 @@ metadata: {name: ignored}
     fn aad_pod_identity_manifests_apply_unchanged() {
         let snap = load(&[("example.yaml", EXAMPLE), ("notes.txt", "not yaml: [")]).unwrap();
         assert_eq!(snap.sizes(), (1, 1, 1, 1));
-        match snap.decide("8d3b1f8e-7c1a-4b5e-9f2d-0a1b2c3d4e5f", Some(&Selector::ObjectId("00000000-0000-0000-0000-0000000000OB".into()))) {
+        match snap.decide(
+            "8d3b1f8e-7c1a-4b5e-9f2d-0a1b2c3d4e5f",
+            Some(&Selector::ObjectId("00000000-0000-0000-0000-0000000000OB".into())),
+        ) {
             Decision::Allow { identity, binding, .. } => {
                 assert_eq!((identity.name.as_str(), binding), ("demo-identity", "demo-binding"));
                 assert_eq!(identity.client_id, "11111111-1111-1111-1111-111111111111");
@@ -261,7 +314,8 @@ metadata: {name: ignored}
 
     #[test]
     fn errors_name_the_file_the_document_and_the_position() {
-        let err = load(&[("a.yaml", EXAMPLE), ("b.yaml", "apiVersion: v1\nkind: Pod\nmetadata:\n  name: [oops\n")]).unwrap_err();
+        let err = load(&[("a.yaml", EXAMPLE), ("b.yaml", "apiVersion: v1\nkind: Pod\nmetadata:\n  name: [oops\n")])
+            .unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("b.yaml") && msg.contains("line"), "{msg}");
 

@@ -58,6 +58,12 @@ enum Op {
     Udp { addr: Ipv4Addr, port: u16 },
     /// A hand-made TCP SYN through a raw socket, from source port `sport`.
     RawSyn { addr: Ipv4Addr, port: u16, sport: u16 },
+    /// Replace this process with a command (curl, python…): same pid, cgroup and netns, so
+    /// a real client is the caller the kernel sees. Prints nothing itself on success.
+    Exec {
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 fn main() {
@@ -124,6 +130,11 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
             }
         }
         Op::RawSyn { addr, port, sport } => raw_syn(&mut report, addr, port, sport)?,
+        Op::Exec { ref command } => {
+            let error =
+                std::os::unix::process::CommandExt::exec(std::process::Command::new(&command[0]).args(&command[1..]));
+            anyhow::bail!("exec {}: {error}", command[0]);
+        }
     }
     Ok(report)
 }

@@ -1,0 +1,102 @@
+//! Keeping the kernel's per-cgroup verdicts in line with the policy.
+//!
+//! Pod cgroups are found under the attach cgroup by the kubelet's naming; each pod-level
+//! cgroup gets the verdict the policy gives its pod (the kernel applies it to every
+//! container below). Only PASS (exceptions) and DENY (unbound pods with `--deny-unbound`)
+//! are written: REDIRECT is the default, so pods the policy does not single out — and pods
+//! it does not know yet — need no entry. Entries written earlier that no longer apply are
+//! removed.
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use imds_common::Verdict;
+
+use crate::{
+    caller::podpath,
+    kernel::{Filter, FilterError},
+    policy::{PodVerdict, Snapshot},
+};
+
+/// How deep below the attach cgroup pod cgroups are looked for (kubepods/qos/pod = 2).
+const MAX_DEPTH: usize = 4;
+
+/// Owns the filter's verdict map and what was written to it.
+pub struct VerdictSync {
+    filter: Filter,
+    attach_root: PathBuf,
+    deny_unbound: bool,
+    written: HashMap<u64, Verdict>,
+}
+
+/// What one sync changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub pod_cgroups: usize,
+    pub set: usize,
+    pub cleared: usize,
+}
+
+impl VerdictSync {
+    #[must_use]
+    pub fn new(filter: Filter, attach_root: PathBuf, deny_unbound: bool) -> VerdictSync {
+        VerdictSync { filter, attach_root, deny_unbound, written: HashMap::new() }
+    }
+
+    /// Brings the kernel verdicts in line with `snapshot` and the pod cgroups that exist now.
+    pub fn sync(&mut self, snapshot: &Snapshot) -> Result<SyncReport, FilterError> {
+        let pods = pod_cgroups(&self.attach_root);
+        let want: HashMap<u64, Verdict> = pods
+            .iter()
+            .filter_map(|(id, uid)| {
+                let pod = snapshot.pod(uid)?;
+                match snapshot.pod_verdict(pod, self.deny_unbound) {
+                    PodVerdict::Pass => Some((*id, Verdict::Pass)),
+                    PodVerdict::Deny => Some((*id, Verdict::Deny)),
+                    PodVerdict::Redirect => None,
+                }
+            })
+            .collect();
+        let mut report = SyncReport { pod_cgroups: pods.len(), ..SyncReport::default() };
+        for (id, verdict) in &want {
+            if self.written.get(id) != Some(verdict) {
+                self.filter.set_verdict(*id, *verdict)?;
+                report.set += 1;
+            }
+        }
+        for id in self.written.keys().filter(|id| !want.contains_key(id)) {
+            self.filter.clear_verdict(*id)?;
+            report.cleared += 1;
+        }
+        self.written = want;
+        Ok(report)
+    }
+}
+
+/// Pod-level cgroups below `root`: (cgroup id, pod UID).
+#[must_use]
+pub fn pod_cgroups(root: &Path) -> Vec<(u64, String)> {
+    let mut found = Vec::new();
+    let mut level = vec![root.to_owned()];
+    for _ in 0..MAX_DEPTH {
+        let mut next = Vec::new();
+        for dir in level {
+            let Ok(entries) = fs::read_dir(&dir) else { continue };
+            for entry in entries.filter_map(Result::ok) {
+                let Ok(meta) = entry.metadata() else { continue };
+                if !meta.is_dir() {
+                    continue;
+                }
+                match podpath::pod_uid(&entry.file_name().to_string_lossy()) {
+                    Some(uid) => found.push((meta.ino(), uid)), // containers below inherit it
+                    None => next.push(entry.path()),
+                }
+            }
+        }
+        level = next;
+    }
+    found
+}

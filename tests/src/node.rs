@@ -1,0 +1,170 @@
+//! A node in miniature for the agent's end-to-end tests.
+//!
+//! - a "node" network namespace holding the fake IMDS on `169.254.169.254:80` (loopback) and
+//!   the agent's address on a dummy interface;
+//! - pods in their own namespaces, each joined to the node by a veth, with routes for the
+//!   metadata address and the agent's address pointing at the node — so anything a pod sends
+//!   to `169.254.169.254` ends inside the node namespace (hostNetwork pods live in the node
+//!   namespace itself);
+//! - pod cgroups in the kubelet's cgroupfs layout (`kubepods/pod<UID>/<container>`) below a
+//!   test cgroup, the agent attached to that `kubepods`;
+//! - a manifests directory the agent watches.
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::Path,
+    process::Output,
+};
+
+use crate::{
+    fake_imds::{FakeIdentity, FakeImds},
+    next_index, veth, AgentProcess, Cgroup, NetNs, PinDir, Server, IMDS_IP,
+};
+
+/// Where the agent listens in the node namespace.
+pub const AGENT_ADDR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 233, 0, 1), 8182);
+
+/// The node. Fields drop in order: agent, fake, pins, manifests, cgroups, namespace.
+pub struct Node {
+    pub agent: Option<AgentProcess>,
+    pub fake: FakeImds,
+    pub pins: PinDir,
+    pub manifests: tempfile::TempDir,
+    pub kubepods: Cgroup,
+    pub root: Cgroup,
+    pub ns: NetNs,
+}
+
+/// A pod: its cgroups (pod and one container) and network namespace. Drop it before the node.
+pub struct TestPod {
+    pub uid: String,
+    pub ctr: Cgroup,
+    pub cgroup: Cgroup,
+    /// `None` for a hostNetwork pod (it uses the node's namespace).
+    own_ns: Option<NetNs>,
+}
+
+impl TestPod {
+    /// The pod's network namespace.
+    pub fn ns<'a>(&'a self, node: &'a Node) -> &'a NetNs {
+        self.own_ns.as_ref().unwrap_or(&node.ns)
+    }
+}
+
+impl Node {
+    /// A node whose fake IMDS has these identities assigned.
+    pub fn new(tag: &str, identities: Vec<FakeIdentity>) -> Node {
+        let ns = NetNs::new(tag);
+        ns.host_metadata_address();
+        ns.ip(&["link", "add", "agent0", "type", "dummy"]);
+        ns.ip(&["addr", "add", &format!("{}/32", AGENT_ADDR.ip()), "dev", "agent0"]);
+        ns.ip(&["link", "set", "agent0", "up"]);
+        let fake = FakeImds::serve(Server::bind(&ns, SocketAddrV4::new(IMDS_IP, 80)), identities);
+        let root = Cgroup::new_top(tag);
+        let kubepods = root.child("kubepods");
+        Node {
+            agent: None,
+            fake,
+            pins: PinDir::new(tag),
+            manifests: tempfile::tempdir().expect("tempdir"),
+            kubepods,
+            root,
+            ns,
+        }
+    }
+
+    /// Starts `imds-agent run` for this node with `extra` arguments.
+    pub fn start_agent(&mut self, extra: &[&str]) -> &AgentProcess {
+        let mut args: Vec<String> = vec![
+            "--attach-cgroup".into(),
+            self.kubepods.path.display().to_string(),
+            "--bpffs".into(),
+            self.pins.path.display().to_string(),
+            "--listen".into(),
+            AGENT_ADDR.to_string(),
+            "--manifests".into(),
+            self.manifests.path().display().to_string(),
+            "--upstream".into(),
+            SocketAddrV4::new(IMDS_IP, 80).to_string(),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        self.agent.insert(AgentProcess::start(&self.ns, &args))
+    }
+
+    pub fn agent(&self) -> &AgentProcess {
+        self.agent.as_ref().expect("agent started")
+    }
+
+    /// Writes (or replaces) a manifest file atomically, as an editor or ConfigMap would.
+    pub fn write_manifest(&self, name: &str, yaml: &str) {
+        write_atomically(&self.manifests.path().join(name), yaml);
+    }
+
+    /// A pod with its own network namespace.
+    pub fn pod(&self, uid: &str) -> TestPod {
+        let ns = NetNs::new("pod");
+        let n = next_index() % 250;
+        let (node_side, pod_side) = (Ipv4Addr::new(10, 232, n as u8, 1), Ipv4Addr::new(10, 232, n as u8, 2));
+        veth(&self.ns, node_side, &ns, pod_side);
+        for dst in [IMDS_IP, *AGENT_ADDR.ip()] {
+            ns.ip(&["route", "add", &format!("{dst}/32"), "via", &node_side.to_string()]);
+        }
+        self.pod_cgroups(uid, Some(ns))
+    }
+
+    /// A hostNetwork pod: pod cgroups, the node's network namespace.
+    pub fn host_network_pod(&self, uid: &str) -> TestPod {
+        self.pod_cgroups(uid, None)
+    }
+
+    fn pod_cgroups(&self, uid: &str, own_ns: Option<NetNs>) -> TestPod {
+        let cgroup = self.kubepods.child(&format!("pod{uid}"));
+        let ctr = cgroup.child("0123456789abcdef");
+        TestPod { uid: uid.to_owned(), ctr, cgroup, own_ns }
+    }
+}
+
+fn write_atomically(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp~");
+    fs::write(&tmp, text).expect("write manifest");
+    fs::rename(&tmp, path).expect("rename manifest");
+}
+
+/// Runs `command` as a process of `pod` (its container cgroup and namespace).
+pub fn run_in_pod(node: &Node, pod: &TestPod, command: &[&str]) -> Output {
+    crate::run_in(pod.ns(node), &pod.ctr, command).1
+}
+
+/// What curl got from a GET: status (0 when the connection failed) and body.
+#[derive(Debug)]
+pub struct Fetched {
+    pub status: u16,
+    pub body: String,
+    pub curl_exit: i32,
+    pub stderr: String,
+}
+
+impl Fetched {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+}
+
+/// `curl` from inside a pod: `GET http://<addr><path_and_query>` with `headers`.
+pub fn curl(node: &Node, pod: &TestPod, addr: SocketAddr, path_and_query: &str, headers: &[&str]) -> Fetched {
+    let url = format!("http://{addr}{path_and_query}");
+    let mut cmd: Vec<&str> = vec!["curl", "-sS", "-m", "15", "--path-as-is", "-o", "-", "-w", "\n%{http_code}"];
+    for h in headers {
+        cmd.extend(["-H", h]);
+    }
+    cmd.push(&url);
+    let out = run_in_pod(node, pod, &cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", stdout.as_str()));
+    Fetched {
+        status: code.trim().parse().unwrap_or(0),
+        body: body.to_owned(),
+        curl_exit: out.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
