@@ -1,7 +1,7 @@
 //! A node in miniature for the agent's end-to-end tests.
 //!
-//! - a "node" network namespace holding the fake IMDS on `169.254.169.254:80` (loopback) and
-//!   the agent's address on a dummy interface;
+//! - a "node" network namespace holding the fake IMDS on `169.254.169.254:80` and the
+//!   agent's address, both on its loopback;
 //! - pods in their own namespaces, each joined to the node by a veth, with routes for the
 //!   metadata address and the agent's address pointing at the node — so anything a pod sends
 //!   to `169.254.169.254` ends inside the node namespace (hostNetwork pods live in the node
@@ -56,9 +56,8 @@ impl Node {
     pub fn new(tag: &str, identities: Vec<FakeIdentity>) -> Node {
         let ns = NetNs::new(tag);
         ns.host_metadata_address();
-        ns.ip(&["link", "add", "agent0", "type", "dummy"]);
-        ns.ip(&["addr", "add", &format!("{}/32", AGENT_ADDR.ip()), "dev", "agent0"]);
-        ns.ip(&["link", "set", "agent0", "up"]);
+        // The agent's address, local to the node namespace like the metadata address.
+        ns.ip(&["addr", "add", &format!("{}/32", AGENT_ADDR.ip()), "dev", "lo"]);
         let fake = FakeImds::serve(Server::bind(&ns, SocketAddrV4::new(IMDS_IP, 80)), identities);
         let root = Cgroup::new_top(tag);
         let kubepods = root.child("kubepods");

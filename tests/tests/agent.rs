@@ -1,0 +1,302 @@
+//! The agent end to end: real kernel programs, the real `imds-agent` binary, real clients
+//! (curl, the Python Azure SDK) inside pod namespaces and kubelet-style pod cgroups, and a
+//! fake IMDS (the real one cannot run here; see `fake_imds`). Needs root; run with
+//! `cargo xtask test`.
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use imds_tests::{
+    fake_imds::{token_for, FakeIdentity},
+    node::{curl, Fetched, Node, TestPod, AGENT_ADDR},
+    Probe, IMDS_IP,
+};
+
+const NS: &str = "app";
+const RESOURCE: &str = "https://vault.azure.net";
+const TOKEN: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
+const MD: &str = "Metadata: true";
+
+fn imds() -> SocketAddr {
+    SocketAddr::from((IMDS_IP, 80))
+}
+
+fn uid() -> String {
+    format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), imds_tests::next_index())
+}
+
+fn identity_yaml(name: &str, id: &FakeIdentity) -> String {
+    format!(
+        "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentity\nmetadata:\n  name: {name}\n  namespace: {NS}\n  annotations:\n    imds-filter.io/object-id: {}\nspec:\n  type: 0\n  resourceID: {}\n  clientID: {}\n---\n",
+        id.object_id, id.resource_id, id.client_id
+    )
+}
+
+fn binding_yaml(name: &str, identity: &str, selector: &str) -> String {
+    format!(
+        "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentityBinding\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  azureIdentity: {identity}\n  selector: {selector}\n---\n"
+    )
+}
+
+fn pod_yaml(name: &str, uid: &str, labels: &[(&str, &str)]) -> String {
+    let labels: String = labels.iter().map(|(k, v)| format!("    {k}: {v}\n")).collect();
+    let labels = if labels.is_empty() { "  labels: {}\n".to_owned() } else { format!("  labels:\n{labels}") };
+    format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  uid: {uid}\n{labels}---\n")
+}
+
+fn exception_yaml(name: &str, key: &str, value: &str) -> String {
+    format!(
+        "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzurePodIdentityException\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  podLabels:\n    {key}: {value}\n---\n"
+    )
+}
+
+/// A node with identities "blob", "table" and "kv" assigned; "blob" bound to selector
+/// `blob`, "table" and "kv" both to `multi`.
+fn node(tag: &str) -> (Node, [FakeIdentity; 3]) {
+    let ids = [FakeIdentity::named("blob"), FakeIdentity::named("table"), FakeIdentity::named("kv")];
+    let node = Node::new(tag, ids.to_vec());
+    let mut policy = String::new();
+    for (name, id) in ["blob", "table", "kv"].iter().zip(&ids) {
+        policy.push_str(&identity_yaml(name, id));
+    }
+    policy.push_str(&binding_yaml("blob-binding", "blob", "blob"));
+    policy.push_str(&binding_yaml("table-binding", "table", "multi"));
+    policy.push_str(&binding_yaml("kv-binding", "kv", "multi"));
+    node.write_manifest("identities.yaml", &policy);
+    (node, ids)
+}
+
+fn token(node: &Node, pod: &TestPod, selector: &str) -> Fetched {
+    curl(node, pod, imds(), &format!("{TOKEN}{selector}"), &[MD])
+}
+
+fn assert_token_of(fetched: &Fetched, id: &FakeIdentity) {
+    assert_eq!(fetched.status, 200, "{fetched:?}");
+    assert_eq!(fetched.json()["access_token"], token_for(&id.client_id, RESOURCE), "{fetched:?}");
+}
+
+fn assert_identity_not_found(fetched: &Fetched) {
+    assert_eq!(fetched.status, 400, "{fetched:?}");
+    assert_eq!(
+        fetched.json(),
+        serde_json::json!({"error": "invalid_request", "error_description": "Identity not found"})
+    );
+}
+
+// 1, 2, 5
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn bound_pods_get_their_identities_and_nothing_else() {
+    let (mut node, [blob, table, kv]) = node("bound");
+    let (web_uid, multi_uid) = (uid(), uid());
+    node.write_manifest(
+        "pods.yaml",
+        &(pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")])
+            + &pod_yaml("multi", &multi_uid, &[("aadpodidbinding", "multi")])),
+    );
+    let (web, multi) = (node.pod(&web_uid), node.pod(&multi_uid));
+    node.start_agent(&[]);
+
+    // 1. The bound pod gets its identity's token; upstream saw exactly that identity.
+    assert_token_of(&token(&node, &web, ""), &blob);
+    assert_token_of(&token(&node, &web, &format!("&client_id={}", blob.client_id)), &blob);
+    let upstream = node.fake.token_requests();
+    assert_eq!(upstream.len(), 2);
+    assert!(upstream.iter().all(|s| s.param("client_id").as_deref() == Some(blob.client_id.as_str())));
+    assert!(upstream.iter().all(|s| s.peer.ip() != std::net::IpAddr::from([10, 232, 0, 2])), "via the agent");
+
+    // 2. Another identity, by any selector: IMDS's own refusal, and nothing goes upstream.
+    for selector in [
+        format!("&client_id={}", table.client_id),
+        format!("&object_id={}", table.object_id),
+        format!("&mi_res_id={}", form_urlencoded::byte_serialize(table.resource_id.as_bytes()).collect::<String>()),
+        format!("&msi_res_id={}", form_urlencoded::byte_serialize(kv.resource_id.as_bytes()).collect::<String>()),
+    ] {
+        assert_identity_not_found(&token(&node, &web, &selector));
+    }
+    assert_eq!(node.fake.token_requests().len(), 2);
+
+    // 5. Two identities on one selector: the selector picks; none given -> the first by name ("kv").
+    assert_token_of(&token(&node, &multi, &format!("&client_id={}", table.client_id)), &table);
+    assert_token_of(&token(&node, &multi, &format!("&object_id={}", kv.object_id)), &kv);
+    assert_token_of(&token(&node, &multi, ""), &kv);
+    assert_identity_not_found(&token(&node, &multi, &format!("&client_id={}", blob.client_id)));
+
+    // Every answer is in the decision log, as JSON, naming pod, caller and identity.
+    let decisions = node.agent().decisions();
+    assert_eq!(decisions.len(), 10);
+    let first = &decisions[0];
+    assert_eq!((first["pod_namespace"].as_str(), first["pod_name"].as_str()), (Some(NS), Some("web")));
+    assert_eq!((first["verdict"].as_str(), first["identity"].as_str()), (Some("allow"), Some("app/blob")));
+    assert_eq!(first["upstream_status"], 200);
+    assert!(first["pid"].as_u64().is_some_and(|p| p > 0) && first["cgroup_id"].as_u64() == Some(web.ctr.id()));
+    assert!(!decisions.iter().any(|d| d.to_string().contains("fake-token")), "no tokens in the decision log");
+    drop((web, multi));
+}
+
+// 3
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn unbound_pods_are_refused_and_with_deny_unbound_cannot_connect() {
+    let (mut node, _) = node("unbound");
+    let (plain_uid, stranger_uid) = (uid(), uid());
+    node.write_manifest(
+        "pods.yaml",
+        &(pod_yaml("plain", &plain_uid, &[]) + &pod_yaml("stranger", &stranger_uid, &[("aadpodidbinding", "nobody")])),
+    );
+    let (plain, stranger) = (node.pod(&plain_uid), node.pod(&stranger_uid));
+    node.start_agent(&[]);
+    assert_identity_not_found(&token(&node, &plain, ""));
+    assert_identity_not_found(&token(&node, &stranger, ""));
+    assert!(node.fake.token_requests().is_empty());
+    let reasons: Vec<String> =
+        node.agent().decisions().iter().map(|d| d["reason"].as_str().unwrap_or("").to_owned()).collect();
+    assert!(reasons[0].contains("no aadpodidbinding label"), "{reasons:?}");
+    assert!(reasons[1].contains("no AzureIdentityBinding"), "{reasons:?}");
+
+    // Restart with --deny-unbound: the kernel refuses them outright.
+    node.agent = None;
+    node.start_agent(&["--deny-unbound"]);
+    for pod in [&plain, &stranger] {
+        let report = Probe::new(pod.ns(&node), &pod.ctr).connect(IMDS_IP, 80, false).wait();
+        assert_eq!(report.errno, Some(libc::EPERM), "{report:?}");
+    }
+    assert!(node.fake.seen().is_empty());
+    drop((plain, stranger));
+}
+
+// 4, 6
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn exception_pods_go_straight_to_imds_and_host_network_pods_are_filtered() {
+    let (mut node, [blob, ..]) = node("exception");
+    let (helper_uid, hostnet_uid) = (uid(), uid());
+    node.write_manifest(
+        "pods.yaml",
+        &(exception_yaml("helpers", "role", "node-helper")
+            + &pod_yaml("helper", &helper_uid, &[("role", "Node-Helper")])
+            + &pod_yaml("hostnet", &hostnet_uid, &[("aadpodidbinding", "blob")])),
+    );
+    let helper = node.pod(&helper_uid);
+    let hostnet = node.host_network_pod(&hostnet_uid);
+    node.start_agent(&[]);
+
+    // 4. The exception's connection never reaches the agent: it arrives from the pod itself.
+    let fetched = token(&node, &helper, "");
+    assert_eq!(fetched.status, 200, "{fetched:?}");
+    let seen = node.fake.token_requests();
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].peer.ip().to_string().starts_with("10.232."), "came from the pod: {:?}", seen[0].peer);
+    assert!(node.agent().decisions().is_empty(), "the agent never saw it");
+
+    // 6. A hostNetwork pod (pod cgroup, node namespace) is filtered like any other pod.
+    assert_token_of(&token(&node, &hostnet, ""), &blob);
+    let decisions = node.agent().decisions();
+    assert_eq!((decisions.len(), decisions[0]["pod_name"].as_str()), (1, Some("hostnet")));
+    assert_eq!(node.fake.token_requests()[1].param("client_id").as_deref(), Some(blob.client_id.as_str()));
+    drop((helper, hostnet));
+}
+
+// 8
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn direct_connections_to_the_agent_are_refused() {
+    let (mut node, _) = node("direct");
+    let web_uid = uid();
+    node.write_manifest("pods.yaml", &pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]));
+    let web = node.pod(&web_uid);
+    node.start_agent(&[]);
+    let fetched = curl(&node, &web, SocketAddr::V4(AGENT_ADDR), TOKEN, &[MD]);
+    assert_eq!(fetched.status, 0, "no HTTP answer at all: {fetched:?}");
+    // 52: empty reply; 56: reset (closed with the request unread). Both: not a byte of HTTP.
+    assert!(matches!(fetched.curl_exit, 52 | 56), "{fetched:?}");
+    assert!(node.agent().decisions().is_empty());
+    assert!(node.fake.seen().is_empty());
+    assert!(node.agent().log_lines().iter().any(|l| l["event"] == "refused"));
+    drop(web);
+}
+
+// 9
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn audit_mode_logs_and_allows() {
+    let (mut node, [blob, table, _]) = node("audit");
+    let web_uid = uid();
+    node.write_manifest("pods.yaml", &pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]));
+    let web = node.pod(&web_uid);
+    node.start_agent(&["--mode", "audit"]);
+    // Asking for another identity would be refused; audit forwards the request as asked.
+    assert_token_of(&token(&node, &web, &format!("&client_id={}", table.client_id)), &table);
+    assert_token_of(&token(&node, &web, ""), &blob);
+    let verdicts: Vec<String> =
+        node.agent().decisions().iter().map(|d| d["verdict"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(verdicts, ["audit-allow", "allow"]);
+    drop(web);
+}
+
+// 10
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn removing_the_label_revokes_access() {
+    let (mut node, [blob, ..]) = node("revoke");
+    let web_uid = uid();
+    node.write_manifest("pods.yaml", &pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]));
+    let web = node.pod(&web_uid);
+    node.start_agent(&[]);
+    assert_token_of(&token(&node, &web, ""), &blob);
+
+    let edited = Instant::now();
+    node.write_manifest("pods.yaml", &pod_yaml("web", &web_uid, &[]));
+    let revoked = loop {
+        let fetched = token(&node, &web, "");
+        if fetched.status == 400 {
+            break edited.elapsed();
+        }
+        assert_token_of(&fetched, &blob);
+        assert!(edited.elapsed() < Duration::from_secs(5), "still allowed 5 s after the edit");
+    };
+    eprintln!("access revoked {revoked:?} after the manifest edit (includes curl start-up)");
+    // A broken edit keeps the policy in force (revoked stays revoked) and is logged.
+    node.write_manifest("pods.yaml", "apiVersion: v1\nkind: Pod\nmetadata: [broken\n");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_identity_not_found(&token(&node, &web, ""));
+    assert!(node
+        .agent()
+        .log_lines()
+        .iter()
+        .any(|l| l["message"].as_str().is_some_and(|m| m.contains("previous policy stays"))));
+    drop(web);
+}
+
+// 11
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn token_path_variants_are_refused_and_never_forwarded() {
+    let (mut node, _) = node("paths");
+    let web_uid = uid();
+    node.write_manifest("pods.yaml", &pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]));
+    let web = node.pod(&web_uid);
+    node.start_agent(&[]);
+    let query = "?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
+    for path in [
+        r"/metadata/identity\oauth2\token",
+        "/metadata/identity%2foauth2/token",
+        "/metadata/identity%2Foauth2%2Ftoken",
+        "/metadata/identity%5coauth2/token",
+        "/metadata/./identity/oauth2/token",
+        "/metadata/x/../identity/oauth2/token",
+        "//metadata/identity/oauth2/token",
+        "/metadata/identity/oauth2/token/",
+        "/Metadata/Identity/OAuth2/Token",
+    ] {
+        let fetched = curl(&node, &web, imds(), &format!("{path}{query}"), &[MD]);
+        assert_eq!(fetched.status, 400, "{path}: {fetched:?}");
+    }
+    for path in ["/host/token", "/metadata/instance"] {
+        let fetched = curl(&node, &web, imds(), &format!("{path}{query}"), &[MD]);
+        assert_eq!(fetched.status, 403, "{path}: {fetched:?}");
+    }
+    assert!(node.fake.seen().is_empty(), "nothing was forwarded: {:?}", node.fake.seen());
+    drop(web);
+}
