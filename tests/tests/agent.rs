@@ -40,7 +40,7 @@ fn binding_yaml(name: &str, identity: &str, selector: &str) -> String {
 }
 
 fn pod_yaml(name: &str, uid: &str, labels: &[(&str, &str)]) -> String {
-    let labels: String = labels.iter().map(|(k, v)| format!("    {k}: {v}\n")).collect();
+    let labels: String = labels.iter().flat_map(|(k, v)| ["    ", k, ": ", v, "\n"]).collect();
     let labels = if labels.is_empty() { "  labels: {}\n".to_owned() } else { format!("  labels:\n{labels}") };
     format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  uid: {uid}\n{labels}---\n")
 }
