@@ -300,3 +300,57 @@ fn token_path_variants_are_refused_and_never_forwarded() {
     assert!(node.fake.seen().is_empty(), "nothing was forwarded: {:?}", node.fake.seen());
     drop(web);
 }
+
+/// Runs the Azure SDK client script in `pod`; its one-line JSON result.
+fn sdk(node: &Node, pod: &TestPod, args: &[&str]) -> serde_json::Value {
+    let python = std::env::var("IMDS_SDK_PYTHON")
+        .expect("IMDS_SDK_PYTHON names the venv with azure-identity: run through `cargo xtask test`");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/imds_client.py");
+    let mut command = vec![python.as_str(), script];
+    command.extend_from_slice(args);
+    let out = imds_tests::node::run_in_pod(node, pod, &command);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("SDK output {stdout:?} ({e}); stderr: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+// 7
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn the_python_azure_sdk_works_unmodified() {
+    let (mut node, [blob, table, _]) = node("sdk");
+    let (web_uid, plain_uid) = (uid(), uid());
+    node.write_manifest(
+        "pods.yaml",
+        &(pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]) + &pod_yaml("plain", &plain_uid, &[])),
+    );
+    let (web, plain) = (node.pod(&web_uid), node.pod(&plain_uid));
+    node.start_agent(&[]);
+    let expected = token_for(&blob.client_id, RESOURCE);
+
+    // ManagedIdentityCredential, with and without the client id.
+    for args in [&["managed"][..], &["managed", blob.client_id.as_str()][..]] {
+        let out = sdk(&node, &web, args);
+        assert_eq!(
+            (out["result"].as_str(), out["token"].as_str()),
+            (Some("token"), Some(expected.as_str())),
+            "{args:?}: {out}"
+        );
+    }
+    // DefaultAzureCredential: its IMDS probe (no Metadata header) gets an answer, then the token.
+    let out = sdk(&node, &web, &["default"]);
+    assert_eq!(out["token"].as_str(), Some(expected.as_str()), "{out}");
+    let probes =
+        node.agent().decisions().iter().filter(|d| d["reason"] == "Required metadata header not specified").count();
+    assert!(probes >= 1, "the SDK's probe reached the agent");
+
+    // Another identity, or an unbound pod: the SDK gives up at once (a 400 is final), no retry storm.
+    let before = node.agent().decisions().len();
+    let out = sdk(&node, &web, &["managed", table.client_id.as_str()]);
+    assert_eq!(out["result"], "CredentialUnavailableError", "{out}");
+    let out = sdk(&node, &plain, &["managed"]);
+    assert_eq!(out["result"], "CredentialUnavailableError", "{out}");
+    assert!(out["seconds"].as_f64().is_some_and(|s| s < 5.0), "{out}");
+    assert_eq!(node.agent().decisions().len() - before, 2, "one request each, no retries");
+    drop((web, plain));
+}

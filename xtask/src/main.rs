@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand};
 
 /// bpf-linker release built by `setup` (its `llvm-<major>` features match the nightly's LLVM).
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The real IMDS client the end-to-end tests run inside pods (Python, from PyPI).
+const AZURE_IDENTITY_VERSION: &str = "1.27.0";
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Project tasks for imds-filter")]
@@ -92,7 +94,7 @@ fn is_root() -> bool {
 // ---- setup -----------------------------------------------------------------------------------
 
 fn setup() -> Result<()> {
-    const STEPS: usize = 4;
+    const STEPS: usize = 5;
     step(1, STEPS, "nightly toolchain with rust-src (builds the kernel programs)");
     let nightly = nightly_info()?;
     let core_src = nightly.sysroot.join("lib/rustlib/src/rust/library/core");
@@ -105,18 +107,40 @@ fn setup() -> Result<()> {
     step(2, STEPS, "bpf-linker built against the nightly's LLVM");
     install_bpf_linker(&nightly)?;
 
-    step(3, STEPS, "tools the privileged tests use (iproute2)");
-    if Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success()) {
-        println!("    ip present");
+    step(3, STEPS, "tools the privileged tests use (iproute2, curl)");
+    let missing: Vec<&str> = [("ip", "-V", "iproute2"), ("curl", "--version", "curl")]
+        .into_iter()
+        .filter(|(tool, arg, _)| !Command::new(tool).arg(arg).output().is_ok_and(|o| o.status.success()))
+        .map(|(_, _, package)| package)
+        .collect();
+    if missing.is_empty() {
+        println!("    ip and curl present");
     } else {
-        ensure!(is_root(), "iproute2 (`ip`) is missing; install it (apt-get install iproute2) or rerun as root");
+        ensure!(is_root(), "missing {}: install with apt-get, or rerun as root", missing.join(", "));
         run(Command::new("apt-get").arg("update").arg("-q"))?;
         run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "iproute2"])
+            .args(["install", "-y", "-q"])
+            .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
 
-    step(4, STEPS, "kernel features");
+    step(4, STEPS, &format!("Python azure-identity {AZURE_IDENTITY_VERSION} (a real IMDS client for the tests)"));
+    let python = sdk_python()?;
+    let ready = Command::new(&python)
+        .args(["-c", &format!("import azure.identity as a; assert a.__version__ == '{AZURE_IDENTITY_VERSION}'")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ready {
+        println!("    present in {}", python.parent().and_then(Path::parent).unwrap_or(&python).display());
+    } else {
+        let venv = python.parent().and_then(Path::parent).context("venv layout")?;
+        run(Command::new("python3").arg("-m").arg("venv").arg(venv))?;
+        run(Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+            .arg(format!("azure-identity=={AZURE_IDENTITY_VERSION}")))?;
+    }
+
+    step(5, STEPS, "kernel features");
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
     println!(
         "    BTF (/sys/kernel/btf/vmlinux): {}",
@@ -126,6 +150,15 @@ fn setup() -> Result<()> {
     println!("    cgroup v2 mounted: {}", if cgroup2 { "yes" } else { "NO — the filter needs cgroup v2" });
     println!("setup complete");
     Ok(())
+}
+
+/// The interpreter of the venv holding the pinned azure-identity (kept across runs).
+fn sdk_python() -> Result<PathBuf> {
+    let cache = match env::var_os("XDG_CACHE_HOME") {
+        Some(c) => PathBuf::from(c),
+        None => PathBuf::from(env::var_os("HOME").context("HOME is not set")?).join(".cache"),
+    };
+    Ok(cache.join("imds-filter").join(format!("azure-identity-{AZURE_IDENTITY_VERSION}")).join("bin/python"))
 }
 
 struct Nightly {
@@ -269,7 +302,10 @@ fn test(no_lint: bool, unprivileged: bool) -> Result<()> {
     println!("    {}", object.display());
     println!("==> unit tests and privileged end-to-end tests");
     run(cargo().args(["build", "--workspace", "--bins"]).env("IMDS_REQUIRE_EBPF", "1"))?;
-    run(cargo().args(["test", "--workspace", "--", "--include-ignored"]).env("IMDS_REQUIRE_EBPF", "1"))
+    run(cargo()
+        .args(["test", "--workspace", "--", "--include-ignored"])
+        .env("IMDS_REQUIRE_EBPF", "1")
+        .env("IMDS_SDK_PYTHON", sdk_python()?))
 }
 
 // ---- demo ------------------------------------------------------------------------------------
