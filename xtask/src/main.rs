@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 
 /// bpf-linker release built by `setup` (its `llvm-<major>` features match the nightly's LLVM).
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// The real IMDS client the end-to-end tests run inside pods (Python, from PyPI).
+/// The real IMDS client the end-to-end tests run inside pods (Python, from the package index).
 const AZURE_IDENTITY_VERSION: &str = "1.27.0";
 
 #[derive(Parser)]
