@@ -175,6 +175,10 @@ impl Snapshot {
         self.pods.values()
     }
 
+    pub fn identities(&self) -> impl Iterator<Item = &Identity> {
+        self.identities.values()
+    }
+
     /// Sizes, for logs and metrics: (pods, identities, bindings, exceptions).
     #[must_use]
     pub fn sizes(&self) -> (usize, usize, usize, usize) {

@@ -312,8 +312,12 @@ fn test(no_lint: bool, unprivileged: bool) -> Result<()> {
 
 fn demo() -> Result<()> {
     if !is_root() {
-        bail!("the demo loads eBPF programs and creates a namespace and cgroups: run as root");
+        bail!("the demo loads eBPF programs and creates namespaces and cgroups: run as root");
     }
+    // The demo runs the real agent binary; build it (and its eBPF object) first.
+    run(cargo()
+        .args(["build", "--quiet", "--package", "imds-agent", "--bin", "imds-agent"])
+        .env("IMDS_REQUIRE_EBPF", "1"))
+    .context("the demo needs the BPF toolchain: run `cargo xtask setup` first")?;
     run(cargo().args(["run", "--quiet", "--package", "imds-tests", "--bin", "imds-demo"]).env("IMDS_REQUIRE_EBPF", "1"))
-        .context("the demo needs the BPF toolchain: run `cargo xtask setup` first")
 }

@@ -1,74 +1,80 @@
-//! `cargo xtask demo`: the kernel path in a sandbox, in under a minute.
+//! `cargo xtask demo`: the agent on a node in miniature, in a few seconds.
 //!
-//! Sets up a throwaway network namespace (the metadata address lives on its loopback, with a
-//! stand-in listener behind it) and a cgroup tree with one cgroup per verdict, installs the
-//! real programs, sends a few clients at the metadata address, prints what each got, and
-//! cleans everything up — also on a panic, through the same guards the tests use.
-use std::{net::SocketAddr, time::Duration};
+//! Builds a throwaway node (see `imds_tests::node`): a network namespace whose loopback
+//! holds a fake IMDS on `169.254.169.254` (the real one cannot be used here), kubelet-style
+//! pod cgroups, and one network namespace per pod. It loads the example manifests from
+//! `deploy/examples/`, starts the real `imds-agent`, has each pod ask for a token with curl,
+//! prints what each got and a few decision-log lines, then removes everything — also on a
+//! panic, through the guards the tests use.
+use std::{fs, net::SocketAddr, path::Path};
 
-use imds_common::Counter;
-use imds_tests::{describe, Probe, ProbeReport, Sandbox, TcpTap, IMDS_IP};
+use imds_agent::sources::manifests;
+use imds_tests::{
+    fake_imds::FakeIdentity,
+    node::{curl, Node},
+    IMDS_IP,
+};
+
+const TOKEN: &str =
+    "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fstorage.azure.com%2F";
 
 fn main() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("the demo loads eBPF programs and creates namespaces and cgroups: run it as root");
         std::process::exit(1);
     }
-    let sb = Sandbox::new("demo");
-    println!("imds-filter demo: the kernel path\n");
-    println!(
-        "  network namespace  {}  (169.254.169.254 on its loopback, a stand-in metadata listener behind it)",
-        sb.ns.name
-    );
-    println!("  filtered cgroup    {}", sb.redirect.path.parent().unwrap_or(&sb.redirect.path).display());
-    println!("    app/             no entry: default verdict REDIRECT");
-    println!("    trusted/         PASS    (trusted/ctr/ inherits it)");
-    println!("    blocked/         DENY");
-    println!("  agent listener     {}\n", sb.agent.server.addr);
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let policy = manifests::load_dir(&examples).unwrap_or_else(|e| panic!("{}: {e:#}", examples.display()));
 
-    let tap = TcpTap::open(&sb.ns);
-    println!("  {:<13} {:<28} result", "client", "connects to");
-    let row = |who: &str, to: &str, what: String| println!("  {who:<13} {to:<28} {what}");
-
-    let probe = Probe::new(&sb.ns, &sb.redirect).as_user(1000, 1000).connect(IMDS_IP, 80, false);
-    let report = probe.wait();
-    row("app", "169.254.169.254:80", outcome(&sb, &report));
-    let report = Probe::new(&sb.ns, &sb.redirect).connect(IMDS_IP, 80, true).wait();
-    row("app", "[::ffff:169.254.169.254]:80", outcome(&sb, &report));
-    let report = Probe::new(&sb.ns, &sb.pass_ctr).connect(IMDS_IP, 80, false).wait();
-    row("trusted/ctr", "169.254.169.254:80", outcome(&sb, &report));
-    let report = Probe::new(&sb.ns, &sb.deny).connect(IMDS_IP, 80, false).wait();
-    row("blocked", "169.254.169.254:80", outcome(&sb, &report));
-    let _sent = Probe::new(&sb.ns, &sb.redirect).raw_syn(IMDS_IP, 80, 41_000).wait();
-    let raw = if tap.saw_syn(IMDS_IP, 80, 41_000, Duration::from_millis(500)) {
-        "ARRIVED (the backstop failed!)".to_owned()
-    } else {
-        "dropped in the kernel, never arrived".to_owned()
-    };
-    row("app", "raw SYN to 169.254.169.254", raw);
-
-    let counters: Vec<String> = Counter::ALL.iter().map(|c| format!("{}={}", c.name(), sb.counter(*c))).collect();
-    println!("\n  kernel counters: {}", counters.join(" "));
-    drop(sb);
-    println!("  cleaned up: namespace, cgroups and pinned programs removed");
-}
-
-fn outcome(sb: &Sandbox, report: &ProbeReport) -> String {
-    match (report.outcome.as_str(), report.reply.as_deref()) {
-        ("connected", Some("standin")) => "reached the metadata service (stand-in)".into(),
-        ("connected", Some(reply)) if reply.starts_with("agent pid=") => {
-            let local: Option<SocketAddr> = report.local.as_deref().and_then(|l| l.parse().ok());
-            let known = local.and_then(|l| sb.agent.origin_for(&l.to_string()));
-            match known {
-                Some(imds_agent::kernel::OriginLookup::Found(o)) => {
-                    let d = describe(&o);
-                    format!("redirected to the agent; kernel says: {}", d.trim_start_matches("agent "))
-                }
-                _ => format!("redirected to the agent ({reply})"),
-            }
-        }
-        ("connected", other) => format!("connected, unexpected reply {other:?}"),
-        ("error", _) => format!("connect() failed: {}", report.error.as_deref().unwrap_or("?")),
-        (other, _) => other.to_owned(),
+    // The "VM" has the example identities assigned, as the operator would have done.
+    let identities: Vec<FakeIdentity> = policy
+        .identities()
+        .map(|i| FakeIdentity {
+            client_id: i.client_id.clone(),
+            object_id: i.object_id.clone().unwrap_or_default(),
+            resource_id: i.resource_id.clone(),
+        })
+        .collect();
+    let mut node = Node::new("demo", identities);
+    for entry in fs::read_dir(&examples).expect("examples").filter_map(Result::ok) {
+        fs::copy(entry.path(), node.manifests.path().join(entry.file_name())).expect("copy example");
     }
+    let mut pods: Vec<_> = policy.pods().cloned().collect();
+    pods.sort_by(|a, b| a.name.cmp(&b.name));
+    let test_pods: Vec<_> = pods.iter().map(|p| node.pod(&p.uid)).collect();
+    node.start_agent(&[]);
+
+    println!("imds-filter demo: a node in miniature\n");
+    println!("  manifests       deploy/examples/ (aad-pod-identity's AzureIdentity, binding, exception; 3 pods)");
+    println!("  metadata        169.254.169.254 in the node namespace: a fake IMDS with the example identity");
+    println!("  agent           imds-agent run, attached to {}\n", node.kubepods.path.display());
+    println!("  {:<15} {:<38} {:<7} result", "pod (shop/)", "labels", "status");
+    for (pod, test_pod) in pods.iter().zip(&test_pods) {
+        let before = node.fake.token_requests().len();
+        let fetched = curl(&node, test_pod, SocketAddr::from((IMDS_IP, 80)), TOKEN, &["Metadata: true"]);
+        let direct =
+            node.fake.token_requests().get(before).is_some_and(|s| s.peer.ip().to_string().starts_with("10.232."));
+        let result = match (fetched.status, direct) {
+            (200, true) => "token from IMDS directly (exception: the kernel let it pass)".to_owned(),
+            (200, false) => {
+                let client = fetched.json()["client_id"].as_str().unwrap_or("?").to_owned();
+                format!("token for identity {client}")
+            }
+            (_, _) => fetched.json()["error_description"].as_str().unwrap_or(&fetched.body).to_owned(),
+        };
+        let labels: Vec<String> = pod.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("  {:<15} {:<38} {:<7} {result}", pod.name, labels.join(","), fetched.status);
+    }
+
+    println!("\n  decision log (the agent's stdout, one JSON object per request):");
+    for d in node.agent().decisions() {
+        let compact = serde_json::json!({
+            "pod": format!("{}/{}", d["pod_namespace"].as_str().unwrap_or("?"), d["pod_name"].as_str().unwrap_or("?")),
+            "pid": d["pid"], "verdict": d["verdict"], "identity": d["identity"], "reason": d["reason"], "status": d["status"],
+        });
+        println!("    {compact}");
+    }
+    drop(test_pods);
+    drop(node);
+    println!("\n  cleaned up: agent stopped, namespaces, cgroups and pinned programs removed");
 }
