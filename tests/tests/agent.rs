@@ -354,3 +354,64 @@ fn the_python_azure_sdk_works_unmodified() {
     assert_eq!(node.agent().decisions().len() - before, 2, "one request each, no retries");
     drop((web, plain));
 }
+
+// Pods the sources do not know yet: wait a short grace, then a retryable 404 (never NMI's
+// 80 s); a pod that appears during the wait is served.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn unknown_pods_wait_briefly_then_get_a_retryable_404() {
+    let (mut node, [blob, ..]) = node("unknown");
+    let (late_uid, ghost_uid) = (uid(), uid());
+    let (late, ghost) = (node.pod(&late_uid), node.pod(&ghost_uid));
+    node.start_agent(&["--pod-grace", "1500ms"]);
+
+    let started = Instant::now();
+    let fetched = token(&node, &ghost, "");
+    let waited = started.elapsed();
+    assert_eq!(fetched.status, 404, "{fetched:?}");
+    assert_eq!(fetched.json()["error"], "unknown");
+    assert!(waited >= Duration::from_millis(1500) && waited < Duration::from_secs(10), "{waited:?}");
+
+    // The manifest arrives while the request waits: served, no 404.
+    let writer = {
+        let path = node.manifests.path().join("late.yaml");
+        let yaml = pod_yaml("late", &late_uid, &[("aadpodidbinding", "blob")]);
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let tmp = path.with_extension("tmp~");
+            std::fs::write(&tmp, yaml).unwrap();
+            std::fs::rename(tmp, path).unwrap();
+        })
+    };
+    assert_token_of(&token(&node, &late, ""), &blob);
+    writer.join().unwrap();
+    let verdicts: Vec<String> =
+        node.agent().decisions().iter().map(|d| d["verdict"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(verdicts, ["unknown-pod", "allow"]);
+    drop((late, ghost));
+}
+
+// Other metadata paths: refused by default, forwarded when allowed (or all, NMI-style).
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn other_metadata_paths_follow_the_configured_rules() {
+    let (mut node, _) = node("rules");
+    let web_uid = uid();
+    node.write_manifest("pods.yaml", &pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]));
+    let web = node.pod(&web_uid);
+    let compute = "/metadata/instance/compute?api-version=2021-02-01";
+    for (args, want) in
+        [(&[][..], 403), (&["--allow-path", "/metadata/instance"][..], 200), (&["--forward-all-paths"][..], 200)]
+    {
+        node.agent = None;
+        node.start_agent(args);
+        let fetched = curl(&node, &web, imds(), compute, &[MD]);
+        assert_eq!(fetched.status, want, "{args:?}: {fetched:?}");
+        // Token-path spellings stay refused whatever the rules.
+        let variant = curl(&node, &web, imds(), &format!("/metadata/identity%2Foauth2/token{}", &TOKEN[31..]), &[MD]);
+        assert_eq!(variant.status, 400, "{args:?}: {variant:?}");
+    }
+    let forwarded: Vec<String> = node.fake.seen().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(forwarded, ["/metadata/instance/compute", "/metadata/instance/compute"]);
+    drop(web);
+}
