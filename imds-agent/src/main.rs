@@ -221,7 +221,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
 
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
     tokio::select! {
-        served = server::serve(listener, state) => served.context("accepting connections")?,
+        () = server::serve(listener, state) => {}
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
@@ -252,23 +252,35 @@ fn spawn_verdict_sync(mut sync: VerdictSync, mut updates: watch::Receiver<Arc<Sn
     let report = sync.sync(&updates.borrow_and_update())?;
     tracing::info!(pod_cgroups = report.pod_cgroups, set = report.set, "kernel verdicts in place");
     let runtime = tokio::runtime::Handle::current();
-    std::thread::Builder::new().name("verdict-sync".into()).spawn(move || loop {
-        let changed = runtime.block_on(tokio::time::timeout(Duration::from_secs(1), updates.changed()));
-        if matches!(changed, Ok(Err(_))) {
-            return; // the policy source is gone: the agent is shutting down
-        }
-        let snapshot = Arc::clone(&updates.borrow_and_update());
-        match sync.sync(&snapshot) {
-            Ok(r) if r.set + r.cleared > 0 => {
-                tracing::info!(
-                    pod_cgroups = r.pod_cgroups,
-                    set = r.set,
-                    cleared = r.cleared,
-                    "kernel verdicts updated"
-                );
+    std::thread::Builder::new().name("verdict-sync".into()).spawn(move || {
+        let mut last_error = None;
+        loop {
+            let changed = runtime.block_on(tokio::time::timeout(Duration::from_secs(1), updates.changed()));
+            if matches!(changed, Ok(Err(_))) {
+                return; // the policy source is gone: the agent is shutting down
             }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "updating kernel verdicts"),
+            let snapshot = Arc::clone(&updates.borrow_and_update());
+            match sync.sync(&snapshot) {
+                Ok(r) => {
+                    last_error = None;
+                    if r.set + r.cleared > 0 {
+                        tracing::info!(
+                            pod_cgroups = r.pod_cgroups,
+                            set = r.set,
+                            cleared = r.cleared,
+                            "kernel verdicts updated"
+                        );
+                    }
+                }
+                Err(e) => {
+                    // Retried every second; said once until it changes or recovers.
+                    let message = format!("{:#}", anyhow::Error::from(e));
+                    if last_error.as_ref() != Some(&message) {
+                        tracing::error!(error = %message, "updating kernel verdicts");
+                        last_error = Some(message);
+                    }
+                }
+            }
         }
     })?;
     Ok(())

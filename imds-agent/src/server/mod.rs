@@ -40,10 +40,20 @@ pub struct AgentState {
     pub resolver: Arc<CgroupResolver>,
 }
 
-/// Accepts and serves connections until the listener fails.
-pub async fn serve(listener: TcpListener, state: Arc<AgentState>) -> std::io::Result<()> {
+/// Accepts and serves connections for as long as the agent runs. Accept errors (out of file
+/// descriptors under a flood, a connection aborted before it was accepted) are logged and
+/// survived: the agent must not stop answering because of them.
+pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
     loop {
-        let (stream, peer) = listener.accept().await?;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; retrying");
+                // Give descriptors a moment to be released instead of spinning.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let state = Arc::clone(&state);
         tokio::spawn(async move {
             let Some(caller) = identify(&stream, &state).await else {
