@@ -6,12 +6,14 @@
 //! - [`caller`]: from that cgroup to the pod (kubelet cgroup naming).
 //! - [`imds`]: the IMDS protocol: paths, request validation, error shapes.
 //! - [`policy`]: aad-pod-identity's rules as a pure function of a snapshot and a request.
-//! - [`sources`]: where snapshots come from (a manifests directory).
+//! - [`sources`]: where snapshots come from (a manifests directory); [`crds`] the
+//!   aad-pod-identity custom resources as Rust types.
 //! - [`server`]: HTTP on each redirected connection; [`upstream`] the real metadata service;
 //!   [`decisions`] the decision log.
 //! - [`verdicts`]: the policy's per-pod kernel verdicts (PASS for exceptions, DENY for unbound
 //!   pods with `--deny-unbound`), kept in sync with the pod cgroups.
 pub mod caller;
+pub mod crds;
 pub mod decisions;
 pub mod imds;
 pub mod kernel;

@@ -38,8 +38,10 @@ enum Task {
         #[arg(long)]
         unprivileged: bool,
     },
-    /// Show the kernel path at work in a throwaway sandbox (needs root).
+    /// The agent on a node in miniature: example manifests, pods, a fake IMDS (needs root).
     Demo,
+    /// Regenerate deploy/crds/ from the Rust types in imds-agent/src/crds.rs.
+    Crdgen,
 }
 
 fn main() -> Result<()> {
@@ -48,6 +50,9 @@ fn main() -> Result<()> {
         Task::BuildEbpf => build_ebpf().map(|path| println!("{}", path.display())),
         Task::Test { no_lint, unprivileged } => test(no_lint, unprivileged),
         Task::Demo => demo(),
+        Task::Crdgen => run(cargo()
+            .args(["run", "--quiet", "--package", "imds-agent", "--bin", "imds-crdgen", "--"])
+            .arg(workspace_root().join("deploy/crds"))),
     }
 }
 
