@@ -9,7 +9,7 @@
 //! - [`sources`]: where snapshots come from (a manifests directory); [`crds`] the
 //!   aad-pod-identity custom resources as Rust types.
 //! - [`server`]: HTTP on each redirected connection; [`upstream`] the real metadata service;
-//!   [`decisions`] the decision log.
+//!   [`decisions`] the decision log; [`telemetry`] health, readiness and metrics.
 //! - [`verdicts`]: the policy's per-pod kernel verdicts (PASS for exceptions, DENY for unbound
 //!   pods with `--deny-unbound`), kept in sync with the pod cgroups.
 pub mod caller;
@@ -20,5 +20,6 @@ pub mod kernel;
 pub mod policy;
 pub mod server;
 pub mod sources;
+pub mod telemetry;
 pub mod upstream;
 pub mod verdicts;

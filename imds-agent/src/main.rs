@@ -16,6 +16,7 @@ use imds_agent::{
     policy::Snapshot,
     server::{self, AgentState, Mode},
     sources::manifests,
+    telemetry::{self, SourceStatus, Telemetry},
     upstream::{Upstream, IMDS_TIMEOUT},
     verdicts::VerdictSync,
 };
@@ -95,6 +96,9 @@ struct RunArgs {
     /// Forward every metadata path, as NMI did (token-path variants are still refused).
     #[arg(long, conflicts_with = "allow_paths")]
     forward_all_paths: bool,
+    /// Serve /healthz, /readyz and /metrics (Prometheus) on this address [default: off].
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<SocketAddr>,
     /// Protected endpoint (repeatable).
     #[arg(long = "protect", value_name = "ADDR:PORT", default_values_t = [IMDS_ENDPOINT])]
     protected: Vec<SocketAddrV4>,
@@ -184,7 +188,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
 
     let mut filter = Filter::install(&FilterOptions {
         attach_cgroup: attach_cgroup.clone(),
-        pin_dir: args.bpffs,
+        pin_dir: args.bpffs.clone(),
         agent: listen,
         protected: args.protected,
         default_verdict: args.default_verdict.into(),
@@ -198,8 +202,17 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     let origins = filter.origins();
 
     let (snapshots, updates) = watch::channel(snapshot);
-    let _watcher = manifests::watch(&args.manifests, snapshots).context("watching the manifests directory")?;
+    let source = Arc::new(SourceStatus::default());
+    source.loaded();
+    let _watcher = manifests::watch(&args.manifests, snapshots, Arc::clone(&source))
+        .context("watching the manifests directory")?;
     let attach_root = cgroup::validate_attach_cgroup(&root, &attach_cgroup)?;
+    let telemetry = Arc::new(
+        Telemetry::new(attach_root.clone(), &args.bpffs, updates.clone(), source).context("setting up metrics")?,
+    );
+    if let Some(addr) = args.metrics {
+        telemetry::serve(addr, Arc::clone(&telemetry)).await.with_context(|| format!("serving metrics on {addr}"))?;
+    }
     spawn_verdict_sync(VerdictSync::new(filter, attach_root, args.deny_unbound), updates.clone())?;
 
     let resolver = Arc::new(CgroupResolver::new(&root).context("opening the cgroup2 filesystem")?);
@@ -207,7 +220,8 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     let rules = if args.forward_all_paths { PathRules::ForwardAll } else { PathRules::Allow(args.allow_paths) };
     let state = Arc::new(AgentState {
         snapshot: updates,
-        upstream: Upstream::new(SocketAddr::V4(args.upstream), IMDS_TIMEOUT),
+        upstream: Upstream::new(SocketAddr::V4(args.upstream), IMDS_TIMEOUT)
+            .with_latency(telemetry.upstream_seconds.clone()),
         rules,
         mode: match args.mode {
             ModeArg::Enforce => Mode::Enforce,
@@ -216,6 +230,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         pod_grace: args.pod_grace,
         origins,
         resolver,
+        telemetry,
     });
     tracing::info!(listen = %listen, agent_cgroup = %own.display(), "filter installed; serving redirected connections");
 

@@ -47,6 +47,7 @@ pub struct Upstream {
     addr: SocketAddr,
     client: Client<HttpConnector, Empty<Bytes>>,
     timeout: Duration,
+    latency: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// The selector sent upstream for the chosen identity.
@@ -61,7 +62,14 @@ impl Upstream {
     #[must_use]
     pub fn new(addr: SocketAddr, timeout: Duration) -> Upstream {
         let client = Client::builder(TokioExecutor::new()).build_http();
-        Upstream { addr, client, timeout }
+        Upstream { addr, client, timeout, latency: None }
+    }
+
+    /// Records every call's duration (answered or not) in `histogram`, in seconds.
+    #[must_use]
+    pub fn with_latency(mut self, histogram: prometheus_client::metrics::histogram::Histogram) -> Upstream {
+        self.latency = Some(histogram);
+        self
     }
 
     /// `GET /metadata/identity/oauth2/token` for exactly this resource and identity.
@@ -100,6 +108,12 @@ impl Upstream {
             let body = Limited::new(response.into_body(), MAX_BODY).collect().await.map_err(UpstreamError::Body)?;
             Ok(UpstreamResponse { status, content_type, body: body.to_bytes() })
         };
-        tokio::time::timeout(self.timeout, call).await.map_err(|_| UpstreamError::Timeout(self.timeout))?
+        let started = std::time::Instant::now();
+        let result =
+            tokio::time::timeout(self.timeout, call).await.map_err(|_| UpstreamError::Timeout(self.timeout))?;
+        if let Some(h) = &self.latency {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        result
     }
 }

@@ -415,3 +415,77 @@ fn other_metadata_paths_follow_the_configured_rules() {
     assert_eq!(forwarded, ["/metadata/instance/compute", "/metadata/instance/compute"]);
     drop(web);
 }
+
+/// Parses `OpenMetrics` text with Python's `prometheus_client` (a real parser) into
+/// `name{label=value,…}` → value rounded to an integer (every sample compared here counts
+/// something), labels sorted.
+fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, i64> {
+    use std::io::Write as _;
+    let python = std::env::var("IMDS_SDK_PYTHON").expect("IMDS_SDK_PYTHON: run through `cargo xtask test`");
+    let script = "import sys, json\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse\n\
+        out = {}\n\
+        for family in parse(sys.stdin.read()):\n\
+        \x20   for s in family.samples:\n\
+        \x20       labels = ','.join(f'{k}={v}' for k, v in sorted(s.labels.items()))\n\
+        \x20       out[f'{s.name}{{{labels}}}'] = s.value\n\
+        print(json.dumps(out))\n";
+    let mut child = std::process::Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the parser rejected the metrics:\n{text}");
+    let values: std::collections::BTreeMap<String, f64> = serde_json::from_slice(&out.stdout).unwrap();
+    values.into_iter().map(|(k, v)| (k, v.round() as i64)).collect()
+}
+
+// Health, readiness and metrics (issue #4): they reflect the real state, never a constant.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn health_readiness_and_metrics_reflect_the_real_state() {
+    let (mut node, [blob, ..]) = node("metrics");
+    let web_uid = uid();
+    node.write_manifest("pods.yaml", &pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]));
+    let web = node.pod(&web_uid);
+    node.start_agent(&["--metrics", "10.233.0.1:9402"]);
+    let addr = SocketAddr::from(([10, 233, 0, 1], 9402));
+    let get = |path: &'static str| node.ns.enter(move || imds_tests::fake_imds::http_get(addr, path, &[]).unwrap());
+
+    assert_token_of(&token(&node, &web, ""), &blob);
+    assert_identity_not_found(&token(&node, &web, "&client_id=nobody"));
+    assert_eq!(get("/healthz"), (200, "ok\n".to_owned()));
+    assert_eq!(get("/readyz"), (200, "ready\n".to_owned()));
+    let (status, text) = get("/metrics");
+    assert_eq!(status, 200);
+    let m = parse_metrics(&text);
+    let at = |key: &str| *m.get(key).unwrap_or_else(|| panic!("{key} missing from:\n{text}"));
+    assert_eq!(at("imds_filter_requests_total{path_class=token,status=200,verdict=allow}"), 1);
+    assert_eq!(at("imds_filter_requests_total{path_class=token,status=400,verdict=deny}"), 1);
+    assert_eq!(at("imds_filter_kernel_events_total{event=connect_redirect}"), 2);
+    assert_eq!(at("imds_filter_kernel_events_total{event=origin_recorded}"), 2);
+    assert_eq!(at("imds_filter_upstream_request_duration_seconds_count{}"), 1);
+    assert_eq!(at("imds_filter_policy_objects{kind=pods}"), 1);
+    assert_eq!(at("imds_filter_policy_objects{kind=bindings}"), 3);
+    assert_eq!((at("imds_filter_source_synced{}"), at("imds_filter_source_failing{}")), (1, 0));
+
+    // A broken edit: still ready (enforcing the last good policy), and it says so.
+    node.write_manifest("pods.yaml", "apiVersion: v1\nkind: Pod\nmetadata: [broken\n");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !get("/readyz").1.contains("fail-static") {
+        assert!(Instant::now() < deadline, "readiness never reported fail-static");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(parse_metrics(&get("/metrics").1)["imds_filter_source_failing{}"], 1);
+
+    // Programs detached underneath the agent: health says so.
+    imds_agent::kernel::uninstall(&node.pins.path).unwrap();
+    let (status, body) = get("/healthz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no SockOps program attached"), "{body}");
+    assert_eq!(get("/readyz").0, 503);
+    drop(web);
+}

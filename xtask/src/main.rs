@@ -12,6 +12,8 @@ use clap::{Parser, Subcommand};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The real IMDS client the end-to-end tests run inside pods (Python, from the package index).
 const AZURE_IDENTITY_VERSION: &str = "1.27.0";
+/// The Prometheus text parser the tests check `/metrics` with.
+const PROMETHEUS_CLIENT_VERSION: &str = "0.26.0";
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Project tasks for imds-filter")]
@@ -129,12 +131,20 @@ fn setup() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
 
-    step(4, STEPS, &format!("Python azure-identity {AZURE_IDENTITY_VERSION} (a real IMDS client for the tests)"));
+    step(
+        4,
+        STEPS,
+        &format!(
+            "Python clients for the tests: azure-identity {AZURE_IDENTITY_VERSION} (a real IMDS client), \
+             prometheus-client {PROMETHEUS_CLIENT_VERSION} (a real metrics parser)"
+        ),
+    );
     let python = sdk_python()?;
-    let ready = Command::new(&python)
-        .args(["-c", &format!("import azure.identity as a; assert a.__version__ == '{AZURE_IDENTITY_VERSION}'")])
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let check = format!(
+        "import azure.identity as a, importlib.metadata as m; assert a.__version__ == '{AZURE_IDENTITY_VERSION}'; \
+         assert m.version('prometheus-client') == '{PROMETHEUS_CLIENT_VERSION}'"
+    );
+    let ready = Command::new(&python).args(["-c", &check]).output().is_ok_and(|o| o.status.success());
     if ready {
         println!("    present in {}", python.parent().and_then(Path::parent).unwrap_or(&python).display());
     } else {
@@ -142,7 +152,8 @@ fn setup() -> Result<()> {
         run(Command::new("python3").arg("-m").arg("venv").arg(venv))?;
         run(Command::new(&python)
             .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
-            .arg(format!("azure-identity=={AZURE_IDENTITY_VERSION}")))?;
+            .arg(format!("azure-identity=={AZURE_IDENTITY_VERSION}"))
+            .arg(format!("prometheus-client=={PROMETHEUS_CLIENT_VERSION}")))?;
     }
 
     step(5, STEPS, "kernel features");
@@ -163,7 +174,7 @@ fn sdk_python() -> Result<PathBuf> {
         Some(c) => PathBuf::from(c),
         None => PathBuf::from(env::var_os("HOME").context("HOME is not set")?).join(".cache"),
     };
-    Ok(cache.join("imds-filter").join(format!("azure-identity-{AZURE_IDENTITY_VERSION}")).join("bin/python"))
+    Ok(cache.join("imds-filter").join("test-clients").join("bin/python"))
 }
 
 struct Nightly {

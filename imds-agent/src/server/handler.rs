@@ -47,6 +47,7 @@ pub async fn handle<B>(req: Request<B>, caller: &Caller, state: &AgentState) -> 
     record.status = answer.status().as_u16();
     record.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     record.emit();
+    state.telemetry.count_request(record.verdict, &record.path, answer.status());
     answer
 }
 

@@ -38,6 +38,7 @@ pub struct AgentState {
     pub pod_grace: Duration,
     pub origins: Arc<OriginTable>,
     pub resolver: Arc<CgroupResolver>,
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 /// Accepts and serves connections for as long as the agent runs. Accept errors (out of file

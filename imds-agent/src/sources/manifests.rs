@@ -104,7 +104,11 @@ const SETTLE: Duration = Duration::from_millis(20);
 /// Watches `dir` and publishes a new snapshot on `tx` after every change that loads; a
 /// change that does not load is logged (once per distinct error) and the previous policy
 /// stays in force. Returns the watcher, which must be kept alive.
-pub fn watch(dir: &Path, tx: watch::Sender<Arc<Snapshot>>) -> notify::Result<notify::RecommendedWatcher> {
+pub fn watch(
+    dir: &Path,
+    tx: watch::Sender<Arc<Snapshot>>,
+    status: Arc<crate::telemetry::SourceStatus>,
+) -> notify::Result<notify::RecommendedWatcher> {
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let _ = events_tx.send(event);
@@ -127,9 +131,11 @@ pub fn watch(dir: &Path, tx: watch::Sender<Arc<Snapshot>>) -> notify::Result<not
                     let (pods, identities, bindings, exceptions) = snapshot.sizes();
                     tracing::info!(pods, identities, bindings, exceptions, "manifests reloaded");
                     tx.send_replace(Arc::new(snapshot));
+                    status.loaded();
                 }
                 Ok(Err(e)) => {
                     let message = format!("{:#}", anyhow::Error::from(e));
+                    status.failed(message.clone());
                     if last_error.as_ref() != Some(&message) {
                         tracing::error!(error = %message, "manifests do not load; the previous policy stays in force");
                         last_error = Some(message);

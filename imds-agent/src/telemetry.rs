@@ -1,0 +1,270 @@
+//! Health, readiness and Prometheus metrics (`--metrics ADDR:PORT`).
+//!
+//! - `/healthz`: 200 when the process runs **and** each of the four hooks of the attach
+//!   cgroup has our program — asked of the kernel on every probe, never assumed.
+//! - `/readyz`: healthy, and the policy source has loaded at least once. When its latest
+//!   reload failed, the agent is still ready and enforcing the last good policy
+//!   (fail-static); the body says so.
+//! - `/metrics`: Prometheus text format; names are listed in `docs/agent.md`.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use aya::maps::{Map, MapData, PerCpuArray};
+use bytes::Bytes;
+use http::{header, Response, StatusCode};
+use http_body_util::Full;
+use hyper::{server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use imds_common::{maps, Counter as KernelCounter};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{text::encode, DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+use tokio::sync::watch;
+
+use crate::{kernel, policy::Snapshot};
+
+/// Labels of `imds_filter_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The decision log's verdict (`allow`, `deny`, `invalid`, …).
+    pub verdict: String,
+    /// `token`, `token_variant` or `other`.
+    pub path_class: String,
+    pub status: String,
+}
+
+/// Whether the policy source has loaded, and whether its latest reload failed.
+#[derive(Debug, Default)]
+pub struct SourceStatus {
+    synced: AtomicBool,
+    last_sync_unix: AtomicU64,
+    failing: Mutex<Option<String>>,
+}
+
+impl SourceStatus {
+    /// A load succeeded.
+    pub fn loaded(&self) {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.last_sync_unix.store(now, Ordering::Relaxed);
+        self.synced.store(true, Ordering::Relaxed);
+        *self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// A reload failed; the previous policy stays in force.
+    pub fn failed(&self, error: String) {
+        *self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
+    }
+
+    fn failing(&self) -> Option<String> {
+        self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
+/// Everything the agent measures.
+pub struct Telemetry {
+    pub requests: Family<RequestLabels, Counter>,
+    pub upstream_seconds: Histogram,
+    pub source: Arc<SourceStatus>,
+    registry: Registry,
+    attach_cgroup: PathBuf,
+}
+
+impl Telemetry {
+    /// Metrics for an agent attached to `attach_cgroup` with its pins in `pin_dir`.
+    pub fn new(
+        attach_cgroup: PathBuf,
+        pin_dir: &Path,
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        source: Arc<SourceStatus>,
+    ) -> Result<Telemetry, aya::maps::MapError> {
+        let mut registry = Registry::with_prefix("imds_filter");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "Requests answered, by verdict, path class and HTTP status", requests.clone());
+        let upstream_seconds = Histogram::new(exponential_buckets(0.000_5, 2.0, 16));
+        registry.register(
+            "upstream_request_duration_seconds",
+            "Time the metadata service took to answer the agent",
+            upstream_seconds.clone(),
+        );
+        let counters = MapData::from_pin(pin_dir.join(maps::COUNTERS))?;
+        let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(counters))?;
+        registry.register_collector(Box::new(StateCollector {
+            kernel: Mutex::new(counters),
+            snapshot,
+            source: Arc::clone(&source),
+        }));
+        Ok(Telemetry { requests, upstream_seconds, source, registry, attach_cgroup })
+    }
+
+    /// Counts one answered request.
+    pub fn count_request(&self, verdict: &str, path: &str, status: StatusCode) {
+        let path_class = match crate::imds::path::classify(path) {
+            crate::imds::path::PathClass::Token => "token",
+            crate::imds::path::PathClass::TokenVariant => "token_variant",
+            crate::imds::path::PathClass::Other { .. } => "other",
+        };
+        let labels = RequestLabels {
+            verdict: verdict.to_owned(),
+            path_class: path_class.to_owned(),
+            status: status.as_u16().to_string(),
+        };
+        self.requests.get_or_create(&labels).inc();
+    }
+
+    /// `None` when healthy, else what is wrong.
+    fn unhealthy(&self) -> Option<String> {
+        match kernel::attached_programs(&self.attach_cgroup) {
+            Err(e) => Some(format!("cannot ask the kernel: {:#}", anyhow::Error::from(e))),
+            Ok(hooks) => hooks
+                .into_iter()
+                .find(|(hook, progs)| !progs.iter().any(|p| p.name == hook.program()))
+                .map(|(hook, _)| format!("no {hook:?} program attached to {}", self.attach_cgroup.display())),
+        }
+    }
+}
+
+/// Kernel counters, policy sizes and source state, read at scrape time.
+struct StateCollector {
+    kernel: Mutex<PerCpuArray<MapData, u64>>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    source: Arc<SourceStatus>,
+}
+
+impl std::fmt::Debug for StateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateCollector").finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EventLabel {
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+impl Collector for StateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        {
+            let kernel = self.kernel.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut family = encoder.encode_descriptor(
+                "kernel_events",
+                "Events counted by the kernel programs (summed over CPUs)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for c in KernelCounter::ALL {
+                let total: u64 = kernel.get(&(c as u32), 0).map_or(0, |v| v.iter().sum());
+                ConstCounter::new(total).encode(family.encode_family(&EventLabel { event: c.name() })?)?;
+            }
+        }
+        let (pods, identities, bindings, exceptions) = self.snapshot.borrow().sizes();
+        let mut family = encoder.encode_descriptor(
+            "policy_objects",
+            "Objects in the policy snapshot in force",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (kind, n) in
+            [("pods", pods), ("identities", identities), ("bindings", bindings), ("exceptions", exceptions)]
+        {
+            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX)).encode(family.encode_family(&KindLabel { kind })?)?;
+        }
+        let gauge = |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64| {
+            let metric = ConstGauge::new(value);
+            metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+        };
+        gauge(
+            &mut encoder,
+            "source_synced",
+            "1 once the policy source has loaded",
+            i64::from(self.source.synced.load(Ordering::Relaxed)),
+        )?;
+        gauge(
+            &mut encoder,
+            "source_failing",
+            "1 while the latest policy reload failed (the previous policy stays in force)",
+            i64::from(self.source.failing().is_some()),
+        )?;
+        let last = i64::try_from(self.source.last_sync_unix.load(Ordering::Relaxed)).unwrap_or(0);
+        gauge(&mut encoder, "source_last_sync_timestamp_seconds", "When the policy last loaded (Unix time)", last)
+    }
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` on `addr` until the agent exits.
+pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let telemetry = Arc::clone(&telemetry);
+            tokio::spawn(async move {
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let telemetry = Arc::clone(&telemetry);
+                    async move { Ok::<_, Infallible>(answer(req.uri().path(), &telemetry)) }
+                });
+                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+fn answer(path: &str, telemetry: &Telemetry) -> Response<Full<Bytes>> {
+    let text = |status: StatusCode, body: String| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r
+    };
+    match path {
+        "/healthz" => match telemetry.unhealthy() {
+            None => text(StatusCode::OK, "ok\n".into()),
+            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {why}\n")),
+        },
+        "/readyz" => match (telemetry.unhealthy(), telemetry.source.synced.load(Ordering::Relaxed)) {
+            (Some(why), _) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            (None, false) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: policy not loaded yet\n".into()),
+            (None, true) => match telemetry.source.failing() {
+                None => text(StatusCode::OK, "ready\n".into()),
+                Some(e) => text(
+                    StatusCode::OK,
+                    format!("ready (fail-static: enforcing the last good policy; latest reload failed: {e})\n"),
+                ),
+            },
+        },
+        "/metrics" => {
+            let mut body = String::new();
+            match encode(&mut body, &telemetry.registry) {
+                Ok(()) => {
+                    let mut r = text(StatusCode::OK, body);
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                    );
+                    r
+                }
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into()),
+    }
+}
