@@ -15,7 +15,7 @@ use imds_agent::{
     kernel::{self, bpffs::DEFAULT_PIN_DIR, cgroup, origin::DEFAULT_ORIGIN_TTL, Filter, FilterOptions, IMDS_ENDPOINT},
     policy::Snapshot,
     server::{self, AgentState, Mode},
-    sources::manifests,
+    sources::{kube as kube_source, manifests},
     telemetry::{self, SourceStatus, Telemetry},
     upstream::{Upstream, IMDS_TIMEOUT},
     verdicts::VerdictSync,
@@ -75,8 +75,15 @@ struct RunArgs {
     listen: Option<SocketAddrV4>,
     /// Directory of Kubernetes manifests (Pods, AzureIdentity, AzureIdentityBinding,
     /// AzurePodIdentityException); watched for changes.
+    #[arg(long, required_unless_present = "kube", conflicts_with = "kube")]
+    manifests: Option<PathBuf>,
+    /// Take the policy from the Kubernetes API (in-cluster config, or KUBECONFIG): this
+    /// node's pods and the aad-pod-identity objects of every namespace.
     #[arg(long)]
-    manifests: PathBuf,
+    kube: bool,
+    /// This node's name, for --kube (the DaemonSet sets NODE_NAME from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
     /// The real metadata service, called only after a request is authorised.
     #[arg(long, default_value_t = IMDS_ENDPOINT)]
     upstream: SocketAddrV4,
@@ -173,15 +180,13 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     }
     let listen = listen_address(args.listen)?;
     let root = cgroup::cgroup2_root()?;
-    let attach_cgroup = match args.attach_cgroup {
+    let attach_cgroup = match args.attach_cgroup.clone() {
         Some(path) => path,
         None => cgroup::default_attach_cgroup(&root)?,
     };
     let own = cgroup::own_cgroup(&root)?;
     let exempt_cgroup = cgroup::cgroup_id(&own)?;
-    // The policy must load before anything changes: a broken file is an error now, and
-    // later only keeps the previous policy.
-    let snapshot = Arc::new(manifests::load_dir(&args.manifests)?);
+    let policy = PolicySource::check(&args).await?;
 
     // Bind before touching the kernel: a bad --listen must not leave a half-installed filter.
     let listener = TcpListener::bind(SocketAddr::V4(listen)).await.with_context(|| format!("listening on {listen}"))?;
@@ -201,11 +206,8 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     }
     let origins = filter.origins();
 
-    let (snapshots, updates) = watch::channel(snapshot);
     let source = Arc::new(SourceStatus::default());
-    source.loaded();
-    let _watcher = manifests::watch(&args.manifests, snapshots, Arc::clone(&source))
-        .context("watching the manifests directory")?;
+    let (updates, synced, _watcher) = policy.start(&source)?;
     let attach_root = cgroup::validate_attach_cgroup(&root, &attach_cgroup)?;
     let telemetry = Arc::new(
         Telemetry::new(attach_root.clone(), &args.bpffs, updates.clone(), source).context("setting up metrics")?,
@@ -213,7 +215,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics {
         telemetry::serve(addr, Arc::clone(&telemetry)).await.with_context(|| format!("serving metrics on {addr}"))?;
     }
-    spawn_verdict_sync(VerdictSync::new(filter, attach_root, args.deny_unbound), updates.clone())?;
+    start_verdict_sync(VerdictSync::new(filter, attach_root, args.deny_unbound), updates.clone(), synced)?;
 
     let resolver = Arc::new(CgroupResolver::new(&root).context("opening the cgroup2 filesystem")?);
     tokio::spawn(prune_resolver(Arc::clone(&resolver)));
@@ -241,6 +243,73 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("exiting; the kernel filter stays attached (`imds-agent uninstall` removes it)");
+    Ok(())
+}
+
+/// Where the policy comes from, checked before anything changes.
+enum PolicySource {
+    /// Loaded already: a broken file is an error now, and later only keeps the previous policy.
+    Manifests {
+        dir: PathBuf,
+        initial: Snapshot,
+    },
+    Kube {
+        client: kube::Client,
+        node: String,
+    },
+}
+
+impl PolicySource {
+    async fn check(args: &RunArgs) -> anyhow::Result<PolicySource> {
+        if let Some(dir) = &args.manifests {
+            return Ok(PolicySource::Manifests { dir: dir.clone(), initial: manifests::load_dir(dir)? });
+        }
+        let node =
+            args.node_name.clone().context("--kube needs this node's name: set NODE_NAME or pass --node-name")?;
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the Kubernetes API (in-cluster service account, or KUBECONFIG)")?;
+        Ok(PolicySource::Kube { client, node })
+    }
+
+    /// Starts watching; returns the snapshots, whether the first is synced already, and the
+    /// file watcher to keep alive (manifests only).
+    fn start(
+        self,
+        status: &Arc<SourceStatus>,
+    ) -> anyhow::Result<(watch::Receiver<Arc<Snapshot>>, bool, Option<notify::RecommendedWatcher>)> {
+        match self {
+            PolicySource::Manifests { dir, initial } => {
+                let (snapshots, updates) = watch::channel(Arc::new(initial));
+                status.loaded();
+                let watcher = manifests::watch(&dir, snapshots, Arc::clone(status))
+                    .context("watching the manifests directory")?;
+                Ok((updates, true, Some(watcher)))
+            }
+            PolicySource::Kube { client, node } => {
+                let (snapshots, updates) = watch::channel(Arc::new(Snapshot::default()));
+                let status = Arc::clone(status);
+                tokio::spawn(async move { kube_source::run(client, &node, snapshots, status).await });
+                Ok((updates, false, None))
+            }
+        }
+    }
+}
+
+/// Kernel verdicts come only from a synced snapshot: the API source publishes its first one
+/// after the initial lists, and until then every pod keeps the default (REDIRECT).
+fn start_verdict_sync(sync: VerdictSync, updates: watch::Receiver<Arc<Snapshot>>, synced: bool) -> anyhow::Result<()> {
+    if synced {
+        return spawn_verdict_sync(sync, updates);
+    }
+    let mut first = updates;
+    tokio::spawn(async move {
+        if first.changed().await.is_ok() {
+            if let Err(e) = spawn_verdict_sync(sync, first) {
+                tracing::error!(error = %format!("{e:#}"), "starting the kernel verdict sync");
+            }
+        }
+    });
     Ok(())
 }
 

@@ -66,12 +66,23 @@ impl SourceStatus {
         *self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
+    /// The source works again (the data it holds is current), without a new load.
+    pub fn recovered(&self) {
+        *self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
     /// A reload failed; the previous policy stays in force.
     pub fn failed(&self, error: String) {
         *self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
     }
 
-    fn failing(&self) -> Option<String> {
+    /// Whether the source has loaded at least once.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    /// The latest reload's error, while it is failing.
+    pub fn failing(&self) -> Option<String> {
         self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 }
