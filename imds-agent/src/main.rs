@@ -184,8 +184,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         Some(path) => path,
         None => cgroup::default_attach_cgroup(&root)?,
     };
-    let own = cgroup::own_cgroup(&root)?;
-    let exempt_cgroup = cgroup::cgroup_id(&own)?;
+    let (exempt_cgroup, own) = cgroup::own_cgroup_id()?;
     let policy = PolicySource::check(&args).await?;
 
     // Bind before touching the kernel: a bad --listen must not leave a half-installed filter.
@@ -234,7 +233,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         resolver,
         telemetry,
     });
-    tracing::info!(listen = %listen, agent_cgroup = %own.display(), "filter installed; serving redirected connections");
+    tracing::info!(listen = %listen, agent_cgroup = %own, "filter installed; serving redirected connections");
 
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
     tokio::select! {

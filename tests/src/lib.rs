@@ -608,19 +608,42 @@ pub struct AgentProcess {
 
 impl AgentProcess {
     /// Starts `imds-agent --log-format json run ARGS…` inside `ns` and waits until it serves.
-    #[must_use]
     pub fn start(ns: &NetNs, args: &[String]) -> AgentProcess {
+        AgentProcess::start_in(ns, None, args)
+    }
+
+    /// Like [`AgentProcess::start`], with the agent moved into `cgroup` and given a private
+    /// cgroup namespace first — as a container runtime runs it when it is a pod.
+    pub fn start_in(ns: &NetNs, cgroup: Option<&Cgroup>, args: &[String]) -> AgentProcess {
+        use std::os::unix::ffi::OsStrExt as _;
         let log_path = std::env::temp_dir().join(format!("{}.log", unique("agent")));
         let decisions_path = log_path.with_extension("decisions");
         let log = fs::File::create(&log_path).expect("agent log file");
         let decisions = fs::File::create(&decisions_path).expect("agent decision log file");
         let ns_file = fs::File::open(ns.path()).expect("open netns");
+        let procs = cgroup.map(|c| {
+            std::ffi::CString::new(c.path.join("cgroup.procs").as_os_str().as_bytes()).expect("no NUL in paths")
+        });
         let mut cmd = Command::new(agent_binary());
         cmd.args(["--log-format", "json", "run"]).args(args).stdout(decisions).stderr(log);
-        // SAFETY: between fork and exec only setns(2) runs: async-signal-safe, no allocation.
+        // SAFETY: between fork and exec only async-signal-safe calls run (setns, open, write,
+        // close, unshare), on buffers prepared before the fork: no allocation.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+                nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                if let Some(procs) = &procs {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // "0" moves the writing process.
+                    let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                    libc::close(fd);
+                    if written != 1 || libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
             });
         }
         let child = cmd.spawn().expect("spawn imds-agent");

@@ -74,6 +74,18 @@ impl Node {
 
     /// Starts `imds-agent run` for this node with `extra` arguments.
     pub fn start_agent(&mut self, extra: &[&str]) -> &AgentProcess {
+        let args = self.agent_args(extra);
+        self.agent.insert(AgentProcess::start(&self.ns, &args))
+    }
+
+    /// Starts the agent as a pod would run: in the pod's container cgroup below `kubepods`
+    /// (so the filter applies to it too) and in a private cgroup namespace.
+    pub fn start_agent_as_pod(&mut self, pod: &TestPod, extra: &[&str]) -> &AgentProcess {
+        let args = self.agent_args(extra);
+        self.agent.insert(AgentProcess::start_in(&self.ns, Some(&pod.ctr), &args))
+    }
+
+    fn agent_args(&self, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "--attach-cgroup".into(),
             self.kubepods.path.display().to_string(),
@@ -87,7 +99,7 @@ impl Node {
             SocketAddrV4::new(IMDS_IP, 80).to_string(),
         ];
         args.extend(extra.iter().map(|a| (*a).to_owned()));
-        self.agent.insert(AgentProcess::start(&self.ns, &args))
+        args
     }
 
     pub fn agent(&self) -> &AgentProcess {

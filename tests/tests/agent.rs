@@ -489,3 +489,23 @@ fn health_readiness_and_metrics_reflect_the_real_state() {
     assert_eq!(get("/readyz").0, 503);
     drop(web);
 }
+
+// The agent is a pod itself on a real node: its cgroup is below kubepods and it has a
+// private cgroup namespace (its /proc/self/cgroup reads "0::/"). It must still recognise its
+// own cgroup, or its upstream calls would be redirected back to itself.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn the_agent_running_as_a_pod_is_exempt_from_its_own_filter() {
+    let (mut node, [blob, ..]) = node("aspod");
+    let (web_uid, agent_uid) = (uid(), uid());
+    node.write_manifest("pods.yaml", &pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]));
+    let web = node.pod(&web_uid);
+    let agent_pod = node.host_network_pod(&agent_uid);
+    node.start_agent_as_pod(&agent_pod, &[]);
+    assert_token_of(&token(&node, &web, ""), &blob);
+    let upstream = node.fake.token_requests();
+    assert_eq!(upstream.len(), 1, "the agent's own call reached IMDS directly");
+    let ready = node.agent().log_lines().into_iter().find(|l| l["agent_cgroup"].is_string()).expect("startup line");
+    assert!(ready["agent_cgroup"].as_str().unwrap().contains("private cgroup namespace"), "{ready}");
+    drop((web, agent_pod));
+}

@@ -36,24 +36,56 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
     move |source| CgroupError::Io { path: path.to_owned(), source }
 }
 
-/// Where cgroup v2 is mounted on this machine.
-pub fn cgroup2_root() -> Result<PathBuf, CgroupError> {
+/// A cgroup2 mount: where it is, and which part of the hierarchy it shows (as mountinfo
+/// says it, relative to our cgroup namespace: `/` for a namespace-rooted view, `/..…` for a
+/// view reaching above our namespace's root).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cgroup2Mount {
+    pub mount_point: PathBuf,
+    pub root: String,
+}
+
+impl Cgroup2Mount {
+    /// How far above our cgroup namespace's root this view starts.
+    fn height(&self) -> usize {
+        self.root.split('/').filter(|s| *s == "..").count()
+    }
+}
+
+fn mounts() -> Result<Vec<Cgroup2Mount>, CgroupError> {
     let path = Path::new("/proc/self/mountinfo");
     let text = fs::read_to_string(path).map_err(io_err(path))?;
-    parse_cgroup2_mount(&text).ok_or(CgroupError::NoCgroup2)
+    Ok(parse_cgroup2_mounts(&text))
+}
+
+/// The cgroup v2 hierarchy as the node sees it: the mount reaching highest. On a node that
+/// is the only one; in a container with a private cgroup namespace it is the host's
+/// cgroupfs mounted in (its mountinfo root is `/..…`), not the container's own view.
+pub fn cgroup2_root() -> Result<PathBuf, CgroupError> {
+    mounts()?.into_iter().max_by_key(Cgroup2Mount::height).map(|m| m.mount_point).ok_or(CgroupError::NoCgroup2)
+}
+
+/// Every cgroup2 mount in a `/proc/*/mountinfo` text, in order.
+pub fn parse_cgroup2_mounts(mountinfo: &str) -> Vec<Cgroup2Mount> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // id parent maj:min root mountpoint options [optional…] - fstype source superopts
+            let (left, right) = line.split_once(" - ")?;
+            if right.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            let mut fields = left.split_whitespace().skip(3);
+            let root = unescape_octal(fields.next()?);
+            let mount_point = PathBuf::from(unescape_octal(fields.next()?));
+            Some(Cgroup2Mount { mount_point, root })
+        })
+        .collect()
 }
 
 /// The mount point of the first cgroup2 filesystem in a `/proc/*/mountinfo` text.
-#[must_use]
 pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        // id parent maj:min root mountpoint options [optional…] - fstype source superopts
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        left.split_whitespace().nth(4).map(|p| PathBuf::from(unescape_octal(p)))
-    })
+    parse_cgroup2_mounts(mountinfo).into_iter().next().map(|m| m.mount_point)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
@@ -104,12 +136,28 @@ pub fn cgroup_id(path: &Path) -> Result<u64, CgroupError> {
     fs::metadata(path).map(|m| m.ino()).map_err(io_err(path))
 }
 
-/// The cgroup v2 directory of the calling process.
-pub fn own_cgroup(root: &Path) -> Result<PathBuf, CgroupError> {
+/// The cgroup id of the calling process, right in any cgroup namespace.
+///
+/// `/proc/self/cgroup` gives our path relative to our cgroup namespace's root (`/` in a
+/// container with a private namespace), so it is resolved through a view rooted there: a
+/// cgroup2 mount whose mountinfo root is `/`, or, if there is none, a cgroup2 filesystem
+/// mounted just for this (a fresh mount is rooted at the mounter's namespace).
+pub fn own_cgroup_id() -> Result<(u64, String), CgroupError> {
     let path = Path::new("/proc/self/cgroup");
     let text = fs::read_to_string(path).map_err(io_err(path))?;
-    let rel = parse_proc_cgroup(&text).ok_or(CgroupError::NoCgroup2)?;
-    Ok(root.join(rel.trim_start_matches('/')))
+    let rel = parse_proc_cgroup(&text).ok_or(CgroupError::NoCgroup2)?.trim_start_matches('/').to_owned();
+    if let Some(view) = mounts()?.into_iter().find(|m| m.root == "/") {
+        return Ok((cgroup_id(&view.mount_point.join(&rel))?, format!("/{rel}")));
+    }
+    let dir = std::env::temp_dir().join(format!("imds-agent-cgroupns-{}", std::process::id()));
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let mounted = nix::mount::mount(Some("cgroup2"), &dir, Some("cgroup2"), nix::mount::MsFlags::empty(), None::<&str>);
+    let id = mounted
+        .map_err(|e| CgroupError::Io { path: dir.clone(), source: e.into() })
+        .and_then(|()| cgroup_id(&dir.join(&rel)));
+    let _ = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH);
+    let _ = fs::remove_dir(&dir);
+    Ok((id?, format!("/{rel} (in a private cgroup namespace)")))
 }
 
 /// The v2 entry (`0::/path`) of a `/proc/*/cgroup` text.
@@ -146,6 +194,20 @@ mod tests {
     fn v1_only_machine_has_no_cgroup2() {
         let v1 = "35 33 0:30 / /sys/fs/cgroup/memory rw shared:11 - cgroup cgroup rw,memory\n";
         assert_eq!(parse_cgroup2_mount(v1), None);
+    }
+
+    #[test]
+    fn the_widest_cgroup2_view_is_the_nodes() {
+        // A container with a private cgroup namespace: its own view (root "/") and the
+        // host's cgroupfs mounted in (root reaching above the namespace).
+        let text = "\
+40 30 0:26 / /sys/fs/cgroup ro,nosuid - cgroup2 cgroup2 rw
+41 30 0:26 /../../.. /host/sys/fs/cgroup rw - cgroup2 cgroup2 rw
+";
+        let mounts = parse_cgroup2_mounts(text);
+        assert_eq!(mounts.len(), 2);
+        assert_eq!(mounts.iter().max_by_key(|m| m.height()).unwrap().mount_point, PathBuf::from("/host/sys/fs/cgroup"));
+        assert_eq!(mounts.iter().find(|m| m.root == "/").unwrap().mount_point, PathBuf::from("/sys/fs/cgroup"));
     }
 
     #[test]
