@@ -56,6 +56,9 @@ enum Command {
         /// bpffs directory holding the pins.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         bpffs: PathBuf,
+        /// Then stay idle until terminated (to run as a DaemonSet that uninstalls every node).
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -147,7 +150,7 @@ fn main() -> anyhow::Result<()> {
     init_logging(&cli)?;
     match cli.command {
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(args, &cli.log)),
-        Command::Uninstall { bpffs } => {
+        Command::Uninstall { bpffs, wait } => {
             let done = kernel::uninstall(&bpffs)?;
             if done.links.is_empty() && done.maps.is_empty() {
                 println!("nothing installed under {}", bpffs.display());
@@ -158,6 +161,12 @@ fn main() -> anyhow::Result<()> {
                     done.maps.len(),
                     bpffs.display()
                 );
+            }
+            if wait {
+                println!("uninstalled; idle until terminated");
+                loop {
+                    std::thread::park();
+                }
             }
             Ok(())
         }

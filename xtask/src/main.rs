@@ -14,6 +14,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const AZURE_IDENTITY_VERSION: &str = "1.27.0";
 /// The Prometheus text parser the tests check `/metrics` with.
 const PROMETHEUS_CLIENT_VERSION: &str = "0.26.0";
+/// The Kubernetes schema validator the tests check `deploy/` with (it bundles the schemas).
+const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Project tasks for imds-filter")]
@@ -136,13 +138,15 @@ fn setup() -> Result<()> {
         STEPS,
         &format!(
             "Python clients for the tests: azure-identity {AZURE_IDENTITY_VERSION} (a real IMDS client), \
-             prometheus-client {PROMETHEUS_CLIENT_VERSION} (a real metrics parser)"
+             prometheus-client {PROMETHEUS_CLIENT_VERSION} (a real metrics parser), \
+             kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (a real manifest validator)"
         ),
     );
     let python = sdk_python()?;
     let check = format!(
         "import azure.identity as a, importlib.metadata as m; assert a.__version__ == '{AZURE_IDENTITY_VERSION}'; \
-         assert m.version('prometheus-client') == '{PROMETHEUS_CLIENT_VERSION}'"
+         assert m.version('prometheus-client') == '{PROMETHEUS_CLIENT_VERSION}'; \
+         assert m.version('kubernetes-validate') == '{KUBERNETES_VALIDATE_VERSION}'"
     );
     let ready = Command::new(&python).args(["-c", &check]).output().is_ok_and(|o| o.status.success());
     if ready {
@@ -153,7 +157,8 @@ fn setup() -> Result<()> {
         run(Command::new(&python)
             .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
             .arg(format!("azure-identity=={AZURE_IDENTITY_VERSION}"))
-            .arg(format!("prometheus-client=={PROMETHEUS_CLIENT_VERSION}")))?;
+            .arg(format!("prometheus-client=={PROMETHEUS_CLIENT_VERSION}"))
+            .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}")))?;
     }
 
     step(5, STEPS, "kernel features");
