@@ -188,6 +188,14 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         return Err(kernel::FilterError::NotBuilt.into());
     }
     let listen = listen_address(args.listen)?;
+    // Kernels before 5.11 charge BPF maps against RLIMIT_MEMLOCK; later ones ignore it.
+    if let Err(e) = nix::sys::resource::setrlimit(
+        nix::sys::resource::Resource::RLIMIT_MEMLOCK,
+        nix::sys::resource::RLIM_INFINITY,
+        nix::sys::resource::RLIM_INFINITY,
+    ) {
+        tracing::debug!(error = %e, "could not lift RLIMIT_MEMLOCK (only matters before Linux 5.11)");
+    }
     let root = cgroup::cgroup2_root()?;
     let attach_cgroup = match args.attach_cgroup.clone() {
         Some(path) => path,
