@@ -28,7 +28,11 @@ struct Cli {
 enum Task {
     /// Install what building the kernel programs needs (nightly rust-src, bpf-linker built
     /// against the nightly's LLVM) and the tools the tests use. Idempotent.
-    Setup,
+    Setup {
+        /// Only the build toolchain (for the image build): no curl, iproute2 or Python clients.
+        #[arg(long)]
+        no_test_tools: bool,
+    },
     /// Build the eBPF object from source (release, with BTF) and copy it to
     /// target/bpf/imds-ebpf.o.
     BuildEbpf,
@@ -50,7 +54,7 @@ enum Task {
 
 fn main() -> Result<()> {
     match Cli::parse().task {
-        Task::Setup => setup(),
+        Task::Setup { no_test_tools } => setup(!no_test_tools),
         Task::BuildEbpf => build_ebpf().map(|path| println!("{}", path.display())),
         Task::Test { no_lint, unprivileged } => test(no_lint, unprivileged),
         Task::Demo => demo(),
@@ -102,7 +106,7 @@ fn is_root() -> bool {
 
 // ---- setup -----------------------------------------------------------------------------------
 
-fn setup() -> Result<()> {
+fn setup(test_tools: bool) -> Result<()> {
     const STEPS: usize = 5;
     step(1, STEPS, "nightly toolchain with rust-src (builds the kernel programs)");
     let nightly = nightly_info()?;
@@ -116,6 +120,27 @@ fn setup() -> Result<()> {
     step(2, STEPS, "bpf-linker built against the nightly's LLVM");
     install_bpf_linker(&nightly)?;
 
+    if test_tools {
+        install_test_tools()?;
+    } else {
+        println!("==> [3-4/{STEPS}] test tools skipped (--no-test-tools)");
+    }
+
+    step(5, STEPS, "kernel features");
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    println!(
+        "    BTF (/sys/kernel/btf/vmlinux): {}",
+        if btf { "yes" } else { "MISSING — kernel ≥ 5.8 with BTF needed" }
+    );
+    let cgroup2 = fs::read_to_string("/proc/self/mountinfo")?.lines().any(|l| l.contains(" - cgroup2 "));
+    println!("    cgroup v2 mounted: {}", if cgroup2 { "yes" } else { "NO — the filter needs cgroup v2" });
+    println!("setup complete");
+    Ok(())
+}
+
+/// Steps 3 and 4 of setup: what the privileged tests run.
+fn install_test_tools() -> Result<()> {
+    const STEPS: usize = 5;
     step(3, STEPS, "tools the privileged tests use (iproute2, curl)");
     let missing: Vec<&str> = [("ip", "-V", "iproute2"), ("curl", "--version", "curl")]
         .into_iter()
@@ -161,15 +186,6 @@ fn setup() -> Result<()> {
             .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}")))?;
     }
 
-    step(5, STEPS, "kernel features");
-    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
-    println!(
-        "    BTF (/sys/kernel/btf/vmlinux): {}",
-        if btf { "yes" } else { "MISSING — kernel ≥ 5.8 with BTF needed" }
-    );
-    let cgroup2 = fs::read_to_string("/proc/self/mountinfo")?.lines().any(|l| l.contains(" - cgroup2 "));
-    println!("    cgroup v2 mounted: {}", if cgroup2 { "yes" } else { "NO — the filter needs cgroup v2" });
-    println!("setup complete");
     Ok(())
 }
 
@@ -306,7 +322,7 @@ fn test(no_lint: bool, unprivileged: bool) -> Result<()> {
     if !is_root() {
         bail!("the end-to-end tests load eBPF programs and create namespaces and cgroups: run as root (or pass --unprivileged)");
     }
-    setup()?;
+    setup(true)?;
     if !no_lint {
         println!("==> formatting and lints");
         run(cargo().args(["fmt", "--all", "--check"]))?;
