@@ -9,12 +9,14 @@
 //! - [`sources`]: where snapshots come from (a manifests directory); [`crds`] the
 //!   aad-pod-identity custom resources as Rust types.
 //! - [`server`]: HTTP on each redirected connection; [`upstream`] the real metadata service;
-//!   [`decisions`] the decision log; [`telemetry`] health, readiness and metrics.
+//!   [`decisions`] the decision log; [`events`] Kubernetes Events for refusals;
+//!   [`telemetry`] health, readiness and metrics.
 //! - [`verdicts`]: the policy's per-pod kernel verdicts (PASS for exceptions, DENY for unbound
 //!   pods with `--deny-unbound`), kept in sync with the pod cgroups.
 pub mod caller;
 pub mod crds;
 pub mod decisions;
+pub mod events;
 pub mod imds;
 pub mod kernel;
 pub mod policy;

@@ -11,6 +11,7 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use imds_agent::{
     caller::CgroupResolver,
+    events,
     imds::PathRules,
     kernel::{self, bpffs::DEFAULT_PIN_DIR, cgroup, origin::DEFAULT_ORIGIN_TTL, Filter, FilterOptions, IMDS_ENDPOINT},
     policy::Snapshot,
@@ -222,6 +223,10 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     }
     let origins = filter.origins();
 
+    let events = match &policy {
+        PolicySource::Kube { client, node } => Some(events::start(client.clone(), Some(node.clone()))),
+        PolicySource::Manifests { .. } => None,
+    };
     let source = Arc::new(SourceStatus::default());
     let (updates, synced, _watcher) = policy.start(&source)?;
     let attach_root = cgroup::validate_attach_cgroup(&root, &attach_cgroup)?;
@@ -249,6 +254,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         origins,
         resolver,
         telemetry,
+        events,
     });
     tracing::info!(listen = %listen, agent_cgroup = %own, "filter installed; serving redirected connections");
 

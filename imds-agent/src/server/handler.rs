@@ -149,6 +149,16 @@ async fn refuse_or_audit(token: &TokenRequest, state: &AgentState, record: &mut 
     match state.mode {
         Mode::Enforce => {
             record.verdict = "deny";
+            if let (Some(events), Some(namespace), Some(pod), Some(uid)) =
+                (&state.events, &record.pod_namespace, &record.pod_name, &record.pod_uid)
+            {
+                events.report(crate::events::Denial {
+                    namespace: namespace.clone(),
+                    pod: pod.clone(),
+                    uid: uid.clone(),
+                    reason: record.reason.clone(),
+                });
+            }
             refusal(&ImdsError::identity_not_found())
         }
         Mode::Audit => {

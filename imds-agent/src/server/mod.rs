@@ -39,6 +39,8 @@ pub struct AgentState {
     pub origins: Arc<OriginTable>,
     pub resolver: Arc<CgroupResolver>,
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// Kubernetes Events for refusals (with the API source).
+    pub events: Option<crate::events::DenialEvents>,
 }
 
 /// Accepts and serves connections for as long as the agent runs. Accept errors (out of file
