@@ -144,14 +144,16 @@ pub fn crd_files() -> Vec<(&'static str, String)> {
 mod tests {
     use super::*;
 
-    /// The committed YAML is what the types generate.
+    /// The committed YAML (and the Helm chart's copy) is what the types generate.
     #[test]
     fn committed_crds_match_the_types() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crds");
-        for (name, yaml) in crd_files() {
-            let committed = std::fs::read_to_string(dir.join(name))
-                .unwrap_or_else(|e| panic!("deploy/crds/{name}: {e}; run `cargo xtask crdgen`"));
-            assert!(committed == yaml, "deploy/crds/{name} differs from the types: run `cargo xtask crdgen`");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for dir in ["deploy/crds", "deploy/helm/imds-filter/crds"] {
+            for (name, yaml) in crd_files() {
+                let committed = std::fs::read_to_string(root.join(dir).join(name))
+                    .unwrap_or_else(|e| panic!("{dir}/{name}: {e}; run `cargo xtask crdgen`"));
+                assert!(committed == yaml, "{dir}/{name} differs from the types: run `cargo xtask crdgen`");
+            }
         }
     }
 

@@ -48,7 +48,8 @@ enum Task {
     },
     /// The agent on a node in miniature: example manifests, pods, a fake IMDS (needs root).
     Demo,
-    /// Regenerate deploy/crds/ from the Rust types in imds-agent/src/crds.rs.
+    /// Regenerate deploy/crds/ (and the Helm chart's copy) from the Rust types in
+    /// imds-agent/src/crds.rs.
     Crdgen,
 }
 
@@ -58,9 +59,11 @@ fn main() -> Result<()> {
         Task::BuildEbpf => build_ebpf().map(|path| println!("{}", path.display())),
         Task::Test { no_lint, unprivileged } => test(no_lint, unprivileged),
         Task::Demo => demo(),
-        Task::Crdgen => run(cargo()
-            .args(["run", "--quiet", "--package", "imds-agent", "--bin", "imds-crdgen", "--"])
-            .arg(workspace_root().join("deploy/crds"))),
+        Task::Crdgen => ["deploy/crds", "deploy/helm/imds-filter/crds"].iter().try_for_each(|dir| {
+            run(cargo()
+                .args(["run", "--quiet", "--package", "imds-agent", "--bin", "imds-crdgen", "--"])
+                .arg(workspace_root().join(dir)))
+        }),
     }
 }
 

@@ -1,0 +1,3 @@
+{{- define "imds-filter.labels" -}}
+app.kubernetes.io/name: imds-filter
+{{- end -}}
