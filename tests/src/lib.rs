@@ -176,7 +176,18 @@ impl Drop for Cgroup {
                 thread::sleep(Duration::from_millis(10));
             }
         }
-        let _ = fs::remove_dir(&self.path);
+        // A task that exited but was not reaped yet keeps the cgroup busy: retry briefly, and
+        // say so if it stays, rather than leak quietly.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while let Err(e) = fs::remove_dir(&self.path) {
+            if Instant::now() >= deadline || e.kind() == std::io::ErrorKind::NotFound {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    eprintln!("leaving cgroup {} behind: {e}", self.path.display());
+                }
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

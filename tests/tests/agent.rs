@@ -507,5 +507,7 @@ fn the_agent_running_as_a_pod_is_exempt_from_its_own_filter() {
     assert_eq!(upstream.len(), 1, "the agent's own call reached IMDS directly");
     let ready = node.agent().log_lines().into_iter().find(|l| l["agent_cgroup"].is_string()).expect("startup line");
     assert!(ready["agent_cgroup"].as_str().unwrap().contains("private cgroup namespace"), "{ready}");
+    // The agent lives in agent_pod's cgroup: stop (and reap) it before that cgroup goes.
+    node.agent = None;
     drop((web, agent_pod));
 }
