@@ -33,6 +33,19 @@ pub enum IdentityType {
     ServicePrincipalCertificate,
 }
 
+impl IdentityType {
+    /// The kind `AzureIdentity.spec.type` names; `None` for a value aad-pod-identity never had.
+    #[must_use]
+    pub const fn from_spec_type(value: i64) -> Option<IdentityType> {
+        match value {
+            0 => Some(IdentityType::UserAssignedMsi),
+            1 => Some(IdentityType::ServicePrincipal),
+            2 => Some(IdentityType::ServicePrincipalCertificate),
+            _ => None,
+        }
+    }
+}
+
 /// What the policy needs of an `AzureIdentity`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {

@@ -83,11 +83,6 @@ pub fn parse_cgroup2_mounts(mountinfo: &str) -> Vec<Cgroup2Mount> {
         .collect()
 }
 
-/// The mount point of the first cgroup2 filesystem in a `/proc/*/mountinfo` text.
-pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    parse_cgroup2_mounts(mountinfo).into_iter().next().map(|m| m.mount_point)
-}
-
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.
 fn unescape_octal(s: &str) -> String {
     let bytes = s.as_bytes();
@@ -170,6 +165,11 @@ pub fn parse_proc_cgroup(text: &str) -> Option<&str> {
 mod tests {
     use super::*;
 
+    /// The first cgroup2 mount point in a mountinfo text.
+    fn first(mountinfo: &str) -> Option<PathBuf> {
+        parse_cgroup2_mounts(mountinfo).into_iter().next().map(|m| m.mount_point)
+    }
+
     const HYBRID: &str = "\
 25 1 0:23 / /sys rw,nosuid shared:7 - sysfs sysfs rw
 33 25 0:28 / /sys/fs/cgroup ro shared:9 - tmpfs tmpfs ro,mode=755
@@ -179,21 +179,21 @@ mod tests {
 
     #[test]
     fn finds_cgroup2_in_hybrid_and_unified_layouts() {
-        assert_eq!(parse_cgroup2_mount(HYBRID), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(first(HYBRID), Some(PathBuf::from("/sys/fs/cgroup/unified")));
         let unified = "30 24 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_cgroup2_mount(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(first(unified), Some(PathBuf::from("/sys/fs/cgroup")));
     }
 
     #[test]
     fn optional_fields_and_escapes_do_not_confuse_the_parser() {
         let line = "40 24 0:26 / /mnt/my\\040cg rw master:1 shared:4 - cgroup2 none rw\n";
-        assert_eq!(parse_cgroup2_mount(line), Some(PathBuf::from("/mnt/my cg")));
+        assert_eq!(first(line), Some(PathBuf::from("/mnt/my cg")));
     }
 
     #[test]
     fn v1_only_machine_has_no_cgroup2() {
         let v1 = "35 33 0:30 / /sys/fs/cgroup/memory rw shared:11 - cgroup cgroup rw,memory\n";
-        assert_eq!(parse_cgroup2_mount(v1), None);
+        assert_eq!(first(v1), None);
     }
 
     #[test]

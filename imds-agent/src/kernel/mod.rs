@@ -189,7 +189,8 @@ impl Filter {
         })?;
         bpffs::ensure_pin_dir(&opts.pin_dir)?;
 
-        let log_level = kernel_log_level(opts.kernel_log_level);
+        // log's LevelFilter and aya-log number levels alike: 0 off, 1 error … 5 trace.
+        let log_level = opts.kernel_log_level as u8;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&opts.pin_dir)
             .override_global("AYA_LOG_LEVEL", &log_level, true)
@@ -304,11 +305,6 @@ where
     let map =
         ebpf.take_map(name).ok_or(FilterError::Map { name, source: MapError::InvalidName { name: name.into() } })?;
     T::try_from(map).map_err(map_err(name))
-}
-
-/// aya-log's level numbering: 0 off, 1 error … 5 trace.
-fn kernel_log_level(level: log::LevelFilter) -> u8 {
-    level as u8
 }
 
 /// Groups endpoints by address, as the `PROTECTED` map stores them.

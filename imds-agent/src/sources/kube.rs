@@ -163,14 +163,9 @@ fn pod(p: &Pod) -> Option<policy::Pod> {
 }
 
 fn identity(i: &AzureIdentity) -> Option<policy::Identity> {
-    let kind = match i.spec.identity_type {
-        0 => IdentityType::UserAssignedMsi,
-        1 => IdentityType::ServicePrincipal,
-        2 => IdentityType::ServicePrincipalCertificate,
-        other => {
-            tracing::warn!(identity = %i.name_any(), r#type = other, "AzureIdentity with an unknown spec.type ignored");
-            return None;
-        }
+    let Some(kind) = IdentityType::from_spec_type(i.spec.identity_type) else {
+        tracing::warn!(identity = %i.name_any(), r#type = i.spec.identity_type, "AzureIdentity with an unknown spec.type ignored");
+        return None;
     };
     Some(policy::Identity {
         namespace: i.namespace().unwrap_or_default(),

@@ -194,12 +194,8 @@ impl Parts {
                     });
                 }
                 "AzureIdentity" => {
-                    let kind = match doc.spec.identity_type.unwrap_or(0) {
-                        0 => IdentityType::UserAssignedMsi,
-                        1 => IdentityType::ServicePrincipal,
-                        2 => IdentityType::ServicePrincipalCertificate,
-                        _ => return Err(invalid("spec.type must be 0, 1 or 2")),
-                    };
+                    let kind = IdentityType::from_spec_type(doc.spec.identity_type.unwrap_or(0))
+                        .ok_or_else(|| invalid("spec.type must be 0, 1 or 2"))?;
                     if doc.spec.client_id.is_empty() {
                         return Err(invalid("spec.clientID is required"));
                     }
