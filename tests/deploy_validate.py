@@ -14,17 +14,20 @@ import kubernetes_validate
 import yaml
 
 
+def documents(name):
+    """The non-empty YAML documents of a file."""
+    with open(name) as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc]
+
+
 def k8s(files):
     for name in files:
         errors = []
-        with open(name) as f:
-            for doc in yaml.safe_load_all(f):
-                if not doc:
-                    continue
-                try:
-                    kubernetes_validate.validate(doc, "1.37", strict=True)
-                except Exception as e:  # ValidationError, InvalidSchemaError, …
-                    errors.append(f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}: {e}")
+        for doc in documents(name):
+            try:
+                kubernetes_validate.validate(doc, "1.37", strict=True)
+            except Exception as e:  # ValidationError, InvalidSchemaError, …
+                errors.append(f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}: {e}")
         print(json.dumps({"file": name, "ok": not errors, "errors": errors}))
 
 
@@ -39,15 +42,12 @@ def cr(crd_dir, files):
         schemas[(crd["spec"]["group"] + "/" + version["name"], crd["spec"]["names"]["kind"])] = version["schema"]["openAPIV3Schema"]
     for name in files:
         errors = []
-        with open(name) as f:
-            for doc in yaml.safe_load_all(f):
-                if not doc:
-                    continue
-                schema = schemas.get((doc.get("apiVersion"), doc.get("kind")))
-                if schema is None:
-                    continue  # not one of our kinds (e.g. a Pod): kubernetes-validate's job
-                for error in jsonschema.Draft7Validator(schema).iter_errors(doc):
-                    errors.append(f"{doc['kind']}/{doc['metadata'].get('name')}: {error.message} at {list(error.path)}")
+        for doc in documents(name):
+            schema = schemas.get((doc.get("apiVersion"), doc.get("kind")))
+            if schema is None:
+                continue  # not one of our kinds (e.g. a Pod): kubernetes-validate's job
+            for error in jsonschema.Draft7Validator(schema).iter_errors(doc):
+                errors.append(f"{doc['kind']}/{doc['metadata'].get('name')}: {error.message} at {list(error.path)}")
         print(json.dumps({"file": name, "ok": not errors, "errors": errors}))
 
 

@@ -441,6 +441,30 @@ impl Probe {
         self.spawn()
     }
 
+    /// Replaces the probe with `command` (curl, python…) once it has joined; returns the
+    /// command's pid and output.
+    pub fn exec(mut self, command: &[&str]) -> (u32, std::process::Output) {
+        let child = self
+            .cmd
+            .arg("exec")
+            .args(command)
+            // Clients must go straight to the address they are given, as in a pod.
+            .env_remove("http_proxy")
+            .env_remove("https_proxy")
+            .env_remove("HTTP_PROXY")
+            .env_remove("HTTPS_PROXY")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .env_remove("IDENTITY_ENDPOINT")
+            .env_remove("MSI_ENDPOINT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn imds-probe exec");
+        let pid = child.id();
+        (pid, child.wait_with_output().expect("wait for command"))
+    }
+
     fn spawn(mut self) -> RunningProbe {
         let child = self.cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn imds-probe");
         RunningProbe { child: Some(child) }
@@ -555,28 +579,7 @@ pub fn v4_addr(listener: &TcpListener) -> SocketAddrV4 {
 /// Runs `command` as a process in `ns` and `cgroup` (exec'd by `imds-probe`, so the pid
 /// the kernel records is the command's own); returns its pid and output.
 pub fn run_in(ns: &NetNs, cgroup: &Cgroup, command: &[&str]) -> (u32, std::process::Output) {
-    let child = Command::new(probe_binary())
-        .arg("--netns")
-        .arg(ns.path())
-        .arg("--cgroup")
-        .arg(&cgroup.path)
-        .arg("exec")
-        .args(command)
-        // Clients must go straight to the address they are given, as in a pod.
-        .env_remove("http_proxy")
-        .env_remove("https_proxy")
-        .env_remove("HTTP_PROXY")
-        .env_remove("HTTPS_PROXY")
-        .env_remove("ALL_PROXY")
-        .env_remove("all_proxy")
-        .env_remove("IDENTITY_ENDPOINT")
-        .env_remove("MSI_ENDPOINT")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn imds-probe exec");
-    let pid = child.id();
-    (pid, child.wait_with_output().expect("wait for command"))
+    Probe::new(ns, cgroup).exec(command)
 }
 
 /// Path of the `imds-probe` binary.
