@@ -51,7 +51,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Command {
     /// Install the kernel filter (or take over the pinned one) and serve redirected connections.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Detach the kernel filter and remove its pinned state.
     Uninstall {
         /// bpffs directory holding the pins.
@@ -85,6 +85,10 @@ struct RunArgs {
     /// node's pods and the aad-pod-identity objects of every namespace.
     #[arg(long)]
     kube: bool,
+    /// kubeconfig file for --kube [default: in-cluster service account, else $KUBECONFIG or
+    /// ~/.kube/config].
+    #[arg(long, requires = "kube", value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
     /// This node's name, for --kube (the DaemonSet sets NODE_NAME from the downward API).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
@@ -150,7 +154,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(&cli)?;
     match cli.command {
-        Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(args, &cli.log)),
+        Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(*args, &cli.log)),
         Command::Uninstall { bpffs, wait } => {
             let done = kernel::uninstall(&bpffs)?;
             if done.links.is_empty() && done.maps.is_empty() {
@@ -288,9 +292,7 @@ impl PolicySource {
         }
         let node =
             args.node_name.clone().context("--kube needs this node's name: set NODE_NAME or pass --node-name")?;
-        let client = kube::Client::try_default()
-            .await
-            .context("connecting to the Kubernetes API (in-cluster service account, or KUBECONFIG)")?;
+        let client = kube_client(args.kubeconfig.as_deref()).await?;
         Ok(PolicySource::Kube { client, node })
     }
 
@@ -316,6 +318,26 @@ impl PolicySource {
             }
         }
     }
+}
+
+/// A client from `--kubeconfig`, else kube's defaults (in-cluster, then KUBECONFIG).
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let mut config = match kubeconfig {
+        None => kube::Config::infer()
+            .await
+            .context("finding the Kubernetes API (in-cluster service account, or KUBECONFIG)")?,
+        Some(path) => {
+            let file =
+                kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using {}", path.display()))?
+        }
+    };
+    // kube retries 429/503 inside a request for minutes; the watchers back off on their own,
+    // and an API server in trouble must show in readiness (fail-static) at once.
+    config.default_retry = false;
+    kube::Client::try_from(config).context("creating the Kubernetes client")
 }
 
 /// Kernel verdicts come only from a synced snapshot: the API source publishes its first one
@@ -361,7 +383,9 @@ fn spawn_verdict_sync(mut sync: VerdictSync, mut updates: watch::Receiver<Arc<Sn
     std::thread::Builder::new().name("verdict-sync".into()).spawn(move || {
         let mut last_error = None;
         loop {
-            let changed = runtime.block_on(tokio::time::timeout(Duration::from_secs(1), updates.changed()));
+            // The timer must be created inside the runtime, hence the async block.
+            let changed =
+                runtime.block_on(async { tokio::time::timeout(Duration::from_secs(1), updates.changed()).await });
             if matches!(changed, Ok(Err(_))) {
                 return; // the policy source is gone: the agent is shutting down
             }

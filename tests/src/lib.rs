@@ -8,6 +8,7 @@
 #![expect(clippy::missing_panics_doc, reason = "test support: a panic is how a helper reports a broken setup")]
 
 pub mod fake_imds;
+pub mod fake_kube;
 pub mod node;
 use std::{
     fs,

@@ -21,6 +21,9 @@ use crate::{
     next_index, veth, AgentProcess, Cgroup, NetNs, PinDir, Server, IMDS_IP,
 };
 
+/// The node's name, for the `--kube` source.
+pub const KUBE_NODE: &str = "node-1";
+
 /// Where the agent listens in the node namespace.
 pub const AGENT_ADDR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 233, 0, 1), 8182);
 
@@ -74,18 +77,30 @@ impl Node {
 
     /// Starts `imds-agent run` for this node with `extra` arguments.
     pub fn start_agent(&mut self, extra: &[&str]) -> &AgentProcess {
-        let args = self.agent_args(extra);
+        let args = self.agent_args(&self.manifests_source(), extra);
+        self.agent.insert(AgentProcess::start(&self.ns, &args))
+    }
+
+    /// Starts `imds-agent run --kube` against the API server in `kubeconfig`, as node `node-1`.
+    pub fn start_agent_kube(&mut self, kubeconfig: &Path, extra: &[&str]) -> &AgentProcess {
+        let source = ["--kube", "--node-name", KUBE_NODE, "--kubeconfig"].map(str::to_owned);
+        let source = [source.as_slice(), &[kubeconfig.display().to_string()]].concat();
+        let args = self.agent_args(&source, extra);
         self.agent.insert(AgentProcess::start(&self.ns, &args))
     }
 
     /// Starts the agent as a pod would run: in the pod's container cgroup below `kubepods`
     /// (so the filter applies to it too) and in a private cgroup namespace.
     pub fn start_agent_as_pod(&mut self, pod: &TestPod, extra: &[&str]) -> &AgentProcess {
-        let args = self.agent_args(extra);
+        let args = self.agent_args(&self.manifests_source(), extra);
         self.agent.insert(AgentProcess::start_in(&self.ns, Some(&pod.ctr), &args))
     }
 
-    fn agent_args(&self, extra: &[&str]) -> Vec<String> {
+    fn manifests_source(&self) -> Vec<String> {
+        vec!["--manifests".into(), self.manifests.path().display().to_string()]
+    }
+
+    fn agent_args(&self, source: &[String], extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = vec![
             "--attach-cgroup".into(),
             self.kubepods.path.display().to_string(),
@@ -93,11 +108,10 @@ impl Node {
             self.pins.path.display().to_string(),
             "--listen".into(),
             AGENT_ADDR.to_string(),
-            "--manifests".into(),
-            self.manifests.path().display().to_string(),
             "--upstream".into(),
             SocketAddrV4::new(IMDS_IP, 80).to_string(),
         ];
+        args.extend_from_slice(source);
         args.extend(extra.iter().map(|a| (*a).to_owned()));
         args
     }

@@ -103,31 +103,40 @@ pub async fn run(client: Client, node: &str, tx: watch::Sender<Arc<Snapshot>>, s
                 continue;
             }
         };
-        match event {
-            Ok(()) => {
-                // Let a burst of events (an initial list) arrive before rebuilding.
-                tokio::time::sleep(SETTLE).await;
-                while let Some(Some(Ok(()))) = merged.next().now_or_never() {}
-                if !synced {
-                    synced = stores.all_listed();
-                    if !synced {
-                        continue; // never publish a half-listed policy
-                    }
-                    tracing::info!("Kubernetes API: initial sync done");
-                }
-                let snapshot = stores.snapshot();
-                let (p, i, b, e) = snapshot.sizes();
-                tracing::debug!(pods = p, identities = i, bindings = b, exceptions = e, "policy updated from the API");
-                tx.send_replace(Arc::new(snapshot));
-                status.loaded();
-            }
-            Err(e) => {
-                let message = format!("{:#}", anyhow::Error::from(e));
-                tracing::warn!(error = %message, "Kubernetes API watch failed; enforcing the last known policy and retrying");
-                status.failed(message);
+        if let Err(e) = event {
+            watch_failed(&status, e);
+            continue;
+        }
+        // Let a burst of events (an initial list) arrive before rebuilding. A failure in the
+        // burst is reported after the rebuild, so that the rebuild does not clear it.
+        tokio::time::sleep(SETTLE).await;
+        let mut failure = None;
+        while let Some(Some(more)) = merged.next().now_or_never() {
+            failure = more.err().or(failure);
+        }
+        if !synced {
+            synced = stores.all_listed();
+            if synced {
+                tracing::info!("Kubernetes API: initial sync done");
             }
         }
+        if synced {
+            let snapshot = stores.snapshot();
+            let (p, i, b, e) = snapshot.sizes();
+            tracing::debug!(pods = p, identities = i, bindings = b, exceptions = e, "policy updated from the API");
+            tx.send_replace(Arc::new(snapshot));
+            status.loaded();
+        } // else never publish a half-listed policy
+        if let Some(e) = failure {
+            watch_failed(&status, e);
+        }
     }
+}
+
+fn watch_failed(status: &SourceStatus, error: watcher::Error) {
+    let message = format!("{:#}", anyhow::Error::from(error));
+    tracing::warn!(error = %message, "Kubernetes API watch failed; enforcing the last known policy and retrying");
+    status.failed(message);
 }
 
 /// Reflects one custom resource kind, all namespaces.

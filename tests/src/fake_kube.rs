@@ -1,0 +1,379 @@
+//! A fake Kubernetes API server for the `--kube` end-to-end tests: a real one cannot run
+//! here. It speaks the part of the API the agent uses, as the API server does:
+//!
+//! - lists (`GET /api/v1/pods`, `/apis/<group>/<version>/<plural>`, optionally below
+//!   `/namespaces/<ns>/`) answering `<Kind>List` with the collection's `resourceVersion`;
+//!   `fieldSelector=<path>=<value>` filters (the agent asks for `spec.nodeName=<node>`);
+//! - watches (`?watch=true&resourceVersion=N`) streaming one JSON `WatchEvent` per line —
+//!   `ADDED`, `MODIFIED`, `DELETED` — for every change after `N`, held open until the server
+//!   goes down; a `resourceVersion` older than the retained history gets the API server's
+//!   `ERROR` event with a `410 Expired` Status, after which clients list again;
+//! - `GET /version`; `POST`/`PATCH` of `events.k8s.io/v1` Events, recorded for the test;
+//! - while "down", every request gets a `503` Status and open watches end.
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{channel::Channel, combinators::BoxBody, BodyExt as _, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+/// The kinds the fake stores: (apiVersion, kind, collection path).
+const KINDS: &[(&str, &str, &str)] = &[
+    ("v1", "Pod", "/api/v1/pods"),
+    ("v1", "ServiceAccount", "/api/v1/serviceaccounts"),
+    ("v1", "Secret", "/api/v1/secrets"),
+    ("aadpodidentity.k8s.io/v1", "AzureIdentity", "/apis/aadpodidentity.k8s.io/v1/azureidentities"),
+    ("aadpodidentity.k8s.io/v1", "AzureIdentityBinding", "/apis/aadpodidentity.k8s.io/v1/azureidentitybindings"),
+    (
+        "aadpodidentity.k8s.io/v1",
+        "AzurePodIdentityException",
+        "/apis/aadpodidentity.k8s.io/v1/azurepodidentityexceptions",
+    ),
+];
+
+/// One change, as a watch reports it.
+#[derive(Clone)]
+struct Change {
+    rv: u64,
+    collection: &'static str,
+    kind: &'static str,
+    object: Value,
+}
+
+#[derive(Default)]
+struct State {
+    /// The last resourceVersion handed out (one counter for everything, like etcd's).
+    rv: u64,
+    /// collection → (namespace, name) → object.
+    objects: BTreeMap<&'static str, BTreeMap<(String, String), Value>>,
+    /// Changes a watch can still resume from; older ones were compacted.
+    history: Vec<Change>,
+    /// Watches from a resourceVersion below this get 410.
+    compacted_to: u64,
+    down: bool,
+    requests: Vec<String>,
+    events: Vec<Value>,
+}
+
+/// The fake API server, serving until dropped.
+pub struct FakeKube {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    /// Bumped on every change (and when going down), waking the watches.
+    changed: Arc<watch::Sender<u64>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeKube {
+    /// Serves on `listener` (bound where the agent can reach it, e.g. in the node namespace).
+    pub fn serve(listener: TcpListener) -> FakeKube {
+        let addr = listener.local_addr().expect("local addr");
+        let state = Arc::new(Mutex::new(State { rv: 100, ..State::default() }));
+        let changed = Arc::new(watch::Sender::new(0));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (shared, notify) = (Arc::clone(&state), Arc::clone(&changed));
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async move {
+                listener.set_nonblocking(true).expect("nonblocking");
+                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                let accept = async {
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else { continue };
+                        let (state, notify) = (Arc::clone(&shared), Arc::clone(&notify));
+                        tokio::spawn(async move {
+                            let service = service_fn(move |req| {
+                                let (state, notify) = (Arc::clone(&state), Arc::clone(&notify));
+                                async move { Ok::<_, Infallible>(answer(state, &notify, req).await) }
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    () = accept => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        FakeKube { addr, state, changed, stop: Some(stop), thread: Some(thread) }
+    }
+
+    /// Creates or replaces an object (as `kubectl apply` would), giving it a new
+    /// resourceVersion; watches see `ADDED` or `MODIFIED`.
+    pub fn apply(&self, mut object: Value) {
+        let collection = collection_of(&object);
+        let key = key_of(&object);
+        let mut s = self.state.lock().unwrap();
+        s.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+        let existed = s.objects.entry(collection).or_default().insert(key, object.clone()).is_some();
+        let rv = s.rv;
+        s.history.push(Change { rv, collection, kind: if existed { "MODIFIED" } else { "ADDED" }, object });
+        drop(s);
+        self.changed.send_replace(rv);
+    }
+
+    /// Deletes an object; watches see `DELETED`.
+    pub fn delete(&self, api_version: &str, kind: &str, namespace: &str, name: &str) {
+        let probe =
+            json!({"apiVersion": api_version, "kind": kind, "metadata": {"namespace": namespace, "name": name}});
+        let collection = collection_of(&probe);
+        let mut s = self.state.lock().unwrap();
+        let mut object = s
+            .objects
+            .get_mut(collection)
+            .and_then(|c| c.remove(&key_of(&probe)))
+            .unwrap_or_else(|| panic!("no {kind} {namespace}/{name} to delete"));
+        s.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+        let rv = s.rv;
+        s.history.push(Change { rv, collection, kind: "DELETED", object });
+        drop(s);
+        self.changed.send_replace(rv);
+    }
+
+    /// Forgets the change history, as etcd compaction does: watches resuming from before
+    /// now get `410 Gone` and must list again.
+    pub fn compact(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.history.clear();
+        s.compacted_to = s.rv;
+    }
+
+    /// Takes the API server away (every request 503, open watches end) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.state.lock().unwrap().down = down;
+        self.changed.send_modify(|_| {});
+    }
+
+    /// Every request so far, as `METHOD path?query`.
+    pub fn requests(&self) -> Vec<String> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    /// The Events posted (or patched) so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.state.lock().unwrap().events.clone()
+    }
+
+    /// A kubeconfig file in `dir` pointing at this server (plain HTTP, a bearer token).
+    pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\nusers:\n- name: agent\n  user:\n    token: fake-token\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: agent\ncurrent-context: fake\n",
+            self.addr
+        );
+        std::fs::write(&path, text).expect("write kubeconfig");
+        path
+    }
+}
+
+impl Drop for FakeKube {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn collection_of(object: &Value) -> &'static str {
+    let (api_version, kind) = (object["apiVersion"].as_str().unwrap_or(""), object["kind"].as_str().unwrap_or(""));
+    KINDS
+        .iter()
+        .find_map(|(v, k, c)| (*v == api_version && *k == kind).then_some(*c))
+        .unwrap_or_else(|| panic!("the fake API server does not store {api_version} {kind}"))
+}
+
+fn key_of(object: &Value) -> (String, String) {
+    let meta = &object["metadata"];
+    (meta["namespace"].as_str().unwrap_or("").to_owned(), meta["name"].as_str().expect("metadata.name").to_owned())
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// What a request path names.
+struct Target {
+    collection: &'static str,
+    kind: &'static str,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+/// `/api/v1[/namespaces/NS]/pods[/NAME]` and the same under `/apis/<group>/<version>`.
+fn target(path: &str) -> Option<Target> {
+    let (prefix, rest) = if let Some(rest) = path.strip_prefix("/api/v1/") {
+        ("/api/v1", rest)
+    } else {
+        let rest = path.strip_prefix("/apis/")?;
+        let mut parts = rest.splitn(3, '/');
+        let (group, version, rest) = (parts.next()?, parts.next()?, parts.next()?);
+        let prefix_len = "/apis/".len() + group.len() + 1 + version.len();
+        (&path[..prefix_len], rest)
+    };
+    let segments: Vec<&str> = rest.split('/').collect();
+    let (namespace, segments) = match segments.as_slice() {
+        ["namespaces", ns, tail @ ..] if !tail.is_empty() => (Some((*ns).to_owned()), tail.to_vec()),
+        _ => (None, segments),
+    };
+    let (plural, name) = match segments.as_slice() {
+        [plural] => (*plural, None),
+        [plural, name] => (*plural, Some((*name).to_owned())),
+        _ => return None,
+    };
+    let collection = format!("{prefix}/{plural}");
+    let (_, kind, collection) = KINDS.iter().find(|(_, _, c)| *c == collection)?;
+    Some(Target { collection, kind, namespace, name })
+}
+
+fn query_param(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
+/// Whether `object` passes `fieldSelector=a.b=value[,…]` (equality terms only).
+fn fields_match(object: &Value, selector: Option<&str>) -> bool {
+    selector.is_none_or(|selector| {
+        selector.split(',').filter(|t| !t.is_empty()).all(|term| {
+            let Some((field, value)) = term.split_once('=') else { return false };
+            let pointer = format!("/{}", field.replace('.', "/"));
+            object.pointer(&pointer).and_then(Value::as_str).unwrap_or("") == value
+        })
+    })
+}
+
+fn in_scope(object: &Value, target: &Target, selector: Option<&str>) -> bool {
+    let meta = &object["metadata"];
+    target.namespace.as_deref().is_none_or(|ns| meta["namespace"] == ns) && fields_match(object, selector)
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(value.to_string())).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code.as_u16()})
+}
+
+async fn answer(state: Arc<Mutex<State>>, changed: &watch::Sender<u64>, req: Request<Incoming>) -> Response<Body> {
+    let (path, query) = (req.uri().path().to_owned(), req.uri().query().unwrap_or("").to_owned());
+    let down = {
+        let mut s = state.lock().unwrap();
+        s.requests.push(format!("{} {path}?{query}", req.method()));
+        s.down
+    };
+    if down {
+        let unavailable = StatusCode::SERVICE_UNAVAILABLE;
+        return json_response(unavailable, &status(unavailable, "ServiceUnavailable", "the server is shutting down"));
+    }
+    if path == "/version" {
+        return json_response(
+            StatusCode::OK,
+            &json!({"major": "1", "minor": "34", "gitVersion": "v1.34.1", "gitCommit": "fake", "gitTreeState": "clean",
+                    "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64"}),
+        );
+    }
+    let is_event = path.starts_with("/apis/events.k8s.io/v1/") && path.contains("/events");
+    if is_event && matches!(*req.method(), Method::POST | Method::PATCH) {
+        let body = req.into_body().collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
+        let event: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        state.lock().unwrap().events.push(event.clone());
+        return json_response(StatusCode::CREATED, &event);
+    }
+    let Some(target) = target(&path).filter(|_| req.method() == Method::GET) else {
+        let code = StatusCode::NOT_FOUND;
+        return json_response(code, &status(code, "NotFound", &format!("the server could not find {path}")));
+    };
+    let selector = query_param(&query, "fieldSelector");
+    if query_param(&query, "watch").is_some_and(|w| w == "true" || w == "1") {
+        let from = query_param(&query, "resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+        return watch_stream(state, changed.subscribe(), target, selector, from);
+    }
+    let s = state.lock().unwrap();
+    let objects = s.objects.get(target.collection);
+    if let Some(name) = &target.name {
+        let key = (target.namespace.clone().unwrap_or_default(), name.clone());
+        if let Some(object) = objects.and_then(|o| o.get(&key)) {
+            return json_response(StatusCode::OK, object);
+        }
+        let code = StatusCode::NOT_FOUND;
+        return json_response(code, &status(code, "NotFound", &format!("{} {name:?} not found", target.kind)));
+    }
+    let items: Vec<&Value> =
+        objects.into_iter().flat_map(|o| o.values()).filter(|o| in_scope(o, &target, selector.as_deref())).collect();
+    let (api_version, kind, _) = KINDS.iter().find(|(_, k, _)| *k == target.kind).expect("known kind");
+    json_response(
+        StatusCode::OK,
+        &json!({"apiVersion": api_version, "kind": format!("{kind}List"),
+                "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
+    )
+}
+
+/// A watch: every matching change after `from`, then new ones as they come, until the
+/// server goes down or the client hangs up.
+fn watch_stream(
+    state: Arc<Mutex<State>>,
+    mut changed: watch::Receiver<u64>,
+    target: Target,
+    selector: Option<String>,
+    from: u64,
+) -> Response<Body> {
+    let (mut tx, body) = Channel::<Bytes, Infallible>::new(16);
+    let expired = from < state.lock().unwrap().compacted_to;
+    tokio::spawn(async move {
+        if expired {
+            let gone = status(StatusCode::GONE, "Expired", &format!("too old resource version: {from}"));
+            let line = json!({"type": "ERROR", "object": gone}).to_string() + "\n";
+            let _ = tx.send_data(Bytes::from(line)).await;
+            return;
+        }
+        let mut last = from;
+        loop {
+            let (lines, down) = {
+                let s = state.lock().unwrap();
+                let lines: Vec<String> = s
+                    .history
+                    .iter()
+                    .filter(|c| c.rv > last && c.collection == target.collection)
+                    .filter(|c| in_scope(&c.object, &target, selector.as_deref()))
+                    .map(|c| json!({"type": c.kind, "object": c.object}).to_string() + "\n")
+                    .collect();
+                last = s.rv;
+                (lines, s.down)
+            };
+            if down {
+                return;
+            }
+            for line in lines {
+                if tx.send_data(Bytes::from(line)).await.is_err() {
+                    return;
+                }
+            }
+            if changed.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut r = Response::new(body.boxed());
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}

@@ -1,0 +1,169 @@
+//! The agent with `--kube`, end to end: the real binary, the real kernel programs, kubelet-style
+//! pod cgroups, and a fake API server speaking the list/watch protocol (a real one cannot run
+//! here; see `fake_kube`). Changes made through the API must reach the agent's decisions and
+//! the kernel's verdict map. Needs root; run with `cargo xtask test`.
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use imds_tests::{
+    fake_imds::{http_get, token_for, FakeIdentity},
+    fake_kube::FakeKube,
+    node::{curl, Fetched, Node, TestPod, KUBE_NODE},
+    Probe, Server, IMDS_IP,
+};
+use serde_json::{json, Value};
+
+const NS: &str = "shop";
+const RESOURCE: &str = "https://vault.azure.net";
+const TOKEN: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
+const METRICS: ([u8; 4], u16) = ([10, 233, 0, 1], 9402);
+const API: ([u8; 4], u16) = ([10, 233, 0, 1], 6443);
+
+fn uid() -> String {
+    format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), imds_tests::next_index())
+}
+
+fn pod(name: &str, uid: &str, node: &str, labels: &Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "namespace": NS, "uid": uid, "labels": labels},
+           "spec": {"nodeName": node, "containers": [{"name": "app", "image": "app:1"}]},
+           "status": {"phase": "Running"}})
+}
+
+fn identity(name: &str, id: &FakeIdentity) -> Value {
+    json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+           "metadata": {"name": name, "namespace": NS},
+           "spec": {"type": 0, "resourceID": id.resource_id, "clientID": id.client_id}})
+}
+
+fn binding(name: &str, identity: &str, selector: &str) -> Value {
+    json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
+           "metadata": {"name": name, "namespace": NS},
+           "spec": {"azureIdentity": identity, "selector": selector}})
+}
+
+fn exception(name: &str, labels: &Value) -> Value {
+    json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzurePodIdentityException",
+           "metadata": {"name": name, "namespace": NS}, "spec": {"podLabels": labels}})
+}
+
+fn token(node: &Node, pod: &TestPod, selector: &str) -> Fetched {
+    curl(node, pod, SocketAddr::from((IMDS_IP, 80)), &format!("{TOKEN}{selector}"), &["Metadata: true"])
+}
+
+fn is_token_of(fetched: &Fetched, id: &FakeIdentity) -> bool {
+    fetched.status == 200 && fetched.json()["access_token"] == token_for(&id.client_id, RESOURCE)
+}
+
+/// Whether the kernel refuses the pod's `connect()` outright (a DENY verdict).
+fn kernel_denies(node: &Node, pod: &TestPod) -> bool {
+    Probe::new(pod.ns(node), &pod.ctr).connect(IMDS_IP, 80, false).wait().errno == Some(libc::EPERM)
+}
+
+/// Polls `check` until it holds; policy changes travel API → watch → snapshot → kernel.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < Duration::from_secs(15), "never: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    started.elapsed()
+}
+
+fn readyz(node: &Node) -> (u16, String) {
+    node.ns.enter(|| http_get(SocketAddr::from(METRICS), "/readyz", &[]).expect("readyz"))
+}
+
+// Issue #4: pod added/relabelled/deleted and CRD changes through the API reach the snapshot
+// and the kernel verdict map; watch failure → fail-static, reported; 410 → relist.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn api_changes_reach_the_agent_and_the_kernel() {
+    let blob = FakeIdentity::named("blob");
+    let mut node = Node::new("kube", vec![blob.clone()]);
+    let api = FakeKube::serve(Server::bind(&node.ns, std::net::SocketAddrV4::new([10, 233, 0, 1].into(), API.1)));
+    let (web_uid, helper_uid, plain_uid, late_uid, elsewhere_uid) = (uid(), uid(), uid(), uid(), uid());
+    api.apply(identity("blob", &blob));
+    api.apply(binding("blob-binding", "blob", "blob"));
+    api.apply(exception("helpers", &json!({"role": "node-helper"})));
+    api.apply(pod("web", &web_uid, KUBE_NODE, &json!({"aadpodidbinding": "blob"})));
+    api.apply(pod("helper", &helper_uid, KUBE_NODE, &json!({"role": "node-helper"})));
+    api.apply(pod("plain", &plain_uid, KUBE_NODE, &json!({"app": "plain"})));
+    // Bound, but scheduled elsewhere: this node's agent must not know it.
+    api.apply(pod("elsewhere", &elsewhere_uid, "node-2", &json!({"aadpodidbinding": "blob"})));
+    let (web, helper, plain, late, elsewhere) = (
+        node.pod(&web_uid),
+        node.pod(&helper_uid),
+        node.pod(&plain_uid),
+        node.pod(&late_uid),
+        node.pod(&elsewhere_uid),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = SocketAddr::from(METRICS).to_string();
+    node.start_agent_kube(
+        &api.kubeconfig(dir.path()),
+        &["--deny-unbound", "--pod-grace", "300ms", "--metrics", &metrics],
+    );
+    eventually("ready after the initial sync", || readyz(&node) == (200, "ready\n".to_owned()));
+    let pod_lists: Vec<String> = api.requests().into_iter().filter(|r| r.starts_with("GET /api/v1/pods?")).collect();
+    assert!(
+        pod_lists.iter().all(|r| r.contains(&format!("fieldSelector=spec.nodeName%3D{KUBE_NODE}"))),
+        "only this node's pods are asked for: {pod_lists:?}"
+    );
+
+    // The initial state, in the agent and in the kernel.
+    assert!(is_token_of(&token(&node, &web, ""), &blob));
+    let fetched = token(&node, &helper, "");
+    assert_eq!(fetched.status, 200, "{fetched:?}");
+    assert!(node.fake.token_requests().last().unwrap().peer.ip().to_string().starts_with("10.232."), "PASS: direct");
+    eventually("DENY for the unbound pod", || kernel_denies(&node, &plain));
+    let fetched = token(&node, &elsewhere, "");
+    assert_eq!((fetched.status, fetched.json()["error"].as_str()), (404, Some("unknown")), "{fetched:?}");
+
+    // Relabelled: the unbound pod is bound (DENY cleared), the exception pod loses its
+    // exception (PASS replaced by DENY: unbound now).
+    api.apply(pod("plain", &plain_uid, KUBE_NODE, &json!({"app": "plain", "aadpodidbinding": "blob"})));
+    api.apply(pod("helper", &helper_uid, KUBE_NODE, &json!({"role": "other"})));
+    eventually("the relabelled pod gets its token", || is_token_of(&token(&node, &plain, ""), &blob));
+    eventually("the former exception is denied in the kernel", || kernel_denies(&node, &helper));
+
+    // A pod whose cgroup exists before the API reports it (kubelet raced the watch).
+    assert_eq!(token(&node, &late, "").status, 404);
+    api.apply(pod("late", &late_uid, KUBE_NODE, &json!({"aadpodidbinding": "blob"})));
+    eventually("the late pod is served", || is_token_of(&token(&node, &late, ""), &blob));
+
+    // A refusal becomes an Event on the pod.
+    assert_eq!(token(&node, &web, "&client_id=someone-else").status, 400);
+    eventually("an Event on the refused pod", || {
+        api.events().iter().any(|e| e["regarding"]["name"] == "web" && e["reason"] == "ManagedIdentityRefused")
+    });
+
+    // Deleted: the pod is unknown again. Its identity removed: the binding grants nothing,
+    // so with --deny-unbound the kernel refuses the pod.
+    api.delete("v1", "Pod", NS, "web");
+    eventually("the deleted pod is unknown", || token(&node, &web, "").status == 404);
+    api.delete("aadpodidentity.k8s.io/v1", "AzureIdentity", NS, "blob");
+    eventually("the identity is gone", || kernel_denies(&node, &late));
+    api.apply(identity("blob", &blob));
+    eventually("the identity is back", || is_token_of(&token(&node, &late, ""), &blob));
+
+    // The API server goes away: ready but fail-static, and the last policy stays in force.
+    api.set_down(true);
+    eventually("readiness reports fail-static", || readyz(&node).1.contains("fail-static"));
+    assert_eq!(readyz(&node).0, 200);
+    assert!(is_token_of(&token(&node, &late, ""), &blob), "last known policy enforced");
+    assert!(kernel_denies(&node, &helper), "kernel verdicts kept");
+
+    // While it is away, history is compacted and the helper regains its exception: on return
+    // the watches get 410 Gone, list again, and see it.
+    api.compact();
+    api.apply(pod("helper", &helper_uid, KUBE_NODE, &json!({"role": "node-helper"})));
+    api.set_down(false);
+    eventually("the relisted exception passes in the kernel", || !kernel_denies(&node, &helper));
+    eventually("readiness recovers", || readyz(&node) == (200, "ready\n".to_owned()));
+    let relists = api.requests().iter().filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=")).count();
+    assert!(relists >= 2, "the pod watch listed again after 410: {:?}", api.requests());
+    drop((web, helper, plain, late, elsewhere));
+}
