@@ -32,6 +32,9 @@ pub struct DecisionRecord {
     pub status: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<u16>,
+    /// Where a served token came from: `cache`, `upstream` or `cache-after-failure`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_from: Option<&'static str>,
     pub latency_ms: f64,
 }
 

@@ -8,7 +8,8 @@
 //! - [`policy`]: aad-pod-identity's rules as a pure function of a snapshot and a request.
 //! - [`sources`]: where snapshots come from (a manifests directory); [`crds`] the
 //!   aad-pod-identity custom resources as Rust types.
-//! - [`server`]: HTTP on each redirected connection; [`upstream`] the real metadata service;
+//! - [`server`]: HTTP on each redirected connection; [`tokens`] the token path after the
+//!   policy said yes (cache, coalescing, upstream budget); [`upstream`] the real metadata service;
 //!   [`decisions`] the decision log; [`events`] Kubernetes Events for refusals;
 //!   [`telemetry`] health, readiness and metrics.
 //! - [`verdicts`]: the policy's per-pod kernel verdicts (PASS for exceptions, DENY for unbound
@@ -23,5 +24,6 @@ pub mod policy;
 pub mod server;
 pub mod sources;
 pub mod telemetry;
+pub mod tokens;
 pub mod upstream;
 pub mod verdicts;

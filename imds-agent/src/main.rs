@@ -18,6 +18,7 @@ use imds_agent::{
     server::{self, AgentState, Mode},
     sources::{kube as kube_source, manifests},
     telemetry::{self, SourceStatus, Telemetry},
+    tokens::{budget::BudgetConfig, cache::CacheConfig, TokenConfig, TokenService},
     upstream::{Upstream, IMDS_TIMEOUT},
     verdicts::VerdictSync,
 };
@@ -95,6 +96,16 @@ struct RunArgs {
     /// The real metadata service, called only after a request is authorised.
     #[arg(long, default_value_t = IMDS_ENDPOINT)]
     upstream: SocketAddrV4,
+    /// Most calls to the metadata service started per second (IMDS allows 20 identity
+    /// requests per second per VM, and answers 429 beyond).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    upstream_rate: u32,
+    /// Most calls to the metadata service in flight at once (IMDS allows 5).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    upstream_concurrency: u32,
+    /// Most tokens (identity × resource) held in the node-wide cache.
+    #[arg(long, default_value_t = CacheConfig::default().max_entries)]
+    token_cache_entries: usize,
     /// `audit` logs what would be refused and forwards it anyway.
     #[arg(long, value_enum, default_value_t = ModeArg::Enforce)]
     mode: ModeArg,
@@ -245,10 +256,24 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     let resolver = Arc::new(CgroupResolver::new(&root).context("opening the cgroup2 filesystem")?);
     tokio::spawn(prune_resolver(Arc::clone(&resolver)));
     let rules = if args.forward_all_paths { PathRules::ForwardAll } else { PathRules::Allow(args.allow_paths) };
+    let upstream =
+        Upstream::new(SocketAddr::V4(args.upstream), IMDS_TIMEOUT).with_latency(telemetry.upstream_seconds.clone());
+    let tokens = TokenService::start(
+        upstream.clone(),
+        TokenConfig {
+            cache: CacheConfig { max_entries: args.token_cache_entries, ..CacheConfig::default() },
+            budget: BudgetConfig {
+                per_second: args.upstream_rate as usize,
+                in_flight: args.upstream_concurrency as usize,
+                ..BudgetConfig::default()
+            },
+        },
+    );
+    telemetry.watch_tokens(Arc::clone(&tokens));
     let state = Arc::new(AgentState {
         snapshot: updates,
-        upstream: Upstream::new(SocketAddr::V4(args.upstream), IMDS_TIMEOUT)
-            .with_latency(telemetry.upstream_seconds.clone()),
+        upstream,
+        tokens,
         rules,
         mode: match args.mode {
             ModeArg::Enforce => Mode::Enforce,

@@ -12,7 +12,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
     },
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -37,7 +37,7 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
-use crate::{kernel, policy::Snapshot};
+use crate::{kernel, policy::Snapshot, tokens::TokenService};
 
 /// Labels of `imds_filter_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -90,7 +90,10 @@ impl SourceStatus {
 /// Everything the agent measures.
 pub struct Telemetry {
     pub requests: Family<RequestLabels, Counter>,
+    /// Tokens answered, by where they came from (`cache`, `upstream`, `cache-after-failure`).
+    pub tokens_served: Family<FromLabel, Counter>,
     pub upstream_seconds: Histogram,
+    tokens: Arc<OnceLock<Arc<TokenService>>>,
     pub source: Arc<SourceStatus>,
     registry: Registry,
     attach_cgroup: PathBuf,
@@ -113,14 +116,32 @@ impl Telemetry {
             "Time the metadata service took to answer the agent",
             upstream_seconds.clone(),
         );
+        let tokens_served = Family::<FromLabel, Counter>::default();
+        registry.register(
+            "tokens_served",
+            "Tokens answered to pods, by where they came from (cache, upstream, cache-after-failure)",
+            tokens_served.clone(),
+        );
+        let tokens = Arc::new(OnceLock::new());
         let counters = MapData::from_pin(pin_dir.join(maps::COUNTERS))?;
         let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(counters))?;
         registry.register_collector(Box::new(StateCollector {
             kernel: Mutex::new(counters),
             snapshot,
             source: Arc::clone(&source),
+            tokens: Arc::clone(&tokens),
         }));
-        Ok(Telemetry { requests, upstream_seconds, source, registry, attach_cgroup })
+        Ok(Telemetry { requests, tokens_served, upstream_seconds, tokens, source, registry, attach_cgroup })
+    }
+
+    /// Reports the token service's cache and budget from now on.
+    pub fn watch_tokens(&self, tokens: Arc<TokenService>) {
+        let _ = self.tokens.set(tokens);
+    }
+
+    /// Counts one token answered.
+    pub fn count_token(&self, from: &'static str) {
+        self.tokens_served.get_or_create(&FromLabel { from }).inc();
     }
 
     /// Counts one answered request.
@@ -155,6 +176,7 @@ struct StateCollector {
     kernel: Mutex<PerCpuArray<MapData, u64>>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     source: Arc<SourceStatus>,
+    tokens: Arc<OnceLock<Arc<TokenService>>>,
 }
 
 impl std::fmt::Debug for StateCollector {
@@ -166,6 +188,11 @@ impl std::fmt::Debug for StateCollector {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabel {
     event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FromLabel {
+    from: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -217,7 +244,27 @@ impl Collector for StateCollector {
             i64::from(self.source.failing().is_some()),
         )?;
         let last = i64::try_from(self.source.last_sync_unix.load(Ordering::Relaxed)).unwrap_or(0);
-        gauge(&mut encoder, "source_last_sync_timestamp_seconds", "When the policy last loaded (Unix time)", last)
+        gauge(&mut encoder, "source_last_sync_timestamp_seconds", "When the policy last loaded (Unix time)", last)?;
+        if let Some(tokens) = self.tokens.get() {
+            let stats = tokens.stats();
+            let n = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
+            gauge(&mut encoder, "token_cache_entries", "Tokens held in the node-wide cache", n(stats.entries))?;
+            gauge(
+                &mut encoder,
+                "token_cache_bytes",
+                "Bytes of tokens held in the cache (approximate)",
+                n(stats.bytes),
+            )?;
+            gauge(
+                &mut encoder,
+                "token_fetches_running",
+                "Token fetches under way (each shared by its waiters)",
+                n(stats.fetches_running),
+            )?;
+            gauge(&mut encoder, "upstream_queued", "Calls waiting for a slot in the upstream budget", n(stats.queued))?;
+            gauge(&mut encoder, "upstream_in_flight", "Calls to the metadata service in flight", n(stats.in_flight))?;
+        }
+        Ok(())
     }
 }
 

@@ -26,6 +26,8 @@ pub const DEFAULT_API_VERSION: &str = "2018-02-01";
 pub struct UpstreamResponse {
     pub status: StatusCode,
     pub content_type: Option<header::HeaderValue>,
+    /// `Retry-After` in seconds, when IMDS sent one (with a 429, say).
+    pub retry_after: Option<Duration>,
     pub body: Bytes,
 }
 
@@ -105,8 +107,13 @@ impl Upstream {
             let response = self.client.request(request).await.map_err(UpstreamError::Request)?;
             let status = response.status();
             let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+            let retry_after = response
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+                .map(Duration::from_secs);
             let body = Limited::new(response.into_body(), MAX_BODY).collect().await.map_err(UpstreamError::Body)?;
-            Ok(UpstreamResponse { status, content_type, body: body.to_bytes() })
+            Ok(UpstreamResponse { status, content_type, retry_after, body: body.to_bytes() })
         };
         let started = std::time::Instant::now();
         let result =

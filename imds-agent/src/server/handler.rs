@@ -13,6 +13,7 @@ use crate::{
     imds::{self, ImdsError, Route, TokenRequest},
     kernel::CallerOrigin,
     policy::{Choice, Decision, DenyReason, IdentityType, Selector, Snapshot},
+    tokens::{token::unix_now, too_many_requests, Outcome, Retryable, Served, Source, TokenKey},
     upstream::{UpstreamError, UpstreamResponse, UpstreamSelector},
 };
 
@@ -48,6 +49,9 @@ pub async fn handle<B>(req: Request<B>, caller: &Caller, state: &AgentState) -> 
     record.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     record.emit();
     state.telemetry.count_request(record.verdict, &record.path, answer.status());
+    if let Some(from) = record.token_from {
+        state.telemetry.count_token(from);
+    }
     answer
 }
 
@@ -70,6 +74,11 @@ async fn answer(
             let path_and_query = match query {
                 Some(q) => format!("{path}?{q}"),
                 None => path,
+            };
+            let requester = caller.cgroup.as_ref().and_then(|c| c.pod_uid.clone()).unwrap_or_default();
+            let _slot = match state.tokens.budget().acquire(&requester).await {
+                Ok(slot) => slot,
+                Err(overloaded) => return retry_answer(&too_many_requests(overloaded.retry_after), record),
             };
             relay(state.upstream.get(&path_and_query).await, record)
         }
@@ -104,9 +113,12 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
                 return refusal(&ImdsError::identity_not_found());
             }
             record.verdict = "allow";
-            let selector = UpstreamSelector::ClientId(&identity.client_id);
-            let upstream = state.upstream.token(token.api_version.as_deref(), &token.resource, Some(selector)).await;
-            relay(upstream, record)
+            let key = TokenKey {
+                source: Source::ManagedIdentity { client_id: identity.client_id.clone() },
+                resource: token.resource.clone(),
+            };
+            let outcome = state.tokens.get(key, &uid, token.api_version.as_deref()).await;
+            answer_token(outcome, record)
         }
         Decision::Deny(reason) => {
             record.reason = describe_denial(&reason);
@@ -168,16 +180,54 @@ async fn refuse_or_audit(token: &TokenRequest, state: &AgentState, record: &mut 
     }
 }
 
-/// The token request as the client made it (its validated parts only).
+/// The token request as the client made it (its validated parts only), uncached, within
+/// the upstream budget.
 async fn forward_as_asked(token: &TokenRequest, state: &AgentState, record: &mut DecisionRecord) -> Answer {
     let selector = token.selector.as_ref().map(|s| match s {
         Selector::ClientId(v) => UpstreamSelector::ClientId(v),
         Selector::ObjectId(v) => UpstreamSelector::ObjectId(v),
         Selector::ResourceId(v) => UpstreamSelector::ResourceId(v),
     });
+    let requester = record.pod_uid.clone().unwrap_or_default();
+    let _slot = match state.tokens.budget().acquire(&requester).await {
+        Ok(slot) => slot,
+        Err(overloaded) => return retry_answer(&too_many_requests(overloaded.retry_after), record),
+    };
     let upstream = state.upstream.token(token.api_version.as_deref(), &token.resource, selector).await;
     relay(upstream, record)
 }
+
+/// A token, IMDS's final answer, or a retryable failure, as the client gets it.
+fn answer_token(outcome: Outcome, record: &mut DecisionRecord) -> Answer {
+    match outcome {
+        Outcome::Token { token, served } => {
+            record.token_from = Some(served.as_str());
+            if served == Served::Upstream {
+                record.upstream_status = Some(200);
+            }
+            let mut answer = Response::new(Full::new(token.body(unix_now())));
+            answer.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(JSON));
+            answer
+        }
+        Outcome::Final(response) => relay(Ok(response), record),
+        Outcome::Retry(failure) => retry_answer(&failure, record),
+    }
+}
+
+/// A retryable failure: its status and body, and a `Retry-After`.
+fn retry_answer(failure: &Retryable, record: &mut DecisionRecord) -> Answer {
+    record.verdict = "error";
+    record.reason = format!("{}; {}", record.reason, failure.reason);
+    let mut answer = Response::new(Full::new(failure.body.clone()));
+    *answer.status_mut() = failure.status;
+    let headers = answer.headers_mut();
+    headers
+        .insert(header::CONTENT_TYPE, failure.content_type.clone().unwrap_or(header::HeaderValue::from_static(JSON)));
+    headers.insert(header::RETRY_AFTER, header::HeaderValue::from(failure.retry_after.as_secs().max(1)));
+    answer
+}
+
+const JSON: &str = "application/json; charset=utf-8";
 
 /// Passes IMDS's answer back as it came (status, content type, body).
 fn relay(upstream: Result<UpstreamResponse, UpstreamError>, record: &mut DecisionRecord) -> Answer {
@@ -207,9 +257,7 @@ fn relay(upstream: Result<UpstreamResponse, UpstreamError>, record: &mut Decisio
 fn refusal(e: &ImdsError) -> Answer {
     let mut answer = Response::new(Full::new(Bytes::from(e.body())));
     *answer.status_mut() = e.status;
-    answer
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json; charset=utf-8"));
+    answer.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(JSON));
     answer
 }
 

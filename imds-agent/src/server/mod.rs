@@ -18,6 +18,7 @@ use crate::{
     imds::PathRules,
     kernel::{OriginLookup, OriginTable},
     policy::Snapshot,
+    tokens::TokenService,
     upstream::Upstream,
 };
 
@@ -31,7 +32,10 @@ const MAX_HEADERS: usize = 32;
 /// What every request handler shares.
 pub struct AgentState {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    /// Calls for forwarded requests (other paths, audit, exceptions).
     pub upstream: Upstream,
+    /// Tokens for allowed requests; its budget also paces forwarded calls.
+    pub tokens: Arc<TokenService>,
     pub rules: PathRules,
     pub mode: Mode,
     /// How long to wait for a pod the sources do not know yet.

@@ -1,0 +1,294 @@
+//! The upstream budget: at most `per_second` calls started in any window of a little over a
+//! second, at most `in_flight` at once, and a bounded queue in front, served fairly — round
+//! robin over requesters (pods), so one pod asking for many things cannot starve the others.
+//!
+//! IMDS allows the managed-identity category 20 requests per second and 5 concurrent per VM
+//! and answers 429 beyond that; these are the defaults.
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use tokio::{
+    sync::{oneshot, Notify},
+    time::Instant,
+};
+
+/// The window `per_second` applies to. A little over a second, so that network jitter cannot
+/// make IMDS count one call too many in its own one-second window.
+const WINDOW: Duration = Duration::from_millis(1100);
+
+#[derive(Clone, Copy, Debug)]
+pub struct BudgetConfig {
+    pub per_second: usize,
+    pub in_flight: usize,
+    /// Calls waiting for a slot, all requesters together; beyond this, refused.
+    pub queue: usize,
+    /// Calls one requester may have waiting.
+    pub queue_per_requester: usize,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        BudgetConfig { per_second: 20, in_flight: 5, queue: 512, queue_per_requester: 64 }
+    }
+}
+
+/// The queue is full: try again after `retry_after`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the upstream budget's queue is full; retry after {retry_after:?}")]
+pub struct Overloaded {
+    pub retry_after: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    /// Waiting calls per requester, and the order requesters are served in.
+    waiting: HashMap<String, VecDeque<oneshot::Sender<Permit>>>,
+    turn: VecDeque<String>,
+    queued: usize,
+    in_flight: usize,
+    /// When the calls of the current window started.
+    starts: VecDeque<Instant>,
+}
+
+/// The budget; clone the `Arc` to share it.
+pub struct Budget {
+    config: BudgetConfig,
+    state: Mutex<State>,
+    /// Wakes the dispatcher: a call queued, a slot freed, the budget gone.
+    wake: Arc<Notify>,
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        self.wake.notify_one(); // the dispatcher finds the budget gone and ends
+    }
+}
+
+/// A slot for one upstream call; the slot frees when it is dropped.
+pub struct Permit {
+    budget: Arc<Budget>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.budget.lock().in_flight -= 1;
+        self.budget.wake.notify_one();
+    }
+}
+
+impl Budget {
+    /// A budget, and the task that hands out its slots for as long as the budget lives.
+    ///
+    /// # Panics
+    /// If `per_second` or `in_flight` is zero: nothing would ever be called (the CLI
+    /// refuses zero).
+    pub fn start(config: BudgetConfig) -> Arc<Budget> {
+        assert!(config.per_second > 0 && config.in_flight > 0, "an upstream budget of zero would never call");
+        let wake = Arc::new(Notify::new());
+        let budget = Arc::new(Budget { config, state: Mutex::default(), wake: Arc::clone(&wake) });
+        tokio::spawn(dispatch(Arc::downgrade(&budget), wake));
+        budget
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for a slot for `requester`'s call. Refused at once when the queue is full.
+    pub async fn acquire(self: &Arc<Self>, requester: &str) -> Result<Permit, Overloaded> {
+        let rx = {
+            let mut s = self.lock();
+            let mine = s.waiting.get(requester).map_or(0, VecDeque::len);
+            if s.queued >= self.config.queue || mine >= self.config.queue_per_requester {
+                return Err(Overloaded { retry_after: self.drain_time(s.queued) });
+            }
+            let (tx, rx) = oneshot::channel();
+            let queue = s.waiting.entry(requester.to_owned()).or_default();
+            queue.push_back(tx);
+            if queue.len() == 1 {
+                s.turn.push_back(requester.to_owned());
+            }
+            s.queued += 1;
+            rx
+        };
+        self.wake.notify_one();
+        // The dispatcher never drops a sender without sending, while the budget lives.
+        rx.await.map_err(|_| Overloaded { retry_after: Duration::from_secs(1) })
+    }
+
+    /// Roughly how long a queue of `queued` takes to drain: what `Retry-After` says.
+    fn drain_time(&self, queued: usize) -> Duration {
+        Duration::from_secs((queued / self.config.per_second) as u64 + 1)
+    }
+
+    /// Calls waiting and calls in flight, for metrics.
+    pub fn load(&self) -> (usize, usize) {
+        let s = self.lock();
+        (s.queued, s.in_flight)
+    }
+
+    /// Hands out as many slots as the limits allow; returns when the next one could go out
+    /// (`None`: wait to be woken).
+    fn grant(self: &Arc<Self>) -> Option<Instant> {
+        let mut s = self.lock();
+        loop {
+            let now = Instant::now();
+            while s.starts.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
+                s.starts.pop_front();
+            }
+            if s.queued == 0 || s.in_flight >= self.config.in_flight {
+                return None;
+            }
+            if s.starts.len() >= self.config.per_second {
+                return s.starts.front().map(|t| *t + WINDOW);
+            }
+            let requester = s.turn.pop_front().expect("queued calls have a requester in turn");
+            let queue = s.waiting.get_mut(&requester).expect("a requester in turn has a queue");
+            let tx = queue.pop_front().expect("a requester in turn has a waiting call");
+            if queue.is_empty() {
+                s.waiting.remove(&requester);
+            } else {
+                s.turn.push_back(requester);
+            }
+            s.queued -= 1;
+            if tx.is_closed() {
+                continue; // its caller gave up: no slot used
+            }
+            s.in_flight += 1;
+            s.starts.push_back(now);
+            if let Err(permit) = tx.send(Permit { budget: Arc::clone(self) }) {
+                // Gave up just now. Dropping the permit takes the lock: do it outside.
+                drop(s);
+                drop(permit);
+                s = self.lock();
+            }
+        }
+    }
+}
+
+/// Hands out slots whenever something changes or the rate window moves on. Holds the budget
+/// only while granting, so that dropping the budget ends it. (A wake-up sent while it grants
+/// is not lost: `Notify` keeps it for the next wait.)
+async fn dispatch(budget: std::sync::Weak<Budget>, wake: Arc<Notify>) {
+    loop {
+        let Some(next) = budget.upgrade().map(|b| b.grant()) else { return };
+        let woken = wake.notified();
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => {}
+                    () = woken => {}
+                }
+            }
+            None => woken.await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Runs `calls` (requester, hold time) through a budget; returns start times (relative)
+    /// per requester and the largest concurrency seen.
+    async fn run(config: BudgetConfig, calls: Vec<(&'static str, Duration)>) -> (Vec<(&'static str, Duration)>, usize) {
+        let budget = Budget::start(config);
+        let t0 = Instant::now();
+        let (current, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let tasks: Vec<_> = calls
+            .into_iter()
+            .map(|(who, hold)| {
+                let (budget, current, peak) = (Arc::clone(&budget), Arc::clone(&current), Arc::clone(&peak));
+                tokio::spawn(async move {
+                    let _permit = budget.acquire(who).await.expect("queued");
+                    let started = t0.elapsed();
+                    let now = current.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(hold).await;
+                    current.fetch_sub(1, Ordering::SeqCst);
+                    (who, started)
+                })
+            })
+            .collect();
+        let mut starts = Vec::new();
+        for t in tasks {
+            starts.push(t.await.unwrap());
+        }
+        starts.sort_by_key(|(_, at)| *at);
+        (starts, peak.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_more_than_the_rate_in_any_window_nor_the_concurrency() {
+        let calls = vec![("pod", Duration::from_millis(10)); 100];
+        let (starts, peak) = run(BudgetConfig { queue_per_requester: 100, ..BudgetConfig::default() }, calls).await;
+        assert!(peak <= 5, "peak {peak}");
+        for (i, (_, at)) in starts.iter().enumerate() {
+            let in_window = starts[i..].iter().take_while(|(_, t)| t.saturating_sub(*at) < Duration::from_secs(1)).count();
+            assert!(in_window <= 20, "{in_window} calls within a second of {at:?}");
+        }
+        // 100 calls at 20 per 1.1 s: about 5.5 s, not much more.
+        let last = starts.last().unwrap().1;
+        assert!(last >= Duration::from_millis(4400) && last < Duration::from_secs(6), "{last:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_calls_are_bounded_by_concurrency() {
+        let calls = vec![("pod", Duration::from_secs(2)); 10];
+        let (starts, peak) = run(BudgetConfig::default(), calls).await;
+        assert_eq!(peak, 5);
+        assert!(starts[5].1 >= Duration::from_secs(2), "the sixth waits for a slot: {starts:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_noisy_requester_does_not_starve_a_quiet_one() {
+        let mut calls = vec![("noisy", Duration::from_millis(10)); 60];
+        calls.push(("quiet", Duration::from_millis(10)));
+        let config = BudgetConfig { per_second: 5, ..BudgetConfig::default() };
+        let (starts, _) = run(config, calls).await;
+        let quiet = starts.iter().position(|(who, _)| *who == "quiet").unwrap();
+        // The first few noisy calls may be granted before the quiet one is even queued;
+        // after that it is the next turn.
+        assert!(quiet <= 6, "the quiet pod's one call goes within the first turns, not after 60: {quiet}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_refuses_with_a_retry_after() {
+        let config = BudgetConfig { per_second: 1, in_flight: 1, queue: 3, queue_per_requester: 2 };
+        let budget = Budget::start(config);
+        let held = budget.acquire("a").await.unwrap();
+        let waiting: Vec<_> = ["a", "a", "b"]
+            .into_iter()
+            .map(|who| {
+                let budget = Arc::clone(&budget);
+                tokio::spawn(async move { budget.acquire(who).await.map(drop) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(budget.load(), (3, 1));
+        assert!(budget.acquire("c").await.is_err(), "the queue is full");
+        drop(held);
+        for w in waiting {
+            assert!(w.await.unwrap().is_ok());
+        }
+        // A requester's own cap: two waiting are all one pod gets.
+        let held = budget.acquire("a").await.unwrap();
+        let _w: Vec<_> = (0..2)
+            .map(|_| {
+                let budget = Arc::clone(&budget);
+                tokio::spawn(async move { budget.acquire("a").await.map(drop) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let refused = budget.acquire("a").await.err().expect("over its own cap");
+        assert!(refused.retry_after >= Duration::from_secs(1));
+        drop(held);
+        let other = tokio::time::timeout(Duration::from_secs(10), budget.acquire("b")).await;
+        assert!(other.is_ok_and(|p| p.is_ok()), "others still get in");
+    }
+}

@@ -1,0 +1,210 @@
+//! The node-wide token cache: a plain data structure, told the time by its caller.
+//!
+//! - An entry is served while it has more than `min_remaining` of its life left; from its
+//!   refresh point on (half its life, jittered) it is still served but the caller should
+//!   refresh it in the background — so tokens in use are renewed before they expire, and
+//!   tokens that were all fetched together are not all renewed together.
+//! - Past `min_remaining` the caller must fetch; if that fails, the old token is still
+//!   good until it expires ([`Lookup::Expiring`]).
+//! - Entries unused for `idle` are swept; at `max_entries` the least recently used goes.
+use std::{collections::HashMap, hash::Hash, sync::Arc, time::Duration};
+
+use super::token::Token;
+
+#[derive(Clone, Copy, Debug)]
+pub struct CacheConfig {
+    pub max_entries: usize,
+    /// Never hand out a token with less life than this (capped at a tenth of its lifetime):
+    /// SDKs refresh tokens that close to expiry and would ask again at once.
+    pub min_remaining: Duration,
+    /// Fraction of the lifetime after which an entry in use is refreshed.
+    pub refresh_at: f64,
+    /// ± this fraction of the lifetime, at random, on the refresh point.
+    pub jitter: f64,
+    /// Entries unused this long are dropped.
+    pub idle: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_entries: 4096,
+            min_remaining: Duration::from_mins(5),
+            refresh_at: 0.5,
+            jitter: 0.1,
+            idle: Duration::from_hours(1),
+        }
+    }
+}
+
+/// What the cache has for a key.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Lookup {
+    /// Serve it.
+    Fresh(Arc<Token>),
+    /// Serve it, and refresh it in the background.
+    RefreshAhead(Arc<Token>),
+    /// Fetch a new one; serve this one only if the fetch fails (it has not expired yet).
+    Expiring(Arc<Token>),
+    Miss,
+}
+
+#[derive(Debug)]
+struct Entry {
+    token: Arc<Token>,
+    refresh_at: u64,
+    last_used: u64,
+}
+
+#[derive(Debug)]
+pub struct Cache<K> {
+    entries: HashMap<K, Entry>,
+    config: CacheConfig,
+}
+
+impl<K: Hash + Eq + Clone> Cache<K> {
+    pub fn new(config: CacheConfig) -> Cache<K> {
+        Cache { entries: HashMap::new(), config }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Looks `key` up at `now` (Unix seconds), marking it used.
+    pub fn lookup(&mut self, key: &K, now: u64) -> Lookup {
+        let floor = self.min_remaining_for(key);
+        let Some(entry) = self.entries.get_mut(key) else { return Lookup::Miss };
+        let token = Arc::clone(&entry.token);
+        let remaining = token.remaining(now);
+        if remaining.is_zero() {
+            self.entries.remove(key);
+            return Lookup::Miss;
+        }
+        entry.last_used = now;
+        if remaining <= floor.unwrap_or_default() {
+            Lookup::Expiring(token)
+        } else if now >= entry.refresh_at {
+            Lookup::RefreshAhead(token)
+        } else {
+            Lookup::Fresh(token)
+        }
+    }
+
+    fn min_remaining_for(&self, key: &K) -> Option<Duration> {
+        let lifetime = self.entries.get(key)?.token.lifetime();
+        Some(self.config.min_remaining.min(lifetime / 10))
+    }
+
+    /// Stores a token fetched for `key`. `jitter` is a random sample in [-1, 1].
+    pub fn insert(&mut self, key: K, token: Token, now: u64, jitter: f64) {
+        if !self.entries.contains_key(&key) && self.entries.len() >= self.config.max_entries {
+            self.evict_least_recently_used();
+        }
+        let lifetime = token.lifetime().as_secs_f64();
+        let fraction = (self.config.refresh_at + self.config.jitter * jitter.clamp(-1.0, 1.0)).clamp(0.05, 0.95);
+        let refresh_at = token.obtained_at + (lifetime * fraction) as u64;
+        self.entries.insert(key, Entry { token: Arc::new(token), refresh_at, last_used: now });
+    }
+
+    /// Drops a key's entry (a fetch found the identity gone, say).
+    pub fn remove(&mut self, key: &K) {
+        self.entries.remove(key);
+    }
+
+    /// Drops expired entries and those unused for `idle`. Returns how many went.
+    pub fn sweep(&mut self, now: u64) -> usize {
+        let before = self.entries.len();
+        let idle = self.config.idle.as_secs();
+        self.entries.retain(|_, e| !e.token.remaining(now).is_zero() && now.saturating_sub(e.last_used) < idle);
+        before - self.entries.len()
+    }
+
+    fn evict_least_recently_used(&mut self) {
+        if let Some(key) = self.entries.iter().min_by_key(|(_, e)| e.last_used).map(|(k, _)| k.clone()) {
+            self.entries.remove(&key);
+        }
+    }
+
+    /// Bytes held by tokens, roughly.
+    pub fn bytes(&self) -> usize {
+        self.entries.values().map(|e| e.token.size()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: u64 = 1_000_000;
+
+    fn token(lifetime: u64) -> Token {
+        Token::from_parts("at", "Bearer", lifetime, "c", "r", T0)
+    }
+
+    fn kind(l: &Lookup) -> &'static str {
+        match l {
+            Lookup::Fresh(_) => "fresh",
+            Lookup::RefreshAhead(_) => "refresh-ahead",
+            Lookup::Expiring(_) => "expiring",
+            Lookup::Miss => "miss",
+        }
+    }
+
+    #[test]
+    fn an_entry_lives_fresh_then_refresh_ahead_then_expiring_then_gone() {
+        let mut c = Cache::new(CacheConfig::default());
+        c.insert("k", token(86_400), T0, 0.0);
+        // (seconds after T0, expected)
+        let table = [
+            (0, "fresh"),
+            (43_199, "fresh"),
+            (43_200, "refresh-ahead"), // half its life
+            (86_400 - 301, "refresh-ahead"),
+            (86_400 - 300, "expiring"), // 5 min left
+            (86_399, "expiring"),
+            (86_400, "miss"),
+        ];
+        for (at, want) in table {
+            assert_eq!(kind(&c.lookup(&"k", T0 + at)), want, "at +{at}s");
+        }
+        assert!(c.is_empty(), "an expired entry is dropped");
+    }
+
+    #[test]
+    fn short_lived_tokens_keep_a_tenth_of_their_life_in_reserve() {
+        let mut c = Cache::new(CacheConfig::default());
+        c.insert("k", token(600), T0, 0.0);
+        assert_eq!(kind(&c.lookup(&"k", T0 + 539)), "refresh-ahead");
+        assert_eq!(kind(&c.lookup(&"k", T0 + 540)), "expiring");
+    }
+
+    #[test]
+    fn jitter_moves_the_refresh_point_within_bounds() {
+        let mut c = Cache::new(CacheConfig::default());
+        c.insert("early", token(1000), T0, -1.0);
+        c.insert("late", token(1000), T0, 1.0);
+        assert_eq!(kind(&c.lookup(&"early", T0 + 400)), "refresh-ahead");
+        assert_eq!(kind(&c.lookup(&"late", T0 + 599)), "fresh");
+        assert_eq!(kind(&c.lookup(&"late", T0 + 600)), "refresh-ahead");
+    }
+
+    #[test]
+    fn idle_entries_are_swept_and_the_least_recently_used_makes_room() {
+        let mut c = Cache::new(CacheConfig { max_entries: 2, ..CacheConfig::default() });
+        c.insert("a", token(86_400), T0, 0.0);
+        c.insert("b", token(86_400), T0 + 1, 0.0);
+        let _ = c.lookup(&"a", T0 + 2); // b is now the least recently used
+        c.insert("c", token(86_400), T0 + 3, 0.0);
+        assert_eq!((kind(&c.lookup(&"a", T0 + 4)), kind(&c.lookup(&"b", T0 + 4))), ("fresh", "miss"));
+        assert_eq!(c.len(), 2);
+        let _ = c.lookup(&"c", T0 + 3_000);
+        assert_eq!(c.sweep(T0 + 4 + 3_599), 0);
+        assert_eq!(c.sweep(T0 + 4 + 3_600), 1, "a was idle for an hour");
+        assert_eq!(kind(&c.lookup(&"c", T0 + 4 + 3_600)), "fresh");
+    }
+}

@@ -1,0 +1,393 @@
+//! The token path, after the policy has allowed a request: a node-wide cache, one upstream
+//! call shared by every concurrent request for the same token, and an upstream budget.
+//!
+//! - **Authorisation first.** Callers decide with the policy, then ask here; a cached token
+//!   is never a reason to serve a request the policy refuses.
+//! - **Coalescing.** The first request for a key starts a fetch (a task of its own); requests
+//!   for the same key join it. The fetch stores its token in the cache, whether or not
+//!   anyone still waits.
+//! - **Retries.** A fetch retries IMDS's retryable answers (404, 410, 429, 5xx) and transport
+//!   failures on IMDS's documented schedule (about 2, 6, 14 and 30 s apart, or the
+//!   `Retry-After` it sent, if longer) within [`FETCH_DEADLINE`]. Waiting requests do not sit
+//!   through that: once an attempt has failed they get that failure at once — IMDS-style, with
+//!   a `Retry-After` — and their retries join the fetch or find its token in the cache.
+//! - **Failures with a token in hand.** A cached token that is due for renewal is still served
+//!   when the renewal fails, until it expires.
+//! - **Budget.** Every upstream call holds a slot of the [`budget::Budget`].
+pub mod budget;
+pub mod cache;
+pub mod token;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::StatusCode;
+use tokio::sync::watch;
+
+use self::{
+    budget::{Budget, BudgetConfig},
+    cache::{Cache, CacheConfig, Lookup},
+    token::{unix_now, Token},
+};
+use crate::upstream::{Upstream, UpstreamResponse, UpstreamSelector};
+
+/// How long a fetch keeps retrying (IMDS: retry a 410 "within 70 s").
+pub const FETCH_DEADLINE: Duration = Duration::from_secs(70);
+/// IMDS's documented retry schedule, between attempts.
+const RETRY_SCHEDULE: [Duration; 4] =
+    [Duration::from_secs(2), Duration::from_secs(6), Duration::from_secs(14), Duration::from_secs(30)];
+/// Most a request waits on a fetch that has neither finished nor failed (an upstream call
+/// that is still running).
+const MAX_WAIT: Duration = Duration::from_secs(11);
+/// How often idle and expired cache entries are swept.
+const SWEEP_EVERY: Duration = Duration::from_mins(1);
+
+/// Where a token comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// A user-assigned managed identity, from IMDS.
+    ManagedIdentity { client_id: String },
+}
+
+/// What is cached: a token of one identity for one resource.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TokenKey {
+    pub source: Source,
+    pub resource: String,
+}
+
+/// Where an answered token came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    Cache,
+    Upstream,
+    /// From the cache, due for renewal, because the renewal failed.
+    CacheAfterFailure,
+}
+
+impl Served {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Served::Cache => "cache",
+            Served::Upstream => "upstream",
+            Served::CacheAfterFailure => "cache-after-failure",
+        }
+    }
+}
+
+/// A failure a client should retry: the status and body to answer, and when to retry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Retryable {
+    pub status: StatusCode,
+    pub content_type: Option<http::HeaderValue>,
+    pub body: Bytes,
+    pub retry_after: Duration,
+    /// What happened, for the decision log.
+    pub reason: String,
+}
+
+/// The outcome for one request.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    Token {
+        token: Arc<Token>,
+        served: Served,
+    },
+    /// IMDS's final answer (a 400 for an identity it does not have, say), relayed as it came.
+    Final(UpstreamResponse),
+    Retry(Retryable),
+}
+
+/// A fetch as its waiters see it.
+#[derive(Clone, Debug)]
+enum Progress {
+    Running { failure: Option<Retryable> },
+    Done(Outcome),
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TokenConfig {
+    pub cache: CacheConfig,
+    pub budget: BudgetConfig,
+}
+
+/// Counts for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenStats {
+    pub entries: usize,
+    pub bytes: usize,
+    pub fetches_running: usize,
+    pub queued: usize,
+    pub in_flight: usize,
+}
+
+pub struct TokenService {
+    cache: Mutex<Cache<TokenKey>>,
+    running: Mutex<HashMap<TokenKey, watch::Receiver<Progress>>>,
+    budget: Arc<Budget>,
+    imds: Upstream,
+}
+
+impl TokenService {
+    /// A service calling `imds`; starts its budget and its cache sweeper.
+    pub fn start(imds: Upstream, config: TokenConfig) -> Arc<TokenService> {
+        let service = Arc::new(TokenService {
+            cache: Mutex::new(Cache::new(config.cache)),
+            running: Mutex::default(),
+            budget: Budget::start(config.budget),
+            imds,
+        });
+        let weak = Arc::downgrade(&service);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                every.tick().await;
+                let Some(service) = weak.upgrade() else { return };
+                let swept = service.cache().sweep(unix_now());
+                if swept > 0 {
+                    tracing::debug!(swept, "token cache: idle and expired entries dropped");
+                }
+            }
+        });
+        service
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache<TokenKey>> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<TokenKey, watch::Receiver<Progress>>> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The budget, shared with other upstream calls (forwarded requests).
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    pub fn stats(&self) -> TokenStats {
+        let (entries, bytes) = {
+            let c = self.cache();
+            (c.len(), c.bytes())
+        };
+        let (queued, in_flight) = self.budget.load();
+        TokenStats { entries, bytes, fetches_running: self.running().len(), queued, in_flight }
+    }
+
+    /// A token for `key`, on behalf of `requester` (the pod, for fair queueing). The caller
+    /// has authorised the request.
+    pub async fn get(self: &Arc<Self>, key: TokenKey, requester: &str, api_version: Option<&str>) -> Outcome {
+        let lookup = self.cache().lookup(&key, unix_now());
+        match lookup {
+            Lookup::Fresh(token) => Outcome::Token { token, served: Served::Cache },
+            Lookup::RefreshAhead(token) => {
+                drop(self.fetch(&key, requester, api_version)); // in the background
+                Outcome::Token { token, served: Served::Cache }
+            }
+            Lookup::Expiring(token) => match wait(self.fetch(&key, requester, api_version)).await {
+                Outcome::Retry(_) => Outcome::Token { token, served: Served::CacheAfterFailure },
+                other => other,
+            },
+            Lookup::Miss => wait(self.fetch(&key, requester, api_version)).await,
+        }
+    }
+
+    /// Joins the running fetch for `key`, or starts one.
+    fn fetch(
+        self: &Arc<Self>,
+        key: &TokenKey,
+        requester: &str,
+        api_version: Option<&str>,
+    ) -> watch::Receiver<Progress> {
+        let mut running = self.running();
+        if let Some(progress) = running.get(key) {
+            return progress.clone();
+        }
+        let (tx, rx) = watch::channel(Progress::Running { failure: None });
+        running.insert(key.clone(), rx.clone());
+        drop(running);
+        let (service, key, requester) = (Arc::clone(self), key.clone(), requester.to_owned());
+        let api_version = api_version.map(str::to_owned);
+        tokio::spawn(async move {
+            let outcome = service.attempts(&key, &requester, api_version.as_deref(), &tx).await;
+            // Cache first, then stop being "running": a request in between finds one or the other.
+            if let Outcome::Token { token, .. } = &outcome {
+                service.cache().insert(key.clone(), Token::clone(token), unix_now(), fastrand::f64() * 2.0 - 1.0);
+            }
+            service.running().remove(&key);
+            tx.send_replace(Progress::Done(outcome));
+        });
+        rx
+    }
+
+    /// Calls upstream until a token, a final answer, or the deadline.
+    async fn attempts(
+        &self,
+        key: &TokenKey,
+        requester: &str,
+        api_version: Option<&str>,
+        progress: &watch::Sender<Progress>,
+    ) -> Outcome {
+        let deadline = tokio::time::Instant::now() + FETCH_DEADLINE;
+        let mut schedule = RETRY_SCHEDULE.iter();
+        loop {
+            let failure = match self.budget.acquire(requester).await {
+                Err(overloaded) => return Outcome::Retry(too_many_requests(overloaded.retry_after)),
+                Ok(_permit) => match self.call(key, api_version).await {
+                    Attempt::Done(outcome) => return outcome,
+                    Attempt::Failed(failure) => failure,
+                },
+            };
+            let Some(pause) = schedule.next().map(|d| (*d).max(failure.retry_after)) else {
+                return Outcome::Retry(failure);
+            };
+            if tokio::time::Instant::now() + pause > deadline {
+                return Outcome::Retry(failure);
+            }
+            tracing::debug!(status = %failure.status, reason = %failure.reason, retry_in = ?pause, "token fetch failed; retrying");
+            progress.send_replace(Progress::Running { failure: Some(Retryable { retry_after: pause, ..failure }) });
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    async fn call(&self, key: &TokenKey, api_version: Option<&str>) -> Attempt {
+        let Source::ManagedIdentity { client_id } = &key.source;
+        let answer = self.imds.token(api_version, &key.resource, Some(UpstreamSelector::ClientId(client_id))).await;
+        classify(answer, unix_now())
+    }
+}
+
+enum Attempt {
+    Done(Outcome),
+    Failed(Retryable),
+}
+
+/// What one IMDS answer means for the fetch.
+fn classify(answer: Result<UpstreamResponse, crate::upstream::UpstreamError>, now: u64) -> Attempt {
+    let response = match answer {
+        Ok(r) => r,
+        Err(e) => {
+            return Attempt::Failed(unknown_failure(format!("{:#}", anyhow::Error::from(e))));
+        }
+    };
+    let status = response.status;
+    if status == StatusCode::OK {
+        return match Token::from_imds(&response.body, now) {
+            Ok(token) => Attempt::Done(Outcome::Token { token: Arc::new(token), served: Served::Upstream }),
+            Err(e) => {
+                Attempt::Failed(unknown_failure(format!("the metadata service answered 200 without a token: {e}")))
+            }
+        };
+    }
+    let retryable = matches!(status.as_u16(), 404 | 410 | 429) || status.is_server_error();
+    if !retryable {
+        return Attempt::Done(Outcome::Final(response));
+    }
+    Attempt::Failed(Retryable {
+        status,
+        content_type: response.content_type,
+        body: response.body,
+        retry_after: response.retry_after.unwrap_or(Duration::from_secs(1)),
+        reason: format!("the metadata service answered {status}"),
+    })
+}
+
+fn unknown_failure(reason: String) -> Retryable {
+    Retryable {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        content_type: Some(http::HeaderValue::from_static("application/json; charset=utf-8")),
+        body: Bytes::from(
+            serde_json::json!({"error": "unknown", "error_description": "The metadata service could not be reached; retry"})
+                .to_string(),
+        ),
+        retry_after: Duration::from_secs(1),
+        reason,
+    }
+}
+
+/// IMDS's throttling answer, given by the agent when its own queue is full.
+pub fn too_many_requests(retry_after: Duration) -> Retryable {
+    Retryable {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        content_type: Some(http::HeaderValue::from_static("application/json; charset=utf-8")),
+        body: Bytes::from(
+            serde_json::json!({"error": "too_many_requests", "error_description": "Too many requests for tokens on this node; retry"})
+                .to_string(),
+        ),
+        retry_after,
+        reason: "the upstream budget's queue is full".into(),
+    }
+}
+
+/// Waits for a fetch to finish, or for its first failure, or [`MAX_WAIT`].
+async fn wait(mut progress: watch::Receiver<Progress>) -> Outcome {
+    let waited = tokio::time::timeout(MAX_WAIT, async {
+        loop {
+            match &*progress.borrow_and_update() {
+                Progress::Done(outcome) => return outcome.clone(),
+                Progress::Running { failure: Some(f) } => return Outcome::Retry(f.clone()),
+                Progress::Running { failure: None } => {}
+            }
+            if progress.changed().await.is_err() {
+                // The fetch task ended without a word: it panicked.
+                return Outcome::Retry(unknown_failure("the token fetch failed unexpectedly".into()));
+            }
+        }
+    })
+    .await;
+    waited.unwrap_or_else(|_| {
+        let mut failure = unknown_failure("the metadata service has not answered yet".into());
+        failure.retry_after = Duration::from_secs(2);
+        Outcome::Retry(failure)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::UpstreamError;
+
+    fn response(status: u16, body: &str, retry_after: Option<u64>) -> Result<UpstreamResponse, UpstreamError> {
+        let status = StatusCode::from_u16(status).map_err(|e| UpstreamError::Build(e.into()))?;
+        Ok(UpstreamResponse {
+            status,
+            content_type: None,
+            retry_after: retry_after.map(Duration::from_secs),
+            body: Bytes::from(body.to_owned()),
+        })
+    }
+
+    fn kind(a: &Attempt) -> String {
+        match a {
+            Attempt::Done(Outcome::Token { .. }) => "token".into(),
+            Attempt::Done(Outcome::Final(r)) => format!("final {}", r.status.as_u16()),
+            Attempt::Done(Outcome::Retry(r)) | Attempt::Failed(r) => {
+                format!("retry {} after {}", r.status.as_u16(), r.retry_after.as_secs())
+            }
+        }
+    }
+
+    #[test]
+    fn imds_answers_are_classified_as_imds_documents_them() {
+        let ok = r#"{"access_token":"t","expires_on":"2000000000","expires_in":"3600"}"#;
+        let table = [
+            (response(200, ok, None), "token"),
+            (response(200, "{}", None), "retry 500 after 1"), // no token: not IMDS's answer
+            (response(400, r#"{"error":"invalid_request"}"#, None), "final 400"),
+            (response(403, "", None), "final 403"),
+            (response(404, "", None), "retry 404 after 1"), // IMDS updating
+            (response(410, "", None), "retry 410 after 1"),
+            (response(429, "", Some(7)), "retry 429 after 7"),
+            (response(500, "", None), "retry 500 after 1"),
+            (response(503, "", None), "retry 503 after 1"),
+            (Err(UpstreamError::Timeout(Duration::from_secs(10))), "retry 500 after 1"),
+        ];
+        for (answer, want) in table {
+            assert_eq!(kind(&classify(answer, 1_000)), want);
+        }
+    }
+}
