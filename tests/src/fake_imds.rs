@@ -39,6 +39,8 @@ impl FakeIdentity {
 /// One request the fake received.
 #[derive(Clone, Debug)]
 pub struct Seen {
+    /// When it arrived.
+    pub at: std::time::Instant,
     pub peer: SocketAddr,
     pub method: String,
     pub path: String,
@@ -70,6 +72,27 @@ struct State {
     identities: Vec<FakeIdentity>,
     seen: Vec<Seen>,
     behaviour: Option<Behaviour>,
+    /// Token requests being answered now, and the most ever at once.
+    in_flight: usize,
+    peak_in_flight: usize,
+}
+
+/// Counts a token request in flight until dropped.
+struct InFlight<'a>(&'a Mutex<State>);
+
+impl<'a> InFlight<'a> {
+    fn enter(state: &'a Mutex<State>) -> InFlight<'a> {
+        let mut s = state.lock().unwrap();
+        s.in_flight += 1;
+        s.peak_in_flight = s.peak_in_flight.max(s.in_flight);
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap().in_flight -= 1;
+    }
 }
 
 /// The fake, serving on a listener until dropped.
@@ -104,7 +127,11 @@ impl FakeImds {
                         tokio::spawn(async move {
                             let service = service_fn(move |req| {
                                 let state = Arc::clone(&state);
-                                async move { Ok::<_, std::convert::Infallible>(answer(&state, peer, req).await) }
+                                async move {
+                                    let _in_flight = (req.uri().path() == "/metadata/identity/oauth2/token")
+                                        .then(|| InFlight::enter(&state));
+                                    Ok::<_, std::convert::Infallible>(answer(&state, peer, req).await)
+                                }
                             });
                             let _ = hyper::server::conn::http1::Builder::new()
                                 .serve_connection(TokioIo::new(stream), service)
@@ -129,6 +156,20 @@ impl FakeImds {
     /// Token requests received so far.
     pub fn token_requests(&self) -> Vec<Seen> {
         self.seen().into_iter().filter(|s| s.path == "/metadata/identity/oauth2/token").collect()
+    }
+
+    /// The most token requests it was answering at once.
+    pub fn peak_in_flight(&self) -> usize {
+        self.state.lock().unwrap().peak_in_flight
+    }
+
+    /// The most token requests that arrived within any one second.
+    pub fn peak_per_second(&self) -> usize {
+        let times: Vec<std::time::Instant> = self.token_requests().iter().map(|s| s.at).collect();
+        (0..times.len())
+            .map(|i| times[i..].iter().take_while(|t| t.duration_since(times[i]) < Duration::from_secs(1)).count())
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn set_behaviour(&self, behaviour: Behaviour) {
@@ -161,6 +202,7 @@ fn error(status: StatusCode, code: &str, description: &str) -> Response<Full<Byt
 
 async fn answer(state: &Mutex<State>, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let seen = Seen {
+        at: std::time::Instant::now(),
         peer,
         method: req.method().to_string(),
         path: req.uri().path().to_owned(),
@@ -244,11 +286,16 @@ async fn answer(state: &Mutex<State>, peer: SocketAddr, req: Request<Incoming>) 
     let Some(identity) = identity else {
         return error(StatusCode::BAD_REQUEST, "invalid_request", "Identity not found");
     };
+    issue(identity, &resource)
+}
+
+/// IMDS's success answer: every value a string.
+fn issue(identity: &FakeIdentity, resource: &str) -> Response<Full<Bytes>> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     json(
         StatusCode::OK,
         &serde_json::json!({
-            "access_token": token_for(&identity.client_id, &resource),
+            "access_token": token_for(&identity.client_id, resource),
             "client_id": identity.client_id,
             "expires_in": "86399",
             "expires_on": (now + 86_399).to_string(),

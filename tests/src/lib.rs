@@ -45,6 +45,26 @@ pub struct ProbeReport {
     pub local: Option<String>,
     /// First line the listener sent.
     pub reply: Option<String>,
+    /// What a `burst` saw.
+    pub burst: Option<BurstReport>,
+}
+
+/// What `imds-probe burst` saw: many token requests, retried the way the Azure SDKs retry.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct BurstReport {
+    pub requests: usize,
+    /// Final status of each request (after retries), by status code.
+    pub statuses: std::collections::BTreeMap<u16, usize>,
+    /// Answers that were retried (429, 404, 410, 5xx), by status code; each carried a
+    /// `Retry-After` unless listed in `retried_without_retry_after`.
+    pub retried: std::collections::BTreeMap<u16, usize>,
+    pub retried_without_retry_after: usize,
+    /// 200s whose token was not for the identity and resource asked for.
+    pub wrong_tokens: usize,
+    /// Transport failures and the like, a few of them.
+    pub failures: Vec<String>,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -442,6 +462,18 @@ impl Probe {
         self.spawn()
     }
 
+    /// `count` token requests, `concurrency` at a time, each on a new connection, to
+    /// `addr` with the `queries` in turn; retried like the SDKs do.
+    #[must_use]
+    pub fn burst(mut self, addr: SocketAddrV4, count: usize, concurrency: usize, queries: &[String]) -> RunningProbe {
+        self.cmd.args(["burst", &addr.to_string(), "--count", &count.to_string()]);
+        self.cmd.args(["--concurrency", &concurrency.to_string()]);
+        for q in queries {
+            self.cmd.args(["--query", q]);
+        }
+        self.spawn()
+    }
+
     /// Replaces the probe with `command` (curl, python…) once it has joined; returns the
     /// command's pid and output.
     pub fn exec(mut self, command: &[&str]) -> (u32, std::process::Output) {
@@ -692,6 +724,18 @@ impl AgentProcess {
             );
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The agent's peak resident memory so far (`VmHWM`), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status");
+        kib * 1024
     }
 
     /// SIGKILL, as a crash would.

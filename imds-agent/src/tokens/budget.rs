@@ -229,7 +229,8 @@ mod tests {
         let (starts, peak) = run(BudgetConfig { queue_per_requester: 100, ..BudgetConfig::default() }, calls).await;
         assert!(peak <= 5, "peak {peak}");
         for (i, (_, at)) in starts.iter().enumerate() {
-            let in_window = starts[i..].iter().take_while(|(_, t)| t.saturating_sub(*at) < Duration::from_secs(1)).count();
+            let in_window =
+                starts[i..].iter().take_while(|(_, t)| t.saturating_sub(*at) < Duration::from_secs(1)).count();
             assert!(in_window <= 20, "{in_window} calls within a second of {at:?}");
         }
         // 100 calls at 20 per 1.1 s: about 5.5 s, not much more.
