@@ -12,8 +12,9 @@ COPY . .
 RUN cargo xtask setup --no-test-tools \
  && IMDS_REQUIRE_EBPF=1 cargo build --release --locked --package imds-agent --bin imds-agent
 
-# glibc and libgcc only; the agent needs nothing else at run time. It runs as root with the
-# capabilities the DaemonSet grants (deploy/kubernetes/imds-filter.yaml).
+# glibc, libgcc and CA certificates (for Entra) only; the agent needs nothing else at run
+# time. It runs as root with the capabilities the DaemonSet grants
+# (deploy/kubernetes/imds-filter.yaml).
 FROM gcr.io/distroless/cc-debian12
 COPY --from=build /src/target/release/imds-agent /usr/local/bin/imds-agent
 ENTRYPOINT ["/usr/local/bin/imds-agent"]

@@ -14,11 +14,16 @@ use imds_agent::{
     events,
     imds::PathRules,
     kernel::{self, bpffs::DEFAULT_PIN_DIR, cgroup, origin::DEFAULT_ORIGIN_TTL, Filter, FilterOptions, IMDS_ENDPOINT},
-    policy::Snapshot,
+    policy::{Snapshot, WorkloadMode, WorkloadSettings},
     server::{self, AgentState, Mode},
     sources::{kube as kube_source, manifests},
     telemetry::{self, SourceStatus, Telemetry},
-    tokens::{budget::BudgetConfig, cache::CacheConfig, TokenConfig, TokenService},
+    tokens::{
+        budget::BudgetConfig,
+        cache::CacheConfig,
+        entra::{self, Entra},
+        TokenConfig, TokenService,
+    },
     upstream::{Upstream, IMDS_TIMEOUT},
     verdicts::VerdictSync,
 };
@@ -106,6 +111,21 @@ struct RunArgs {
     /// Most tokens (identity × resource) held in the node-wide cache.
     #[arg(long, default_value_t = CacheConfig::default().max_entries)]
     token_cache_entries: usize,
+    /// Which pods the workload-identity bridge serves: those labelled
+    /// azure.workload.identity/use=true (`label`), also every pod whose ServiceAccount names a
+    /// client id (`annotated`), or none (`off`).
+    #[arg(long, value_enum, default_value_t = WorkloadArg::Label)]
+    workload_identity: WorkloadArg,
+    /// Tenant for workload-identity ServiceAccounts without a tenant-id annotation.
+    #[arg(long, env = "AZURE_TENANT_ID")]
+    tenant_id: Option<String>,
+    /// Entra authority that workload-identity tokens are exchanged at.
+    #[arg(long, env = "AZURE_AUTHORITY_HOST", default_value = entra::PUBLIC_CLOUD)]
+    authority_host: String,
+    /// The kubelet's directory; pods' projected service-account tokens are read from its
+    /// `pods/` (mount it read-only into the agent).
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    kubelet_dir: PathBuf,
     /// `audit` logs what would be refused and forwards it anyway.
     #[arg(long, value_enum, default_value_t = ModeArg::Enforce)]
     mode: ModeArg,
@@ -134,6 +154,13 @@ struct RunArgs {
     /// Seconds an origin record stays valid after `connect()`.
     #[arg(long, default_value_t = DEFAULT_ORIGIN_TTL.as_secs())]
     origin_ttl: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WorkloadArg {
+    Label,
+    Annotated,
+    Off,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -227,7 +254,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         attach_cgroup: attach_cgroup.clone(),
         pin_dir: args.bpffs.clone(),
         agent: listen,
-        protected: args.protected,
+        protected: args.protected.clone(),
         default_verdict: args.default_verdict.into(),
         exempt_cgroup,
         kernel_log_level: kernel_log_level(log_filter),
@@ -243,7 +270,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         PolicySource::Manifests { .. } => None,
     };
     let source = Arc::new(SourceStatus::default());
-    let (updates, synced, _watcher) = policy.start(&source)?;
+    let (updates, synced, _watcher) = policy.start(workload_settings(&args), &source)?;
     let attach_root = cgroup::validate_attach_cgroup(&root, &attach_cgroup)?;
     let telemetry = Arc::new(
         Telemetry::new(attach_root.clone(), &args.bpffs, updates.clone(), source).context("setting up metrics")?,
@@ -255,25 +282,16 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
 
     let resolver = Arc::new(CgroupResolver::new(&root).context("opening the cgroup2 filesystem")?);
     tokio::spawn(prune_resolver(Arc::clone(&resolver)));
-    let rules = if args.forward_all_paths { PathRules::ForwardAll } else { PathRules::Allow(args.allow_paths) };
+    let rules = if args.forward_all_paths { PathRules::ForwardAll } else { PathRules::Allow(args.allow_paths.clone()) };
     let upstream =
         Upstream::new(SocketAddr::V4(args.upstream), IMDS_TIMEOUT).with_latency(telemetry.upstream_seconds.clone());
-    let tokens = TokenService::start(
-        upstream.clone(),
-        TokenConfig {
-            cache: CacheConfig { max_entries: args.token_cache_entries, ..CacheConfig::default() },
-            budget: BudgetConfig {
-                per_second: args.upstream_rate as usize,
-                in_flight: args.upstream_concurrency as usize,
-                ..BudgetConfig::default()
-            },
-        },
-    );
+    let tokens = token_service(&args, upstream.clone())?;
     telemetry.watch_tokens(Arc::clone(&tokens));
     let state = Arc::new(AgentState {
         snapshot: updates,
         upstream,
         tokens,
+        kubelet_dir: args.kubelet_dir.clone(),
         rules,
         mode: match args.mode {
             ModeArg::Enforce => Mode::Enforce,
@@ -295,6 +313,35 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     }
     tracing::info!("exiting; the kernel filter stays attached (`imds-agent uninstall` removes it)");
     Ok(())
+}
+
+fn workload_settings(args: &RunArgs) -> WorkloadSettings {
+    WorkloadSettings {
+        mode: match args.workload_identity {
+            WorkloadArg::Label => WorkloadMode::Label,
+            WorkloadArg::Annotated => WorkloadMode::Annotated,
+            WorkloadArg::Off => WorkloadMode::Off,
+        },
+        default_tenant: args.tenant_id.clone(),
+    }
+}
+
+/// The token path: cache, budgets, IMDS and Entra.
+fn token_service(args: &RunArgs, imds: Upstream) -> anyhow::Result<Arc<TokenService>> {
+    let entra = Entra::new(&args.authority_host)?;
+    Ok(TokenService::start(
+        imds,
+        entra,
+        TokenConfig {
+            cache: CacheConfig { max_entries: args.token_cache_entries, ..CacheConfig::default() },
+            budget: BudgetConfig {
+                per_second: args.upstream_rate as usize,
+                in_flight: args.upstream_concurrency as usize,
+                ..BudgetConfig::default()
+            },
+            ..TokenConfig::default()
+        },
+    ))
 }
 
 /// Where the policy comes from, checked before anything changes.
@@ -325,20 +372,21 @@ impl PolicySource {
     /// file watcher to keep alive (manifests only).
     fn start(
         self,
+        workload: WorkloadSettings,
         status: &Arc<SourceStatus>,
     ) -> anyhow::Result<(watch::Receiver<Arc<Snapshot>>, bool, Option<notify::RecommendedWatcher>)> {
         match self {
             PolicySource::Manifests { dir, initial } => {
-                let (snapshots, updates) = watch::channel(Arc::new(initial));
+                let (snapshots, updates) = watch::channel(Arc::new(initial.with_workload(workload.clone())));
                 status.loaded();
-                let watcher = manifests::watch(&dir, snapshots, Arc::clone(status))
+                let watcher = manifests::watch(&dir, workload, snapshots, Arc::clone(status))
                     .context("watching the manifests directory")?;
                 Ok((updates, true, Some(watcher)))
             }
             PolicySource::Kube { client, node } => {
                 let (snapshots, updates) = watch::channel(Arc::new(Snapshot::default()));
                 let status = Arc::clone(status);
-                tokio::spawn(async move { kube_source::run(client, &node, snapshots, status).await });
+                tokio::spawn(async move { kube_source::run(client, &node, workload, snapshots, status).await });
                 Ok((updates, false, None))
             }
         }

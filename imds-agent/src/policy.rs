@@ -17,10 +17,51 @@
 //!    is used — a documented, deterministic choice (NMI picked one at random).
 //! 4. No binding, or a selector matching no bound identity: "Identity not found", IMDS's own
 //!    400, so SDKs give up instead of retrying.
+//!
+//! Workload identity comes between 1 and 2: a pod that opts in (label
+//! `azure.workload.identity/use: "true"`, or — with [`WorkloadMode::Annotated`] — any pod whose
+//! ServiceAccount names a client id) is served tokens of **its own ServiceAccount's** federated
+//! identity (`azure.workload.identity/client-id`, tenant from `…/tenant-id` or the agent's
+//! default), exchanged at Entra with the pod's own service-account token. A selector must name
+//! that client id; bindings do not apply to such a pod.
 use std::collections::{BTreeMap, HashMap};
 
 /// The pod label that names a binding.
 pub const BINDING_LABEL: &str = "aadpodidbinding";
+/// The pod label by which a pod opts in to workload identity.
+pub const WORKLOAD_LABEL: &str = "azure.workload.identity/use";
+/// ServiceAccount annotations of workload identity.
+pub const CLIENT_ID_ANNOTATION: &str = "azure.workload.identity/client-id";
+pub const TENANT_ID_ANNOTATION: &str = "azure.workload.identity/tenant-id";
+
+/// Which pods the workload-identity bridge serves.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WorkloadMode {
+    /// Pods labelled `azure.workload.identity/use: "true"` (the webhook's own opt-in).
+    #[default]
+    Label,
+    /// Also every pod whose ServiceAccount carries `azure.workload.identity/client-id`.
+    Annotated,
+    /// None: workload-identity pods are treated like any other.
+    Off,
+}
+
+/// The agent's workload-identity settings, carried by every snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadSettings {
+    pub mode: WorkloadMode,
+    /// The tenant for ServiceAccounts without a tenant-id annotation.
+    pub default_tenant: Option<String>,
+}
+
+/// What the policy needs of a ServiceAccount.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAccount {
+    pub namespace: String,
+    pub name: String,
+    pub client_id: Option<String>,
+    pub tenant_id: Option<String>,
+}
 
 /// `AzureIdentity.spec.type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +127,8 @@ pub struct Pod {
     pub namespace: String,
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    /// `spec.serviceAccountName` (Kubernetes' default: `default`).
+    pub service_account: String,
 }
 
 /// The identity a request names, if any.
@@ -119,6 +162,10 @@ pub enum DenyReason {
     NoBinding { label: String },
     /// The request names an identity the pod is not bound to.
     SelectorNotBound { selector: Selector },
+    /// A workload-identity pod whose ServiceAccount has no client-id annotation.
+    WorkloadNoClientId { service_account: String },
+    /// A workload-identity pod with no tenant (annotation or agent default).
+    WorkloadNoTenant { service_account: String },
 }
 
 /// How an allowed identity was chosen.
@@ -137,6 +184,8 @@ pub enum Decision<'a> {
     Allow { identity: &'a Identity, binding: &'a str, choice: Choice },
     /// "Identity not found" (400).
     Deny(DenyReason),
+    /// Serve a token of the pod's own ServiceAccount's federated identity.
+    Workload { service_account: &'a str, client_id: &'a str, tenant_id: &'a str, choice: Choice },
     /// An exception pod: forward unchecked (it should not have reached us).
     Exception { exception: &'a str },
     /// Not in the snapshot (yet): wait for the sources, then a retryable 404.
@@ -162,6 +211,9 @@ pub struct Snapshot {
     identities: HashMap<(String, String), Identity>,
     bindings: Vec<Binding>,
     exceptions: Vec<Exception>,
+    /// (namespace, name) → ServiceAccount; only those workload identity needs.
+    service_accounts: HashMap<(String, String), ServiceAccount>,
+    workload: WorkloadSettings,
 }
 
 impl Snapshot {
@@ -177,7 +229,56 @@ impl Snapshot {
             identities: identities.into_iter().map(|i| ((i.namespace.clone(), i.name.clone()), i)).collect(),
             bindings: bindings.into_iter().collect(),
             exceptions: exceptions.into_iter().collect(),
+            service_accounts: HashMap::new(),
+            workload: WorkloadSettings::default(),
         }
+    }
+
+    /// Adds the ServiceAccounts workload identity reads (others may be left out).
+    #[must_use]
+    pub fn with_service_accounts(mut self, accounts: impl IntoIterator<Item = ServiceAccount>) -> Snapshot {
+        self.service_accounts = accounts.into_iter().map(|a| ((a.namespace.clone(), a.name.clone()), a)).collect();
+        self
+    }
+
+    /// Sets the agent's workload-identity settings.
+    #[must_use]
+    pub fn with_workload(mut self, settings: WorkloadSettings) -> Snapshot {
+        self.workload = settings;
+        self
+    }
+
+    pub fn service_account(&self, namespace: &str, name: &str) -> Option<&ServiceAccount> {
+        self.service_accounts.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// Whether the workload-identity bridge serves this pod.
+    pub fn uses_workload_identity(&self, pod: &Pod) -> bool {
+        match self.workload.mode {
+            WorkloadMode::Off => false,
+            WorkloadMode::Label => pod.labels.get(WORKLOAD_LABEL).is_some_and(|v| v == "true"),
+            WorkloadMode::Annotated => {
+                pod.labels.get(WORKLOAD_LABEL).is_some_and(|v| v == "true")
+                    || self.service_account(&pod.namespace, &pod.service_account).is_some_and(|a| a.client_id.is_some())
+            }
+        }
+    }
+
+    fn decide_workload<'a>(&'a self, pod: &'a Pod, selector: Option<&Selector>) -> Decision<'a> {
+        let account = self.service_account(&pod.namespace, &pod.service_account);
+        let Some(client_id) = account.and_then(|a| a.client_id.as_deref()) else {
+            return Decision::Deny(DenyReason::WorkloadNoClientId { service_account: pod.service_account.clone() });
+        };
+        let tenant = account.and_then(|a| a.tenant_id.as_deref()).or(self.workload.default_tenant.as_deref());
+        let Some(tenant_id) = tenant else {
+            return Decision::Deny(DenyReason::WorkloadNoTenant { service_account: pod.service_account.clone() });
+        };
+        let choice = match selector {
+            None => Choice::FirstByName,
+            Some(Selector::ClientId(id)) if id.eq_ignore_ascii_case(client_id) => Choice::Requested,
+            Some(other) => return Decision::Deny(DenyReason::SelectorNotBound { selector: other.clone() }),
+        };
+        Decision::Workload { service_account: &pod.service_account, client_id, tenant_id, choice }
     }
 
     pub fn pod(&self, uid: &str) -> Option<&Pod> {
@@ -232,6 +333,9 @@ impl Snapshot {
         if let Some(e) = self.exception_for(pod) {
             return Decision::Exception { exception: &e.name };
         }
+        if self.uses_workload_identity(pod) {
+            return self.decide_workload(pod, selector);
+        }
         let Some(label) = pod.labels.get(BINDING_LABEL) else {
             return Decision::Deny(DenyReason::NoBindingLabel);
         };
@@ -253,6 +357,8 @@ impl Snapshot {
     pub fn pod_verdict(&self, pod: &Pod, deny_unbound: bool) -> PodVerdict {
         if self.exception_for(pod).is_some() {
             PodVerdict::Pass
+        } else if self.uses_workload_identity(pod) {
+            PodVerdict::Redirect
         } else if deny_unbound && self.bound_identities(pod).is_empty() {
             PodVerdict::Deny
         } else {
@@ -270,7 +376,13 @@ mod tests {
     }
 
     fn pod(uid: &str, ns: &str, l: &[(&str, &str)]) -> Pod {
-        Pod { uid: uid.into(), namespace: ns.into(), name: format!("pod-{uid}"), labels: labels(l) }
+        Pod {
+            uid: uid.into(),
+            namespace: ns.into(),
+            name: format!("pod-{uid}"),
+            labels: labels(l),
+            service_account: "default".into(),
+        }
     }
 
     fn identity(ns: &str, name: &str, client: &str) -> Identity {
@@ -428,5 +540,116 @@ mod tests {
             [],
         );
         assert_eq!(w.bound_identities(w.pod("p").unwrap()).len(), 1);
+    }
+
+    /// (mode, default tenant, pod, selector, decision)
+    type Case = (WorkloadMode, Option<&'static str>, &'static str, Option<Selector>, &'static str);
+
+    /// Workload identity: who opts in, which ServiceAccount's identity they get, and what
+    /// they may name.
+    #[test]
+    fn workload_identity_table() {
+        let sa = |name: &str, client: Option<&str>, tenant: Option<&str>| ServiceAccount {
+            namespace: "app".into(),
+            name: name.into(),
+            client_id: client.map(Into::into),
+            tenant_id: tenant.map(Into::into),
+        };
+        let with_sa = |mut p: Pod, account: &str| {
+            p.service_account = account.into();
+            p
+        };
+        let wi = [(WORKLOAD_LABEL, "true")];
+        let world = |mode, default_tenant: Option<&str>| {
+            Snapshot::new(
+                [
+                    with_sa(pod("wi", "app", &wi), "fed"),
+                    with_sa(pod("wi-untenanted", "app", &wi), "fed-no-tenant"),
+                    with_sa(pod("wi-plain-sa", "app", &wi), "plain"),
+                    with_sa(
+                        pod("wi-bound", "app", &[(WORKLOAD_LABEL, "true"), ("aadpodidbinding", "blob-sel")]),
+                        "fed",
+                    ),
+                    with_sa(pod("unlabelled", "app", &[]), "fed"),
+                    with_sa(pod("wi-exc", "app", &[(WORKLOAD_LABEL, "true"), ("role", "helper")]), "fed"),
+                ],
+                [identity("app", "blob", "c-blob")],
+                [binding("app", "blob-binding", "blob", "blob-sel")],
+                [Exception {
+                    namespace: "app".into(),
+                    name: "helpers".into(),
+                    pod_labels: labels(&[("role", "helper")]),
+                }],
+            )
+            .with_service_accounts([
+                sa("fed", Some("c-fed"), Some("t-1")),
+                sa("fed-no-tenant", Some("c-fed2"), None),
+                sa("plain", None, None),
+            ])
+            .with_workload(WorkloadSettings { mode, default_tenant: default_tenant.map(Into::into) })
+        };
+        let workload = |d: Decision<'_>| match d {
+            Decision::Workload { client_id, tenant_id, service_account, choice } => {
+                format!("wi {service_account} {client_id}@{tenant_id} {choice:?}")
+            }
+            Decision::Allow { identity, .. } => format!("allow {}", identity.name),
+            Decision::Deny(r) => format!("deny {r:?}"),
+            Decision::Exception { .. } => "exception".into(),
+            Decision::UnknownPod => "unknown".into(),
+        };
+        let cid = |c: &str| Some(Selector::ClientId(c.into()));
+        let cases: [Case; 12] = [
+            (WorkloadMode::Label, None, "wi", None, "wi fed c-fed@t-1 FirstByName"),
+            (WorkloadMode::Label, None, "wi", cid("C-FED"), "wi fed c-fed@t-1 Requested"),
+            (
+                WorkloadMode::Label,
+                None,
+                "wi",
+                cid("c-blob"),
+                "deny SelectorNotBound { selector: ClientId(\"c-blob\") }",
+            ),
+            (
+                WorkloadMode::Label,
+                None,
+                "wi",
+                Some(Selector::ObjectId("o".into())),
+                "deny SelectorNotBound { selector: ObjectId(\"o\") }",
+            ),
+            (
+                WorkloadMode::Label,
+                None,
+                "wi-untenanted",
+                None,
+                "deny WorkloadNoTenant { service_account: \"fed-no-tenant\" }",
+            ),
+            (
+                WorkloadMode::Label,
+                Some("t-default"),
+                "wi-untenanted",
+                None,
+                "wi fed-no-tenant c-fed2@t-default FirstByName",
+            ),
+            (WorkloadMode::Label, None, "wi-plain-sa", None, "deny WorkloadNoClientId { service_account: \"plain\" }"),
+            // Opted in: its bindings do not apply; its ServiceAccount's identity does.
+            (
+                WorkloadMode::Label,
+                None,
+                "wi-bound",
+                cid("c-blob"),
+                "deny SelectorNotBound { selector: ClientId(\"c-blob\") }",
+            ),
+            (WorkloadMode::Label, None, "unlabelled", None, "deny NoBindingLabel"),
+            (WorkloadMode::Annotated, None, "unlabelled", None, "wi fed c-fed@t-1 FirstByName"),
+            (WorkloadMode::Off, None, "wi-bound", None, "allow blob"),
+            // Exceptions still come first.
+            (WorkloadMode::Label, None, "wi-exc", None, "exception"),
+        ];
+        for (mode, tenant, uid, selector, want) in cases {
+            let w = world(mode, tenant);
+            assert_eq!(workload(w.decide(uid, selector.as_ref())), want, "{mode:?} {uid} {selector:?}");
+        }
+        // A workload-identity pod has no binding, and is still not denied in the kernel.
+        let w = world(WorkloadMode::Label, None);
+        assert_eq!(w.pod_verdict(w.pod("wi").unwrap(), true), PodVerdict::Redirect);
     }
 }

@@ -8,6 +8,8 @@
 //!   `ADDED`, `MODIFIED`, `DELETED` — for every change after `N`, held open until the server
 //!   goes down; a `resourceVersion` older than the retained history gets the API server's
 //!   `ERROR` event with a `410 Expired` Status, after which clients list again;
+//! - metadata-only requests (`Accept: …;as=PartialObjectMetadataList…`) answered with
+//!   `PartialObjectMetadata` objects, as kube's metadata watches ask;
 //! - `GET /version`; `POST`/`PATCH` of `events.k8s.io/v1` Events, recorded for the test;
 //! - while "down", every request gets a `503` Status and open watches end.
 use std::{
@@ -304,9 +306,14 @@ async fn answer(state: Arc<Mutex<State>>, changed: &watch::Sender<u64>, req: Req
         return json_response(code, &status(code, "NotFound", &format!("the server could not find {path}")));
     };
     let selector = query_param(&query, "fieldSelector");
+    let metadata_only = req
+        .headers()
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("as=PartialObjectMetadata"));
     if query_param(&query, "watch").is_some_and(|w| w == "true" || w == "1") {
         let from = query_param(&query, "resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
-        return watch_stream(state, changed.subscribe(), target, selector, from);
+        return watch_stream(state, changed.subscribe(), target, selector, from, metadata_only);
     }
     let s = state.lock().unwrap();
     let objects = s.objects.get(target.collection);
@@ -318,14 +325,27 @@ async fn answer(state: Arc<Mutex<State>>, changed: &watch::Sender<u64>, req: Req
         let code = StatusCode::NOT_FOUND;
         return json_response(code, &status(code, "NotFound", &format!("{} {name:?} not found", target.kind)));
     }
-    let items: Vec<&Value> =
-        objects.into_iter().flat_map(|o| o.values()).filter(|o| in_scope(o, &target, selector.as_deref())).collect();
-    let (api_version, kind, _) = KINDS.iter().find(|(_, k, _)| *k == target.kind).expect("known kind");
+    let items: Vec<Value> = objects
+        .into_iter()
+        .flat_map(|o| o.values())
+        .filter(|o| in_scope(o, &target, selector.as_deref()))
+        .map(|o| if metadata_only { partial(o) } else { o.clone() })
+        .collect();
+    let (api_version, kind) = if metadata_only {
+        ("meta.k8s.io/v1", "PartialObjectMetadata")
+    } else {
+        KINDS.iter().find(|(_, k, _)| *k == target.kind).map(|(v, k, _)| (*v, *k)).expect("known kind")
+    };
     json_response(
         StatusCode::OK,
         &json!({"apiVersion": api_version, "kind": format!("{kind}List"),
                 "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
     )
+}
+
+/// An object as a metadata-only request sees it.
+fn partial(object: &Value) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": object["metadata"]})
 }
 
 /// A watch: every matching change after `from`, then new ones as they come, until the
@@ -336,6 +356,7 @@ fn watch_stream(
     target: Target,
     selector: Option<String>,
     from: u64,
+    metadata_only: bool,
 ) -> Response<Body> {
     let (mut tx, body) = Channel::<Bytes, Infallible>::new(16);
     let expired = from < state.lock().unwrap().compacted_to;
@@ -355,7 +376,10 @@ fn watch_stream(
                     .iter()
                     .filter(|c| c.rv > last && c.collection == target.collection)
                     .filter(|c| in_scope(&c.object, &target, selector.as_deref()))
-                    .map(|c| json!({"type": c.kind, "object": c.object}).to_string() + "\n")
+                    .map(|c| {
+                        let object = if metadata_only { partial(&c.object) } else { c.object.clone() };
+                        json!({"type": c.kind, "object": object}).to_string() + "\n"
+                    })
                     .collect();
                 last = s.rv;
                 (lines, s.down)

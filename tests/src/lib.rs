@@ -7,6 +7,7 @@
 //! redirect stays inside; programs attach only to a child cgroup the test created.
 #![expect(clippy::missing_panics_doc, reason = "test support: a panic is how a helper reports a broken setup")]
 
+pub mod fake_entra;
 pub mod fake_imds;
 pub mod fake_kube;
 pub mod node;

@@ -33,6 +33,8 @@ pub struct Node {
     pub fake: FakeImds,
     pub pins: PinDir,
     pub manifests: tempfile::TempDir,
+    /// The kubelet's directory (`--kubelet-dir`): pods' projected tokens.
+    pub kubelet: tempfile::TempDir,
     pub kubepods: Cgroup,
     pub root: Cgroup,
     pub ns: NetNs,
@@ -69,6 +71,7 @@ impl Node {
             fake,
             pins: PinDir::new(tag),
             manifests: tempfile::tempdir().expect("tempdir"),
+            kubelet: tempfile::tempdir().expect("tempdir"),
             kubepods,
             root,
             ns,
@@ -110,6 +113,8 @@ impl Node {
             AGENT_ADDR.to_string(),
             "--upstream".into(),
             SocketAddrV4::new(IMDS_IP, 80).to_string(),
+            "--kubelet-dir".into(),
+            self.kubelet.path().display().to_string(),
         ];
         args.extend_from_slice(source);
         args.extend(extra.iter().map(|a| (*a).to_owned()));
@@ -146,6 +151,40 @@ impl Node {
         let cgroup = self.kubepods.child(&format!("pod{uid}"));
         let ctr = cgroup.child("0123456789abcdef");
         TestPod { uid: uid.to_owned(), ctr, cgroup, own_ns }
+    }
+}
+
+impl Node {
+    /// Projects a service-account token for pod `uid` (of `namespace`, ServiceAccount
+    /// `service_account`) the way the kubelet does for the workload-identity webhook's
+    /// volume: `pods/<uid>/volumes/kubernetes.io~projected/azure-identity-token/`, the file a
+    /// link into `..data`. Returns the token (a JWT with the claims Kubernetes puts in one;
+    /// its signature is a placeholder, which only the real Entra would check).
+    pub fn project_token(&self, uid: &str, namespace: &str, service_account: &str) -> String {
+        use base64::Engine as _;
+        let claims = serde_json::json!({
+            "aud": ["api://AzureADTokenExchange"],
+            "exp": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600,
+            "iss": "https://oidc.example.test/cluster",
+            "sub": format!("system:serviceaccount:{namespace}:{service_account}"),
+            "kubernetes.io": {"namespace": namespace, "pod": {"name": "p", "uid": uid},
+                              "serviceaccount": {"name": service_account, "uid": "sa-uid"}},
+        });
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let token = format!(
+            "{}.{}.{}",
+            b64(br#"{"alg":"RS256","kid":"test"}"#),
+            b64(claims.to_string().as_bytes()),
+            b64(b"sig")
+        );
+        let volume =
+            self.kubelet.path().join("pods").join(uid).join("volumes/kubernetes.io~projected/azure-identity-token");
+        let data = volume.join("..2026_11_26_00_00_00.000000001");
+        fs::create_dir_all(&data).expect("projected volume");
+        fs::write(data.join("azure-identity-token"), &token).expect("token file");
+        std::os::unix::fs::symlink(data.file_name().unwrap(), volume.join("..data")).expect("..data link");
+        std::os::unix::fs::symlink("..data/azure-identity-token", volume.join("azure-identity-token")).expect("link");
+        token
     }
 }
 
@@ -192,4 +231,17 @@ pub fn curl(node: &Node, pod: &TestPod, addr: SocketAddr, path_and_query: &str, 
         curl_exit: out.status.code().unwrap_or(-1),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// Runs the Azure SDK client script in `pod`; its one-line JSON result.
+pub fn sdk(node: &Node, pod: &TestPod, args: &[&str]) -> serde_json::Value {
+    let python = std::env::var("IMDS_SDK_PYTHON")
+        .expect("IMDS_SDK_PYTHON names the venv with azure-identity: run through `cargo xtask test`");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/imds_client.py");
+    let mut command = vec![python.as_str(), script];
+    command.extend_from_slice(args);
+    let out = run_in_pod(node, pod, &command);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("SDK output {stdout:?} ({e}); stderr: {}", String::from_utf8_lossy(&out.stderr)))
 }

@@ -9,7 +9,7 @@ use std::{
 
 use imds_tests::{
     fake_imds::{token_for, FakeIdentity},
-    node::{curl, Fetched, Node, TestPod, AGENT_ADDR},
+    node::{curl, sdk, Fetched, Node, TestPod, AGENT_ADDR},
     Probe, IMDS_IP,
 };
 
@@ -301,19 +301,6 @@ fn token_path_variants_are_refused_and_never_forwarded() {
     }
     assert!(node.fake.seen().is_empty(), "nothing was forwarded: {:?}", node.fake.seen());
     drop(web);
-}
-
-/// Runs the Azure SDK client script in `pod`; its one-line JSON result.
-fn sdk(node: &Node, pod: &TestPod, args: &[&str]) -> serde_json::Value {
-    let python = std::env::var("IMDS_SDK_PYTHON")
-        .expect("IMDS_SDK_PYTHON names the venv with azure-identity: run through `cargo xtask test`");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/imds_client.py");
-    let mut command = vec![python.as_str(), script];
-    command.extend_from_slice(args);
-    let out = imds_tests::node::run_in_pod(node, pod, &command);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("SDK output {stdout:?} ({e}); stderr: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
 // 7

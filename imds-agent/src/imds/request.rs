@@ -18,7 +18,8 @@ pub struct ImdsError {
 }
 
 impl ImdsError {
-    fn bad_request(description: impl Into<String>) -> ImdsError {
+    /// IMDS's 400 `invalid_request` with this description.
+    pub fn bad_request(description: impl Into<String>) -> ImdsError {
         ImdsError { status: StatusCode::BAD_REQUEST, error: "invalid_request", description: description.into() }
     }
 

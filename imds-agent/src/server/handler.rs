@@ -13,7 +13,7 @@ use crate::{
     imds::{self, ImdsError, Route, TokenRequest},
     kernel::CallerOrigin,
     policy::{Choice, Decision, DenyReason, IdentityType, Selector, Snapshot},
-    tokens::{token::unix_now, too_many_requests, Outcome, Retryable, Served, Source, TokenKey},
+    tokens::{projected, token::unix_now, too_many_requests, Fetch, Outcome, Retryable, Served, Source, TokenKey},
     upstream::{UpstreamError, UpstreamResponse, UpstreamSelector},
 };
 
@@ -117,8 +117,52 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
                 source: Source::ManagedIdentity { client_id: identity.client_id.clone() },
                 resource: token.resource.clone(),
             };
-            let outcome = state.tokens.get(key, &uid, token.api_version.as_deref()).await;
+            let outcome = state.tokens.get(key, &uid, Fetch::Imds { api_version: token.api_version.clone() }).await;
             answer_token(outcome, record)
+        }
+        Decision::Workload { service_account, client_id, tenant_id, choice } => {
+            let namespace = record.pod_namespace.clone().unwrap_or_default();
+            record.identity = Some(format!("workload-identity:{namespace}/{service_account}"));
+            record.reason = match choice {
+                Choice::Requested => {
+                    format!("workload identity of ServiceAccount {service_account}; the client id the request named")
+                }
+                Choice::FirstByName => format!("workload identity of ServiceAccount {service_account}"),
+            };
+            // The pod's own service-account token: read for this pod only, checked against it.
+            let (kubelet, pod_uid, sa) = (state.kubelet_dir.clone(), uid.clone(), service_account.to_owned());
+            let ns = namespace.clone();
+            let assertion =
+                tokio::task::spawn_blocking(move || projected::read(&kubelet, &pod_uid, &ns, &sa, unix_now())).await;
+            let assertion = match assertion {
+                Ok(Ok(jwt)) => jwt,
+                Ok(Err(e)) => {
+                    record.verdict = "deny";
+                    record.reason = format!("{}; {e}", record.reason);
+                    report_denial(state, record);
+                    return refusal(&ImdsError::bad_request(format!("Workload identity: {e}")));
+                }
+                Err(e) => {
+                    record.verdict = "error";
+                    record.reason = format!("{}; reading the pod's token failed: {e}", record.reason);
+                    return refusal(&ImdsError {
+                        status: StatusCode::INTERNAL_SERVER_ERROR,
+                        error: "unknown",
+                        description: "retry".into(),
+                    });
+                }
+            };
+            record.verdict = "allow";
+            let key = TokenKey {
+                source: Source::Workload {
+                    tenant_id: tenant_id.to_owned(),
+                    client_id: client_id.to_owned(),
+                    namespace,
+                    service_account: service_account.to_owned(),
+                },
+                resource: token.resource.clone(),
+            };
+            answer_token(state.tokens.get(key, &uid, Fetch::Entra { assertion }).await, record)
         }
         Decision::Deny(reason) => {
             record.reason = describe_denial(&reason);
@@ -161,22 +205,27 @@ async fn refuse_or_audit(token: &TokenRequest, state: &AgentState, record: &mut 
     match state.mode {
         Mode::Enforce => {
             record.verdict = "deny";
-            if let (Some(events), Some(namespace), Some(pod), Some(uid)) =
-                (&state.events, &record.pod_namespace, &record.pod_name, &record.pod_uid)
-            {
-                events.report(crate::events::Denial {
-                    namespace: namespace.clone(),
-                    pod: pod.clone(),
-                    uid: uid.clone(),
-                    reason: record.reason.clone(),
-                });
-            }
+            report_denial(state, record);
             refusal(&ImdsError::identity_not_found())
         }
         Mode::Audit => {
             record.verdict = "audit-allow";
             forward_as_asked(token, state, record).await
         }
+    }
+}
+
+/// An Event on the pod, with the reason (with `--kube`).
+fn report_denial(state: &AgentState, record: &DecisionRecord) {
+    if let (Some(events), Some(namespace), Some(pod), Some(uid)) =
+        (&state.events, &record.pod_namespace, &record.pod_name, &record.pod_uid)
+    {
+        events.report(crate::events::Denial {
+            namespace: namespace.clone(),
+            pod: pod.clone(),
+            uid: uid.clone(),
+            reason: record.reason.clone(),
+        });
     }
 }
 
@@ -280,5 +329,11 @@ fn describe_denial(reason: &DenyReason) -> String {
         DenyReason::SelectorNotBound { selector } => {
             format!("the pod is not bound to the identity it asked for ({})", describe_selector(selector))
         }
+        DenyReason::WorkloadNoClientId { service_account } => format!(
+            "the pod uses workload identity, but its ServiceAccount {service_account:?} has no azure.workload.identity/client-id annotation"
+        ),
+        DenyReason::WorkloadNoTenant { service_account } => format!(
+            "the pod uses workload identity, but its ServiceAccount {service_account:?} has no azure.workload.identity/tenant-id annotation and the agent has no --tenant-id"
+        ),
     }
 }

@@ -36,6 +36,9 @@ pub struct AgentState {
     pub upstream: Upstream,
     /// Tokens for allowed requests; its budget also paces forwarded calls.
     pub tokens: Arc<TokenService>,
+    /// The kubelet's directory (`/var/lib/kubelet`): pods' projected tokens, for workload
+    /// identity.
+    pub kubelet_dir: std::path::PathBuf,
     pub rules: PathRules,
     pub mode: Mode,
     /// How long to wait for a pod the sources do not know yet.

@@ -4,6 +4,9 @@
 //!
 //! - Pods are watched with a `spec.nodeName=<this node>` field selector, so the agent holds its
 //!   own node's pods only; everything but uid, name, namespace and labels is dropped on arrival.
+//! - ServiceAccounts (all namespaces, metadata only) for workload identity: only their
+//!   `azure.workload.identity/*` annotations are kept, and only those naming a client id
+//!   reach the snapshot.
 //! - No snapshot is published until every reflector has its initial list.
 //! - Watch errors are retried with backoff; the stores keep what they had, so the policy in
 //!   force is the last one seen (fail-static) and the source reports `failing`. A `410 Gone`
@@ -11,8 +14,9 @@
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::{stream::BoxStream, FutureExt as _, StreamExt as _};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodSpec, ServiceAccount};
 use kube::{
+    core::PartialObjectMeta,
     runtime::{
         reflector::{self, Store},
         watcher, WatchStreamExt as _,
@@ -23,7 +27,7 @@ use tokio::sync::watch;
 
 use crate::{
     crds::{AzureIdentity, AzureIdentityBinding, AzurePodIdentityException},
-    policy::{self, IdentityType, Snapshot},
+    policy::{self, IdentityType, Snapshot, WorkloadSettings, CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION},
     sources::manifests::OBJECT_ID_ANNOTATION,
     telemetry::SourceStatus,
 };
@@ -34,13 +38,15 @@ const SETTLE: Duration = Duration::from_millis(10);
 /// that has nothing to say yields no event, so recovery cannot be read off the streams.
 const RECOVERY_PROBE: Duration = Duration::from_secs(2);
 
-/// The four stores a snapshot is built from.
+/// The stores a snapshot is built from.
 #[derive(Clone)]
 struct Stores {
     pods: Store<Pod>,
     identities: Store<AzureIdentity>,
     bindings: Store<AzureIdentityBinding>,
     exceptions: Store<AzurePodIdentityException>,
+    /// Metadata only, workload identity's annotations only.
+    service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
 }
 
 impl Stores {
@@ -51,26 +57,36 @@ impl Stores {
             && listed(self.identities.wait_until_ready().now_or_never())
             && listed(self.bindings.wait_until_ready().now_or_never())
             && listed(self.exceptions.wait_until_ready().now_or_never())
+            && listed(self.service_accounts.wait_until_ready().now_or_never())
     }
 
-    fn snapshot(&self) -> Snapshot {
+    fn snapshot(&self, workload: &WorkloadSettings) -> Snapshot {
         Snapshot::new(
             self.pods.state().iter().filter_map(|p| pod(p)),
             self.identities.state().iter().filter_map(|i| identity(i)),
             self.bindings.state().iter().map(|b| binding(b)),
             self.exceptions.state().iter().map(|e| exception(e)),
         )
+        .with_service_accounts(self.service_accounts.state().iter().filter_map(|a| service_account(a)))
+        .with_workload(workload.clone())
     }
 }
 
 /// Runs the reflectors for `node`, publishing a snapshot on `tx` after the initial sync and
 /// after every change. Returns only when every watch stream has ended (never, in practice).
-pub async fn run(client: Client, node: &str, tx: watch::Sender<Arc<Snapshot>>, status: Arc<SourceStatus>) {
+pub async fn run(
+    client: Client,
+    node: &str,
+    workload: WorkloadSettings,
+    tx: watch::Sender<Arc<Snapshot>>,
+    status: Arc<SourceStatus>,
+) {
     let (pods, pods_writer) = reflector::store::<Pod>();
     let (identities, identities_writer) = reflector::store::<AzureIdentity>();
     let (bindings, bindings_writer) = reflector::store::<AzureIdentityBinding>();
     let (exceptions, exceptions_writer) = reflector::store::<AzurePodIdentityException>();
-    let stores = Stores { pods, identities, bindings, exceptions };
+    let (service_accounts, service_accounts_writer) = reflector::store::<PartialObjectMeta<ServiceAccount>>();
+    let stores = Stores { pods, identities, bindings, exceptions, service_accounts };
 
     let node_pods = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let probe = client.clone();
@@ -83,7 +99,13 @@ pub async fn run(client: Client, node: &str, tx: watch::Sender<Arc<Snapshot>>, s
             .boxed(),
         events(Api::<AzureIdentity>::all(client.clone()), identities_writer),
         events(Api::<AzureIdentityBinding>::all(client.clone()), bindings_writer),
-        events(Api::<AzurePodIdentityException>::all(client), exceptions_writer),
+        events(Api::<AzurePodIdentityException>::all(client.clone()), exceptions_writer),
+        watcher(Api::<PartialObjectMeta<ServiceAccount>>::all(client), watcher::Config::default())
+            .default_backoff()
+            .modify(trim_service_account)
+            .reflect(service_accounts_writer)
+            .map(|e| e.map(drop))
+            .boxed(),
     ];
     let mut merged = futures::stream::select_all(streams);
 
@@ -121,7 +143,7 @@ pub async fn run(client: Client, node: &str, tx: watch::Sender<Arc<Snapshot>>, s
             }
         }
         if synced {
-            let snapshot = stores.snapshot();
+            let snapshot = stores.snapshot(&workload);
             let (p, i, b, e) = snapshot.sizes();
             tracing::debug!(pods = p, identities = i, bindings = b, exceptions = e, "policy updated from the API");
             tx.send_replace(Arc::new(snapshot));
@@ -155,11 +177,35 @@ where
 
 /// Keeps what the policy reads of a pod.
 fn trim_pod(pod: &mut Pod) {
-    pod.spec = None;
+    let service_account = pod.spec.as_ref().and_then(|s| s.service_account_name.clone());
+    pod.spec = Some(PodSpec { service_account_name: service_account, containers: Vec::new(), ..PodSpec::default() });
     pod.status = None;
     pod.metadata.managed_fields = None;
     pod.metadata.annotations = None;
     pod.metadata.owner_references = None;
+}
+
+/// Keeps workload identity's annotations of a ServiceAccount, nothing else.
+fn trim_service_account(account: &mut PartialObjectMeta<ServiceAccount>) {
+    let meta = &mut account.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    meta.owner_references = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|k, _| k == CLIENT_ID_ANNOTATION || k == TENANT_ID_ANNOTATION);
+    }
+}
+
+/// A ServiceAccount workload identity can use (one naming a client id), else `None`.
+fn service_account(a: &PartialObjectMeta<ServiceAccount>) -> Option<policy::ServiceAccount> {
+    let annotations = a.metadata.annotations.as_ref()?;
+    let annotation = |key: &str| annotations.get(key).filter(|v| !v.is_empty()).cloned();
+    Some(policy::ServiceAccount {
+        namespace: a.metadata.namespace.clone()?,
+        name: a.metadata.name.clone()?,
+        client_id: Some(annotation(CLIENT_ID_ANNOTATION)?),
+        tenant_id: annotation(TENANT_ID_ANNOTATION),
+    })
 }
 
 fn pod(p: &Pod) -> Option<policy::Pod> {
@@ -168,6 +214,11 @@ fn pod(p: &Pod) -> Option<policy::Pod> {
         namespace: p.namespace()?,
         name: p.name_any(),
         labels: p.metadata.labels.clone().unwrap_or_default(),
+        service_account: p
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .unwrap_or_else(|| "default".into()),
     })
 }
 
@@ -225,6 +276,7 @@ mod tests {
     const IDENTITIES: &str = "/apis/aadpodidentity.k8s.io/v1/azureidentities";
     const BINDINGS: &str = "/apis/aadpodidentity.k8s.io/v1/azureidentitybindings";
     const EXCEPTIONS: &str = "/apis/aadpodidentity.k8s.io/v1/azurepodidentityexceptions";
+    const SERVICE_ACCOUNTS: &str = "/api/v1/serviceaccounts";
     const WEB: &str = "8d3b1f8e-7c1a-4b5e-9f2d-0a1b2c3d4e5f";
 
     #[derive(Default)]
@@ -350,6 +402,24 @@ mod tests {
                 .insert(IDENTITIES, list("aadpodidentity.k8s.io/v1", "AzureIdentity", "20", &[identity("20", "c-1")]));
             s.lists.insert(BINDINGS, list("aadpodidentity.k8s.io/v1", "AzureIdentityBinding", "30", &[binding()]));
             s.lists.insert(EXCEPTIONS, list("aadpodidentity.k8s.io/v1", "AzurePodIdentityException", "40", &[]));
+            // Metadata only, as the agent asks (PartialObjectMetadataList).
+            let account = |name: &str, annotations: Value| {
+                json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                       "metadata": {"name": name, "namespace": "shop", "uid": format!("sa-{name}"), "resourceVersion": "50",
+                                    "annotations": annotations}})
+            };
+            s.lists.insert(
+                SERVICE_ACCOUNTS,
+                list(
+                    "meta.k8s.io/v1",
+                    "PartialObjectMetadata",
+                    "50",
+                    &[
+                        account("fed", json!({"azure.workload.identity/client-id": "c-fed", "kubectl.kubernetes.io/last-applied-configuration": "{}"})),
+                        account("default", json!({})),
+                    ],
+                ),
+            );
         }
         let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         api.start(handle);
@@ -357,11 +427,15 @@ mod tests {
         let status = Arc::new(SourceStatus::default());
         tokio::spawn({
             let status = Arc::clone(&status);
-            async move { run(Client::new(service, "default"), "node-1", tx, status).await }
+            async move { run(Client::new(service, "default"), "node-1", WorkloadSettings::default(), tx, status).await }
         });
 
         // Initial sync: the pod is bound; only this node's pods were asked for.
         next_snapshot(&mut rx, "the bound pod", |s| client_of(s).as_deref() == Some("c-1")).await;
+        // Only ServiceAccounts naming a client id are kept.
+        let fed = rx.borrow().service_account("shop", "fed").cloned();
+        assert_eq!(fed.and_then(|a| a.client_id).as_deref(), Some("c-fed"));
+        assert!(rx.borrow().service_account("shop", "default").is_none());
         assert!(status.is_synced() && status.failing().is_none());
         assert!(api
             .0

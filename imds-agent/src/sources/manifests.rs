@@ -1,7 +1,8 @@
 //! Policy from a directory of Kubernetes manifests (`--manifests DIR`).
 //!
 //! Every `*.yaml`/`*.yml` file may hold several documents. Pods (`v1`, which must carry
-//! `metadata.uid`, since there is no API server to assign one) and aad-pod-identity's
+//! `metadata.uid`, since there is no API server to assign one), ServiceAccounts (for workload
+//! identity's annotations) and aad-pod-identity's
 //! `AzureIdentity`, `AzureIdentityBinding` and `AzurePodIdentityException`
 //! (`aadpodidentity.k8s.io/v1`) are read exactly as `kubectl apply` would take them; other
 //! kinds are ignored. A document without a namespace is in `default`, as with kubectl.
@@ -21,7 +22,10 @@ use notify::Watcher as _;
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
-use crate::policy::{Binding, Exception, Identity, IdentityType, Pod, Snapshot};
+use crate::policy::{
+    Binding, Exception, Identity, IdentityType, Pod, ServiceAccount, Snapshot, WorkloadSettings, CLIENT_ID_ANNOTATION,
+    TENANT_ID_ANNOTATION,
+};
 
 const AAD_POD_IDENTITY: &str = "aadpodidentity.k8s.io/v1";
 /// `AzureIdentity` annotation carrying the identity's object (principal) id.
@@ -75,6 +79,9 @@ struct Spec {
     // AzurePodIdentityException
     #[serde(rename = "podLabels")]
     pod_labels: BTreeMap<String, String>,
+    // Pod
+    #[serde(rename = "serviceAccountName")]
+    service_account_name: String,
 }
 
 /// Everything the manifests in `dir` say, as one snapshot.
@@ -95,7 +102,8 @@ pub fn load_dir(dir: &Path) -> Result<Snapshot, ManifestError> {
         let text = fs::read_to_string(&file).map_err(io(&file))?;
         parts.add_file(&file, &text)?;
     }
-    Ok(Snapshot::new(parts.pods, parts.identities, parts.bindings, parts.exceptions))
+    Ok(Snapshot::new(parts.pods, parts.identities, parts.bindings, parts.exceptions)
+        .with_service_accounts(parts.service_accounts))
 }
 
 /// Changes arriving this close together are one reload (editors write in several steps).
@@ -106,6 +114,7 @@ const SETTLE: Duration = Duration::from_millis(20);
 /// stays in force. Returns the watcher, which must be kept alive.
 pub fn watch(
     dir: &Path,
+    workload: WorkloadSettings,
     tx: watch::Sender<Arc<Snapshot>>,
     status: Arc<crate::telemetry::SourceStatus>,
 ) -> notify::Result<notify::RecommendedWatcher> {
@@ -130,7 +139,7 @@ pub fn watch(
                     last_error = None;
                     let (pods, identities, bindings, exceptions) = snapshot.sizes();
                     tracing::info!(pods, identities, bindings, exceptions, "manifests reloaded");
-                    tx.send_replace(Arc::new(snapshot));
+                    tx.send_replace(Arc::new(snapshot.with_workload(workload.clone())));
                     status.loaded();
                 }
                 Ok(Err(e)) => {
@@ -154,6 +163,7 @@ struct Parts {
     identities: Vec<Identity>,
     bindings: Vec<Binding>,
     exceptions: Vec<Exception>,
+    service_accounts: Vec<ServiceAccount>,
 }
 
 impl Parts {
@@ -170,7 +180,7 @@ impl Parts {
             };
             let known = matches!(
                 (doc.api_version.as_str(), doc.kind.as_str()),
-                ("v1", "Pod")
+                ("v1", "Pod" | "ServiceAccount")
                     | (AAD_POD_IDENTITY, "AzureIdentity" | "AzureIdentityBinding" | "AzurePodIdentityException")
             );
             if !known {
@@ -191,6 +201,20 @@ impl Parts {
                         namespace,
                         name,
                         labels: doc.metadata.labels.clone(),
+                        service_account: if doc.spec.service_account_name.is_empty() {
+                            "default".into()
+                        } else {
+                            doc.spec.service_account_name.clone()
+                        },
+                    });
+                }
+                "ServiceAccount" => {
+                    let annotation = |key: &str| doc.metadata.annotations.get(key).filter(|v| !v.is_empty()).cloned();
+                    self.service_accounts.push(ServiceAccount {
+                        namespace,
+                        name,
+                        client_id: annotation(CLIENT_ID_ANNOTATION),
+                        tenant_id: annotation(TENANT_ID_ANNOTATION),
                     });
                 }
                 "AzureIdentity" => {

@@ -13,9 +13,12 @@
 //!   a `Retry-After` — and their retries join the fetch or find its token in the cache.
 //! - **Failures with a token in hand.** A cached token that is due for renewal is still served
 //!   when the renewal fails, until it expires.
-//! - **Budget.** Every upstream call holds a slot of the [`budget::Budget`].
+//! - **Budget.** Every upstream call holds a slot of a [`budget::Budget`]: IMDS's, or Entra's
+//!   (for workload identity), each with its own limits.
 pub mod budget;
 pub mod cache;
+pub mod entra;
+pub mod projected;
 pub mod token;
 
 use std::{
@@ -31,6 +34,7 @@ use tokio::sync::watch;
 use self::{
     budget::{Budget, BudgetConfig},
     cache::{Cache, CacheConfig, Lookup},
+    entra::{ClientCredentials, Credential, Entra, EntraResponse},
     token::{unix_now, Token},
 };
 use crate::upstream::{Upstream, UpstreamResponse, UpstreamSelector};
@@ -51,6 +55,22 @@ const SWEEP_EVERY: Duration = Duration::from_mins(1);
 pub enum Source {
     /// A user-assigned managed identity, from IMDS.
     ManagedIdentity { client_id: String },
+    /// A ServiceAccount's federated identity, from Entra with a pod's service-account token.
+    /// Pods of one ServiceAccount share its tokens; each must present its own
+    /// service-account token first (see [`projected`]).
+    Workload { tenant_id: String, client_id: String, namespace: String, service_account: String },
+}
+
+/// What a fetch needs besides the key: taken from the request that starts it.
+#[derive(Clone, Debug)]
+pub enum Fetch {
+    Imds {
+        api_version: Option<String>,
+    },
+    /// The requesting pod's service-account token.
+    Entra {
+        assertion: String,
+    },
 }
 
 /// What is cached: a token of one identity for one resource.
@@ -109,10 +129,23 @@ enum Progress {
     Done(Outcome),
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct TokenConfig {
     pub cache: CacheConfig,
+    /// IMDS's budget.
     pub budget: BudgetConfig,
+    /// Entra's budget (far higher limits than IMDS; still bounded).
+    pub entra_budget: BudgetConfig,
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig {
+            cache: CacheConfig::default(),
+            budget: BudgetConfig::default(),
+            entra_budget: BudgetConfig { per_second: 50, in_flight: 10, ..BudgetConfig::default() },
+        }
+    }
 }
 
 /// Counts for metrics.
@@ -129,17 +162,21 @@ pub struct TokenService {
     cache: Mutex<Cache<TokenKey>>,
     running: Mutex<HashMap<TokenKey, watch::Receiver<Progress>>>,
     budget: Arc<Budget>,
+    entra_budget: Arc<Budget>,
     imds: Upstream,
+    entra: Entra,
 }
 
 impl TokenService {
     /// A service calling `imds`; starts its budget and its cache sweeper.
-    pub fn start(imds: Upstream, config: TokenConfig) -> Arc<TokenService> {
+    pub fn start(imds: Upstream, entra: Entra, config: TokenConfig) -> Arc<TokenService> {
         let service = Arc::new(TokenService {
             cache: Mutex::new(Cache::new(config.cache)),
             running: Mutex::default(),
             budget: Budget::start(config.budget),
+            entra_budget: Budget::start(config.entra_budget),
             imds,
+            entra,
         });
         let weak = Arc::downgrade(&service);
         tokio::spawn(async move {
@@ -180,29 +217,24 @@ impl TokenService {
 
     /// A token for `key`, on behalf of `requester` (the pod, for fair queueing). The caller
     /// has authorised the request.
-    pub async fn get(self: &Arc<Self>, key: TokenKey, requester: &str, api_version: Option<&str>) -> Outcome {
+    pub async fn get(self: &Arc<Self>, key: TokenKey, requester: &str, how: Fetch) -> Outcome {
         let lookup = self.cache().lookup(&key, unix_now());
         match lookup {
             Lookup::Fresh(token) => Outcome::Token { token, served: Served::Cache },
             Lookup::RefreshAhead(token) => {
-                drop(self.fetch(&key, requester, api_version)); // in the background
+                drop(self.fetch(&key, requester, &how)); // in the background
                 Outcome::Token { token, served: Served::Cache }
             }
-            Lookup::Expiring(token) => match wait(self.fetch(&key, requester, api_version)).await {
+            Lookup::Expiring(token) => match wait(self.fetch(&key, requester, &how)).await {
                 Outcome::Retry(_) => Outcome::Token { token, served: Served::CacheAfterFailure },
                 other => other,
             },
-            Lookup::Miss => wait(self.fetch(&key, requester, api_version)).await,
+            Lookup::Miss => wait(self.fetch(&key, requester, &how)).await,
         }
     }
 
     /// Joins the running fetch for `key`, or starts one.
-    fn fetch(
-        self: &Arc<Self>,
-        key: &TokenKey,
-        requester: &str,
-        api_version: Option<&str>,
-    ) -> watch::Receiver<Progress> {
+    fn fetch(self: &Arc<Self>, key: &TokenKey, requester: &str, how: &Fetch) -> watch::Receiver<Progress> {
         let mut running = self.running();
         if let Some(progress) = running.get(key) {
             return progress.clone();
@@ -210,10 +242,9 @@ impl TokenService {
         let (tx, rx) = watch::channel(Progress::Running { failure: None });
         running.insert(key.clone(), rx.clone());
         drop(running);
-        let (service, key, requester) = (Arc::clone(self), key.clone(), requester.to_owned());
-        let api_version = api_version.map(str::to_owned);
+        let (service, key, requester, how) = (Arc::clone(self), key.clone(), requester.to_owned(), how.clone());
         tokio::spawn(async move {
-            let outcome = service.attempts(&key, &requester, api_version.as_deref(), &tx).await;
+            let outcome = service.attempts(&key, &requester, &how, &tx).await;
             // Cache first, then stop being "running": a request in between finds one or the other.
             if let Outcome::Token { token, .. } = &outcome {
                 service.cache().insert(key.clone(), Token::clone(token), unix_now(), fastrand::f64() * 2.0 - 1.0);
@@ -229,15 +260,19 @@ impl TokenService {
         &self,
         key: &TokenKey,
         requester: &str,
-        api_version: Option<&str>,
+        how: &Fetch,
         progress: &watch::Sender<Progress>,
     ) -> Outcome {
         let deadline = tokio::time::Instant::now() + FETCH_DEADLINE;
         let mut schedule = RETRY_SCHEDULE.iter();
+        let budget = match key.source {
+            Source::ManagedIdentity { .. } => &self.budget,
+            Source::Workload { .. } => &self.entra_budget,
+        };
         loop {
-            let failure = match self.budget.acquire(requester).await {
+            let failure = match budget.acquire(requester).await {
                 Err(overloaded) => return Outcome::Retry(too_many_requests(overloaded.retry_after)),
-                Ok(_permit) => match self.call(key, api_version).await {
+                Ok(_permit) => match self.call(key, how).await {
                     Attempt::Done(outcome) => return outcome,
                     Attempt::Failed(failure) => failure,
                 },
@@ -254,12 +289,88 @@ impl TokenService {
         }
     }
 
-    async fn call(&self, key: &TokenKey, api_version: Option<&str>) -> Attempt {
-        let Source::ManagedIdentity { client_id } = &key.source;
-        let answer = self.imds.token(api_version, &key.resource, Some(UpstreamSelector::ClientId(client_id))).await;
-        classify(answer, unix_now())
+    async fn call(&self, key: &TokenKey, how: &Fetch) -> Attempt {
+        match (&key.source, how) {
+            (Source::ManagedIdentity { client_id }, Fetch::Imds { api_version }) => {
+                let selector = Some(UpstreamSelector::ClientId(client_id));
+                let answer = self.imds.token(api_version.as_deref(), &key.resource, selector).await;
+                classify(answer, unix_now())
+            }
+            (Source::Workload { tenant_id, client_id, .. }, Fetch::Entra { assertion }) => {
+                let request = ClientCredentials {
+                    tenant: tenant_id,
+                    client_id,
+                    resource: &key.resource,
+                    credential: Credential::Assertion(assertion),
+                };
+                classify_entra(self.entra.token(&request).await, client_id, &key.resource, unix_now())
+            }
+            (source, how) => Attempt::Done(Outcome::Retry(unknown_failure(format!(
+                "internal error: {how:?} cannot fetch a token of {source:?}"
+            )))),
+        }
     }
 }
+
+/// Entra's answer in IMDS's terms: a token, a final refusal (as IMDS's 400, so SDKs stop),
+/// or a retryable failure.
+fn classify_entra(
+    answer: Result<EntraResponse, entra::EntraError>,
+    client_id: &str,
+    resource: &str,
+    now: u64,
+) -> Attempt {
+    #[derive(serde::Deserialize)]
+    struct Success {
+        access_token: String,
+        #[serde(default = "bearer")]
+        token_type: String,
+        expires_in: u64,
+    }
+    fn bearer() -> String {
+        "Bearer".into()
+    }
+    let response = match answer {
+        Ok(r) => r,
+        Err(e) => return Attempt::Failed(unknown_failure(format!("{:#}", anyhow::Error::from(e)))),
+    };
+    let status = response.status;
+    if status == StatusCode::OK {
+        return match serde_json::from_slice::<Success>(&response.body) {
+            Ok(t) => {
+                let token = Token::from_parts(&t.access_token, &t.token_type, t.expires_in, client_id, resource, now);
+                Attempt::Done(Outcome::Token { token: Arc::new(token), served: Served::Upstream })
+            }
+            Err(e) => Attempt::Failed(unknown_failure(format!("Entra answered 200 without a token: {e}"))),
+        };
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        return Attempt::Failed(Retryable {
+            status,
+            content_type: Some(http::HeaderValue::from_static(JSON)),
+            body: Bytes::from(
+                serde_json::json!({"error": "unknown", "error_description": "The identity provider is unavailable; retry"})
+                    .to_string(),
+            ),
+            retry_after: response.retry_after.unwrap_or(Duration::from_secs(1)),
+            reason: format!("Entra answered {status}"),
+        });
+    }
+    // A refusal (bad assertion, no federated credential, unknown client…): Entra's own words,
+    // as IMDS's 400 so that SDKs do not retry it.
+    let error: serde_json::Value = serde_json::from_slice(&response.body).unwrap_or_default();
+    let code = error["error"].as_str().unwrap_or("invalid_request");
+    let description = error["error_description"].as_str().unwrap_or("Entra refused the token request");
+    let body = serde_json::json!({"error": code, "error_description": format!("Token exchange at Entra failed: {description}")});
+    Attempt::Done(Outcome::Final(UpstreamResponse {
+        status: StatusCode::BAD_REQUEST,
+        content_type: Some(http::HeaderValue::from_static(JSON)),
+        retry_after: None,
+        body: Bytes::from(body.to_string()),
+    }))
+}
+
+const JSON: &str = "application/json; charset=utf-8";
 
 enum Attempt {
     Done(Outcome),

@@ -1,0 +1,351 @@
+//! A fake Microsoft Entra ID token endpoint for tests: the real one cannot be reached here.
+//! It follows `shared/reference/imds-contract.md` §3:
+//!
+//! - `POST /{tenant}/oauth2/v2.0/token`, form-encoded, client-credentials grant: it checks
+//!   `grant_type`, `client_id`, `scope` (must end in `/.default`) and the credential —
+//!   `client_assertion_type` + `client_assertion`, or `client_secret`;
+//! - applications are registered with the fake, each with its tenant and one credential: a
+//!   federated credential (issuer-less here: it checks the assertion's `sub` and `aud` claims,
+//!   not its signature — the real Entra checks that against the cluster's OIDC issuer) or a
+//!   client secret;
+//! - success: `token_type`, `expires_in` and `ext_expires_in` as **numbers**, `access_token`,
+//!   no `expires_on`; the token reads `entra-token:<client id>:<scope>` so tests can tell
+//!   whose it is;
+//! - errors: `error`, `error_description` (with its AADSTS code), `error_codes`, `timestamp`,
+//!   `trace_id`, `correlation_id`, with Entra's statuses;
+//! - it records every form it receives and can be told to fail.
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, TcpListener},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+/// `client_assertion_type` for JWT assertions.
+pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// Lifetime of the tokens the fake issues.
+pub const EXPIRES_IN: u64 = 3599;
+
+/// How an application proves itself.
+#[derive(Clone, Debug)]
+pub enum AppCredential {
+    /// Workload identity: an assertion whose `sub` is this and whose `aud` contains
+    /// `api://AzureADTokenExchange`.
+    Federated {
+        subject: String,
+    },
+    Secret(String),
+}
+
+/// One registered application.
+#[derive(Clone, Debug)]
+pub struct App {
+    pub tenant: String,
+    pub client_id: String,
+    pub credential: AppCredential,
+}
+
+/// One token request, as received.
+#[derive(Clone, Debug)]
+pub struct EntraRequest {
+    pub tenant: String,
+    pub form: HashMap<String, String>,
+}
+
+#[derive(Default)]
+struct State {
+    apps: Vec<App>,
+    requests: Vec<EntraRequest>,
+    fail: Option<u16>,
+}
+
+/// The fake, serving until dropped.
+pub struct FakeEntra {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// The token the fake issues to `client_id` for `scope`.
+pub fn entra_token_for(client_id: &str, scope: &str) -> String {
+    format!("entra-token:{client_id}:{scope}")
+}
+
+impl FakeEntra {
+    pub fn serve(listener: TcpListener, apps: Vec<App>) -> FakeEntra {
+        let addr = listener.local_addr().expect("local addr");
+        let state = Arc::new(Mutex::new(State { apps, ..State::default() }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shared = Arc::clone(&state);
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async move {
+                listener.set_nonblocking(true).expect("nonblocking");
+                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                let accept = async {
+                    loop {
+                        let Ok((stream, _)) = listener.accept().await else { continue };
+                        let state = Arc::clone(&shared);
+                        tokio::spawn(async move {
+                            let service = service_fn(move |req| {
+                                let state = Arc::clone(&state);
+                                async move { Ok::<_, std::convert::Infallible>(answer(&state, req).await) }
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    () = accept => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        FakeEntra { addr, state, stop: Some(stop), thread: Some(thread) }
+    }
+
+    /// The authority URL to give the agent.
+    pub fn authority(&self) -> String {
+        format!("http://{}/", self.addr)
+    }
+
+    /// Every token request received.
+    pub fn requests(&self) -> Vec<EntraRequest> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    /// Every request gets this status (429, 500, 503…) until `None`.
+    pub fn fail_with(&self, status: Option<u16>) {
+        self.state.lock().unwrap().fail = status;
+    }
+}
+
+impl Drop for FakeEntra {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn respond(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json; charset=utf-8"));
+    r
+}
+
+/// Entra's error shape.
+fn error(status: StatusCode, error: &str, code: u32, text: &str) -> Response<Full<Bytes>> {
+    respond(
+        status,
+        &json!({"error": error, "error_description": format!("AADSTS{code}: {text} Trace ID: 0 Correlation ID: 0 Timestamp: 2026-11-26 00:00:00Z"),
+                "error_codes": [code], "timestamp": "2026-11-26 00:00:00Z",
+                "trace_id": "00000000-0000-0000-0000-000000000000", "correlation_id": "00000000-0000-0000-0000-000000000000"}),
+    )
+}
+
+/// The claims of a JWT (unverified).
+pub fn jwt_claims(jwt: &str) -> Option<Value> {
+    let payload = jwt.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+async fn answer(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let Some(tenant) = path.strip_suffix("/oauth2/v2.0/token").map(|t| t.trim_start_matches('/').to_owned()) else {
+        return error(StatusCode::NOT_FOUND, "invalid_request", 90_002, "Tenant or endpoint not found.");
+    };
+    if req.method() != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request",
+            900_561,
+            "The endpoint only accepts POST requests.",
+        );
+    }
+    let form_type = req
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let body = req.into_body().collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
+    let form: HashMap<String, String> = form_urlencoded::parse(&body).into_owned().collect();
+    let (apps, fail) = {
+        let mut s = state.lock().unwrap();
+        s.requests.push(EntraRequest { tenant: tenant.clone(), form: form.clone() });
+        (s.apps.clone(), s.fail)
+    };
+    if let Some(code) = fail {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return error(status, "temporarily_unavailable", 50_196, "Injected failure.");
+    }
+    if !form_type {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            900_144,
+            "The request body must contain the following parameter: 'grant_type'.",
+        );
+    }
+    let field = |name: &str| form.get(name).filter(|v| !v.is_empty());
+    match field("grant_type").map(String::as_str) {
+        Some("client_credentials") => {}
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                70_003,
+                "The app requested an unsupported grant type.",
+            )
+        }
+        None => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                900_144,
+                "The request body must contain the following parameter: 'grant_type'.",
+            )
+        }
+    }
+    let Some(client_id) = field("client_id") else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            900_144,
+            "The request body must contain the following parameter: 'client_id'.",
+        );
+    };
+    let Some(scope) = field("scope").filter(|s| s.ends_with("/.default")) else {
+        return error(StatusCode::BAD_REQUEST, "invalid_scope", 1_002_012, "The provided value for scope is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier.");
+    };
+    let Some(app) = apps.iter().find(|a| a.client_id.eq_ignore_ascii_case(client_id) && a.tenant == tenant) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "unauthorized_client",
+            700_016,
+            "Application was not found in the directory.",
+        );
+    };
+    if let Some(refusal) = refuse_credential(app, &form) {
+        return refusal;
+    }
+    respond(
+        StatusCode::OK,
+        &json!({"token_type": "Bearer", "expires_in": EXPIRES_IN, "ext_expires_in": EXPIRES_IN,
+                "access_token": entra_token_for(&app.client_id, scope)}),
+    )
+}
+
+/// Checks the request's credential against the application's: `None` if it holds, else
+/// Entra's refusal.
+fn refuse_credential(app: &App, form: &HashMap<String, String>) -> Option<Response<Full<Bytes>>> {
+    let field = |name: &str| form.get(name).filter(|v| !v.is_empty());
+    let refused = |status, error_code, code, text| Some(error(status, error_code, code, text));
+    match (&app.credential, field("client_assertion_type"), field("client_assertion"), field("client_secret")) {
+        (AppCredential::Federated { subject }, Some(kind), Some(assertion), None) if kind == JWT_BEARER => {
+            let claims = jwt_claims(assertion).unwrap_or_default();
+            let audience_ok = claims["aud"] == "api://AzureADTokenExchange"
+                || claims["aud"].as_array().is_some_and(|a| a.iter().any(|v| v == "api://AzureADTokenExchange"));
+            if audience_ok && claims["sub"] == subject.as_str() {
+                None
+            } else {
+                refused(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_client",
+                    70_021,
+                    "No matching federated identity record found for presented assertion.",
+                )
+            }
+        }
+        (AppCredential::Secret(expected), None, None, Some(secret)) if secret == expected => None,
+        (_, Some(kind), _, _) if kind != JWT_BEARER => {
+            refused(StatusCode::BAD_REQUEST, "invalid_request", 700_024, "Client assertion type is not supported.")
+        }
+        _ => refused(StatusCode::UNAUTHORIZED, "invalid_client", 7_000_215, "Invalid client secret provided."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fake against the agent's own Entra client, and its refusals against the table.
+    use imds_agent::tokens::entra::{ClientCredentials, Credential, Entra};
+
+    use super::*;
+
+    fn jwt(claims: &Value) -> String {
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        format!("{}.{}.{}", b64(br#"{"alg":"RS256"}"#), b64(claims.to_string().as_bytes()), b64(b"sig"))
+    }
+
+    #[tokio::test]
+    async fn answers_and_refusals_follow_entras_shapes() {
+        let fake = FakeEntra::serve(
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            vec![
+                App {
+                    tenant: "t1".into(),
+                    client_id: "wi".into(),
+                    credential: AppCredential::Federated { subject: "system:serviceaccount:app:fed".into() },
+                },
+                App { tenant: "t1".into(), client_id: "sp".into(), credential: AppCredential::Secret("s3cret".into()) },
+            ],
+        );
+        let entra = Entra::new(&fake.authority()).unwrap();
+        let good = jwt(&json!({"aud": ["api://AzureADTokenExchange"], "sub": "system:serviceaccount:app:fed"}));
+        let wrong_sub = jwt(&json!({"aud": ["api://AzureADTokenExchange"], "sub": "system:serviceaccount:app:other"}));
+        let ask = |tenant: &'static str, client_id: &'static str, credential| ClientCredentials {
+            tenant,
+            client_id,
+            resource: "https://vault.azure.net",
+            credential,
+        };
+        let cases: Vec<(ClientCredentials<'_>, u16, &str)> = vec![
+            (ask("t1", "wi", Credential::Assertion(&good)), 200, ""),
+            (ask("t1", "sp", Credential::Secret("s3cret")), 200, ""),
+            (ask("t1", "wi", Credential::Assertion(&wrong_sub)), 400, "invalid_client"),
+            (ask("t1", "sp", Credential::Secret("wrong")), 401, "invalid_client"),
+            (ask("t2", "wi", Credential::Assertion(&good)), 400, "unauthorized_client"),
+        ];
+        for (request, status, error_code) in cases {
+            let answer = entra.token(&request).await.unwrap();
+            let body: Value = serde_json::from_slice(&answer.body).unwrap();
+            assert_eq!(answer.status.as_u16(), status, "{request:?}: {body}");
+            if status == 200 {
+                assert!(body["expires_in"].is_u64() && body.get("expires_on").is_none(), "{body}");
+                assert_eq!(
+                    body["access_token"],
+                    entra_token_for(request.client_id, "https://vault.azure.net/.default")
+                );
+            } else {
+                assert_eq!(body["error"], error_code);
+                assert!(
+                    body["error_codes"].is_array() && body["error_description"].as_str().unwrap().starts_with("AADSTS")
+                );
+            }
+        }
+        let seen = fake.requests();
+        assert_eq!(seen[0].form["client_assertion_type"], JWT_BEARER);
+        assert_eq!(seen[0].form["client_assertion"], good);
+        assert_eq!(seen[0].form["scope"], "https://vault.azure.net/.default");
+        assert_eq!(seen[1].form["client_secret"], "s3cret");
+        fake.fail_with(Some(503));
+        assert_eq!(entra.token(&ask("t1", "sp", Credential::Secret("s3cret"))).await.unwrap().status.as_u16(), 503);
+    }
+}
