@@ -5,7 +5,8 @@
 //!   find out who made an accepted connection (cgroup, pid, uid, original destination).
 //! - [`caller`]: from that cgroup to the pod (kubelet cgroup naming).
 //! - [`imds`]: the IMDS protocol: paths, request validation, error shapes.
-//! - [`policy`]: aad-pod-identity's rules as a pure function of a snapshot and a request.
+//! - [`policy`]: aad-pod-identity's rules as a pure function of a snapshot and a request;
+//!   [`secrets`] the Secrets service principals name, read only when needed.
 //! - [`sources`]: where snapshots come from (a manifests directory); [`crds`] the
 //!   aad-pod-identity custom resources as Rust types.
 //! - [`server`]: HTTP on each redirected connection; [`tokens`] the token path after the
@@ -21,6 +22,7 @@ pub mod events;
 pub mod imds;
 pub mod kernel;
 pub mod policy;
+pub mod secrets;
 pub mod server;
 pub mod sources;
 pub mod telemetry;

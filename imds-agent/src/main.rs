@@ -15,6 +15,7 @@ use imds_agent::{
     imds::PathRules,
     kernel::{self, bpffs::DEFAULT_PIN_DIR, cgroup, origin::DEFAULT_ORIGIN_TTL, Filter, FilterOptions, IMDS_ENDPOINT},
     policy::{Snapshot, WorkloadMode, WorkloadSettings},
+    secrets::SecretReader,
     server::{self, AgentState, Mode},
     sources::{kube as kube_source, manifests},
     telemetry::{self, SourceStatus, Telemetry},
@@ -265,9 +266,11 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     }
     let origins = filter.origins();
 
-    let events = match &policy {
-        PolicySource::Kube { client, node } => Some(events::start(client.clone(), Some(node.clone()))),
-        PolicySource::Manifests { .. } => None,
+    let (events, secrets_client) = match &policy {
+        PolicySource::Kube { client, node } => {
+            (Some(events::start(client.clone(), Some(node.clone()))), Some(client.clone()))
+        }
+        PolicySource::Manifests { .. } => (None, None),
     };
     let source = Arc::new(SourceStatus::default());
     let (updates, synced, _watcher) = policy.start(workload_settings(&args), &source)?;
@@ -292,6 +295,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         upstream,
         tokens,
         kubelet_dir: args.kubelet_dir.clone(),
+        secrets: SecretReader::new(secrets_client),
         rules,
         mode: match args.mode {
             ModeArg::Enforce => Mode::Enforce,

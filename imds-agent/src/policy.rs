@@ -99,6 +99,70 @@ pub struct Identity {
     /// Principal (object) id. aad-pod-identity's CRD has no such field; it comes from the
     /// `imds-filter.io/object-id` annotation, and without it `object_id` requests never match.
     pub object_id: Option<String>,
+    /// For service principals (types 1 and 2): where and how to get their tokens.
+    pub service_principal: Option<ServicePrincipal>,
+}
+
+/// A service principal's `AzureIdentity` fields (types 1 and 2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePrincipal {
+    pub tenant_id: String,
+    /// `clientPassword`: the Secret with the client secret (type 1) or the PKCS#12
+    /// certificate and its password (type 2). Its namespace defaults to the identity's.
+    pub secret: Option<SecretRef>,
+    /// `auxiliaryTenantIDs`: tokens from these tenants too, as NMI returned them.
+    pub auxiliary_tenant_ids: Vec<String>,
+    /// `adEndpoint`: the Entra authority, when not the agent's default.
+    pub authority: Option<String>,
+}
+
+impl ServicePrincipal {
+    /// From an `AzureIdentity`'s fields; `None` for type 0 (managed identities).
+    pub fn from_spec(
+        kind: IdentityType,
+        identity_namespace: &str,
+        tenant_id: &str,
+        secret_name: Option<&str>,
+        secret_namespace: Option<&str>,
+        auxiliary_tenant_ids: &[String],
+        ad_endpoint: &str,
+    ) -> Option<ServicePrincipal> {
+        if kind == IdentityType::UserAssignedMsi {
+            return None;
+        }
+        let nonempty = |s: Option<&str>| s.filter(|v| !v.is_empty()).map(str::to_owned);
+        Some(ServicePrincipal {
+            tenant_id: tenant_id.to_owned(),
+            secret: nonempty(secret_name).map(|name| SecretRef {
+                namespace: nonempty(secret_namespace).unwrap_or_else(|| identity_namespace.to_owned()),
+                name,
+            }),
+            auxiliary_tenant_ids: auxiliary_tenant_ids.iter().filter(|t| !t.is_empty()).cloned().collect(),
+            authority: nonempty(Some(ad_endpoint)),
+        })
+    }
+
+    /// What keeps it from being served, if anything: it must name a tenant and a Secret of
+    /// its own namespace (a Secret elsewhere would let whoever writes `AzureIdentity` objects
+    /// in one namespace use another namespace's credentials).
+    pub fn problem(&self, identity_namespace: &str) -> Option<String> {
+        match &self.secret {
+            _ if self.tenant_id.is_empty() => Some("spec.tenantID is empty".into()),
+            None => Some("spec.clientPassword names no Secret".into()),
+            Some(s) if s.namespace != identity_namespace => Some(format!(
+                "spec.clientPassword names Secret {}/{}, outside the identity's namespace {identity_namespace}",
+                s.namespace, s.name
+            )),
+            Some(_) => None,
+        }
+    }
+}
+
+/// A Secret by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SecretRef {
+    pub namespace: String,
+    pub name: String,
 }
 
 /// What the policy needs of an `AzureIdentityBinding`.
@@ -166,6 +230,8 @@ pub enum DenyReason {
     WorkloadNoClientId { service_account: String },
     /// A workload-identity pod with no tenant (annotation or agent default).
     WorkloadNoTenant { service_account: String },
+    /// The chosen service principal cannot be served (see [`ServicePrincipal::problem`]).
+    ServicePrincipalUnusable { identity: String, problem: String },
 }
 
 /// How an allowed identity was chosen.
@@ -213,6 +279,8 @@ pub struct Snapshot {
     exceptions: Vec<Exception>,
     /// (namespace, name) → ServiceAccount; only those workload identity needs.
     service_accounts: HashMap<(String, String), ServiceAccount>,
+    /// Secrets from a manifests directory (the API source reads them on demand instead).
+    secrets: HashMap<SecretRef, std::sync::Arc<crate::secrets::SecretData>>,
     workload: WorkloadSettings,
 }
 
@@ -230,6 +298,7 @@ impl Snapshot {
             bindings: bindings.into_iter().collect(),
             exceptions: exceptions.into_iter().collect(),
             service_accounts: HashMap::new(),
+            secrets: HashMap::new(),
             workload: WorkloadSettings::default(),
         }
     }
@@ -239,6 +308,20 @@ impl Snapshot {
     pub fn with_service_accounts(mut self, accounts: impl IntoIterator<Item = ServiceAccount>) -> Snapshot {
         self.service_accounts = accounts.into_iter().map(|a| ((a.namespace.clone(), a.name.clone()), a)).collect();
         self
+    }
+
+    /// Adds Secrets (the manifests source; the API source reads them on demand).
+    #[must_use]
+    pub fn with_secrets(
+        mut self,
+        secrets: impl IntoIterator<Item = (SecretRef, crate::secrets::SecretData)>,
+    ) -> Snapshot {
+        self.secrets = secrets.into_iter().map(|(k, v)| (k, std::sync::Arc::new(v))).collect();
+        self
+    }
+
+    pub fn secret(&self, secret: &SecretRef) -> Option<&std::sync::Arc<crate::secrets::SecretData>> {
+        self.secrets.get(secret)
     }
 
     /// Sets the agent's workload-identity settings.
@@ -343,13 +426,18 @@ impl Snapshot {
         let Some(&(first, first_binding)) = bound.first() else {
             return Decision::Deny(DenyReason::NoBinding { label: label.clone() });
         };
-        match selector {
-            None => Decision::Allow { identity: first, binding: first_binding, choice: Choice::FirstByName },
+        let (identity, binding, choice) = match selector {
+            None => (first, first_binding, Choice::FirstByName),
             Some(sel) => match bound.iter().find(|(i, _)| sel.matches(i)) {
-                Some(&(identity, binding)) => Decision::Allow { identity, binding, choice: Choice::Requested },
-                None => Decision::Deny(DenyReason::SelectorNotBound { selector: sel.clone() }),
+                Some(&(identity, binding)) => (identity, binding, Choice::Requested),
+                None => return Decision::Deny(DenyReason::SelectorNotBound { selector: sel.clone() }),
             },
+        };
+        if let Some(problem) = identity.service_principal.as_ref().and_then(|sp| sp.problem(&identity.namespace)) {
+            let name = format!("{}/{}", identity.namespace, identity.name);
+            return Decision::Deny(DenyReason::ServicePrincipalUnusable { identity: name, problem });
         }
+        Decision::Allow { identity, binding, choice }
     }
 
     /// The kernel verdict for a pod's cgroup.
@@ -395,6 +483,7 @@ mod tests {
                 "/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/{name}"
             ),
             object_id: Some(format!("obj-{client}")),
+            service_principal: None,
         }
     }
 

@@ -6,8 +6,10 @@
 //!   `client_assertion_type` + `client_assertion`, or `client_secret`;
 //! - applications are registered with the fake, each with its tenant and one credential: a
 //!   federated credential (issuer-less here: it checks the assertion's `sub` and `aud` claims,
-//!   not its signature — the real Entra checks that against the cluster's OIDC issuer) or a
-//!   client secret;
+//!   not its signature — the real Entra checks that against the cluster's OIDC issuer), a
+//!   client secret, or a certificate — whose assertions it verifies as Entra does: `RS256`
+//!   signature by the certificate's key, `x5t` its SHA-1 thumbprint, `aud` this token
+//!   endpoint, `iss` = `sub` = the client id, within `nbf`…`exp`;
 //! - success: `token_type`, `expires_in` and `ext_expires_in` as **numbers**, `access_token`,
 //!   no `expires_on`; the token reads `entra-token:<client id>:<scope>` so tests can tell
 //!   whose it is;
@@ -43,6 +45,23 @@ pub enum AppCredential {
         subject: String,
     },
     Secret(String),
+    /// A certificate: its RSA public key (PKCS#1 DER) and its `x5t` (base64url SHA-1 of the
+    /// certificate's DER).
+    Certificate {
+        public_key: Vec<u8>,
+        x5t: String,
+    },
+}
+
+impl AppCredential {
+    /// A certificate credential from the certificate's DER and its public key's PKCS#1 DER.
+    pub fn certificate(certificate_der: &[u8], public_key: Vec<u8>) -> AppCredential {
+        let thumbprint = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, certificate_der);
+        AppCredential::Certificate {
+            public_key,
+            x5t: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(thumbprint.as_ref()),
+        }
+    }
 }
 
 /// One registered application.
@@ -160,6 +179,46 @@ fn error(status: StatusCode, error: &str, code: u32, text: &str) -> Response<Ful
     )
 }
 
+/// Checks a certificate-signed client assertion as Entra does; its claims, or the AADSTS code
+/// and text of the refusal.
+pub fn verify_assertion(
+    jwt: &str,
+    public_key: &[u8],
+    x5t: &str,
+    client_id: &str,
+    audience: &str,
+) -> Result<Value, (u32, String)> {
+    let malformed = || (50_027, "JWT token is invalid or malformed.".to_owned());
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let [header, payload, signature] = parts.as_slice() else { return Err(malformed()) };
+    let decode = |p: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(p).map_err(|_| malformed());
+    let header: Value = serde_json::from_slice(&decode(header)?).map_err(|_| malformed())?;
+    let claims: Value = serde_json::from_slice(&decode(payload)?).map_err(|_| malformed())?;
+    if header["alg"] != "RS256" || header["x5t"] != x5t {
+        return Err((
+            700_027,
+            "The certificate with identifier used to sign the client assertion is not registered on application."
+                .into(),
+        ));
+    }
+    let signed = format!("{}.{}", parts[0], parts[1]);
+    ring::signature::UnparsedPublicKey::new(&ring::signature::RSA_PKCS1_2048_8192_SHA256, public_key)
+        .verify(signed.as_bytes(), &decode(signature)?)
+        .map_err(|_| (700_027, "Client assertion contains an invalid signature.".to_owned()))?;
+    if claims["aud"] != audience {
+        return Err((700_016, format!("The assertion's audience is not {audience}.")));
+    }
+    if claims["iss"] != client_id || claims["sub"] != client_id {
+        return Err((700_021, "Client assertion application identifier doesn't match 'client_id' parameter.".into()));
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let (nbf, exp) = (claims["nbf"].as_u64().unwrap_or(0), claims["exp"].as_u64().unwrap_or(0));
+    if nbf > now + 300 || exp <= now {
+        return Err((700_024, "Client assertion is not within its valid time range.".into()));
+    }
+    Ok(claims)
+}
+
 /// The claims of a JWT (unverified).
 pub fn jwt_claims(jwt: &str) -> Option<Value> {
     let payload = jwt.split('.').nth(1)?;
@@ -169,6 +228,7 @@ pub fn jwt_claims(jwt: &str) -> Option<Value> {
 
 async fn answer(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_owned();
+    let host = req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned();
     let Some(tenant) = path.strip_suffix("/oauth2/v2.0/token").map(|t| t.trim_start_matches('/').to_owned()) else {
         return error(StatusCode::NOT_FOUND, "invalid_request", 90_002, "Tenant or endpoint not found.");
     };
@@ -243,7 +303,8 @@ async fn answer(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
             "Application was not found in the directory.",
         );
     };
-    if let Some(refusal) = refuse_credential(app, &form) {
+    let audience = format!("http://{host}/{tenant}/oauth2/v2.0/token");
+    if let Some(refusal) = refuse_credential(app, &form, &audience) {
         return refusal;
     }
     respond(
@@ -255,7 +316,7 @@ async fn answer(state: &Mutex<State>, req: Request<Incoming>) -> Response<Full<B
 
 /// Checks the request's credential against the application's: `None` if it holds, else
 /// Entra's refusal.
-fn refuse_credential(app: &App, form: &HashMap<String, String>) -> Option<Response<Full<Bytes>>> {
+fn refuse_credential(app: &App, form: &HashMap<String, String>, audience: &str) -> Option<Response<Full<Bytes>>> {
     let field = |name: &str| form.get(name).filter(|v| !v.is_empty());
     let refused = |status, error_code, code, text| Some(error(status, error_code, code, text));
     match (&app.credential, field("client_assertion_type"), field("client_assertion"), field("client_secret")) {
@@ -275,6 +336,11 @@ fn refuse_credential(app: &App, form: &HashMap<String, String>) -> Option<Respon
             }
         }
         (AppCredential::Secret(expected), None, None, Some(secret)) if secret == expected => None,
+        (AppCredential::Certificate { public_key, x5t }, Some(kind), Some(assertion), None) if kind == JWT_BEARER => {
+            verify_assertion(assertion, public_key, x5t, &app.client_id, audience)
+                .err()
+                .map(|(code, text)| error(StatusCode::UNAUTHORIZED, "invalid_client", code, &text))
+        }
         (_, Some(kind), _, _) if kind != JWT_BEARER => {
             refused(StatusCode::BAD_REQUEST, "invalid_request", 700_024, "Client assertion type is not supported.")
         }
@@ -311,6 +377,7 @@ mod tests {
         let good = jwt(&json!({"aud": ["api://AzureADTokenExchange"], "sub": "system:serviceaccount:app:fed"}));
         let wrong_sub = jwt(&json!({"aud": ["api://AzureADTokenExchange"], "sub": "system:serviceaccount:app:other"}));
         let ask = |tenant: &'static str, client_id: &'static str, credential| ClientCredentials {
+            authority: None,
             tenant,
             client_id,
             resource: "https://vault.azure.net",

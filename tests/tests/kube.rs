@@ -8,6 +8,7 @@ use std::{
 };
 
 use imds_tests::{
+    fake_entra::{entra_token_for, App, AppCredential, FakeEntra},
     fake_imds::{http_get, token_for, FakeIdentity},
     fake_kube::FakeKube,
     node::{curl, Fetched, Node, TestPod, KUBE_NODE},
@@ -149,6 +150,35 @@ fn api_changes_reach_the_agent_and_the_kernel() {
     api.apply(identity("blob", &blob));
     eventually("the identity is back", || is_token_of(&token(&node, &late, ""), &blob));
 
+    // A service principal: its Secret is read with one GET by name — never listed or watched.
+    let entra = FakeEntra::serve(
+        Server::bind(&node.ns, std::net::SocketAddrV4::new([10, 233, 0, 1].into(), 8443)),
+        vec![App {
+            tenant: "t1".into(),
+            client_id: "sp-client".into(),
+            credential: AppCredential::Secret("s3cret".into()),
+        }],
+    );
+    api.apply(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sp-secret", "namespace": NS},
+                     "type": "Opaque", "data": {"clientSecret": "czNjcmV0"}}));
+    api.apply(json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
+                     "metadata": {"name": "sp", "namespace": NS},
+                     "spec": {"type": 1, "clientID": "sp-client", "tenantID": "t1", "adEndpoint": entra.authority(),
+                              "clientPassword": {"name": "sp-secret", "namespace": NS}}}));
+    api.apply(binding("sp-binding", "sp", "sp"));
+    api.apply(pod("plain", &plain_uid, KUBE_NODE, &json!({"aadpodidbinding": "sp"})));
+    eventually("the service principal's token", || {
+        let fetched = token(&node, &plain, "");
+        fetched.status == 200
+            && fetched.json()["access_token"] == entra_token_for("sp-client", "https://vault.azure.net/.default")
+    });
+    let secret_reads: Vec<String> = api.requests().into_iter().filter(|r| r.contains("/secrets")).collect();
+    assert!(!secret_reads.is_empty(), "the Secret was read");
+    assert!(
+        secret_reads.iter().all(|r| r.starts_with(&format!("GET /api/v1/namespaces/{NS}/secrets/sp-secret?"))),
+        "{secret_reads:?}"
+    );
+
     // The API server goes away: ready but fail-static, and the last policy stays in force.
     api.set_down(true);
     eventually("readiness reports fail-static", || readyz(&node).1.contains("fail-static"));
@@ -158,10 +188,15 @@ fn api_changes_reach_the_agent_and_the_kernel() {
 
     // While it is away, history is compacted and the helper regains its exception: on return
     // the watches get 410 Gone, list again, and see it.
+    // (Another change first, so that the pod watch is behind the compaction point.)
+    api.apply(exception("helpers", &json!({"role": "node-helper"})));
     api.compact();
     api.apply(pod("helper", &helper_uid, KUBE_NODE, &json!({"role": "node-helper"})));
     api.set_down(false);
-    eventually("the relisted exception passes in the kernel", || !kernel_denies(&node, &helper));
+    eventually("the relisted exception goes straight to IMDS", || {
+        token(&node, &helper, "").status == 200
+            && node.fake.token_requests().last().is_some_and(|s| s.peer.ip().to_string().starts_with("10.232."))
+    });
     eventually("readiness recovers", || readyz(&node) == (200, "ready\n".to_owned()));
     let relists = api.requests().iter().filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=")).count();
     assert!(relists >= 2, "the pod watch listed again after 410: {:?}", api.requests());

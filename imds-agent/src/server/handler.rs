@@ -12,8 +12,8 @@ use crate::{
     decisions::DecisionRecord,
     imds::{self, ImdsError, Route, TokenRequest},
     kernel::CallerOrigin,
-    policy::{Choice, Decision, DenyReason, IdentityType, Selector, Snapshot},
-    tokens::{projected, token::unix_now, too_many_requests, Fetch, Outcome, Retryable, Served, Source, TokenKey},
+    policy::{Choice, Decision, DenyReason, Selector, Snapshot},
+    tokens::{token::unix_now, too_many_requests, Fetch, Outcome, Retryable, Served, Source, TokenKey},
     upstream::{UpstreamError, UpstreamResponse, UpstreamSelector},
 };
 
@@ -107,12 +107,17 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
                     format!("bound through {binding}; no selector, so the first bound identity by name")
                 }
             };
-            if identity.kind != IdentityType::UserAssignedMsi {
-                record.verdict = "deny";
-                record.reason = format!("{}; service-principal identities are not served yet", record.reason);
-                return refusal(&ImdsError::identity_not_found());
-            }
             record.verdict = "allow";
+            if let Some(principal) = &identity.service_principal {
+                let answered =
+                    super::principal::answer(identity, principal, &token.resource, &uid, &snapshot, state, record)
+                        .await;
+                return answered.unwrap_or_else(|refused| {
+                    record.verdict = "deny";
+                    report_denial(state, record);
+                    refusal(&refused)
+                });
+            }
             let key = TokenKey {
                 source: Source::ManagedIdentity { client_id: identity.client_id.clone() },
                 resource: token.resource.clone(),
@@ -122,47 +127,8 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
         }
         Decision::Workload { service_account, client_id, tenant_id, choice } => {
             let namespace = record.pod_namespace.clone().unwrap_or_default();
-            record.identity = Some(format!("workload-identity:{namespace}/{service_account}"));
-            record.reason = match choice {
-                Choice::Requested => {
-                    format!("workload identity of ServiceAccount {service_account}; the client id the request named")
-                }
-                Choice::FirstByName => format!("workload identity of ServiceAccount {service_account}"),
-            };
-            // The pod's own service-account token: read for this pod only, checked against it.
-            let (kubelet, pod_uid, sa) = (state.kubelet_dir.clone(), uid.clone(), service_account.to_owned());
-            let ns = namespace.clone();
-            let assertion =
-                tokio::task::spawn_blocking(move || projected::read(&kubelet, &pod_uid, &ns, &sa, unix_now())).await;
-            let assertion = match assertion {
-                Ok(Ok(jwt)) => jwt,
-                Ok(Err(e)) => {
-                    record.verdict = "deny";
-                    record.reason = format!("{}; {e}", record.reason);
-                    report_denial(state, record);
-                    return refusal(&ImdsError::bad_request(format!("Workload identity: {e}")));
-                }
-                Err(e) => {
-                    record.verdict = "error";
-                    record.reason = format!("{}; reading the pod's token failed: {e}", record.reason);
-                    return refusal(&ImdsError {
-                        status: StatusCode::INTERNAL_SERVER_ERROR,
-                        error: "unknown",
-                        description: "retry".into(),
-                    });
-                }
-            };
-            record.verdict = "allow";
-            let key = TokenKey {
-                source: Source::Workload {
-                    tenant_id: tenant_id.to_owned(),
-                    client_id: client_id.to_owned(),
-                    namespace,
-                    service_account: service_account.to_owned(),
-                },
-                resource: token.resource.clone(),
-            };
-            answer_token(state.tokens.get(key, &uid, Fetch::Entra { assertion }).await, record)
+            let who = super::workload::Workload { namespace, service_account, client_id, tenant_id, choice };
+            super::workload::answer(&who, &token.resource, &uid, state, record).await
         }
         Decision::Deny(reason) => {
             record.reason = describe_denial(&reason);
@@ -216,7 +182,7 @@ async fn refuse_or_audit(token: &TokenRequest, state: &AgentState, record: &mut 
 }
 
 /// An Event on the pod, with the reason (with `--kube`).
-fn report_denial(state: &AgentState, record: &DecisionRecord) {
+pub(super) fn report_denial(state: &AgentState, record: &DecisionRecord) {
     if let (Some(events), Some(namespace), Some(pod), Some(uid)) =
         (&state.events, &record.pod_namespace, &record.pod_name, &record.pod_uid)
     {
@@ -247,7 +213,7 @@ async fn forward_as_asked(token: &TokenRequest, state: &AgentState, record: &mut
 }
 
 /// A token, IMDS's final answer, or a retryable failure, as the client gets it.
-fn answer_token(outcome: Outcome, record: &mut DecisionRecord) -> Answer {
+pub(super) fn answer_token(outcome: Outcome, record: &mut DecisionRecord) -> Answer {
     match outcome {
         Outcome::Token { token, served } => {
             record.token_from = Some(served.as_str());
@@ -303,7 +269,7 @@ fn relay(upstream: Result<UpstreamResponse, UpstreamError>, record: &mut Decisio
     }
 }
 
-fn refusal(e: &ImdsError) -> Answer {
+pub(super) fn refusal(e: &ImdsError) -> Answer {
     let mut answer = Response::new(Full::new(Bytes::from(e.body())));
     *answer.status_mut() = e.status;
     answer.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(JSON));
@@ -328,6 +294,9 @@ fn describe_denial(reason: &DenyReason) -> String {
         }
         DenyReason::SelectorNotBound { selector } => {
             format!("the pod is not bound to the identity it asked for ({})", describe_selector(selector))
+        }
+        DenyReason::ServicePrincipalUnusable { identity, problem } => {
+            format!("the pod's service principal {identity} cannot be used: {problem}")
         }
         DenyReason::WorkloadNoClientId { service_account } => format!(
             "the pod uses workload identity, but its ServiceAccount {service_account:?} has no azure.workload.identity/client-id annotation"

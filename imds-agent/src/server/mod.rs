@@ -5,6 +5,8 @@
 //! closed without a byte of HTTP. Everything else is served as HTTP/1.1 with keep-alive, a
 //! header-read timeout, and limits on header size and count; request bodies are never read.
 mod handler;
+mod principal;
+mod workload;
 
 use std::{sync::Arc, time::Duration};
 
@@ -39,6 +41,8 @@ pub struct AgentState {
     /// The kubelet's directory (`/var/lib/kubelet`): pods' projected tokens, for workload
     /// identity.
     pub kubelet_dir: std::path::PathBuf,
+    /// Service principals' Secrets.
+    pub secrets: crate::secrets::SecretReader,
     pub rules: PathRules,
     pub mode: Mode,
     /// How long to wait for a pod the sources do not know yet.

@@ -227,13 +227,25 @@ fn identity(i: &AzureIdentity) -> Option<policy::Identity> {
         tracing::warn!(identity = %i.name_any(), r#type = i.spec.identity_type, "AzureIdentity with an unknown spec.type ignored");
         return None;
     };
+    let namespace = i.namespace().unwrap_or_default();
+    let password = i.spec.client_password.as_ref();
+    let service_principal = policy::ServicePrincipal::from_spec(
+        kind,
+        &namespace,
+        &i.spec.tenant_id,
+        password.and_then(|p| p.name.as_deref()),
+        password.and_then(|p| p.namespace.as_deref()),
+        &i.spec.auxiliary_tenant_ids,
+        &i.spec.ad_endpoint,
+    );
     Some(policy::Identity {
-        namespace: i.namespace().unwrap_or_default(),
+        namespace,
         name: i.name_any(),
         kind,
         client_id: i.spec.client_id.clone(),
         resource_id: i.spec.resource_id.clone(),
         object_id: i.annotations().get(OBJECT_ID_ANNOTATION).cloned(),
+        service_principal,
     })
 }
 

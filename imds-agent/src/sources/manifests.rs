@@ -22,9 +22,14 @@ use notify::Watcher as _;
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 
-use crate::policy::{
-    Binding, Exception, Identity, IdentityType, Pod, ServiceAccount, Snapshot, WorkloadSettings, CLIENT_ID_ANNOTATION,
-    TENANT_ID_ANNOTATION,
+use base64::Engine as _;
+
+use crate::{
+    policy::{
+        Binding, Exception, Identity, IdentityType, Pod, SecretRef, ServiceAccount, ServicePrincipal, Snapshot,
+        WorkloadSettings, CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION,
+    },
+    secrets::SecretData,
 };
 
 const AAD_POD_IDENTITY: &str = "aadpodidentity.k8s.io/v1";
@@ -50,6 +55,9 @@ struct Document {
     kind: String,
     metadata: Metadata,
     spec: Spec,
+    // Secret
+    data: BTreeMap<String, String>,
+    string_data: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -64,6 +72,13 @@ struct Metadata {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
+struct SecretReference {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
 struct Spec {
     // AzureIdentity
     #[serde(rename = "type")]
@@ -72,6 +87,14 @@ struct Spec {
     resource_id: String,
     #[serde(rename = "clientID")]
     client_id: String,
+    #[serde(rename = "tenantID")]
+    tenant_id: String,
+    #[serde(rename = "clientPassword")]
+    client_password: SecretReference,
+    #[serde(rename = "auxiliaryTenantIDs")]
+    auxiliary_tenant_ids: Vec<String>,
+    #[serde(rename = "adEndpoint")]
+    ad_endpoint: String,
     // AzureIdentityBinding
     #[serde(rename = "azureIdentity")]
     azure_identity: String,
@@ -103,7 +126,8 @@ pub fn load_dir(dir: &Path) -> Result<Snapshot, ManifestError> {
         parts.add_file(&file, &text)?;
     }
     Ok(Snapshot::new(parts.pods, parts.identities, parts.bindings, parts.exceptions)
-        .with_service_accounts(parts.service_accounts))
+        .with_service_accounts(parts.service_accounts)
+        .with_secrets(parts.secrets))
 }
 
 /// Changes arriving this close together are one reload (editors write in several steps).
@@ -164,6 +188,7 @@ struct Parts {
     bindings: Vec<Binding>,
     exceptions: Vec<Exception>,
     service_accounts: Vec<ServiceAccount>,
+    secrets: Vec<(SecretRef, SecretData)>,
 }
 
 impl Parts {
@@ -171,16 +196,17 @@ impl Parts {
         let documents: Vec<Document> = serde_saphyr::from_multiple(text)
             .map_err(|e| ManifestError::Yaml { path: path.to_owned(), message: e.to_string() })?;
         for (i, doc) in documents.into_iter().enumerate() {
+            let (kind, doc_name) = (doc.kind.clone(), doc.metadata.name.clone());
             let invalid = |problem: &str| ManifestError::Invalid {
                 path: path.to_owned(),
                 document: i + 1,
-                kind: doc.kind.clone(),
-                name: doc.metadata.name.clone(),
+                kind: kind.clone(),
+                name: doc_name.clone(),
                 problem: problem.to_owned(),
             };
             let known = matches!(
                 (doc.api_version.as_str(), doc.kind.as_str()),
-                ("v1", "Pod" | "ServiceAccount")
+                ("v1", "Pod" | "ServiceAccount" | "Secret")
                     | (AAD_POD_IDENTITY, "AzureIdentity" | "AzureIdentityBinding" | "AzurePodIdentityException")
             );
             if !known {
@@ -191,68 +217,103 @@ impl Parts {
             }
             let namespace = doc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
             let name = doc.metadata.name.clone();
-            match doc.kind.as_str() {
-                "Pod" => {
-                    if doc.metadata.uid.is_empty() {
-                        return Err(invalid("metadata.uid is required (there is no API server to assign one)"));
-                    }
-                    self.pods.push(Pod {
-                        uid: doc.metadata.uid.clone(),
-                        namespace,
-                        name,
-                        labels: doc.metadata.labels.clone(),
-                        service_account: if doc.spec.service_account_name.is_empty() {
-                            "default".into()
-                        } else {
-                            doc.spec.service_account_name.clone()
-                        },
-                    });
+            self.add_document(doc, namespace, name).map_err(|problem| invalid(&problem))?;
+        }
+        Ok(())
+    }
+
+    /// One known document; `Err` says what is wrong with it.
+    fn add_document(&mut self, doc: Document, namespace: String, name: String) -> Result<(), String> {
+        match doc.kind.as_str() {
+            "Pod" => {
+                if doc.metadata.uid.is_empty() {
+                    return Err("metadata.uid is required (there is no API server to assign one)".into());
                 }
-                "ServiceAccount" => {
-                    let annotation = |key: &str| doc.metadata.annotations.get(key).filter(|v| !v.is_empty()).cloned();
-                    self.service_accounts.push(ServiceAccount {
-                        namespace,
-                        name,
-                        client_id: annotation(CLIENT_ID_ANNOTATION),
-                        tenant_id: annotation(TENANT_ID_ANNOTATION),
-                    });
+                let service_account = if doc.spec.service_account_name.is_empty() {
+                    "default".into()
+                } else {
+                    doc.spec.service_account_name
+                };
+                self.pods.push(Pod {
+                    uid: doc.metadata.uid,
+                    namespace,
+                    name,
+                    labels: doc.metadata.labels,
+                    service_account,
+                });
+            }
+            "Secret" => self.secrets.push((SecretRef { namespace, name }, secret_data(&doc)?)),
+            "ServiceAccount" => {
+                let annotation = |key: &str| doc.metadata.annotations.get(key).filter(|v| !v.is_empty()).cloned();
+                self.service_accounts.push(ServiceAccount {
+                    namespace,
+                    name,
+                    client_id: annotation(CLIENT_ID_ANNOTATION),
+                    tenant_id: annotation(TENANT_ID_ANNOTATION),
+                });
+            }
+            "AzureIdentity" => self.identities.push(identity(&doc, namespace, name)?),
+            "AzureIdentityBinding" => {
+                if doc.spec.azure_identity.is_empty() || doc.spec.selector.is_empty() {
+                    return Err("spec.azureIdentity and spec.selector are required".into());
                 }
-                "AzureIdentity" => {
-                    let kind = IdentityType::from_spec_type(doc.spec.identity_type.unwrap_or(0))
-                        .ok_or_else(|| invalid("spec.type must be 0, 1 or 2"))?;
-                    if doc.spec.client_id.is_empty() {
-                        return Err(invalid("spec.clientID is required"));
-                    }
-                    self.identities.push(Identity {
-                        namespace,
-                        name,
-                        kind,
-                        client_id: doc.spec.client_id.clone(),
-                        resource_id: doc.spec.resource_id.clone(),
-                        object_id: doc.metadata.annotations.get(OBJECT_ID_ANNOTATION).cloned(),
-                    });
+                self.bindings.push(Binding {
+                    namespace,
+                    name,
+                    identity: doc.spec.azure_identity,
+                    selector: doc.spec.selector,
+                });
+            }
+            _ => {
+                if doc.spec.pod_labels.is_empty() {
+                    return Err("spec.podLabels must not be empty".into());
                 }
-                "AzureIdentityBinding" => {
-                    if doc.spec.azure_identity.is_empty() || doc.spec.selector.is_empty() {
-                        return Err(invalid("spec.azureIdentity and spec.selector are required"));
-                    }
-                    self.bindings.push(Binding {
-                        namespace,
-                        name,
-                        identity: doc.spec.azure_identity.clone(),
-                        selector: doc.spec.selector.clone(),
-                    });
-                }
-                _ => {
-                    if doc.spec.pod_labels.is_empty() {
-                        return Err(invalid("spec.podLabels must not be empty"));
-                    }
-                    self.exceptions.push(Exception { namespace, name, pod_labels: doc.spec.pod_labels.clone() });
-                }
+                self.exceptions.push(Exception { namespace, name, pod_labels: doc.spec.pod_labels });
             }
         }
         Ok(())
     }
+}
+
+fn identity(doc: &Document, namespace: String, name: String) -> Result<Identity, String> {
+    let kind = IdentityType::from_spec_type(doc.spec.identity_type.unwrap_or(0))
+        .ok_or_else(|| "spec.type must be 0, 1 or 2".to_owned())?;
+    if doc.spec.client_id.is_empty() {
+        return Err("spec.clientID is required".into());
+    }
+    let service_principal = ServicePrincipal::from_spec(
+        kind,
+        &namespace,
+        &doc.spec.tenant_id,
+        doc.spec.client_password.name.as_deref(),
+        doc.spec.client_password.namespace.as_deref(),
+        &doc.spec.auxiliary_tenant_ids,
+        &doc.spec.ad_endpoint,
+    );
+    Ok(Identity {
+        namespace,
+        name,
+        kind,
+        client_id: doc.spec.client_id.clone(),
+        resource_id: doc.spec.resource_id.clone(),
+        object_id: doc.metadata.annotations.get(OBJECT_ID_ANNOTATION).cloned(),
+        service_principal,
+    })
+}
+
+/// A Secret's `data` (base64) and `stringData`, merged as the API server would.
+fn secret_data(doc: &Document) -> Result<SecretData, String> {
+    let mut data = BTreeMap::new();
+    for (key, value) in &doc.data {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(value.split_whitespace().collect::<String>())
+            .map_err(|e| format!("data.{key} is not base64: {e}"))?;
+        data.insert(key.clone(), decoded);
+    }
+    for (key, value) in &doc.string_data {
+        data.insert(key.clone(), value.clone().into_bytes());
+    }
+    Ok(SecretData(data))
 }
 
 #[cfg(test)]

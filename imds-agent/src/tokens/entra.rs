@@ -52,6 +52,8 @@ pub enum Credential<'a> {
 /// One client-credentials request.
 #[derive(Clone, Copy, Debug)]
 pub struct ClientCredentials<'a> {
+    /// The authority, when not the agent's default (an `AzureIdentity`'s `adEndpoint`).
+    pub authority: Option<&'a str>,
     pub tenant: &'a str,
     pub client_id: &'a str,
     /// An IMDS `resource`; the scope is made from it.
@@ -67,9 +69,10 @@ pub struct EntraResponse {
     pub body: Bytes,
 }
 
-/// The token endpoint of one authority.
+/// Entra's token endpoint: the agent's default authority, or one a request names.
 #[derive(Clone)]
 pub struct Entra {
+    /// Ends with `/`.
     authority: String,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
 }
@@ -96,8 +99,14 @@ impl Entra {
             .enable_http1()
             .build();
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        let authority = if authority.ends_with('/') { authority.to_owned() } else { format!("{authority}/") };
-        Ok(Entra { authority, client })
+        Ok(Entra { authority: with_slash(authority), client })
+    }
+
+    /// The token endpoint for `tenant` at `authority` (default: the agent's).
+    pub fn token_url(&self, authority: Option<&str>, tenant: &str) -> String {
+        let authority = authority.map_or_else(|| self.authority.clone(), with_slash);
+        let tenant: String = form_urlencoded::byte_serialize(tenant.as_bytes()).collect();
+        format!("{authority}{tenant}/oauth2/v2.0/token")
     }
 
     /// Asks for a token.
@@ -118,8 +127,7 @@ impl Entra {
             }
             form.finish()
         };
-        let tenant: String = form_urlencoded::byte_serialize(request.tenant.as_bytes()).collect();
-        let http = Request::post(format!("{}{tenant}/oauth2/v2.0/token", self.authority))
+        let http = Request::post(self.token_url(request.authority, request.tenant))
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
             .body(Full::new(Bytes::from(form)))
             .map_err(EntraError::Build)?;
@@ -138,6 +146,14 @@ impl Entra {
     }
 }
 
+fn with_slash(authority: &str) -> String {
+    if authority.ends_with('/') {
+        authority.to_owned()
+    } else {
+        format!("{authority}/")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +162,16 @@ mod tests {
     fn scopes_from_resources() {
         assert_eq!(scope_for("https://vault.azure.net"), "https://vault.azure.net/.default");
         assert_eq!(scope_for("https://management.azure.com/"), "https://management.azure.com//.default");
+    }
+
+    #[test]
+    fn token_urls() {
+        let entra = Entra::new("https://login.microsoftonline.com").unwrap();
+        assert_eq!(entra.token_url(None, "t1"), "https://login.microsoftonline.com/t1/oauth2/v2.0/token");
+        assert_eq!(
+            entra.token_url(Some("https://login.microsoftonline.us"), "t2"),
+            "https://login.microsoftonline.us/t2/oauth2/v2.0/token"
+        );
     }
 
     #[test]

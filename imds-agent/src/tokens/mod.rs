@@ -17,6 +17,7 @@
 //!   (for workload identity), each with its own limits.
 pub mod budget;
 pub mod cache;
+pub mod certificate;
 pub mod entra;
 pub mod projected;
 pub mod token;
@@ -37,7 +38,10 @@ use self::{
     entra::{ClientCredentials, Credential, Entra, EntraResponse},
     token::{unix_now, Token},
 };
-use crate::upstream::{Upstream, UpstreamResponse, UpstreamSelector};
+use crate::{
+    policy::SecretRef,
+    upstream::{Upstream, UpstreamResponse, UpstreamSelector},
+};
 
 /// How long a fetch keeps retrying (IMDS: retry a 410 "within 70 s").
 pub const FETCH_DEADLINE: Duration = Duration::from_secs(70);
@@ -59,6 +63,10 @@ pub enum Source {
     /// Pods of one ServiceAccount share its tokens; each must present its own
     /// service-account token first (see [`projected`]).
     Workload { tenant_id: String, client_id: String, namespace: String, service_account: String },
+    /// An aad-pod-identity service principal (types 1 and 2), from Entra with the credential
+    /// in `secret`. The Secret is part of the key: two identities naming the same client id
+    /// with different credentials never share tokens.
+    ServicePrincipal { authority: Option<String>, tenant_id: String, client_id: String, secret: SecretRef },
 }
 
 /// What a fetch needs besides the key: taken from the request that starts it.
@@ -71,6 +79,21 @@ pub enum Fetch {
     Entra {
         assertion: String,
     },
+    /// A service principal's client secret (type 1).
+    Secret(Redacted),
+    /// A service principal's certificate (type 2): the Secret's PKCS#12 `certificate` and its
+    /// `password`, opened when a fetch needs them; an assertion is signed per call.
+    Certificate(Arc<crate::secrets::SecretData>),
+}
+
+/// A secret that never shows in `Debug` output.
+#[derive(Clone)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// What is cached: a token of one identity for one resource.
@@ -267,7 +290,7 @@ impl TokenService {
         let mut schedule = RETRY_SCHEDULE.iter();
         let budget = match key.source {
             Source::ManagedIdentity { .. } => &self.budget,
-            Source::Workload { .. } => &self.entra_budget,
+            Source::Workload { .. } | Source::ServicePrincipal { .. } => &self.entra_budget,
         };
         loop {
             let failure = match budget.acquire(requester).await {
@@ -298,10 +321,36 @@ impl TokenService {
             }
             (Source::Workload { tenant_id, client_id, .. }, Fetch::Entra { assertion }) => {
                 let request = ClientCredentials {
+                    authority: None,
                     tenant: tenant_id,
                     client_id,
                     resource: &key.resource,
                     credential: Credential::Assertion(assertion),
+                };
+                classify_entra(self.entra.token(&request).await, client_id, &key.resource, unix_now())
+            }
+            (Source::ServicePrincipal { authority, tenant_id, client_id, .. }, Fetch::Secret(secret)) => {
+                let request = ClientCredentials {
+                    authority: authority.as_deref(),
+                    tenant: tenant_id,
+                    client_id,
+                    resource: &key.resource,
+                    credential: Credential::Secret(&secret.0),
+                };
+                classify_entra(self.entra.token(&request).await, client_id, &key.resource, unix_now())
+            }
+            (Source::ServicePrincipal { authority, tenant_id, client_id, .. }, Fetch::Certificate(secret)) => {
+                let audience = self.entra.token_url(authority.as_deref(), tenant_id);
+                let assertion = match certificate::assertion_from_secret(secret, client_id, &audience) {
+                    Ok(a) => a,
+                    Err(e) => return Attempt::Done(Outcome::Final(credential_refused(&e))),
+                };
+                let request = ClientCredentials {
+                    authority: authority.as_deref(),
+                    tenant: tenant_id,
+                    client_id,
+                    resource: &key.resource,
+                    credential: Credential::Assertion(&assertion),
                 };
                 classify_entra(self.entra.token(&request).await, client_id, &key.resource, unix_now())
             }
@@ -371,6 +420,17 @@ fn classify_entra(
 }
 
 const JSON: &str = "application/json; charset=utf-8";
+
+/// A credential that cannot be used, as IMDS's 400 (retrying would not help).
+fn credential_refused(e: &certificate::CertificateError) -> UpstreamResponse {
+    let body = serde_json::json!({"error": "invalid_request", "error_description": format!("The service principal's certificate cannot be used: {e}")});
+    UpstreamResponse {
+        status: StatusCode::BAD_REQUEST,
+        content_type: Some(http::HeaderValue::from_static(JSON)),
+        retry_after: None,
+        body: Bytes::from(body.to_string()),
+    }
+}
 
 enum Attempt {
     Done(Outcome),
