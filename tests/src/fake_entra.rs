@@ -20,16 +20,16 @@ use std::{
     collections::HashMap,
     net::{SocketAddr, TcpListener},
     sync::{Arc, Mutex},
-    thread::JoinHandle,
 };
 
 use base64::Engine as _;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Full};
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
 use serde_json::{json, Value};
+
+use crate::http_server::HttpServer;
 
 /// `client_assertion_type` for JWT assertions.
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -90,8 +90,7 @@ struct State {
 pub struct FakeEntra {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: HttpServer,
 }
 
 /// The token the fake issues to `client_id` for `scope`.
@@ -101,37 +100,13 @@ pub fn entra_token_for(client_id: &str, scope: &str) -> String {
 
 impl FakeEntra {
     pub fn serve(listener: TcpListener, apps: Vec<App>) -> FakeEntra {
-        let addr = listener.local_addr().expect("local addr");
         let state = Arc::new(Mutex::new(State { apps, ..State::default() }));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let shared = Arc::clone(&state);
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            runtime.block_on(async move {
-                listener.set_nonblocking(true).expect("nonblocking");
-                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                let accept = async {
-                    loop {
-                        let Ok((stream, _)) = listener.accept().await else { continue };
-                        let state = Arc::clone(&shared);
-                        tokio::spawn(async move {
-                            let service = service_fn(move |req| {
-                                let state = Arc::clone(&state);
-                                async move { Ok::<_, std::convert::Infallible>(answer(&state, req).await) }
-                            });
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await;
-                        });
-                    }
-                };
-                tokio::select! {
-                    () = accept => {}
-                    _ = stopped => {}
-                }
-            });
+        let server = HttpServer::serve(listener, move |_, req| {
+            let state = Arc::clone(&shared);
+            async move { answer(&state, req).await }
         });
-        FakeEntra { addr, state, stop: Some(stop), thread: Some(thread) }
+        FakeEntra { addr: server.addr, state, _server: server }
     }
 
     /// The authority URL to give the agent.
@@ -147,17 +122,6 @@ impl FakeEntra {
     /// Every request gets this status (429, 500, 503…) until `None`.
     pub fn fail_with(&self, status: Option<u16>) {
         self.state.lock().unwrap().fail = status;
-    }
-}
-
-impl Drop for FakeEntra {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

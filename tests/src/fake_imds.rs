@@ -5,15 +5,15 @@
 use std::{
     net::{SocketAddr, TcpListener},
     sync::{Arc, Mutex},
-    thread::JoinHandle,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
+
+use crate::http_server::HttpServer;
 
 /// A managed identity assigned to the fake "VM".
 #[derive(Clone, Debug)]
@@ -99,8 +99,7 @@ impl Drop for InFlight<'_> {
 pub struct FakeImds {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: HttpServer,
 }
 
 /// The token the fake issues for an identity and resource: tests can tell whose it is.
@@ -111,41 +110,17 @@ pub fn token_for(client_id: &str, resource: &str) -> String {
 impl FakeImds {
     /// Serves on `listener` (bound wherever the test needs it, e.g. inside a namespace).
     pub fn serve(listener: TcpListener, identities: Vec<FakeIdentity>) -> FakeImds {
-        let addr = listener.local_addr().expect("local addr");
         let state = Arc::new(Mutex::new(State { identities, ..State::default() }));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let shared = Arc::clone(&state);
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            runtime.block_on(async move {
-                listener.set_nonblocking(true).expect("nonblocking");
-                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                let accept = async {
-                    loop {
-                        let Ok((stream, peer)) = listener.accept().await else { continue };
-                        let state = Arc::clone(&shared);
-                        tokio::spawn(async move {
-                            let service = service_fn(move |req| {
-                                let state = Arc::clone(&state);
-                                async move {
-                                    let _in_flight = (req.uri().path() == "/metadata/identity/oauth2/token")
-                                        .then(|| InFlight::enter(&state));
-                                    Ok::<_, std::convert::Infallible>(answer(&state, peer, req).await)
-                                }
-                            });
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await;
-                        });
-                    }
-                };
-                tokio::select! {
-                    () = accept => {}
-                    _ = stopped => {}
-                }
-            });
+        let server = HttpServer::serve(listener, move |peer, req| {
+            let state = Arc::clone(&shared);
+            async move {
+                let _in_flight =
+                    (req.uri().path() == "/metadata/identity/oauth2/token").then(|| InFlight::enter(&state));
+                answer(&state, peer, req).await
+            }
         });
-        FakeImds { addr, state, stop: Some(stop), thread: Some(thread) }
+        FakeImds { addr: server.addr, state, _server: server }
     }
 
     /// Every request received so far.
@@ -174,17 +149,6 @@ impl FakeImds {
 
     pub fn set_behaviour(&self, behaviour: Behaviour) {
         self.state.lock().unwrap().behaviour = Some(behaviour);
-    }
-}
-
-impl Drop for FakeImds {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -18,16 +18,16 @@ use std::{
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    thread::JoinHandle,
 };
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{channel::Channel, combinators::BoxBody, BodyExt as _, Full};
-use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::sync::watch;
+
+use crate::http_server::HttpServer;
 
 /// The kinds the fake stores: (apiVersion, kind, collection path).
 const KINDS: &[(&str, &str, &str)] = &[
@@ -73,45 +73,20 @@ pub struct FakeKube {
     state: Arc<Mutex<State>>,
     /// Bumped on every change (and when going down), waking the watches.
     changed: Arc<watch::Sender<u64>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: HttpServer,
 }
 
 impl FakeKube {
     /// Serves on `listener` (bound where the agent can reach it, e.g. in the node namespace).
     pub fn serve(listener: TcpListener) -> FakeKube {
-        let addr = listener.local_addr().expect("local addr");
         let state = Arc::new(Mutex::new(State { rv: 100, ..State::default() }));
         let changed = Arc::new(watch::Sender::new(0));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (shared, notify) = (Arc::clone(&state), Arc::clone(&changed));
-        let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-            runtime.block_on(async move {
-                listener.set_nonblocking(true).expect("nonblocking");
-                let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-                let accept = async {
-                    loop {
-                        let Ok((stream, _)) = listener.accept().await else { continue };
-                        let (state, notify) = (Arc::clone(&shared), Arc::clone(&notify));
-                        tokio::spawn(async move {
-                            let service = service_fn(move |req| {
-                                let (state, notify) = (Arc::clone(&state), Arc::clone(&notify));
-                                async move { Ok::<_, Infallible>(answer(state, &notify, req).await) }
-                            });
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(TokioIo::new(stream), service)
-                                .await;
-                        });
-                    }
-                };
-                tokio::select! {
-                    () = accept => {}
-                    _ = stopped => {}
-                }
-            });
+        let server = HttpServer::serve(listener, move |_, req| {
+            let (state, notify) = (Arc::clone(&shared), Arc::clone(&notify));
+            async move { answer(state, &notify, req).await }
         });
-        FakeKube { addr, state, changed, stop: Some(stop), thread: Some(thread) }
+        FakeKube { addr: server.addr, state, changed, _server: server }
     }
 
     /// Creates or replaces an object (as `kubectl apply` would), giving it a new
@@ -181,17 +156,6 @@ impl FakeKube {
         );
         std::fs::write(&path, text).expect("write kubeconfig");
         path
-    }
-}
-
-impl Drop for FakeKube {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod fake_entra;
 pub mod fake_imds;
 pub mod fake_kube;
+pub mod http_server;
 pub mod node;
 use std::{
     fs,

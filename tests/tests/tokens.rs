@@ -57,6 +57,17 @@ fn policy(ids: &[FakeIdentity], pods: &[(String, usize)]) -> String {
     yaml
 }
 
+/// A node with identity "blob" and one pod bound to it, the agent running.
+fn one_bound_pod(tag: &str) -> (Node, TestPod, FakeIdentity) {
+    let id = FakeIdentity::named("blob");
+    let mut node = Node::new(tag, vec![id.clone()]);
+    let web_uid = uid();
+    node.write_manifest("policy.yaml", &policy(std::slice::from_ref(&id), &[(web_uid.clone(), 0)]));
+    let web = node.pod(&web_uid);
+    node.start_agent(&[]);
+    (node, web, id)
+}
+
 fn token_from(node: &Node) -> Vec<String> {
     node.agent().decisions().iter().map(|d| d["token_from"].as_str().unwrap_or("-").to_owned()).collect()
 }
@@ -65,12 +76,7 @@ fn token_from(node: &Node) -> Vec<String> {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn the_cache_serves_repeats_and_never_outlives_a_binding() {
-    let id = FakeIdentity::named("blob");
-    let mut node = Node::new("cache", vec![id.clone()]);
-    let web_uid = uid();
-    node.write_manifest("policy.yaml", &policy(std::slice::from_ref(&id), &[(web_uid.clone(), 0)]));
-    let web = node.pod(&web_uid);
-    node.start_agent(&[]);
+    let (node, web, id) = one_bound_pod("cache");
 
     for _ in 0..3 {
         let fetched = get(&node, &web, VAULT);
@@ -83,7 +89,7 @@ fn the_cache_serves_repeats_and_never_outlives_a_binding() {
 
     // The binding goes; the token is still cached, and is not served.
     let only_pod = policy(&[], &[]) + &format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: pod0\n  namespace: {NS}\n  uid: {web_uid}\n  labels:\n    aadpodidbinding: sel0\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: pod0\n  namespace: {NS}\n  uid: {}\n  labels:\n    aadpodidbinding: sel0\n", web.uid
     );
     node.write_manifest("policy.yaml", &only_pod);
     let started = Instant::now();
@@ -104,12 +110,7 @@ fn the_cache_serves_repeats_and_never_outlives_a_binding() {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn concurrent_identical_requests_share_one_upstream_call() {
-    let id = FakeIdentity::named("blob");
-    let mut node = Node::new("coalesce", vec![id.clone()]);
-    let web_uid = uid();
-    node.write_manifest("policy.yaml", &policy(std::slice::from_ref(&id), &[(web_uid.clone(), 0)]));
-    let web = node.pod(&web_uid);
-    node.start_agent(&[]);
+    let (node, web, _) = one_bound_pod("coalesce");
     // IMDS takes its time, so that every request arrives while the first is upstream.
     node.fake.set_behaviour(Behaviour::Slow(Duration::from_millis(1500)));
     let query = token_path(VAULT).split_once('?').unwrap().1.to_owned();
@@ -204,12 +205,7 @@ fn get_with_headers(node: &Node, pod: &TestPod, resource: &str) -> (u16, Option<
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn with_imds_failing_cached_tokens_are_served_and_the_rest_told_to_retry() {
-    let id = FakeIdentity::named("blob");
-    let mut node = Node::new("imdsdown", vec![id.clone()]);
-    let web_uid = uid();
-    node.write_manifest("policy.yaml", &policy(std::slice::from_ref(&id), &[(web_uid.clone(), 0)]));
-    let web = node.pod(&web_uid);
-    node.start_agent(&[]);
+    let (node, web, _) = one_bound_pod("imdsdown");
     assert_eq!(get(&node, &web, VAULT).status, 200);
 
     for failure in [503, 429, 500] {
