@@ -7,6 +7,7 @@
 //! redirect stays inside; programs attach only to a child cgroup the test created.
 #![expect(clippy::missing_panics_doc, reason = "test support: a panic is how a helper reports a broken setup")]
 
+pub mod bench;
 pub mod fake_entra;
 pub mod fake_imds;
 pub mod fake_kube;
@@ -49,6 +50,8 @@ pub struct ProbeReport {
     pub reply: Option<String>,
     /// What a `burst` saw.
     pub burst: Option<BurstReport>,
+    /// Mean ns per connect+close of a `connect-loop`.
+    pub loop_ns: Option<f64>,
 }
 
 /// What `imds-probe burst` saw: many token requests, retried the way the Azure SDKs retry.
@@ -473,6 +476,13 @@ impl Probe {
         for q in queries {
             self.cmd.args(["--query", q]);
         }
+        self.spawn()
+    }
+
+    /// `count` × connect+close to `addr:port`; the report's `loop_ns` is the mean per pair.
+    #[must_use]
+    pub fn connect_loop(mut self, addr: Ipv4Addr, port: u16, count: u32) -> RunningProbe {
+        self.cmd.args(["connect-loop", &addr.to_string(), &port.to_string(), &count.to_string()]);
         self.spawn()
     }
 

@@ -48,6 +48,13 @@ enum Task {
     },
     /// The agent on a node in miniature: example manifests, pods, a fake IMDS (needs root).
     Demo,
+    /// The performance figures (P1–P7), each against its baseline, in interleaved rounds;
+    /// prints a table and writes target/bench/latest.json (needs root).
+    Bench {
+        /// Every benchmark briefly, in a debug build: checks the harness, not the targets.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Regenerate deploy/crds/ (and the Helm chart's copy) from the Rust types in
     /// imds-agent/src/crds.rs.
     Crdgen,
@@ -59,6 +66,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf => build_ebpf().map(|path| println!("{}", path.display())),
         Task::Test { no_lint, unprivileged } => test(no_lint, unprivileged),
         Task::Demo => demo(),
+        Task::Bench { quick } => bench(quick),
         Task::Crdgen => ["deploy/crds", "deploy/helm/imds-filter/crds"].iter().try_for_each(|dir| {
             run(cargo()
                 .args(["run", "--quiet", "--package", "imds-agent", "--bin", "imds-crdgen", "--"])
@@ -144,14 +152,14 @@ fn setup(test_tools: bool) -> Result<()> {
 /// Steps 3 and 4 of setup: what the privileged tests run.
 fn install_test_tools() -> Result<()> {
     const STEPS: usize = 5;
-    step(3, STEPS, "tools the privileged tests use (iproute2, curl)");
-    let missing: Vec<&str> = [("ip", "-V", "iproute2"), ("curl", "--version", "curl")]
+    step(3, STEPS, "tools the privileged tests and benchmarks use (iproute2, curl, iptables)");
+    let missing: Vec<&str> = [("ip", "-V", "iproute2"), ("curl", "--version", "curl"), ("iptables", "-V", "iptables")]
         .into_iter()
         .filter(|(tool, arg, _)| !Command::new(tool).arg(arg).output().is_ok_and(|o| o.status.success()))
         .map(|(_, _, package)| package)
         .collect();
     if missing.is_empty() {
-        println!("    ip and curl present");
+        println!("    ip, curl and iptables present");
     } else {
         ensure!(is_root(), "missing {}: install with apt-get, or rerun as root", missing.join(", "));
         run(Command::new("apt-get").arg("update").arg("-q"))?;
@@ -345,7 +353,32 @@ fn test(no_lint: bool, unprivileged: bool) -> Result<()> {
     run(cargo()
         .args(["test", "--workspace", "--", "--include-ignored"])
         .env("IMDS_REQUIRE_EBPF", "1")
-        .env("IMDS_SDK_PYTHON", sdk_python()?))
+        .env("IMDS_SDK_PYTHON", sdk_python()?))?;
+    println!("==> benchmarks, briefly (the harness works; figures come from `cargo xtask bench`)");
+    bench(true)
+}
+
+// ---- bench -----------------------------------------------------------------------------------
+
+fn bench(quick: bool) -> Result<()> {
+    if !is_root() {
+        bail!("the benchmarks load eBPF programs and create namespaces and cgroups: run as root");
+    }
+    setup(true)?;
+    // Figures come from optimised code; the quick run only checks the harness.
+    let profile: &[&str] = if quick { &[] } else { &["--release"] };
+    run(cargo()
+        .args(["build", "--package", "imds-agent", "--package", "imds-tests", "--bins"])
+        .args(profile)
+        .env("IMDS_REQUIRE_EBPF", "1"))?;
+    let out = workspace_root().join("target/bench/latest.json");
+    let mut command = cargo();
+    command.args(["run", "--quiet", "--package", "imds-tests", "--bin", "imds-bench"]).args(profile);
+    command.arg("--").arg("--out").arg(&out);
+    if quick {
+        command.arg("--quick");
+    }
+    run(command.env("IMDS_REQUIRE_EBPF", "1"))
 }
 
 // ---- demo ------------------------------------------------------------------------------------

@@ -58,6 +58,10 @@ enum Op {
     Udp { addr: Ipv4Addr, port: u16 },
     /// A hand-made TCP SYN through a raw socket, from source port `sport`.
     RawSyn { addr: Ipv4Addr, port: u16, sport: u16 },
+    /// `count` × (socket, `connect()`, `close()`) to `addr:port`, the close abortive
+    /// (`SO_LINGER` 0: no `TIME_WAIT`, so long loops cannot exhaust local ports); reports the
+    /// mean ns per pair (the benchmark's unit of work). Every connect must succeed.
+    ConnectLoop { addr: Ipv4Addr, port: u16, count: u32 },
     /// Token requests (`GET /metadata/identity/oauth2/token?<query>`, `Metadata: true`),
     /// `count` in all, `concurrency` at a time, each on a new connection like curl. 429,
     /// 404, 410 and 5xx are retried after their `Retry-After` (else 1 s), up to 8 attempts,
@@ -144,6 +148,18 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
             }
         }
         Op::RawSyn { addr, port, sport } => raw_syn(&mut report, addr, port, sport)?,
+        Op::ConnectLoop { addr, port, count } => {
+            let dst = SocketAddr::V4(SocketAddrV4::new(addr, port));
+            let started = std::time::Instant::now();
+            for _ in 0..count {
+                let stream = TcpStream::connect(dst)?;
+                // Abortive close: no TIME_WAIT, so a long loop cannot run out of local ports.
+                abort_on_close(&stream)?;
+                drop(stream);
+            }
+            report.loop_ns = Some(started.elapsed().as_secs_f64() * 1e9 / f64::from(count.max(1)));
+            report.outcome = "looped".into();
+        }
         Op::Burst { addr, count, concurrency, ref queries } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             report.burst = Some(runtime.block_on(burst::run(addr, count, concurrency, queries)));
