@@ -5,6 +5,7 @@
 //! with the spread (10th–90th percentile of the rounds) and the ratio to the baseline. The
 //! JSON report carries the machine and kernel it ran on.
 pub mod kernel;
+pub mod memory;
 pub mod policy;
 
 use std::{fmt::Write as _, time::SystemTime};
