@@ -52,6 +52,11 @@ pub struct Upstream {
     latency: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
+/// A `Retry-After` in seconds (the form IMDS and Entra send), if there is one.
+pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    headers.get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()?.trim().parse().ok()).map(Duration::from_secs)
+}
+
 /// The selector sent upstream for the chosen identity.
 #[derive(Clone, Copy, Debug)]
 pub enum UpstreamSelector<'a> {
@@ -107,11 +112,7 @@ impl Upstream {
             let response = self.client.request(request).await.map_err(UpstreamError::Request)?;
             let status = response.status();
             let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
-            let retry_after = response
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok()?.trim().parse().ok())
-                .map(Duration::from_secs);
+            let retry_after = retry_after(response.headers());
             let body = Limited::new(response.into_body(), MAX_BODY).collect().await.map_err(UpstreamError::Body)?;
             Ok(UpstreamResponse { status, content_type, retry_after, body: body.to_bytes() })
         };

@@ -355,7 +355,7 @@ fn test(no_lint: bool, unprivileged: bool) -> Result<()> {
         .env("IMDS_REQUIRE_EBPF", "1")
         .env("IMDS_SDK_PYTHON", sdk_python()?))?;
     println!("==> benchmarks, briefly (the harness works; figures come from `cargo xtask bench`)");
-    bench(true)
+    run_bench(true)
 }
 
 // ---- bench -----------------------------------------------------------------------------------
@@ -365,6 +365,11 @@ fn bench(quick: bool) -> Result<()> {
         bail!("the benchmarks load eBPF programs and create namespaces and cgroups: run as root");
     }
     setup(true)?;
+    run_bench(quick)
+}
+
+/// Builds and runs the benchmarks (setup done).
+fn run_bench(quick: bool) -> Result<()> {
     // Figures come from optimised code; the quick run only checks the harness.
     let profile: &[&str] = if quick { &[] } else { &["--release"] };
     run(cargo()

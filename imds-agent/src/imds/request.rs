@@ -9,6 +9,9 @@ use http::{HeaderMap, Method, StatusCode};
 use super::path::{classify, PathClass, PathRules};
 use crate::policy::Selector;
 
+/// The content type of IMDS's JSON answers.
+pub const JSON_CONTENT_TYPE: &str = "application/json; charset=utf-8";
+
 /// An IMDS-shaped error answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ImdsError {

@@ -10,7 +10,7 @@ use super::AgentState;
 use crate::{
     caller::CgroupInfo,
     decisions::DecisionRecord,
-    imds::{self, ImdsError, Route, TokenRequest},
+    imds::{self, ImdsError, Route, TokenRequest, JSON_CONTENT_TYPE as JSON},
     kernel::CallerOrigin,
     policy::{Choice, Decision, DenyReason, Selector, Snapshot},
     tokens::{token::unix_now, too_many_requests, Fetch, Outcome, Retryable, Served, Source, TokenKey},
@@ -241,8 +241,6 @@ fn retry_answer(failure: &Retryable, record: &mut DecisionRecord) -> Answer {
     headers.insert(header::RETRY_AFTER, header::HeaderValue::from(failure.retry_after.as_secs().max(1)));
     answer
 }
-
-const JSON: &str = "application/json; charset=utf-8";
 
 /// Passes IMDS's answer back as it came (status, content type, body).
 fn relay(upstream: Result<UpstreamResponse, UpstreamError>, record: &mut DecisionRecord) -> Answer {

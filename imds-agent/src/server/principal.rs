@@ -12,7 +12,7 @@ use http_body_util::Full;
 use super::{handler::answer_token, AgentState};
 use crate::{
     decisions::DecisionRecord,
-    imds::ImdsError,
+    imds::{ImdsError, JSON_CONTENT_TYPE},
     policy::{Identity, IdentityType, ServicePrincipal, Snapshot},
     secrets::SecretData,
     tokens::{token::unix_now, Fetch, Outcome, Redacted, Served, Source, TokenKey},
@@ -74,9 +74,7 @@ pub async fn answer(
         bodies.iter().map(|t| serde_json::from_slice(&t.body(now)).unwrap_or_default()).collect();
     let mut answer = Response::new(Full::new(Bytes::from(serde_json::Value::Array(array).to_string())));
     *answer.status_mut() = StatusCode::OK;
-    answer
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json; charset=utf-8"));
+    answer.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(JSON_CONTENT_TYPE));
     Ok(answer)
 }
 

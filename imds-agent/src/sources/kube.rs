@@ -91,21 +91,11 @@ pub async fn run(
     let node_pods = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
     let probe = client.clone();
     let streams: Vec<BoxStream<'static, Result<(), watcher::Error>>> = vec![
-        watcher(Api::<Pod>::all(client.clone()), node_pods)
-            .default_backoff()
-            .modify(trim_pod)
-            .reflect(pods_writer)
-            .map(|e| e.map(drop))
-            .boxed(),
-        events(Api::<AzureIdentity>::all(client.clone()), identities_writer),
-        events(Api::<AzureIdentityBinding>::all(client.clone()), bindings_writer),
-        events(Api::<AzurePodIdentityException>::all(client.clone()), exceptions_writer),
-        watcher(Api::<PartialObjectMeta<ServiceAccount>>::all(client), watcher::Config::default())
-            .default_backoff()
-            .modify(trim_service_account)
-            .reflect(service_accounts_writer)
-            .map(|e| e.map(drop))
-            .boxed(),
+        reflect(Api::<Pod>::all(client.clone()), node_pods, trim_pod, pods_writer),
+        reflect(Api::all(client.clone()), all(), drop_managed_fields::<AzureIdentity>, identities_writer),
+        reflect(Api::all(client.clone()), all(), drop_managed_fields::<AzureIdentityBinding>, bindings_writer),
+        reflect(Api::all(client.clone()), all(), drop_managed_fields::<AzurePodIdentityException>, exceptions_writer),
+        reflect(Api::all(client), all(), trim_service_account, service_accounts_writer),
     ];
     let mut merged = futures::stream::select_all(streams);
 
@@ -161,18 +151,28 @@ fn watch_failed(status: &SourceStatus, error: watcher::Error) {
     status.failed(message);
 }
 
-/// Reflects one custom resource kind, all namespaces.
-fn events<K>(api: Api<K>, writer: reflector::store::Writer<K>) -> BoxStream<'static, Result<(), watcher::Error>>
+fn all() -> watcher::Config {
+    watcher::Config::default()
+}
+
+/// Reflects one kind into `writer`, trimming each object on arrival; yields `()` per event
+/// so that all kinds merge into one stream.
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    trim: fn(&mut K),
+    writer: reflector::store::Writer<K>,
+) -> BoxStream<'static, Result<(), watcher::Error>>
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    watcher(api, watcher::Config::default())
-        .default_backoff()
-        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
-        .reflect(writer)
-        .map(|e| e.map(drop))
-        .boxed()
+    watcher(api, config).default_backoff().modify(trim).reflect(writer).map(|e| e.map(drop)).boxed()
+}
+
+/// What is kept of aad-pod-identity's objects: all but the managed fields.
+fn drop_managed_fields<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
 }
 
 /// Keeps what the policy reads of a pod.

@@ -134,11 +134,7 @@ impl Entra {
         let call = async {
             let response = self.client.request(http).await.map_err(EntraError::Request)?;
             let status = response.status();
-            let retry_after = response
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok()?.trim().parse().ok())
-                .map(Duration::from_secs);
+            let retry_after = crate::upstream::retry_after(response.headers());
             let body = Limited::new(response.into_body(), MAX_BODY).collect().await.map_err(EntraError::Body)?;
             Ok(EntraResponse { status, retry_after, body: body.to_bytes() })
         };

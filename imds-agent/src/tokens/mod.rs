@@ -39,6 +39,7 @@ use self::{
     token::{unix_now, Token},
 };
 use crate::{
+    imds::{ImdsError, JSON_CONTENT_TYPE},
     policy::SecretRef,
     upstream::{Upstream, UpstreamResponse, UpstreamSelector},
 };
@@ -394,16 +395,10 @@ fn classify_entra(
         };
     }
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-        return Attempt::Failed(Retryable {
-            status,
-            content_type: Some(http::HeaderValue::from_static(JSON)),
-            body: Bytes::from(
-                serde_json::json!({"error": "unknown", "error_description": "The identity provider is unavailable; retry"})
-                    .to_string(),
-            ),
-            retry_after: response.retry_after.unwrap_or(Duration::from_secs(1)),
-            reason: format!("Entra answered {status}"),
-        });
+        let answer =
+            ImdsError { status, error: "unknown", description: "The identity provider is unavailable; retry".into() };
+        let retry_after = response.retry_after.unwrap_or(Duration::from_secs(1));
+        return Attempt::Failed(retryable(&answer, retry_after, format!("Entra answered {status}")));
     }
     // A refusal (bad assertion, no federated credential, unknown client…): Entra's own words,
     // as IMDS's 400 so that SDKs do not retry it.
@@ -411,24 +406,33 @@ fn classify_entra(
     let code = error["error"].as_str().unwrap_or("invalid_request");
     let description = error["error_description"].as_str().unwrap_or("Entra refused the token request");
     let body = serde_json::json!({"error": code, "error_description": format!("Token exchange at Entra failed: {description}")});
-    Attempt::Done(Outcome::Final(UpstreamResponse {
-        status: StatusCode::BAD_REQUEST,
-        content_type: Some(http::HeaderValue::from_static(JSON)),
-        retry_after: None,
-        body: Bytes::from(body.to_string()),
-    }))
+    Attempt::Done(Outcome::Final(final_answer(StatusCode::BAD_REQUEST, body.to_string())))
 }
 
-const JSON: &str = "application/json; charset=utf-8";
+/// A final answer the agent makes itself, in IMDS's JSON shape.
+fn final_answer(status: StatusCode, body: String) -> UpstreamResponse {
+    UpstreamResponse {
+        status,
+        content_type: Some(http::HeaderValue::from_static(JSON_CONTENT_TYPE)),
+        retry_after: None,
+        body: Bytes::from(body),
+    }
+}
 
 /// A credential that cannot be used, as IMDS's 400 (retrying would not help).
 fn credential_refused(e: &certificate::CertificateError) -> UpstreamResponse {
-    let body = serde_json::json!({"error": "invalid_request", "error_description": format!("The service principal's certificate cannot be used: {e}")});
-    UpstreamResponse {
-        status: StatusCode::BAD_REQUEST,
-        content_type: Some(http::HeaderValue::from_static(JSON)),
-        retry_after: None,
-        body: Bytes::from(body.to_string()),
+    let answer = ImdsError::bad_request(format!("The service principal's certificate cannot be used: {e}"));
+    final_answer(answer.status, answer.body())
+}
+
+/// A retryable answer the agent makes itself.
+fn retryable(answer: &ImdsError, retry_after: Duration, reason: String) -> Retryable {
+    Retryable {
+        status: answer.status,
+        content_type: Some(http::HeaderValue::from_static(JSON_CONTENT_TYPE)),
+        body: Bytes::from(answer.body()),
+        retry_after,
+        reason,
     }
 }
 
@@ -468,30 +472,22 @@ fn classify(answer: Result<UpstreamResponse, crate::upstream::UpstreamError>, no
 }
 
 fn unknown_failure(reason: String) -> Retryable {
-    Retryable {
+    let answer = ImdsError {
         status: StatusCode::INTERNAL_SERVER_ERROR,
-        content_type: Some(http::HeaderValue::from_static("application/json; charset=utf-8")),
-        body: Bytes::from(
-            serde_json::json!({"error": "unknown", "error_description": "The metadata service could not be reached; retry"})
-                .to_string(),
-        ),
-        retry_after: Duration::from_secs(1),
-        reason,
-    }
+        error: "unknown",
+        description: "The metadata service could not be reached; retry".into(),
+    };
+    retryable(&answer, Duration::from_secs(1), reason)
 }
 
 /// IMDS's throttling answer, given by the agent when its own queue is full.
 pub fn too_many_requests(retry_after: Duration) -> Retryable {
-    Retryable {
+    let answer = ImdsError {
         status: StatusCode::TOO_MANY_REQUESTS,
-        content_type: Some(http::HeaderValue::from_static("application/json; charset=utf-8")),
-        body: Bytes::from(
-            serde_json::json!({"error": "too_many_requests", "error_description": "Too many requests for tokens on this node; retry"})
-                .to_string(),
-        ),
-        retry_after,
-        reason: "the upstream budget's queue is full".into(),
-    }
+        error: "too_many_requests",
+        description: "Too many requests for tokens on this node; retry".into(),
+    };
+    retryable(&answer, retry_after, "the upstream budget's queue is full".into())
 }
 
 /// Waits for a fetch to finish, or for its first failure, or [`MAX_WAIT`].

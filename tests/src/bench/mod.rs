@@ -39,13 +39,21 @@ impl Measured {
     /// On no rounds (a harness bug).
     pub fn of(mut rounds: Vec<f64>) -> Measured {
         assert!(!rounds.is_empty(), "a figure needs at least one round");
-        let mut sorted = rounds.clone();
-        sorted.sort_by(f64::total_cmp);
-        // Nearest rank, rounded.
-        let at = |percent: usize| sorted[((sorted.len() - 1) * percent + 50) / 100];
+        let at = |p| percentile(&rounds, p);
+        let (median, spread) = (at(50), [at(10), at(90)]);
         rounds.shrink_to_fit();
-        Measured { median: at(50), spread: [at(10), at(90)], rounds }
+        Measured { median, spread, rounds }
     }
+}
+
+/// The `percent`th percentile of `values` (nearest rank, rounded).
+///
+/// # Panics
+/// On no values.
+pub fn percentile(values: &[f64], percent: usize) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[((sorted.len() - 1) * percent + 50) / 100]
 }
 
 /// One row of the table.

@@ -54,9 +54,7 @@ pub fn run(effort: Effort) -> Figure {
         // Changes a person makes are not back to back: let the watcher settle.
         std::thread::sleep(Duration::from_millis(30));
     }
-    let mut sorted = took.clone();
-    sorted.sort_by(f64::total_cmp);
-    let p99 = sorted[((sorted.len() - 1) * 99 + 50) / 100];
+    let p99 = super::percentile(&took, 99);
     let figure = Figure::new("P6", "policy change → kernel verdict (manifest edit, real agent)", "ms", "p99 ≤ 100 ms");
     let summary = format!("p99 {p99:.1} ms over {changes} changes; the agent-decision half is not measured yet");
     drop(pod);
