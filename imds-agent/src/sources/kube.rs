@@ -88,7 +88,7 @@ pub async fn run(
     let (service_accounts, service_accounts_writer) = reflector::store::<PartialObjectMeta<ServiceAccount>>();
     let stores = Stores { pods, identities, bindings, exceptions, service_accounts };
 
-    let node_pods = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let node_pods = all().fields(&format!("spec.nodeName={node}"));
     let probe = client.clone();
     let streams: Vec<BoxStream<'static, Result<(), watcher::Error>>> = vec![
         reflect(Api::<Pod>::all(client.clone()), node_pods, trim_pod, pods_writer),
@@ -151,8 +151,12 @@ fn watch_failed(status: &SourceStatus, error: watcher::Error) {
     status.failed(message);
 }
 
+/// Lists (at start and on every relist) are served from the API server's watch cache, as
+/// the kubelet's are, not as quorum reads from etcd: with one agent per node, a rollout or an
+/// API server restart would otherwise send thousands of cluster-wide quorum lists at once.
+/// What a cached list may lack, the watch that follows it brings.
 fn all() -> watcher::Config {
-    watcher::Config::default()
+    watcher::Config::default().any_semantic()
 }
 
 /// Reflects one kind into `writer`, trimming each object on arrival; yields `()` per event
