@@ -138,9 +138,24 @@ impl FakeImds {
         self.state.lock().unwrap().peak_in_flight
     }
 
+    /// The most token requests it was answering at once since the last call (or the start);
+    /// starts counting afresh.
+    pub fn take_peak_in_flight(&self) -> usize {
+        let mut s = self.state.lock().unwrap();
+        let now = s.in_flight;
+        std::mem::replace(&mut s.peak_in_flight, now)
+    }
+
     /// The most token requests that arrived within any one second.
     pub fn peak_per_second(&self) -> usize {
-        let times: Vec<std::time::Instant> = self.token_requests().iter().map(|s| s.at).collect();
+        self.peak_per_second_since(None)
+    }
+
+    /// The most token requests that arrived within any one second, counting those that
+    /// arrived at or after `since`.
+    pub fn peak_per_second_since(&self, since: Option<std::time::Instant>) -> usize {
+        let times: Vec<std::time::Instant> =
+            self.token_requests().iter().map(|s| s.at).filter(|at| since.is_none_or(|since| *at >= since)).collect();
         (0..times.len())
             .map(|i| times[i..].iter().take_while(|t| t.duration_since(times[i]) < Duration::from_secs(1)).count())
             .max()

@@ -16,8 +16,24 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    /// Serves `answer(peer, request)` for every request on `listener`.
+    /// Serves `answer(peer, request)` for every request on `listener`, on one thread.
     pub fn serve<F, Fut, B>(listener: std::net::TcpListener, answer: F) -> HttpServer
+    where
+        F: Fn(SocketAddr, Request<Incoming>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<B>> + Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        Self::serve_on(tokio::runtime::Builder::new_current_thread(), listener, answer)
+    }
+
+    /// As [`HttpServer::serve`], on a runtime built by `runtime` (e.g. multi-threaded, as
+    /// the agent's is, for a benchmark's baseline).
+    pub fn serve_on<F, Fut, B>(
+        mut runtime: tokio::runtime::Builder,
+        listener: std::net::TcpListener,
+        answer: F,
+    ) -> HttpServer
     where
         F: Fn(SocketAddr, Request<Incoming>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Response<B>> + Send + 'static,
@@ -27,8 +43,8 @@ impl HttpServer {
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let answer = Arc::new(answer);
+        let runtime = runtime.enable_all().build().expect("runtime");
         let thread = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             runtime.block_on(async move {
                 listener.set_nonblocking(true).expect("nonblocking");
                 let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");

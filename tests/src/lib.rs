@@ -52,6 +52,8 @@ pub struct ProbeReport {
     pub burst: Option<BurstReport>,
     /// Mean ns per connect+close of a `connect-loop`.
     pub loop_ns: Option<f64>,
+    /// When an `await-answer` first saw the answer it waited for (Unix time, µs).
+    pub seen_at_us: Option<u64>,
 }
 
 /// What `imds-probe burst` saw: many token requests, retried the way the Azure SDKs retry.
@@ -70,6 +72,8 @@ pub struct BurstReport {
     pub failures: Vec<String>,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// From the first request started to the last answered.
+    pub seconds: f64,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -122,6 +126,14 @@ impl NetNs {
     /// stays here.
     pub fn host_metadata_address(&self) {
         self.ip(&["addr", "add", &format!("{IMDS_IP}/32"), "dev", "lo"]);
+    }
+
+    /// Sets a network sysctl (`net.ipv4.…`, a path below `/proc/sys`) for this namespace only.
+    pub fn sysctl(&self, key: &str, value: &str) {
+        let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+        let value = value.to_owned();
+        // /proc/sys/net belongs to the namespace of whoever opens it.
+        self.enter(move || fs::write(&path, value).unwrap_or_else(|e| panic!("{}: {e}", path.display())));
     }
 
     /// Runs `f` on a thread that has joined this namespace; sockets it creates live here.
@@ -418,6 +430,15 @@ impl TcpTap {
 
 // ---- probe ---------------------------------------------------------------------------------
 
+/// The shape of a `burst`.
+#[derive(Clone, Copy, Debug)]
+pub struct Burst {
+    pub count: usize,
+    pub concurrency: usize,
+    /// Start requests at this rate; `None`: as fast as `concurrency` allows.
+    pub per_second: Option<f64>,
+}
+
 /// Builder for one `imds-probe` run.
 pub struct Probe {
     cmd: Command,
@@ -470,12 +491,29 @@ impl Probe {
     /// `count` token requests, `concurrency` at a time, each on a new connection, to
     /// `addr` with the `queries` in turn; retried like the SDKs do.
     #[must_use]
-    pub fn burst(mut self, addr: SocketAddrV4, count: usize, concurrency: usize, queries: &[String]) -> RunningProbe {
-        self.cmd.args(["burst", &addr.to_string(), "--count", &count.to_string()]);
-        self.cmd.args(["--concurrency", &concurrency.to_string()]);
+    pub fn burst(self, addr: SocketAddrV4, count: usize, concurrency: usize, queries: &[String]) -> RunningProbe {
+        self.paced_burst(addr, Burst { count, concurrency, per_second: None }, queries)
+    }
+
+    /// A burst whose requests start at `burst.per_second` (when set).
+    #[must_use]
+    pub fn paced_burst(mut self, addr: SocketAddrV4, burst: Burst, queries: &[String]) -> RunningProbe {
+        self.cmd.args(["burst", &addr.to_string(), "--count", &burst.count.to_string()]);
+        self.cmd.args(["--concurrency", &burst.concurrency.to_string()]);
+        if let Some(rate) = burst.per_second {
+            self.cmd.args(["--rate", &rate.to_string()]);
+        }
         for q in queries {
             self.cmd.args(["--query", q]);
         }
+        self.spawn()
+    }
+
+    /// Token requests with `query` until an answer's body contains `want`; the report's
+    /// `seen_at_us` says when.
+    #[must_use]
+    pub fn await_answer(mut self, addr: SocketAddrV4, query: &str, want: &str) -> RunningProbe {
+        self.cmd.args(["await-answer", &addr.to_string(), "--query", query, "--want", want]);
         self.spawn()
     }
 

@@ -24,6 +24,11 @@ use crate::{
 /// The node's name, for the `--kube` source.
 pub const KUBE_NODE: &str = "node-1";
 
+/// A pod UID unique to this process and call, in Kubernetes' UUID form.
+pub fn pod_uid() -> String {
+    format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), next_index())
+}
+
 /// Where the agent listens in the node namespace.
 pub const AGENT_ADDR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 233, 0, 1), 8182);
 
@@ -186,6 +191,34 @@ impl Node {
         std::os::unix::fs::symlink("..data/azure-identity-token", volume.join("azure-identity-token")).expect("link");
         token
     }
+}
+
+/// Manifests: identities `id0…` bound to selectors `sel0…` in `namespace`, and pods
+/// `(uid, i)` labelled with selector `sel<i>`.
+pub fn bound_pods_manifest(namespace: &str, ids: &[FakeIdentity], pods: &[(String, usize)]) -> String {
+    use std::fmt::Write as _;
+    let mut yaml = String::new();
+    for (i, id) in ids.iter().enumerate() {
+        write!(
+            yaml,
+            "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentity\nmetadata:\n  name: id{i}\n  namespace: {namespace}\nspec:\n  type: 0\n  resourceID: {}\n  clientID: {}\n---\n",
+            id.resource_id, id.client_id
+        )
+        .expect("writing to a String");
+        write!(
+            yaml,
+            "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentityBinding\nmetadata:\n  name: b{i}\n  namespace: {namespace}\nspec:\n  azureIdentity: id{i}\n  selector: sel{i}\n---\n"
+        )
+        .expect("writing to a String");
+    }
+    for (n, (uid, i)) in pods.iter().enumerate() {
+        write!(
+            yaml,
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: pod{n}\n  namespace: {namespace}\n  uid: {uid}\n  labels:\n    aadpodidbinding: sel{i}\n---\n"
+        )
+        .expect("writing to a String");
+    }
+    yaml
 }
 
 fn write_atomically(path: &Path, text: &str) {

@@ -9,7 +9,7 @@ use std::{
 
 use imds_tests::{
     fake_imds::{token_for, FakeIdentity},
-    node::{curl, sdk, Fetched, Node, TestPod, AGENT_ADDR},
+    node::{curl, pod_uid, sdk, Fetched, Node, TestPod, AGENT_ADDR},
     Probe, IMDS_IP,
 };
 
@@ -20,10 +20,6 @@ const MD: &str = "Metadata: true";
 
 fn imds() -> SocketAddr {
     SocketAddr::from((IMDS_IP, 80))
-}
-
-fn uid() -> String {
-    format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), imds_tests::next_index())
 }
 
 fn identity_yaml(name: &str, id: &FakeIdentity) -> String {
@@ -89,7 +85,7 @@ fn assert_identity_not_found(fetched: &Fetched) {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn bound_pods_get_their_identities_and_nothing_else() {
     let (mut node, [blob, table, kv]) = node("bound");
-    let (web_uid, multi_uid) = (uid(), uid());
+    let (web_uid, multi_uid) = (pod_uid(), pod_uid());
     node.write_manifest(
         "pods.yaml",
         &(pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")])
@@ -142,7 +138,7 @@ fn bound_pods_get_their_identities_and_nothing_else() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn unbound_pods_are_refused_and_with_deny_unbound_cannot_connect() {
     let (mut node, _) = node("unbound");
-    let (plain_uid, stranger_uid) = (uid(), uid());
+    let (plain_uid, stranger_uid) = (pod_uid(), pod_uid());
     node.write_manifest(
         "pods.yaml",
         &(pod_yaml("plain", &plain_uid, &[]) + &pod_yaml("stranger", &stranger_uid, &[("aadpodidbinding", "nobody")])),
@@ -173,7 +169,7 @@ fn unbound_pods_are_refused_and_with_deny_unbound_cannot_connect() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn exception_pods_go_straight_to_imds_and_host_network_pods_are_filtered() {
     let (mut node, [blob, ..]) = node("exception");
-    let (helper_uid, hostnet_uid) = (uid(), uid());
+    let (helper_uid, hostnet_uid) = (pod_uid(), pod_uid());
     node.write_manifest(
         "pods.yaml",
         &(exception_yaml("helpers", "role", "node-helper")
@@ -205,7 +201,7 @@ fn exception_pods_go_straight_to_imds_and_host_network_pods_are_filtered() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn direct_connections_to_the_agent_are_refused() {
     let (mut node, _) = node("direct");
-    let web_uid = uid();
+    let web_uid = pod_uid();
     node.write_manifest("pods.yaml", &pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]));
     let web = node.pod(&web_uid);
     node.start_agent(&[]);
@@ -224,7 +220,7 @@ fn direct_connections_to_the_agent_are_refused() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn audit_mode_logs_and_allows() {
     let (mut node, [blob, table, _]) = node("audit");
-    let web_uid = uid();
+    let web_uid = pod_uid();
     node.write_manifest("pods.yaml", &pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]));
     let web = node.pod(&web_uid);
     node.start_agent(&["--mode", "audit"]);
@@ -242,7 +238,7 @@ fn audit_mode_logs_and_allows() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn removing_the_label_revokes_access() {
     let (mut node, [blob, ..]) = node("revoke");
-    let web_uid = uid();
+    let web_uid = pod_uid();
     node.write_manifest("pods.yaml", &pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]));
     let web = node.pod(&web_uid);
     node.start_agent(&[]);
@@ -276,7 +272,7 @@ fn removing_the_label_revokes_access() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn token_path_variants_are_refused_and_never_forwarded() {
     let (mut node, _) = node("paths");
-    let web_uid = uid();
+    let web_uid = pod_uid();
     node.write_manifest("pods.yaml", &pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]));
     let web = node.pod(&web_uid);
     node.start_agent(&[]);
@@ -308,7 +304,7 @@ fn token_path_variants_are_refused_and_never_forwarded() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn the_python_azure_sdk_works_unmodified() {
     let (mut node, [blob, table, _]) = node("sdk");
-    let (web_uid, plain_uid) = (uid(), uid());
+    let (web_uid, plain_uid) = (pod_uid(), pod_uid());
     node.write_manifest(
         "pods.yaml",
         &(pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]) + &pod_yaml("plain", &plain_uid, &[])),
@@ -350,7 +346,7 @@ fn the_python_azure_sdk_works_unmodified() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn unknown_pods_wait_briefly_then_get_a_retryable_404() {
     let (mut node, [blob, ..]) = node("unknown");
-    let (late_uid, ghost_uid) = (uid(), uid());
+    let (late_uid, ghost_uid) = (pod_uid(), pod_uid());
     let (late, ghost) = (node.pod(&late_uid), node.pod(&ghost_uid));
     node.start_agent(&["--pod-grace", "1500ms"]);
 
@@ -385,7 +381,7 @@ fn unknown_pods_wait_briefly_then_get_a_retryable_404() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn other_metadata_paths_follow_the_configured_rules() {
     let (mut node, _) = node("rules");
-    let web_uid = uid();
+    let web_uid = pod_uid();
     node.write_manifest("pods.yaml", &pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]));
     let web = node.pod(&web_uid);
     let compute = "/metadata/instance/compute?api-version=2021-02-01";
@@ -437,7 +433,7 @@ fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, i64> {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn health_readiness_and_metrics_reflect_the_real_state() {
     let (mut node, [blob, ..]) = node("metrics");
-    let web_uid = uid();
+    let web_uid = pod_uid();
     node.write_manifest("pods.yaml", &pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]));
     let web = node.pod(&web_uid);
     node.start_agent(&["--metrics", "10.233.0.1:9402"]);
@@ -486,7 +482,7 @@ fn health_readiness_and_metrics_reflect_the_real_state() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn the_agent_running_as_a_pod_is_exempt_from_its_own_filter() {
     let (mut node, [blob, ..]) = node("aspod");
-    let (web_uid, agent_uid) = (uid(), uid());
+    let (web_uid, agent_uid) = (pod_uid(), pod_uid());
     node.write_manifest("pods.yaml", &pod_yaml("web", &web_uid, &[("aadpodidbinding", "blob")]));
     let web = node.pod(&web_uid);
     let agent_pod = node.host_network_pod(&agent_uid);

@@ -11,7 +11,7 @@ use imds_tests::{
     fake_entra::{entra_token_for, App, AppCredential, FakeEntra},
     fake_imds::{http_get, token_for, FakeIdentity},
     fake_kube::FakeKube,
-    node::{curl, Fetched, Node, TestPod, KUBE_NODE},
+    node::{curl, pod_uid, Fetched, Node, TestPod, KUBE_NODE},
     Probe, Server, IMDS_IP,
 };
 use serde_json::{json, Value};
@@ -21,10 +21,6 @@ const RESOURCE: &str = "https://vault.azure.net";
 const TOKEN: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
 const METRICS: ([u8; 4], u16) = ([10, 233, 0, 1], 9402);
 const API: ([u8; 4], u16) = ([10, 233, 0, 1], 6443);
-
-fn uid() -> String {
-    format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), imds_tests::next_index())
-}
 
 fn pod(name: &str, uid: &str, node: &str, labels: &Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod",
@@ -85,7 +81,8 @@ fn api_changes_reach_the_agent_and_the_kernel() {
     let blob = FakeIdentity::named("blob");
     let mut node = Node::new("kube", vec![blob.clone()]);
     let api = FakeKube::serve(Server::bind(&node.ns, std::net::SocketAddrV4::new([10, 233, 0, 1].into(), API.1)));
-    let (web_uid, helper_uid, plain_uid, late_uid, elsewhere_uid) = (uid(), uid(), uid(), uid(), uid());
+    let (web_uid, helper_uid, plain_uid, late_uid, elsewhere_uid) =
+        (pod_uid(), pod_uid(), pod_uid(), pod_uid(), pod_uid());
     api.apply(identity("blob", &blob));
     api.apply(binding("blob-binding", "blob", "blob"));
     api.apply(exception("helpers", &json!({"role": "node-helper"})));

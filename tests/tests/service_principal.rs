@@ -9,7 +9,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 use base64::Engine as _;
 use imds_tests::{
     fake_entra::{entra_token_for, verify_assertion, App, AppCredential, FakeEntra},
-    node::{curl, Fetched, Node, TestPod},
+    node::{curl, pod_uid, Fetched, Node, TestPod},
     Server, IMDS_IP,
 };
 
@@ -27,10 +27,6 @@ fn fixture(name: &str) -> Vec<u8> {
 
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-fn uid() -> String {
-    format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), imds_tests::next_index())
 }
 
 fn secret(name: &str, data: &[(&str, &[u8])]) -> String {
@@ -77,7 +73,7 @@ fn service_principals_get_tokens_with_their_secret_or_certificate() {
         App { tenant: T1.into(), client_id: CERT_CLIENT.into(), credential: certificate.clone() },
     ];
     let entra = FakeEntra::serve(Server::bind(&node.ns, SocketAddrV4::new([10, 233, 0, 1].into(), 8443)), apps);
-    let (secret_uid, cert_uid, aux_uid, stray_uid) = (uid(), uid(), uid(), uid());
+    let (secret_uid, cert_uid, aux_uid, stray_uid) = (pod_uid(), pod_uid(), pod_uid(), pod_uid());
     node.write_manifest(
         "policy.yaml",
         &(secret("sp-secret", &[("clientSecret", b"s3cret")])

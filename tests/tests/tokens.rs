@@ -3,24 +3,19 @@
 //! IMDS cannot run here; the fake follows its contract and counts what reaches it). Needs
 //! root; run with `cargo xtask test`.
 use std::{
-    fmt::Write as _,
     net::{SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
 use imds_tests::{
     fake_imds::{token_for, Behaviour, FakeIdentity},
-    node::{curl, run_in_pod, Fetched, Node, TestPod},
+    node::{bound_pods_manifest, curl, pod_uid, run_in_pod, Fetched, Node, TestPod},
     Probe, IMDS_IP,
 };
 
 const NS: &str = "app";
 const VAULT: &str = "https://vault.azure.net";
 const MD: &str = "Metadata: true";
-
-fn uid() -> String {
-    format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), imds_tests::next_index())
-}
 
 fn token_path(resource: &str) -> String {
     let resource: String = form_urlencoded::byte_serialize(resource.as_bytes()).collect();
@@ -31,37 +26,15 @@ fn get(node: &Node, pod: &TestPod, resource: &str) -> Fetched {
     curl(node, pod, SocketAddr::from((IMDS_IP, 80)), &token_path(resource), &[MD])
 }
 
-/// Identities `id0…` bound to selectors `sel0…`, and pods labelled with them.
 fn policy(ids: &[FakeIdentity], pods: &[(String, usize)]) -> String {
-    let mut yaml = String::new();
-    for (i, id) in ids.iter().enumerate() {
-        write!(
-            yaml,
-            "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentity\nmetadata:\n  name: id{i}\n  namespace: {NS}\nspec:\n  type: 0\n  resourceID: {}\n  clientID: {}\n---\n",
-            id.resource_id, id.client_id
-        )
-        .expect("writing to a String");
-        write!(
-            yaml,
-            "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentityBinding\nmetadata:\n  name: b{i}\n  namespace: {NS}\nspec:\n  azureIdentity: id{i}\n  selector: sel{i}\n---\n"
-        )
-        .expect("writing to a String");
-    }
-    for (n, (uid, i)) in pods.iter().enumerate() {
-        write!(
-            yaml,
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: pod{n}\n  namespace: {NS}\n  uid: {uid}\n  labels:\n    aadpodidbinding: sel{i}\n---\n"
-        )
-        .expect("writing to a String");
-    }
-    yaml
+    bound_pods_manifest(NS, ids, pods)
 }
 
 /// A node with identity "blob" and one pod bound to it, the agent running.
 fn one_bound_pod(tag: &str) -> (Node, TestPod, FakeIdentity) {
     let id = FakeIdentity::named("blob");
     let mut node = Node::new(tag, vec![id.clone()]);
-    let web_uid = uid();
+    let web_uid = pod_uid();
     node.write_manifest("policy.yaml", &policy(std::slice::from_ref(&id), &[(web_uid.clone(), 0)]));
     let web = node.pod(&web_uid);
     node.start_agent(&[]);
@@ -137,7 +110,7 @@ fn a_burst_from_many_pods_stays_within_the_imds_budget() {
     const RESOURCES: usize = 20;
     let ids: Vec<FakeIdentity> = (0..5).map(|i| FakeIdentity::named(&format!("id{i}"))).collect();
     let mut node = Node::new("burst", ids.clone());
-    let assignments: Vec<(String, usize)> = (0..PODS).map(|n| (uid(), n % ids.len())).collect();
+    let assignments: Vec<(String, usize)> = (0..PODS).map(|n| (pod_uid(), n % ids.len())).collect();
     node.write_manifest("policy.yaml", &policy(&ids, &assignments));
     let pods: Vec<TestPod> = assignments.iter().map(|(uid, _)| node.pod(uid)).collect();
     node.start_agent(&[]);

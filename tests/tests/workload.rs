@@ -6,7 +6,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 
 use imds_tests::{
     fake_entra::{entra_token_for, App, AppCredential, FakeEntra},
-    node::{curl, sdk, Fetched, Node, TestPod},
+    node::{curl, pod_uid, sdk, Fetched, Node, TestPod},
     Server, IMDS_IP,
 };
 
@@ -16,10 +16,6 @@ const WI_CLIENT: &str = "5f2c6b1e-0000-4000-8000-0000000000aa";
 const OTHER_CLIENT: &str = "5f2c6b1e-0000-4000-8000-0000000000bb";
 const VAULT: &str = "https://vault.azure.net";
 const TOKEN: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
-
-fn uid() -> String {
-    format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), imds_tests::next_index())
-}
 
 fn service_account(name: &str, client_id: &str) -> String {
     format!(
@@ -61,7 +57,7 @@ fn node(tag: &str) -> (Node, FakeEntra) {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_workload_identity_pod_gets_tokens_made_from_its_own_service_account_token() {
     let (mut node, entra) = node("wi");
-    let (wi_uid, sibling_uid, other_uid) = (uid(), uid(), uid());
+    let (wi_uid, sibling_uid, other_uid) = (pod_uid(), pod_uid(), pod_uid());
     node.write_manifest(
         "policy.yaml",
         &(service_account("fed", WI_CLIENT)
@@ -124,7 +120,7 @@ fn a_workload_identity_pod_gets_tokens_made_from_its_own_service_account_token()
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn the_python_sdk_uses_workload_identity_through_plain_managed_identity() {
     let (mut node, entra) = node("wisdk");
-    let wi_uid = uid();
+    let wi_uid = pod_uid();
     node.write_manifest("policy.yaml", &(service_account("fed", WI_CLIENT) + &wi_pod("wi", &wi_uid, "fed")));
     let wi = node.pod(&wi_uid);
     node.project_token(&wi_uid, NS, "fed");

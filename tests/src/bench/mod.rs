@@ -7,6 +7,7 @@
 pub mod kernel;
 pub mod memory;
 pub mod policy;
+pub mod tokens;
 
 use std::{fmt::Write as _, time::SystemTime};
 
@@ -44,6 +45,12 @@ impl Measured {
         rounds.shrink_to_fit();
         Measured { median, spread, rounds }
     }
+}
+
+/// A count as a float, for rates and means.
+#[expect(clippy::cast_precision_loss, reason = "benchmark counts stay far below 2^52")]
+pub fn count(n: usize) -> f64 {
+    n as f64
 }
 
 /// The `percent`th percentile of `values` (nearest rank, rounded).

@@ -7,11 +7,17 @@ use anyhow::Context as _;
 use clap::Parser;
 use imds_tests::bench::{self, Effort, Figure, Report};
 
+/// One benchmark: its figure at an effort.
+type Benchmark = fn(Effort) -> Figure;
+
 #[derive(Parser)]
 struct Args {
     /// Every benchmark, briefly: checks the harness works (CI), not the targets.
     #[arg(long)]
     quick: bool,
+    /// Only these benchmarks (e.g. `--only P4,P5`); P1–P3 run together.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// Where the JSON report goes.
     #[arg(long, default_value = "target/bench/latest.json")]
     out: PathBuf,
@@ -20,10 +26,20 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let effort = if args.quick { Effort::QUICK } else { Effort::FULL };
-    let mut figures = bench::kernel::run(effort);
-    figures.push(bench::policy::run(effort));
-    figures.push(bench::memory::run(effort));
-    figures.extend(not_yet());
+    let wanted = |ids: &[&str]| {
+        args.only.is_empty() || ids.iter().any(|id| args.only.iter().any(|o| o.eq_ignore_ascii_case(id)))
+    };
+    let mut figures = Vec::new();
+    if wanted(&["P1", "P2", "P3"]) {
+        figures.extend(bench::kernel::run(effort));
+    }
+    let single: [(&str, Benchmark); 4] =
+        [("P4", bench::tokens::p4), ("P5", bench::tokens::p5), ("P6", bench::policy::run), ("P7", bench::memory::run)];
+    for (id, run) in single {
+        if wanted(&[id]) {
+            figures.push(run(effort));
+        }
+    }
     figures.sort_by_key(|f| f.id);
     let report = Report::new(args.quick, figures);
     println!("{}", report.table());
@@ -38,21 +54,4 @@ fn main() -> anyhow::Result<()> {
         println!("not measured yet: {}", missing.join(", "));
     }
     Ok(())
-}
-
-/// Rows the harness does not measure yet (issue #6 is open for them).
-fn not_yet() -> Vec<Figure> {
-    let row = |id, what: &str, target| Figure::new(id, what, "", target).noted("not measured yet");
-    vec![
-        row(
-            "P4",
-            "token requests/s from the cache, new connection each; added p50/p99",
-            "≥ 0.7× a bare hyper server; p99 added ≤ 1 ms",
-        ),
-        row(
-            "P5",
-            "upstream rate and concurrency during a 2,000 rps burst, 50 pods, 5 identities",
-            "≤ 20/s, ≤ 5 in flight",
-        ),
-    ]
 }

@@ -75,6 +75,21 @@ enum Op {
         /// Query strings, used in turn (repeatable).
         #[arg(long = "query", required = true)]
         queries: Vec<String>,
+        /// Start requests at this many per second (default: as fast as `concurrency` allows).
+        #[arg(long)]
+        rate: Option<f64>,
+    },
+    /// Token requests (`query`, `Metadata: true`) in a loop, each on a new connection, until
+    /// an answer carries `want` in its body or `timeout_ms` passes; reports when it first
+    /// did (Unix time, µs), so another process can time a change against it.
+    AwaitAnswer {
+        addr: SocketAddrV4,
+        #[arg(long)]
+        query: String,
+        #[arg(long)]
+        want: String,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
     },
     /// Replace this process with a command (curl, python…): same pid, cgroup and netns, so
     /// a real client is the caller the kernel sees. Prints nothing itself on success.
@@ -160,10 +175,24 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
             report.loop_ns = Some(started.elapsed().as_secs_f64() * 1e9 / f64::from(count.max(1)));
             report.outcome = "looped".into();
         }
-        Op::Burst { addr, count, concurrency, ref queries } => {
+        Op::Burst { addr, count, concurrency, ref queries, rate } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            report.burst = Some(runtime.block_on(burst::run(addr, count, concurrency, queries)));
+            report.burst = Some(runtime.block_on(burst::run(addr, count, concurrency, rate, queries)));
             report.outcome = "burst".into();
+        }
+        Op::AwaitAnswer { addr, ref query, ref want, timeout_ms } => {
+            let path = format!("/metadata/identity/oauth2/token?{query}");
+            let deadline = std::time::Instant::now() + Duration::from_millis(timeout_ms);
+            report.outcome = "timeout".into();
+            while std::time::Instant::now() < deadline {
+                let answer = imds_tests::fake_imds::http_get(addr.into(), &path, &[("Metadata", "true")]);
+                if answer.is_ok_and(|(_, body)| body.contains(want.as_str())) {
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+                    report.seen_at_us = Some(now.as_micros() as u64);
+                    report.outcome = "seen".into();
+                    break;
+                }
+            }
         }
         Op::Exec { ref command } => {
             let error =
@@ -282,7 +311,13 @@ mod burst {
     const ATTEMPTS: usize = 8;
     const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
 
-    pub async fn run(addr: SocketAddrV4, count: usize, concurrency: usize, queries: &[String]) -> BurstReport {
+    pub async fn run(
+        addr: SocketAddrV4,
+        count: usize,
+        concurrency: usize,
+        rate: Option<f64>,
+        queries: &[String],
+    ) -> BurstReport {
         // No pooling: a new connection per request, as curl and a fresh SDK process make.
         let client: Client<_, Empty<Bytes>> =
             Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http();
@@ -290,7 +325,14 @@ mod burst {
         let latencies = Arc::new(Mutex::new(Vec::with_capacity(count)));
         let permits = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
         let mut tasks = Vec::with_capacity(count);
+        let started = Instant::now();
         for i in 0..count {
+            if let Some(rate) = rate {
+                tokio::time::sleep_until(
+                    (started + Duration::from_secs_f64(imds_tests::bench::count(i) / rate)).into(),
+                )
+                .await;
+            }
             let (client, report, latencies, permits) =
                 (client.clone(), Arc::clone(&report), Arc::clone(&latencies), Arc::clone(&permits));
             let query = queries[i % queries.len()].clone();
@@ -313,6 +355,7 @@ mod burst {
         };
         let mut report = report.lock().unwrap().clone();
         (report.p50_ms, report.p99_ms) = (at(50), at(99));
+        report.seconds = started.elapsed().as_secs_f64();
         report
     }
 
