@@ -205,7 +205,7 @@ pub fn p5(effort: Effort) -> Figure {
         "calls/s",
         "≤ 20/s, ≤ 5 in flight, 0 unexplained errors",
     )
-    .measured(peak, None)
+    .measured(peak, Some(("IMDS budget".to_owned(), Measured::of(vec![20.0]))))
     .judged(met)
     .noted(summary)
 }
