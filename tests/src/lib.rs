@@ -439,6 +439,28 @@ pub struct Burst {
     pub per_second: Option<f64>,
 }
 
+/// How an `http` probe reaches its destination (`imds-probe http`).
+#[derive(Clone, Debug, Default)]
+pub struct Exchange {
+    /// `connect`, `io-uring` or `fast-open`; `None`: `connect`.
+    pub via: Option<&'static str>,
+    /// Bind to this source first.
+    pub bind: Option<SocketAddrV4>,
+    /// An `AF_INET6` socket and the v4-mapped address.
+    pub v6: bool,
+    /// Move to this cgroup once connected, before sending.
+    pub move_to: Option<PathBuf>,
+    /// Wait this long once connected, before sending.
+    pub delay: Duration,
+}
+
+/// Status and body of a raw HTTP answer (status 0: no HTTP answer at all).
+pub fn parse_reply(reply: &str) -> (u16, String) {
+    let status = reply.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = reply.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
 /// Builder for one `imds-probe` run.
 pub struct Probe {
     cmd: Command,
@@ -521,6 +543,27 @@ impl Probe {
     #[must_use]
     pub fn connect_loop(mut self, addr: Ipv4Addr, port: u16, count: u32) -> RunningProbe {
         self.cmd.args(["connect-loop", &addr.to_string(), &port.to_string(), &count.to_string()]);
+        self.spawn()
+    }
+
+    /// Sends `request` (exact bytes) to `addr` the way `how` says and reads the answer: the
+    /// report's `reply` is the raw answer (see [`parse_reply`]), `local` the source address.
+    #[must_use]
+    pub fn http(mut self, addr: SocketAddrV4, request: &[u8], how: &Exchange) -> RunningProbe {
+        use base64::Engine as _;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(request);
+        self.cmd.args(["http", &addr.to_string(), "--request-b64", &encoded]);
+        self.cmd.args(["--via", how.via.unwrap_or("connect")]);
+        if let Some(bind) = how.bind {
+            self.cmd.args(["--bind", &bind.to_string()]);
+        }
+        if how.v6 {
+            self.cmd.arg("--v6");
+        }
+        if let Some(cgroup) = &how.move_to {
+            self.cmd.arg("--move-to").arg(cgroup);
+        }
+        self.cmd.args(["--delay-ms", &how.delay.as_millis().to_string()]);
         self.spawn()
     }
 

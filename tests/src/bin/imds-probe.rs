@@ -91,6 +91,29 @@ enum Op {
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
     },
+    /// One HTTP exchange in exact bytes (`request`, base64): connect — by `connect()`,
+    /// `io_uring` or TCP Fast Open, optionally from a bound source address — optionally move
+    /// to another cgroup and wait, send, and read the answer until the peer closes or 3 s
+    /// pass. The report's `reply` is the raw answer.
+    Http {
+        addr: SocketAddrV4,
+        #[arg(long)]
+        request_b64: String,
+        #[arg(long, value_enum, default_value_t = http::Via::Connect)]
+        via: http::Via,
+        /// Bind to this source first (`SO_REUSEADDR`).
+        #[arg(long)]
+        bind: Option<SocketAddrV4>,
+        /// Use an `AF_INET6` socket and the v4-mapped address (with `--via connect`).
+        #[arg(long)]
+        v6: bool,
+        /// Once connected, move to this cgroup before sending.
+        #[arg(long)]
+        move_to: Option<PathBuf>,
+        /// Once connected (and moved), wait this long before sending.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
     /// Replace this process with a command (curl, python…): same pid, cgroup and netns, so
     /// a real client is the caller the kernel sees. Prints nothing itself on success.
     Exec {
@@ -181,17 +204,19 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
             report.outcome = "burst".into();
         }
         Op::AwaitAnswer { addr, ref query, ref want, timeout_ms } => {
-            let path = format!("/metadata/identity/oauth2/token?{query}");
-            let deadline = std::time::Instant::now() + Duration::from_millis(timeout_ms);
-            report.outcome = "timeout".into();
-            while std::time::Instant::now() < deadline {
-                let answer = imds_tests::fake_imds::http_get(addr.into(), &path, &[("Metadata", "true")]);
-                if answer.is_ok_and(|(_, body)| body.contains(want.as_str())) {
-                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
-                    report.seen_at_us = Some(now.as_micros() as u64);
-                    report.outcome = "seen".into();
-                    break;
+            await_answer(&mut report, addr, query, want, Duration::from_millis(timeout_ms))?;
+        }
+        Op::Http { addr, ref request_b64, via, bind, v6, ref move_to, delay_ms } => {
+            use base64::Engine as _;
+            let request = base64::engine::general_purpose::STANDARD.decode(request_b64)?;
+            let exchange = http::Exchange { addr, via, bind, v6, move_to: move_to.clone(), delay_ms };
+            match exchange.run(&request) {
+                Ok((local, reply)) => {
+                    report.outcome = "answered".into();
+                    report.local = Some(local.to_string());
+                    report.reply = Some(reply);
                 }
+                Err(e) => set_error(&mut report, &e),
             }
         }
         Op::Exec { ref command } => {
@@ -201,6 +226,29 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
         }
     }
     Ok(report)
+}
+
+/// Token requests until an answer's body contains `want`; records when (Unix time, µs).
+fn await_answer(
+    report: &mut ProbeReport,
+    addr: SocketAddrV4,
+    query: &str,
+    want: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let path = format!("/metadata/identity/oauth2/token?{query}");
+    let deadline = std::time::Instant::now() + timeout;
+    report.outcome = "timeout".into();
+    while std::time::Instant::now() < deadline {
+        let answer = imds_tests::fake_imds::http_get(addr.into(), &path, &[("Metadata", "true")]);
+        if answer.is_ok_and(|(_, body)| body.contains(want)) {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+            report.seen_at_us = Some(now.as_micros() as u64);
+            report.outcome = "seen".into();
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// `SO_LINGER` with a zero timeout: `close()` sends RST and the socket goes to `TCP_CLOSE`.
@@ -414,5 +462,110 @@ mod burst {
             r.failures.push(what);
         }
         0
+    }
+}
+
+mod http {
+    //! One HTTP exchange in exact bytes, over the ways a socket can reach a destination.
+    use std::{
+        io::{Read as _, Write as _},
+        net::{SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream},
+        os::fd::{AsRawFd as _, OwnedFd},
+        path::PathBuf,
+        time::Duration,
+    };
+
+    use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType, SockaddrIn, SockaddrIn6};
+
+    /// How the socket reaches its destination.
+    #[derive(Clone, Copy, Debug, clap::ValueEnum)]
+    pub enum Via {
+        /// `connect(2)`.
+        Connect,
+        /// `IORING_OP_CONNECT` through `io_uring`.
+        IoUring,
+        /// `sendto(MSG_FASTOPEN)`: connect and send the request in one call.
+        FastOpen,
+    }
+
+    pub struct Exchange {
+        pub addr: SocketAddrV4,
+        pub via: Via,
+        pub bind: Option<SocketAddrV4>,
+        pub v6: bool,
+        pub move_to: Option<PathBuf>,
+        pub delay_ms: u64,
+    }
+
+    impl Exchange {
+        /// Connects, sends `request`, and returns the local address and the raw answer.
+        pub fn run(&self, request: &[u8]) -> std::io::Result<(SocketAddr, String)> {
+            let family = if self.v6 { AddressFamily::Inet6 } else { AddressFamily::Inet };
+            let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+            if let Some(source) = self.bind {
+                socket::setsockopt(&fd, socket::sockopt::ReuseAddr, &true)?;
+                socket::bind(fd.as_raw_fd(), &SockaddrIn::from(source))?;
+            }
+            let sent = match self.via {
+                Via::Connect if self.v6 => {
+                    let mapped = SocketAddrV6::new(self.addr.ip().to_ipv6_mapped(), self.addr.port(), 0, 0);
+                    socket::connect(fd.as_raw_fd(), &SockaddrIn6::from(mapped))?;
+                    false
+                }
+                Via::Connect => {
+                    socket::connect(fd.as_raw_fd(), &SockaddrIn::from(self.addr))?;
+                    false
+                }
+                Via::IoUring => {
+                    io_uring_connect(&fd, self.addr)?;
+                    false
+                }
+                Via::FastOpen => {
+                    socket::sendto(
+                        fd.as_raw_fd(),
+                        request,
+                        &SockaddrIn::from(self.addr),
+                        MsgFlags::from_bits_retain(libc::MSG_FASTOPEN),
+                    )?;
+                    true
+                }
+            };
+            let mut stream = TcpStream::from(fd);
+            let local = stream.local_addr()?;
+            if let Some(cgroup) = &self.move_to {
+                std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())?;
+            }
+            std::thread::sleep(Duration::from_millis(self.delay_ms));
+            if !sent {
+                stream.write_all(request)?;
+            }
+            stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut reply = Vec::new();
+            let mut buf = [0u8; 4096];
+            // Until the peer closes, resets, or goes quiet.
+            while let Ok(n @ 1..) = stream.read(&mut buf) {
+                reply.extend_from_slice(&buf[..n]);
+            }
+            Ok((local, String::from_utf8_lossy(&reply).into_owned()))
+        }
+    }
+
+    fn io_uring_connect(fd: &OwnedFd, addr: SocketAddrV4) -> std::io::Result<()> {
+        let mut ring = io_uring::IoUring::new(2)?;
+        let sockaddr = SockaddrIn::from(addr);
+        let entry = io_uring::opcode::Connect::new(
+            io_uring::types::Fd(fd.as_raw_fd()),
+            socket::SockaddrLike::as_ptr(&sockaddr).cast(),
+            socket::SockaddrLike::len(&sockaddr),
+        )
+        .build();
+        // SAFETY: the address outlives the submission: we wait for its completion below.
+        unsafe { ring.submission().push(&entry) }.map_err(std::io::Error::other)?;
+        ring.submit_and_wait(1)?;
+        let result = ring.completion().next().map_or(-libc::EIO, |c| c.result());
+        if result < 0 {
+            return Err(std::io::Error::from_raw_os_error(-result));
+        }
+        Ok(())
     }
 }
