@@ -16,7 +16,7 @@ use imds_agent::{
     kernel::{self, bpffs::DEFAULT_PIN_DIR, cgroup, origin::DEFAULT_ORIGIN_TTL, Filter, FilterOptions, IMDS_ENDPOINT},
     policy::{Snapshot, WorkloadMode, WorkloadSettings},
     secrets::SecretReader,
-    server::{self, AgentState, Mode},
+    server::{self, limits::ConnectionLimits, AgentState, Mode},
     sources::{kube as kube_source, manifests},
     telemetry::{self, SourceStatus, Telemetry},
     tokens::{
@@ -155,6 +155,13 @@ struct RunArgs {
     /// Seconds an origin record stays valid after `connect()`.
     #[arg(long, default_value_t = DEFAULT_ORIGIN_TTL.as_secs())]
     origin_ttl: u64,
+    /// Most redirected connections served at once; more are closed at once.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: u32,
+    /// Most redirected connections served at once from one cgroup (a container); more are
+    /// closed at once, so that one pod cannot crowd out the others.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_cgroup: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -227,6 +234,37 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("installing the logger: {e}"))
 }
 
+/// The listener, with a deep accept queue: a node's pods can connect by the thousand at once
+/// (a rollout, or a flood), and connections the queue cannot take wait in the kernel for SYN-ACK
+/// retransmits, seconds apart. The kernel caps the depth at `net.core.somaxconn`.
+fn bind(listen: SocketAddrV4) -> std::io::Result<TcpListener> {
+    const ACCEPT_QUEUE: u32 = 4096;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(SocketAddr::V4(listen))?;
+    socket.listen(ACCEPT_QUEUE)
+}
+
+/// Every held connection is a descriptor: lift the soft limit to the hard one, and say so if
+/// even that cannot hold `max_connections` and the agent's own files.
+fn raise_open_files_limit(max_connections: u32) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::debug!(error = %e, "could not raise RLIMIT_NOFILE");
+        }
+    }
+    let wanted = u64::from(max_connections) + 256;
+    if hard < wanted {
+        tracing::warn!(
+            open_files = hard,
+            max_connections,
+            "the open-files limit is below --max-connections: connections beyond it will fail to be accepted"
+        );
+    }
+}
+
 async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     if !kernel::programs_built() {
         return Err(kernel::FilterError::NotBuilt.into());
@@ -240,6 +278,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     ) {
         tracing::debug!(error = %e, "could not lift RLIMIT_MEMLOCK (only matters before Linux 5.11)");
     }
+    raise_open_files_limit(args.max_connections);
     let root = cgroup::cgroup2_root()?;
     let attach_cgroup = match args.attach_cgroup.clone() {
         Some(path) => path,
@@ -249,7 +288,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     let policy = PolicySource::check(&args).await?;
 
     // Bind before touching the kernel: a bad --listen must not leave a half-installed filter.
-    let listener = TcpListener::bind(SocketAddr::V4(listen)).await.with_context(|| format!("listening on {listen}"))?;
+    let listener = bind(listen).with_context(|| format!("listening on {listen}"))?;
 
     let mut filter = Filter::install(&FilterOptions {
         attach_cgroup: attach_cgroup.clone(),
@@ -306,6 +345,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         resolver,
         telemetry,
         events,
+        limits: ConnectionLimits::new(args.max_connections as usize, args.max_connections_per_cgroup as usize),
     });
     tracing::info!(listen = %listen, agent_cgroup = %own, "filter installed; serving redirected connections");
 

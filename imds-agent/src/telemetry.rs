@@ -14,7 +14,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, OnceLock,
     },
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use aya::maps::{Map, MapData, PerCpuArray};
@@ -30,7 +30,7 @@ use prometheus_client::{
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::ConstGauge,
+        gauge::{ConstGauge, Gauge},
         histogram::{exponential_buckets, Histogram},
     },
     registry::Registry,
@@ -93,6 +93,11 @@ pub struct Telemetry {
     /// Tokens answered, by where they came from (`cache`, `upstream`, `cache-after-failure`).
     pub tokens_served: Family<FromLabel, Counter>,
     pub upstream_seconds: Histogram,
+    /// Connections closed without being served, by reason (`no_origin`, `total`,
+    /// `per_cgroup`).
+    pub connections_refused: Family<ReasonLabel, Counter>,
+    /// Connections being served now.
+    pub connections_open: Gauge,
     tokens: Arc<OnceLock<Arc<TokenService>>>,
     pub source: Arc<SourceStatus>,
     registry: Registry,
@@ -122,6 +127,14 @@ impl Telemetry {
             "Tokens answered to pods, by where they came from (cache, upstream, cache-after-failure)",
             tokens_served.clone(),
         );
+        let connections_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections closed without a byte of HTTP: no kernel origin record (not redirected), or over the total or per-cgroup connection limit",
+            connections_refused.clone(),
+        );
+        let connections_open = Gauge::default();
+        registry.register("connections_open", "Redirected connections being served now", connections_open.clone());
         let tokens = Arc::new(OnceLock::new());
         let counters = MapData::from_pin(pin_dir.join(maps::COUNTERS))?;
         let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(counters))?;
@@ -131,7 +144,17 @@ impl Telemetry {
             source: Arc::clone(&source),
             tokens: Arc::clone(&tokens),
         }));
-        Ok(Telemetry { requests, tokens_served, upstream_seconds, tokens, source, registry, attach_cgroup })
+        Ok(Telemetry {
+            requests,
+            tokens_served,
+            upstream_seconds,
+            connections_refused,
+            connections_open,
+            tokens,
+            source,
+            registry,
+            attach_cgroup,
+        })
     }
 
     /// Reports the token service's cache and budget from now on.
@@ -142,6 +165,11 @@ impl Telemetry {
     /// Counts one token answered.
     pub fn count_token(&self, from: &'static str) {
         self.tokens_served.get_or_create(&FromLabel { from }).inc();
+    }
+
+    /// Counts one connection closed unserved.
+    pub fn count_refused(&self, reason: &'static str) {
+        self.connections_refused.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// Counts one answered request.
@@ -188,6 +216,11 @@ impl std::fmt::Debug for StateCollector {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EventLabel {
     event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -324,5 +357,36 @@ fn answer(path: &str, telemetry: &Telemetry) -> Response<Full<Bytes>> {
             }
         }
         _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into()),
+    }
+}
+
+/// Lets one log line through per interval for a kind of event that callers can repeat at
+/// will (a pod flooding the agent must not flood the node's logs too); counts the rest.
+#[derive(Debug)]
+pub struct Throttle {
+    every: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Throttle {
+    pub const fn new(every: Duration) -> Throttle {
+        Throttle { every, state: Mutex::new((None, 0)) }
+    }
+
+    /// `Some(n)` when a line may be written now, `n` being how many were held back since the
+    /// last one; `None` (and counted) otherwise.
+    pub fn allow(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        match state.0 {
+            Some(last) if now.duration_since(last) < self.every => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                state.0 = Some(now);
+                Some(std::mem::take(&mut state.1))
+            }
+        }
     }
 }

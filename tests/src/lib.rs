@@ -54,6 +54,19 @@ pub struct ProbeReport {
     pub loop_ns: Option<f64>,
     /// When an `await-answer` first saw the answer it waited for (Unix time, µs).
     pub seen_at_us: Option<u64>,
+    /// What a `hold` saw.
+    pub hold: Option<HoldReport>,
+}
+
+/// What `imds-probe hold` saw of the connections it held.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct HoldReport {
+    pub opened: usize,
+    pub connect_errors: usize,
+    /// Closed (or reset) by the peer while held.
+    pub closed_by_peer: usize,
+    /// Seconds from the start until the last of those was seen closed.
+    pub last_closed_s: f64,
 }
 
 /// What `imds-probe burst` saw: many token requests, retried the way the Azure SDKs retry.
@@ -527,6 +540,18 @@ impl Probe {
         }
         for q in queries {
             self.cmd.args(["--query", q]);
+        }
+        self.spawn()
+    }
+
+    /// Holds `count` connections to `addr` for `time`, idle or (`slowloris`) sending a
+    /// request head a byte a second; the report's `hold` says what the peer did.
+    #[must_use]
+    pub fn hold(mut self, addr: SocketAddrV4, count: usize, time: Duration, slowloris: bool) -> RunningProbe {
+        self.cmd.args(["hold", &addr.to_string(), "--count", &count.to_string()]);
+        self.cmd.args(["--seconds", &time.as_secs().to_string()]);
+        if slowloris {
+            self.cmd.arg("--slowloris");
         }
         self.spawn()
     }

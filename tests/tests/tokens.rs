@@ -30,14 +30,14 @@ fn policy(ids: &[FakeIdentity], pods: &[(String, usize)]) -> String {
     bound_pods_manifest(NS, ids, pods)
 }
 
-/// A node with identity "blob" and one pod bound to it, the agent running.
-fn one_bound_pod(tag: &str) -> (Node, TestPod, FakeIdentity) {
+/// A node with identity "blob" and one pod bound to it, the agent running with `agent_args`.
+fn one_bound_pod(tag: &str, agent_args: &[&str]) -> (Node, TestPod, FakeIdentity) {
     let id = FakeIdentity::named("blob");
     let mut node = Node::new(tag, vec![id.clone()]);
     let web_uid = pod_uid();
     node.write_manifest("policy.yaml", &policy(std::slice::from_ref(&id), &[(web_uid.clone(), 0)]));
     let web = node.pod(&web_uid);
-    node.start_agent(&[]);
+    node.start_agent(agent_args);
     (node, web, id)
 }
 
@@ -49,7 +49,7 @@ fn token_from(node: &Node) -> Vec<String> {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn the_cache_serves_repeats_and_never_outlives_a_binding() {
-    let (node, web, id) = one_bound_pod("cache");
+    let (node, web, id) = one_bound_pod("cache", &[]);
 
     for _ in 0..3 {
         let fetched = get(&node, &web, VAULT);
@@ -83,7 +83,9 @@ fn the_cache_serves_repeats_and_never_outlives_a_binding() {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn concurrent_identical_requests_share_one_upstream_call() {
-    let (node, web, _) = one_bound_pod("coalesce");
+    // 200 connections at once from one container: above the agent's default share per
+    // cgroup (64, which would turn the rest away with a 429 to retry), so raised here.
+    let (node, web, _) = one_bound_pod("coalesce", &["--max-connections-per-cgroup", "256"]);
     // IMDS takes its time, so that every request arrives while the first is upstream.
     node.fake.set_behaviour(Behaviour::Slow(Duration::from_millis(1500)));
     let query = token_path(VAULT).split_once('?').unwrap().1.to_owned();
@@ -178,7 +180,7 @@ fn get_with_headers(node: &Node, pod: &TestPod, resource: &str) -> (u16, Option<
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn with_imds_failing_cached_tokens_are_served_and_the_rest_told_to_retry() {
-    let (node, web, _) = one_bound_pod("imdsdown");
+    let (node, web, _) = one_bound_pod("imdsdown", &[]);
     assert_eq!(get(&node, &web, VAULT).status, 200);
 
     for failure in [503, 429, 500] {

@@ -5,14 +5,24 @@
 //! closed without a byte of HTTP. Everything else is served as HTTP/1.1 with keep-alive, a
 //! header-read timeout, and limits on header size and count; request bodies are never read.
 mod handler;
+pub mod limits;
 mod principal;
 mod workload;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
 
 pub use self::handler::{Caller, Mode};
 use crate::{
@@ -52,7 +62,12 @@ pub struct AgentState {
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// Kubernetes Events for refusals (with the API source).
     pub events: Option<crate::events::DenialEvents>,
+    /// Connections held at once, in all and per cgroup.
+    pub limits: Arc<limits::ConnectionLimits>,
 }
+
+/// One warning a second at most for connections closed unserved: callers can make them at will.
+static REFUSAL_LOG: crate::telemetry::Throttle = crate::telemetry::Throttle::new(Duration::from_secs(1));
 
 /// Accepts and serves connections for as long as the agent runs. Accept errors (out of file
 /// descriptors under a flood, a connection aborted before it was accepted) are logged and
@@ -73,6 +88,25 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
             let Some(caller) = identify(&stream, &state).await else {
                 return; // refused and logged
             };
+            let _admitted = match state.limits.admit(caller.origin.cgroup_id) {
+                Ok(admitted) => admitted,
+                Err(shed) => {
+                    state.telemetry.count_refused(shed.as_str());
+                    if let Some(held_back) = REFUSAL_LOG.allow() {
+                        tracing::warn!(
+                            event = "shed",
+                            %peer,
+                            cgroup_id = caller.origin.cgroup_id,
+                            limit = shed.as_str(),
+                            similar_not_logged = held_back,
+                            "turned away a connection over the connection limit"
+                        );
+                    }
+                    turn_away(stream).await;
+                    return;
+                }
+            };
+            let _open = OpenConnection::new(&state.telemetry.connections_open);
             let caller = Arc::new(caller);
             let service = service_fn(move |req| {
                 let (state, caller) = (Arc::clone(&state), Arc::clone(&caller));
@@ -94,7 +128,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
 }
 
 /// The caller of a connection, or `None` (logged) when it must not be served.
-async fn identify(stream: &tokio::net::TcpStream, state: &AgentState) -> Option<Caller> {
+async fn identify(stream: &TcpStream, state: &AgentState) -> Option<Caller> {
     let (peer, local) = (stream.peer_addr().ok()?, stream.local_addr().ok()?);
     let (origins, resolver) = (Arc::clone(&state.origins), Arc::clone(&state.resolver));
     // Map lookups are syscalls: keep them off the async workers.
@@ -111,7 +145,16 @@ async fn identify(stream: &tokio::net::TcpStream, state: &AgentState) -> Option<
     match found {
         Ok(Ok(caller)) => Some(caller),
         Ok(Err(reason)) => {
-            tracing::warn!(event = "refused", %peer, reason, "refused a connection that has no kernel origin record");
+            state.telemetry.count_refused("no_origin");
+            if let Some(held_back) = REFUSAL_LOG.allow() {
+                tracing::warn!(
+                    event = "refused",
+                    %peer,
+                    reason,
+                    similar_not_logged = held_back,
+                    "refused a connection that has no kernel origin record"
+                );
+            }
             None
         }
         Err(e) => {
@@ -119,4 +162,57 @@ async fn identify(stream: &tokio::net::TcpStream, state: &AgentState) -> Option<
             None
         }
     }
+}
+
+/// Counts a connection in `imds_filter_connections_open` while it lives.
+struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
+
+impl OpenConnection {
+    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> OpenConnection {
+        gauge.inc();
+        OpenConnection(gauge.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Most over-limit connections being told to retry at once; past that they are just closed.
+const MAX_TURNING_AWAY: usize = 1024;
+static TURNING_AWAY: AtomicUsize = AtomicUsize::new(0);
+
+/// Answers an over-limit connection's request with IMDS's own throttling answer — a 429
+/// `too_many_requests` with `Retry-After` — so that SDKs back off and retry instead of failing
+/// on a dropped connection, then closes it. The request is read first (HTTP clients fail on an
+/// answer that comes before their request), within the usual header-read timeout.
+async fn turn_away(stream: TcpStream) {
+    if TURNING_AWAY.fetch_add(1, Ordering::Relaxed) >= MAX_TURNING_AWAY {
+        TURNING_AWAY.fetch_sub(1, Ordering::Relaxed);
+        return; // dropped: closed
+    }
+    let service = service_fn(|_req| async {
+        let answer = crate::imds::ImdsError {
+            status: http::StatusCode::TOO_MANY_REQUESTS,
+            error: "too_many_requests",
+            description: "Too many connections from this container; retry".into(),
+        };
+        let response = http::Response::builder()
+            .status(answer.status)
+            .header(http::header::CONTENT_TYPE, crate::imds::JSON_CONTENT_TYPE)
+            .header(http::header::RETRY_AFTER, "1")
+            .body(http_body_util::Full::new(bytes::Bytes::from(answer.body())));
+        response.map_err(|e| std::io::Error::other(e.to_string()))
+    });
+    let serving = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT + Duration::from_secs(1), serving).await;
+    TURNING_AWAY.fetch_sub(1, Ordering::Relaxed);
 }

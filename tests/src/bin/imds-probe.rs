@@ -114,6 +114,18 @@ enum Op {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
+    /// Opens `count` connections to `addr` and keeps them `seconds`: idle, or with
+    /// `--slowloris` sending a request head one byte a second, never finishing it. Reports
+    /// how many the peer closed, and how soon.
+    Hold {
+        addr: SocketAddrV4,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long)]
+        slowloris: bool,
+    },
     /// Replace this process with a command (curl, python…): same pid, cgroup and netns, so
     /// a real client is the caller the kernel sees. Prints nothing itself on success.
     Exec {
@@ -219,6 +231,10 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
                 Err(e) => set_error(&mut report, &e),
             }
         }
+        Op::Hold { addr, count, seconds, slowloris } => {
+            report.hold = Some(hold(addr, count, Duration::from_secs(seconds), slowloris));
+            report.outcome = "held".into();
+        }
         Op::Exec { ref command } => {
             let error =
                 std::os::unix::process::CommandExt::exec(std::process::Command::new(&command[0]).args(&command[1..]));
@@ -249,6 +265,51 @@ fn await_answer(
         }
     }
     Ok(())
+}
+
+/// Holds `count` connections for `time` (see `Op::Hold`).
+fn hold(addr: SocketAddrV4, count: usize, time: Duration, slowloris: bool) -> imds_tests::HoldReport {
+    const HEAD: &[u8] =
+        b"GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=x HTTP/1.1\r\nMetadata: true\r\nX-Slow: ";
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    // One descriptor per connection: use all the hard limit allows.
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let mut report = imds_tests::HoldReport::default();
+    let started = std::time::Instant::now();
+    // (stream, bytes sent, closed after)
+    let mut held: Vec<(TcpStream, usize, Option<Duration>)> = Vec::with_capacity(count);
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(3)) {
+            Ok(stream) => {
+                let _ = stream.set_nonblocking(true);
+                held.push((stream, 0, None));
+            }
+            Err(_) => report.connect_errors += 1,
+        }
+    }
+    report.opened = held.len();
+    let mut buf = [0u8; 512];
+    while started.elapsed() < time {
+        for (stream, sent, closed) in held.iter_mut().filter(|h| h.2.is_none()) {
+            let gone = match stream.read(&mut buf) {
+                Ok(0) => true,
+                Ok(_) => false, // an answer: read on
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            };
+            let gone = gone || (slowloris && stream.write(&HEAD[*sent % HEAD.len()..=*sent % HEAD.len()]).is_err());
+            *sent += 1;
+            if gone {
+                *closed = Some(started.elapsed());
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let closed: Vec<Duration> = held.iter().filter_map(|h| h.2).collect();
+    report.closed_by_peer = closed.len();
+    report.last_closed_s = closed.iter().max().map_or(0.0, Duration::as_secs_f64);
+    report
 }
 
 /// `SO_LINGER` with a zero timeout: `close()` sends RST and the socket goes to `TCP_CLOSE`.
