@@ -177,6 +177,7 @@ impl Telemetry {
         let path_class = match crate::imds::path::classify(path) {
             crate::imds::path::PathClass::Token => "token",
             crate::imds::path::PathClass::TokenVariant => "token_variant",
+            crate::imds::path::PathClass::Malformed => "malformed",
             crate::imds::path::PathClass::Other { .. } => "other",
         };
         let labels = RequestLabels {

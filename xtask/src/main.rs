@@ -16,6 +16,9 @@ const AZURE_IDENTITY_VERSION: &str = "1.27.0";
 const PROMETHEUS_CLIENT_VERSION: &str = "0.26.0";
 /// The Kubernetes schema validator the tests check `deploy/` with (it bundles the schemas).
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+/// The fuzz targets (`fuzz/fuzz_targets/`), each with seeds in `fuzz/seeds/<target>/`.
+const FUZZ_TARGETS: [&str; 4] = ["route", "query", "manifests", "decide"];
 
 #[derive(Parser)]
 #[command(name = "cargo xtask", about = "Project tasks for imds-filter")]
@@ -55,6 +58,16 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Fuzz the request router, the query parser, the manifest parser and the policy
+    /// decision (cargo-fuzz on nightly). A crashing input is saved under fuzz/artifacts/ and
+    /// fails the run; make it a regression test.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
     /// Regenerate deploy/crds/ (and the Helm chart's copy) from the Rust types in
     /// imds-agent/src/crds.rs.
     Crdgen,
@@ -67,6 +80,10 @@ fn main() -> Result<()> {
         Task::Test { no_lint, unprivileged } => test(no_lint, unprivileged),
         Task::Demo => demo(),
         Task::Bench { quick } => bench(quick),
+        Task::Fuzz { seconds, targets } => {
+            install_cargo_fuzz()?;
+            fuzz(seconds, &targets)
+        }
         Task::Crdgen => ["deploy/crds", "deploy/helm/imds-filter/crds"].iter().try_for_each(|dir| {
             run(cargo()
                 .args(["run", "--quiet", "--package", "imds-agent", "--bin", "imds-crdgen", "--"])
@@ -178,6 +195,8 @@ fn install_test_tools() -> Result<()> {
              kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (a real manifest validator)"
         ),
     );
+    println!("    cargo-fuzz (the fuzz targets)");
+    install_cargo_fuzz()?;
     let python = sdk_python()?;
     let check = format!(
         "import azure.identity as a, importlib.metadata as m; assert a.__version__ == '{AZURE_IDENTITY_VERSION}'; \
@@ -356,8 +375,51 @@ fn test(no_lint: bool, unprivileged: bool) -> Result<()> {
         .args(["test", "--workspace", "--", "--include-ignored"])
         .env("IMDS_REQUIRE_EBPF", "1")
         .env("IMDS_SDK_PYTHON", sdk_python()?))?;
+    println!("==> fuzzing, briefly (long runs: `cargo xtask fuzz`)");
+    fuzz(10, &[])?;
     println!("==> benchmarks, briefly (the harness works; figures come from `cargo xtask bench`)");
     run_bench_binary("debug", true)
+}
+
+// ---- fuzz ------------------------------------------------------------------------------------
+
+/// Runs each of `targets` (all when empty) for `seconds`, from its seeds and the corpus
+/// earlier runs grew under target/fuzz/corpus/.
+fn fuzz(seconds: u64, targets: &[String]) -> Result<()> {
+    let root = workspace_root();
+    let chosen: Vec<&str> =
+        if targets.is_empty() { FUZZ_TARGETS.to_vec() } else { targets.iter().map(String::as_str).collect() };
+    for target in chosen {
+        ensure!(FUZZ_TARGETS.contains(&target), "no fuzz target {target:?} (there are: {})", FUZZ_TARGETS.join(", "));
+        let corpus = root.join("target/fuzz/corpus").join(target);
+        fs::create_dir_all(&corpus)?;
+        println!("    {target}: {seconds} s");
+        run(Command::new("cargo")
+            .args(["+nightly", "fuzz", "run", target])
+            .arg(&corpus)
+            .arg(root.join("fuzz/seeds").join(target))
+            .args(["--", &format!("-max_total_time={seconds}"), "-print_final_stats=0"])
+            .current_dir(&root)
+            // The targets never load the kernel programs: skip building them again.
+            .env("AYA_BUILD_SKIP", "1")
+            .env_remove("IMDS_REQUIRE_EBPF")
+            .env("CARGO_TARGET_DIR", root.join("target/fuzz/build")))
+        .with_context(|| format!("fuzz target {target} failed: see fuzz/artifacts/{target}/"))?;
+    }
+    Ok(())
+}
+
+/// cargo-fuzz, at the version the project was fuzzed with.
+fn install_cargo_fuzz() -> Result<()> {
+    let installed = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION));
+    if installed {
+        println!("    cargo-fuzz {CARGO_FUZZ_VERSION} present");
+        return Ok(());
+    }
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked", "--version", CARGO_FUZZ_VERSION]))
 }
 
 // ---- bench -----------------------------------------------------------------------------------

@@ -22,12 +22,16 @@ pub enum PathClass {
     TokenVariant,
     /// Any other path, in canonical form; `exact` when the request spelled it canonically.
     Other { canonical: String, exact: bool },
+    /// Percent-encoded more deeply than any client would: refused, never forwarded.
+    Malformed,
 }
 
 /// Classifies a raw request path (without the query).
 #[must_use]
 pub fn classify(raw: &str) -> PathClass {
-    let canonical = canonicalize(raw);
+    let Some(canonical) = canonicalize(raw) else {
+        return PathClass::Malformed;
+    };
     if canonical == TOKEN_PATH {
         return if raw == TOKEN_PATH { PathClass::Token } else { PathClass::TokenVariant };
     }
@@ -35,19 +39,29 @@ pub fn classify(raw: &str) -> PathClass {
     PathClass::Other { canonical, exact }
 }
 
+/// Most rounds of percent-decoding a path gets. Real clients encode once; the rounds after
+/// that exist to see through deliberate disguises like `%252f`.
+const DECODE_ROUNDS: usize = 8;
+
 /// The canonical form of a request path: always starts with `/`, no empty, `.` or `..`
-/// segments, no trailing slash (except the root), lower case.
+/// segments, no trailing slash (except the root), lower case, nothing left to
+/// percent-decode. `None` when the path is still percent-encoded after [`DECODE_ROUNDS`]
+/// rounds: what it means to someone who decodes further cannot be known.
 #[must_use]
-pub fn canonicalize(raw: &str) -> String {
-    // Percent-decode until nothing changes (bounded: each round shortens the string), so
-    // `%252f` cannot survive as a slash in disguise.
+pub fn canonicalize(raw: &str) -> Option<String> {
+    // Percent-decode until nothing changes, so `%252f` cannot survive as a slash in disguise.
     let mut decoded = raw.to_owned();
-    for _ in 0..8 {
+    let mut stable = false;
+    for _ in 0..=DECODE_ROUNDS {
         let next = percent_encoding::percent_decode_str(&decoded).decode_utf8_lossy().into_owned();
         if next == decoded {
+            stable = true;
             break;
         }
         decoded = next;
+    }
+    if !stable {
+        return None;
     }
     let unified = decoded.replace('\\', "/").to_ascii_lowercase();
     let mut segments: Vec<&str> = Vec::new();
@@ -60,7 +74,7 @@ pub fn canonicalize(raw: &str) -> String {
             s => segments.push(s),
         }
     }
-    format!("/{}", segments.join("/"))
+    Some(format!("/{}", segments.join("/")))
 }
 
 /// Rules for paths other than the token endpoint.
@@ -87,8 +101,7 @@ impl PathRules {
     pub fn allows(&self, canonical: &str) -> bool {
         match self {
             PathRules::ForwardAll => true,
-            PathRules::Allow(prefixes) => prefixes.iter().any(|p| {
-                let p = canonicalize(p);
+            PathRules::Allow(prefixes) => prefixes.iter().filter_map(|p| canonicalize(p)).any(|p| {
                 canonical == p || canonical.strip_prefix(&p).is_some_and(|rest| rest.starts_with('/')) || p == "/"
             }),
         }
@@ -156,9 +169,117 @@ mod tests {
 
     #[test]
     fn canonicalize_is_idempotent_on_samples() {
-        for s in ["/a/../b", r"\x\\y", "%2e%2e/%2e/z", "/A//B/./c/..", "", "/"] {
-            let once = canonicalize(s);
-            assert_eq!(canonicalize(&once), once, "{s}");
+        for s in ["/a/../b", r"\x\\y", "%2e%2e/%2e/z", "/A//B/./c/..", "", "/", "/%2%66", "/%ff%fe"] {
+            let once = canonicalize(s).unwrap();
+            assert_eq!(canonicalize(&once).as_ref(), Some(&once), "{s}");
+        }
+    }
+
+    #[test]
+    fn encoding_deeper_than_the_decoder_looks_is_malformed() {
+        // The token path's last slash, percent-encoded nine times over.
+        let mut slash = String::from("%2f");
+        for _ in 0..8 {
+            slash = slash.replace('%', "%25");
+        }
+        let path = format!("/metadata/identity/oauth2{slash}token");
+        assert_eq!(classify(&path), PathClass::Malformed);
+        // Eight levels are still seen through.
+        assert_eq!(classify(&path.replacen("%25", "%", 1)), PathClass::TokenVariant);
+    }
+
+    mod properties {
+        //! Property tests: the canonicaliser never panics, is idempotent, and every spelling
+        //! of a path — percent-encoded (to several levels), re-cased, with backslashes,
+        //! repeated slashes, dot segments or a trailing slash — classifies as that path does.
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// A canonical path: lower-case segments, sometimes the token path.
+        fn canonical_path() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just(TOKEN_PATH.to_owned()),
+                prop::collection::vec("[a-z0-9_-]{1,8}", 0..5).prop_map(|s| format!("/{}", s.join("/"))),
+            ]
+        }
+
+        /// One way of spelling a single character.
+        fn spell_char(c: char, how: u8) -> String {
+            let encode = |s: &str| {
+                s.bytes().fold(String::new(), |mut out, b| {
+                    let _ = std::fmt::Write::write_fmt(&mut out, format_args!("%{b:02X}"));
+                    out
+                })
+            };
+            match how % 6 {
+                0 | 1 => c.to_string(),
+                2 => c.to_ascii_uppercase().to_string(),
+                3 => encode(&c.to_string()),
+                4 => encode(&encode(&c.to_string())), // %25XX: two levels
+                _ => encode(&c.to_string()).to_lowercase(),
+            }
+        }
+
+        /// Another spelling of `canonical`, chosen by `choices`.
+        fn respell(canonical: &str, choices: &[u8]) -> String {
+            let mut out = String::new();
+            for (i, c) in canonical.chars().enumerate() {
+                let how = choices[i % choices.len()];
+                if c == '/' {
+                    out.push_str(match how % 7 {
+                        0 => "\\",
+                        1 => "//",
+                        2 => "/./",
+                        3 => "/zz/../",
+                        4 => "%2f",
+                        5 => "%5C",
+                        _ => "/",
+                    });
+                } else {
+                    out.push_str(&spell_char(c, how));
+                }
+            }
+            if choices.first().is_some_and(|c| c % 5 == 0) {
+                out.push('/');
+            }
+            out
+        }
+
+        proptest! {
+            #[test]
+            fn never_panics_and_is_idempotent(raw in any::<String>()) {
+                if let Some(once) = canonicalize(&raw) {
+                    prop_assert_eq!(canonicalize(&once), Some(once.clone()));
+                    prop_assert!(once.starts_with('/'));
+                }
+                let _ = classify(&raw);
+            }
+
+            #[test]
+            fn path_like_input_is_idempotent_too(raw in r"[a-zA-Z0-9%./\\]{0,48}") {
+                if let Some(once) = canonicalize(&raw) {
+                    prop_assert_eq!(canonicalize(&once), Some(once));
+                }
+            }
+
+            #[test]
+            fn every_spelling_of_a_path_classifies_the_same(
+                canonical in canonical_path(),
+                choices in prop::collection::vec(any::<u8>(), 1..32),
+            ) {
+                let spelled = respell(&canonical, &choices);
+                let got = canonicalize(&spelled);
+                prop_assert_eq!(got.as_deref(), Some(canonical.as_str()), "{}", spelled);
+                let class = classify(&spelled);
+                if canonical == TOKEN_PATH {
+                    let want = if spelled == TOKEN_PATH { PathClass::Token } else { PathClass::TokenVariant };
+                    prop_assert_eq!(class, want, "{}", spelled);
+                } else {
+                    let exact = spelled == canonical;
+                    prop_assert_eq!(class, PathClass::Other { canonical, exact }, "{}", spelled);
+                }
+            }
         }
     }
 }

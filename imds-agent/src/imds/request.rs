@@ -67,7 +67,7 @@ pub fn route(
     rules: &PathRules,
 ) -> Result<Route, ImdsError> {
     let class = classify(path);
-    if class == PathClass::TokenVariant {
+    if matches!(class, PathClass::TokenVariant | PathClass::Malformed) {
         return Err(ImdsError::bad_request("Invalid request path"));
     }
     if method != Method::GET {
@@ -97,7 +97,7 @@ pub fn route(
             error: "forbidden",
             description: "This metadata path is not available to pods on this node".into(),
         }),
-        PathClass::TokenVariant => unreachable!("refused above"),
+        PathClass::TokenVariant | PathClass::Malformed => unreachable!("refused above"),
     }
 }
 

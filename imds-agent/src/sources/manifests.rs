@@ -125,9 +125,15 @@ pub fn load_dir(dir: &Path) -> Result<Snapshot, ManifestError> {
         let text = fs::read_to_string(&file).map_err(io(&file))?;
         parts.add_file(&file, &text)?;
     }
-    Ok(Snapshot::new(parts.pods, parts.identities, parts.bindings, parts.exceptions)
-        .with_service_accounts(parts.service_accounts)
-        .with_secrets(parts.secrets))
+    Ok(parts.into_snapshot())
+}
+
+/// What one manifests file says, as a snapshot (`name` is only for error messages). The
+/// fuzzer's way in.
+pub fn parse(name: &Path, text: &str) -> Result<Snapshot, ManifestError> {
+    let mut parts = Parts::default();
+    parts.add_file(name, text)?;
+    Ok(parts.into_snapshot())
 }
 
 /// Changes arriving this close together are one reload (editors write in several steps).
@@ -192,6 +198,12 @@ struct Parts {
 }
 
 impl Parts {
+    fn into_snapshot(self) -> Snapshot {
+        Snapshot::new(self.pods, self.identities, self.bindings, self.exceptions)
+            .with_service_accounts(self.service_accounts)
+            .with_secrets(self.secrets)
+    }
+
     fn add_file(&mut self, path: &Path, text: &str) -> Result<(), ManifestError> {
         let documents: Vec<Document> = serde_saphyr::from_multiple(text)
             .map_err(|e| ManifestError::Yaml { path: path.to_owned(), message: e.to_string() })?;

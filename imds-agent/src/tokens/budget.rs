@@ -15,9 +15,11 @@ use tokio::{
     time::Instant,
 };
 
-/// The window `per_second` applies to. A little over a second, so that network jitter cannot
-/// make IMDS count one call too many in its own one-second window.
-const WINDOW: Duration = Duration::from_millis(1100);
+/// The window `per_second` applies to. A quarter second over a second, so that calls that
+/// reach IMDS later than they started (a busy node can delay a connection by a tenth of a
+/// second or more; CI saw 22 in one second with a 1.1 s window) are still never more than
+/// `per_second` in IMDS's own one-second window.
+const WINDOW: Duration = Duration::from_millis(1250);
 
 #[derive(Clone, Copy, Debug)]
 pub struct BudgetConfig {
@@ -233,9 +235,9 @@ mod tests {
                 starts[i..].iter().take_while(|(_, t)| t.saturating_sub(*at) < Duration::from_secs(1)).count();
             assert!(in_window <= 20, "{in_window} calls within a second of {at:?}");
         }
-        // 100 calls at 20 per 1.1 s: about 5.5 s, not much more.
+        // 100 calls at 20 per 1.25 s: about 5 s, not much more.
         let last = starts.last().unwrap().1;
-        assert!(last >= Duration::from_millis(4400) && last < Duration::from_secs(6), "{last:?}");
+        assert!(last >= Duration::from_secs(5) && last < Duration::from_millis(6500), "{last:?}");
     }
 
     #[tokio::test(start_paused = true)]
