@@ -112,19 +112,23 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
                 let (state, caller) = (Arc::clone(&state), Arc::clone(&caller));
                 async move { Ok::<_, std::convert::Infallible>(handler::handle(req, &caller, &state).await) }
             });
-            let result = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HEAD_BYTES)
-                .max_headers(MAX_HEADERS)
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let result = http1_limits().keep_alive(true).serve_connection(TokioIo::new(stream), service).await;
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
     }
+}
+
+/// HTTP/1.1 with the limits every connection gets: header-read timeout, head size, header count.
+fn http1_limits() -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
+    builder
 }
 
 /// The caller of a connection, or `None` (logged) when it must not be served.
@@ -206,13 +210,7 @@ async fn turn_away(stream: TcpStream) {
             .body(http_body_util::Full::new(bytes::Bytes::from(answer.body())));
         response.map_err(|e| std::io::Error::other(e.to_string()))
     });
-    let serving = http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEAD_BYTES)
-        .max_headers(MAX_HEADERS)
-        .keep_alive(false)
-        .serve_connection(TokioIo::new(stream), service);
+    let serving = http1_limits().keep_alive(false).serve_connection(TokioIo::new(stream), service);
     let _ = tokio::time::timeout(HEADER_READ_TIMEOUT + Duration::from_secs(1), serving).await;
     TURNING_AWAY.fetch_sub(1, Ordering::Relaxed);
 }
