@@ -329,6 +329,11 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         Upstream::new(SocketAddr::V4(args.upstream), IMDS_TIMEOUT).with_latency(telemetry.upstream_seconds.clone());
     let tokens = token_service(&args, upstream.clone())?;
     telemetry.watch_tokens(Arc::clone(&tokens));
+    let limits = ConnectionLimits::new(
+        args.max_connections as usize,
+        args.max_connections_per_cgroup as usize,
+        telemetry.connections_open.clone(),
+    );
     let state = Arc::new(AgentState {
         snapshot: updates,
         upstream,
@@ -345,7 +350,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         resolver,
         telemetry,
         events,
-        limits: ConnectionLimits::new(args.max_connections as usize, args.max_connections_per_cgroup as usize),
+        limits,
     });
     tracing::info!(listen = %listen, agent_cgroup = %own, "filter installed; serving redirected connections");
 

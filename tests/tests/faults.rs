@@ -13,7 +13,7 @@ use imds_agent::kernel::attached_programs;
 use imds_tests::{
     agent_binary,
     fake_imds::{Behaviour, FakeIdentity},
-    node::{bound_pods_manifest, curl, pod_uid, Node, TestPod, AGENT_ADDR},
+    node::{bound_pods_manifest, curl, pod_uid, Fetched, Node, TestPod, AGENT_ADDR},
     Probe, IMDS_IP,
 };
 
@@ -32,6 +32,12 @@ fn scene(tag: &str) -> (Node, TestPod, TestPod) {
     let (web, mallory) = (node.pod(&web_uid), node.pod(&mallory_uid));
     node.start_agent(&[]);
     (node, web, mallory)
+}
+
+/// A token request from `pod`, by curl.
+fn ask(node: &Node, pod: &TestPod) -> Fetched {
+    let path = format!("/metadata/identity/oauth2/token?{QUERY}");
+    curl(node, pod, SocketAddr::from((IMDS_IP, 80)), &path, &["Metadata: true"])
 }
 
 fn each_hook_has_one_program(node: &Node) {
@@ -53,26 +59,14 @@ fn killed_under_load_the_filter_never_fails_open() {
     std::thread::sleep(Duration::from_millis(500));
     node.agent.as_mut().expect("running").kill();
     each_hook_has_one_program(&node);
-    let down = curl(
-        &node,
-        &web,
-        SocketAddr::from((IMDS_IP, 80)),
-        &format!("/metadata/identity/oauth2/token?{QUERY}"),
-        &["Metadata: true"],
-    );
+    let down = ask(&node, &web);
     assert_eq!(down.status, 0, "nothing answers while the agent is down: {down:?}");
     std::thread::sleep(Duration::from_secs(1));
     node.start_agent(&[]);
     each_hook_has_one_program(&node);
     let report = load.wait().burst.expect("a burst report");
     assert_eq!(report.statuses.get(&200), None, "mallory never got a token: {report:?}");
-    let up = curl(
-        &node,
-        &web,
-        SocketAddr::from((IMDS_IP, 80)),
-        &format!("/metadata/identity/oauth2/token?{QUERY}"),
-        &["Metadata: true"],
-    );
+    let up = ask(&node, &web);
     assert_eq!(up.status, 200, "served again after the restart: {up:?}");
     let seen = node.fake.seen();
     assert!(seen.iter().all(|s| s.param("client_id").as_deref() == Some("client-blob")), "{seen:?}");

@@ -26,6 +26,11 @@ impl ImdsError {
         ImdsError { status: StatusCode::BAD_REQUEST, error: "invalid_request", description: description.into() }
     }
 
+    /// IMDS's throttling answer (429 `too_many_requests`) with this description.
+    pub fn too_many_requests(description: impl Into<String>) -> ImdsError {
+        ImdsError { status: StatusCode::TOO_MANY_REQUESTS, error: "too_many_requests", description: description.into() }
+    }
+
     /// IMDS's answer when no assigned identity matches: SDKs stop rather than retry.
     #[must_use]
     pub fn identity_not_found() -> ImdsError {

@@ -233,6 +233,11 @@ pub(super) fn answer_token(outcome: Outcome, record: &mut DecisionRecord) -> Ans
 fn retry_answer(failure: &Retryable, record: &mut DecisionRecord) -> Answer {
     record.verdict = "error";
     record.reason = format!("{}; {}", record.reason, failure.reason);
+    retryable_response(failure)
+}
+
+/// The answer for a retryable failure: its status and body, and a `Retry-After`.
+pub(super) fn retryable_response(failure: &Retryable) -> Answer {
     let mut answer = Response::new(Full::new(failure.body.clone()));
     *answer.status_mut() = failure.status;
     let headers = answer.headers_mut();

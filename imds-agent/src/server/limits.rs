@@ -7,12 +7,16 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use prometheus_client::metrics::gauge::Gauge;
+
 /// The limits, and the connections held now.
 #[derive(Debug)]
 pub struct ConnectionLimits {
     total: usize,
     per_cgroup: usize,
     held: Mutex<Held>,
+    /// `imds_filter_connections_open`: the held total, as a metric.
+    open: Gauge,
 }
 
 #[derive(Debug, Default)]
@@ -48,12 +52,14 @@ pub struct Admitted {
 }
 
 impl ConnectionLimits {
-    /// At most `total` connections, and `per_cgroup` from any one cgroup (both at least 1).
-    pub fn new(total: usize, per_cgroup: usize) -> Arc<ConnectionLimits> {
+    /// At most `total` connections, and `per_cgroup` from any one cgroup (both at least 1);
+    /// the number held is reported in `open`.
+    pub fn new(total: usize, per_cgroup: usize, open: Gauge) -> Arc<ConnectionLimits> {
         Arc::new(ConnectionLimits {
             total: total.max(1),
             per_cgroup: per_cgroup.max(1),
             held: Mutex::new(Held::default()),
+            open,
         })
     }
 
@@ -69,6 +75,7 @@ impl ConnectionLimits {
         }
         *mine += 1;
         held.total += 1;
+        self.open.set(held.total as i64);
         Ok(Admitted { limits: Arc::clone(self), cgroup })
     }
 
@@ -82,6 +89,7 @@ impl Drop for Admitted {
     fn drop(&mut self) {
         let mut held = self.limits.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         held.total -= 1;
+        self.limits.open.set(held.total as i64);
         if let Some(mine) = held.by_cgroup.get_mut(&self.cgroup) {
             *mine -= 1;
             if *mine == 0 {
@@ -97,12 +105,12 @@ mod tests {
 
     #[test]
     fn each_cgroup_gets_its_share_and_the_total_caps_all() {
-        let limits = ConnectionLimits::new(5, 2);
+        let limits = ConnectionLimits::new(5, 2, Gauge::default());
         let a1 = limits.admit(1).expect("first of cgroup 1");
         let _a2 = limits.admit(1).expect("second of cgroup 1");
         assert_eq!(limits.admit(1).unwrap_err(), Shed::PerCgroup);
         let _b = [limits.admit(2).unwrap(), limits.admit(2).unwrap(), limits.admit(3).unwrap()];
-        assert_eq!(limits.held(), 5);
+        assert_eq!((limits.held(), limits.open.get()), (5, 5));
         assert_eq!(limits.admit(4).unwrap_err(), Shed::Total);
         drop(a1);
         assert_eq!(limits.held(), 4);
@@ -111,7 +119,7 @@ mod tests {
 
     #[test]
     fn released_cgroups_leave_no_entry() {
-        let limits = ConnectionLimits::new(10, 10);
+        let limits = ConnectionLimits::new(10, 10, Gauge::default());
         for cgroup in 0..100 {
             drop(limits.admit(cgroup).unwrap());
         }

@@ -9,13 +9,7 @@ pub mod limits;
 mod principal;
 mod workload;
 
-use std::{
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -106,7 +100,6 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
                     return;
                 }
             };
-            let _open = OpenConnection::new(&state.telemetry.connections_open);
             let caller = Arc::new(caller);
             let service = service_fn(move |req| {
                 let (state, caller) = (Arc::clone(&state), Arc::clone(&caller));
@@ -168,49 +161,26 @@ async fn identify(stream: &TcpStream, state: &AgentState) -> Option<Caller> {
     }
 }
 
-/// Counts a connection in `imds_filter_connections_open` while it lives.
-struct OpenConnection(prometheus_client::metrics::gauge::Gauge);
-
-impl OpenConnection {
-    fn new(gauge: &prometheus_client::metrics::gauge::Gauge) -> OpenConnection {
-        gauge.inc();
-        OpenConnection(gauge.clone())
-    }
-}
-
-impl Drop for OpenConnection {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
 /// Most over-limit connections being told to retry at once; past that they are just closed.
-const MAX_TURNING_AWAY: usize = 1024;
-static TURNING_AWAY: AtomicUsize = AtomicUsize::new(0);
+static TURNING_AWAY: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1024);
 
 /// Answers an over-limit connection's request with IMDS's own throttling answer — a 429
 /// `too_many_requests` with `Retry-After` — so that SDKs back off and retry instead of failing
 /// on a dropped connection, then closes it. The request is read first (HTTP clients fail on an
 /// answer that comes before their request), within the usual header-read timeout.
 async fn turn_away(stream: TcpStream) {
-    if TURNING_AWAY.fetch_add(1, Ordering::Relaxed) >= MAX_TURNING_AWAY {
-        TURNING_AWAY.fetch_sub(1, Ordering::Relaxed);
+    let Ok(_turning_away) = TURNING_AWAY.try_acquire() else {
         return; // dropped: closed
-    }
-    let service = service_fn(|_req| async {
-        let answer = crate::imds::ImdsError {
-            status: http::StatusCode::TOO_MANY_REQUESTS,
-            error: "too_many_requests",
-            description: "Too many connections from this container; retry".into(),
-        };
-        let response = http::Response::builder()
-            .status(answer.status)
-            .header(http::header::CONTENT_TYPE, crate::imds::JSON_CONTENT_TYPE)
-            .header(http::header::RETRY_AFTER, "1")
-            .body(http_body_util::Full::new(bytes::Bytes::from(answer.body())));
-        response.map_err(|e| std::io::Error::other(e.to_string()))
+    };
+    let throttled = crate::tokens::retryable(
+        &crate::imds::ImdsError::too_many_requests("Too many connections from this container; retry"),
+        Duration::from_secs(1),
+        "over the connection limit".into(),
+    );
+    let service = service_fn(move |_req| {
+        let answer = handler::retryable_response(&throttled);
+        async move { Ok::<_, std::convert::Infallible>(answer) }
     });
     let serving = http1_limits().keep_alive(false).serve_connection(TokioIo::new(stream), service);
     let _ = tokio::time::timeout(HEADER_READ_TIMEOUT + Duration::from_secs(1), serving).await;
-    TURNING_AWAY.fetch_sub(1, Ordering::Relaxed);
 }

@@ -426,7 +426,7 @@ fn credential_refused(e: &certificate::CertificateError) -> UpstreamResponse {
 }
 
 /// A retryable answer the agent makes itself.
-fn retryable(answer: &ImdsError, retry_after: Duration, reason: String) -> Retryable {
+pub(crate) fn retryable(answer: &ImdsError, retry_after: Duration, reason: String) -> Retryable {
     Retryable {
         status: answer.status,
         content_type: Some(http::HeaderValue::from_static(JSON_CONTENT_TYPE)),
@@ -482,11 +482,7 @@ fn unknown_failure(reason: String) -> Retryable {
 
 /// IMDS's throttling answer, given by the agent when its own queue is full.
 pub fn too_many_requests(retry_after: Duration) -> Retryable {
-    let answer = ImdsError {
-        status: StatusCode::TOO_MANY_REQUESTS,
-        error: "too_many_requests",
-        description: "Too many requests for tokens on this node; retry".into(),
-    };
+    let answer = ImdsError::too_many_requests("Too many requests for tokens on this node; retry");
     retryable(&answer, retry_after, "the upstream budget's queue is full".into())
 }
 
