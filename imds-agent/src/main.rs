@@ -323,7 +323,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     start_verdict_sync(VerdictSync::new(filter, attach_root, args.deny_unbound), updates.clone(), synced)?;
 
     let resolver = Arc::new(CgroupResolver::new(&root).context("opening the cgroup2 filesystem")?);
-    tokio::spawn(prune_resolver(Arc::clone(&resolver)));
+    tokio::spawn(prune_resolver(Arc::clone(&resolver), telemetry.cgroups_cached.clone()));
     let rules = if args.forward_all_paths { PathRules::ForwardAll } else { PathRules::Allow(args.allow_paths.clone()) };
     let upstream =
         Upstream::new(SocketAddr::V4(args.upstream), IMDS_TIMEOUT).with_latency(telemetry.upstream_seconds.clone());
@@ -538,13 +538,21 @@ fn spawn_verdict_sync(mut sync: VerdictSync, mut updates: watch::Receiver<Arc<Sn
     Ok(())
 }
 
-/// Forgets cgroups that went away, so the cache stays the size of the node's pods.
-async fn prune_resolver(resolver: Arc<CgroupResolver>) {
-    let mut every = tokio::time::interval(Duration::from_secs(30));
+/// Forgets cgroups that went away, so the cache stays the size of the node's pods (a stat
+/// per cached cgroup every 10 s), and reports what it holds.
+async fn prune_resolver(resolver: Arc<CgroupResolver>, cached: prometheus_client::metrics::gauge::Gauge) {
+    let mut every = tokio::time::interval(Duration::from_secs(10));
     loop {
         every.tick().await;
         let resolver = Arc::clone(&resolver);
-        let _ = tokio::task::spawn_blocking(move || resolver.prune()).await;
+        if let Ok(held) = tokio::task::spawn_blocking(move || {
+            resolver.prune();
+            resolver.cached()
+        })
+        .await
+        {
+            cached.set(i64::try_from(held).unwrap_or(i64::MAX));
+        }
     }
 }
 

@@ -98,6 +98,8 @@ pub struct Telemetry {
     pub connections_refused: Family<ReasonLabel, Counter>,
     /// Connections being served now.
     pub connections_open: Gauge,
+    /// cgroups the caller resolver remembers (set when it forgets the gone ones).
+    pub cgroups_cached: Gauge,
     tokens: Arc<OnceLock<Arc<TokenService>>>,
     pub source: Arc<SourceStatus>,
     registry: Registry,
@@ -135,6 +137,12 @@ impl Telemetry {
         );
         let connections_open = Gauge::default();
         registry.register("connections_open", "Redirected connections being served now", connections_open.clone());
+        let cgroups_cached = Gauge::default();
+        registry.register(
+            "cgroups_cached",
+            "cgroups resolved to pods and still remembered (updated every 10 s, when the gone ones are forgotten)",
+            cgroups_cached.clone(),
+        );
         let tokens = Arc::new(OnceLock::new());
         let counters = MapData::from_pin(pin_dir.join(maps::COUNTERS))?;
         let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(counters))?;
@@ -150,6 +158,7 @@ impl Telemetry {
             upstream_seconds,
             connections_refused,
             connections_open,
+            cgroups_cached,
             tokens,
             source,
             registry,

@@ -56,6 +56,25 @@ pub struct ProbeReport {
     pub seen_at_us: Option<u64>,
     /// What a `hold` saw.
     pub hold: Option<HoldReport>,
+    /// What a `churn` did and saw.
+    pub churn: Option<ChurnReport>,
+}
+
+/// What `imds-probe churn` did and saw.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ChurnReport {
+    /// Pod cgroups created, and removed again.
+    pub created: usize,
+    pub removed: usize,
+    pub mkdir_errors: usize,
+    /// Token requests made, and how many got another answer than planned.
+    pub asked: usize,
+    pub mismatches: usize,
+    /// `EXPECT -> STATUS`, counted.
+    pub answers: std::collections::BTreeMap<String, usize>,
+    /// The first few errors and mismatches.
+    pub errors: Vec<String>,
+    pub seconds: f64,
 }
 
 /// What `imds-probe hold` saw of the connections it held.
@@ -452,6 +471,21 @@ pub struct Burst {
     pub per_second: Option<f64>,
 }
 
+/// Pod cgroups coming and going (`imds-probe churn`).
+#[derive(Clone, Debug)]
+pub struct Churn {
+    /// Where the pod cgroups are made (the kubelet's `kubepods`).
+    pub parent: PathBuf,
+    /// One `UID EXPECT` a line: `-` (ask nothing), a status, or `200:TEXT`.
+    pub plan: PathBuf,
+    pub rate: f64,
+    pub seconds: f64,
+    /// How long each pod cgroup lives.
+    pub live: Duration,
+    /// Ask from every this-many-th cgroup.
+    pub ask_every: usize,
+}
+
 /// How an `http` probe reaches its destination (`imds-probe http`).
 #[derive(Clone, Debug, Default)]
 pub struct Exchange {
@@ -553,6 +587,18 @@ impl Probe {
         if slowloris {
             self.cmd.arg("--slowloris");
         }
+        self.spawn()
+    }
+
+    /// Pod cgroups below `churn.parent` made and removed at `churn.rate` a second, with
+    /// token requests from some of them checked against the plan (see `imds-probe churn`).
+    /// The probe must have been given its home cgroup ([`Probe::new`]).
+    #[must_use]
+    pub fn churn(mut self, addr: SocketAddrV4, churn: &Churn) -> RunningProbe {
+        self.cmd.args(["churn", &addr.to_string(), "--parent", &churn.parent.display().to_string()]);
+        self.cmd.args(["--plan", &churn.plan.display().to_string(), "--rate", &churn.rate.to_string()]);
+        self.cmd.args(["--seconds", &churn.seconds.to_string(), "--live-ms", &churn.live.as_millis().to_string()]);
+        self.cmd.args(["--ask-every", &churn.ask_every.to_string()]);
         self.spawn()
     }
 

@@ -126,6 +126,18 @@ impl Node {
         args
     }
 
+    /// The value of `name` (a full sample name with labels) on the agent's `/metrics` at
+    /// `at` (its `--metrics`), 0 if absent.
+    pub fn metric(&self, at: SocketAddrV4, name: &str) -> i64 {
+        let text = self.ns.enter(move || {
+            crate::fake_imds::http_get(SocketAddr::V4(at), "/metrics", &[]).map(|(_, t)| t).unwrap_or_default()
+        });
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as i64)
+    }
+
     pub fn agent(&self) -> &AgentProcess {
         self.agent.as_ref().expect("agent started")
     }

@@ -5,7 +5,7 @@
 //! promptly throughout. Real agent, real kernel programs, the fake IMDS (the real one cannot
 //! run here). Needs root; run with `cargo xtask test`.
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -21,17 +21,6 @@ const CEILING_MIB: u64 = 96;
 /// The agent's limit per cgroup (its default).
 const PER_CGROUP: usize = 64;
 const METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 233, 0, 1), 9403);
-
-/// The agent's `/metrics` value of `name` (a full sample name with labels), 0 if absent.
-fn metric(node: &Node, name: &str) -> i64 {
-    let text = node.ns.enter(|| {
-        imds_tests::fake_imds::http_get(SocketAddr::V4(METRICS), "/metrics", &[]).map(|(_, t)| t).unwrap_or_default()
-    });
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as i64)
-}
 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
@@ -65,7 +54,7 @@ fn idle_and_slowloris_floods_are_shed_and_a_good_pod_is_served_promptly() {
     // while they are held, which is what this one is about.)
     let over_share = IDLE_PODS * (IDLE_EACH - PER_CGROUP) + SLOW_PODS * (SLOW_EACH - PER_CGROUP);
     let shed_metric = "imds_filter_connections_refused_total{reason=\"per_cgroup\"}";
-    while metric(&node, shed_metric) < (over_share * 9 / 10) as i64 {
+    while node.metric(METRICS, shed_metric) < (over_share * 9 / 10) as i64 {
         assert!(started.elapsed() < held_for / 2, "the floods were not in place after {:?}", started.elapsed());
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -76,12 +65,12 @@ fn idle_and_slowloris_floods_are_shed_and_a_good_pod_is_served_promptly() {
     let good = Probe::new(web.ns(&node), &web.ctr).burst(METADATA, 300, 1, &[query]);
     let mut most_open = 0;
     while started.elapsed() + Duration::from_secs(1) < held_for {
-        most_open = most_open.max(metric(&node, "imds_filter_connections_open"));
+        most_open = most_open.max(node.metric(METRICS, "imds_filter_connections_open"));
         std::thread::sleep(Duration::from_millis(500));
     }
     let good = good.wait().burst.expect("a burst report");
     let peak_under_load = node.agent().peak_rss() >> 20;
-    let shed = metric(&node, shed_metric);
+    let shed = node.metric(METRICS, shed_metric);
     let reports: Vec<HoldReport> = holders.into_iter().map(|p| p.wait().hold.expect("a hold report")).collect();
 
     assert_eq!(good.statuses.get(&200), Some(&300), "the good pod got every token: {good:?}");
@@ -105,7 +94,7 @@ fn idle_and_slowloris_floods_are_shed_and_a_good_pod_is_served_promptly() {
 
     // Gone with the floods: nothing leaks.
     let after = Instant::now();
-    while metric(&node, "imds_filter_connections_open") != 0 {
+    while node.metric(METRICS, "imds_filter_connections_open") != 0 {
         assert!(after.elapsed() < Duration::from_secs(10), "connections still held after the floods ended");
         std::thread::sleep(Duration::from_millis(200));
     }

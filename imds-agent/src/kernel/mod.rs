@@ -7,6 +7,7 @@
 //! pins a new link (first start). `uninstall` is the only way the filter goes away.
 pub mod bpffs;
 pub mod cgroup;
+pub mod inspect;
 pub mod origin;
 mod sys;
 

@@ -126,6 +126,27 @@ enum Op {
         #[arg(long)]
         slowloris: bool,
     },
+    /// Pod cgroups created below `parent` at `rate` a second for `seconds`, each (with one
+    /// container cgroup inside, as the kubelet makes them) removed `live_ms` after it was
+    /// made. Pod UIDs come from the `plan` file in turn, one `UID EXPECT` a line; for every
+    /// `ask_every`-th cgroup whose EXPECT is not `-`, the probe moves into its container
+    /// cgroup, asks `addr` for a token on a new connection, moves back to `--cgroup`, and
+    /// checks the answer: EXPECT is a status, or `200:TEXT` with TEXT in the body.
+    Churn {
+        addr: SocketAddrV4,
+        #[arg(long)]
+        parent: PathBuf,
+        #[arg(long)]
+        plan: PathBuf,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        seconds: f64,
+        #[arg(long)]
+        live_ms: u64,
+        #[arg(long)]
+        ask_every: usize,
+    },
     /// Replace this process with a command (curl, python…): same pid, cgroup and netns, so
     /// a real client is the caller the kernel sees. Prints nothing itself on success.
     Exec {
@@ -161,35 +182,7 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
     }
     let mut report = ProbeReport { pid: std::process::id(), ..ProbeReport::default() };
     match args.op {
-        Op::Connect { addr, port, v6, then } => {
-            let dst = if v6 {
-                SocketAddr::V6(SocketAddrV6::new(addr.to_ipv6_mapped(), port, 0, 0))
-            } else {
-                SocketAddr::V4(SocketAddrV4::new(addr, port))
-            };
-            match TcpStream::connect_timeout(&dst, Duration::from_secs(3)) {
-                Ok(mut s) => {
-                    report.outcome = "connected".into();
-                    report.local = s.local_addr().ok().map(|a| a.to_string());
-                    match then {
-                        Then::Read => {}
-                        Then::Close => return Ok(report),
-                        Then::Reset => {
-                            abort_on_close(&s)?;
-                            return Ok(report);
-                        }
-                    }
-                    s.set_read_timeout(Some(Duration::from_secs(3)))?;
-                    let mut buf = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while buf.len() < 512 && matches!(s.read(&mut byte), Ok(1)) && byte[0] != b'\n' {
-                        buf.push(byte[0]);
-                    }
-                    report.reply = Some(String::from_utf8_lossy(&buf).into_owned());
-                }
-                Err(e) => set_error(&mut report, &e),
-            }
-        }
+        Op::Connect { addr, port, v6, then } => connect(&mut report, addr, port, v6, then)?,
         Op::Udp { addr, port } => {
             let sock = UdpSocket::bind("0.0.0.0:0")?;
             match sock.send_to(b"probe\n", SocketAddrV4::new(addr, port)) {
@@ -235,6 +228,14 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
             report.hold = Some(hold(addr, count, Duration::from_secs(seconds), slowloris));
             report.outcome = "held".into();
         }
+        Op::Churn { addr, ref parent, ref plan, rate, seconds, live_ms, ask_every } => {
+            let home = args.cgroup.as_deref().ok_or_else(|| anyhow::anyhow!("churn needs --cgroup to come back to"))?;
+            let plan = churn::read_plan(plan)?;
+            let churn =
+                churn::Churn { addr, home, parent, plan: &plan, live: Duration::from_millis(live_ms), ask_every };
+            report.churn = Some(churn.run(rate, seconds));
+            report.outcome = "churned".into();
+        }
         Op::Exec { ref command } => {
             let error =
                 std::os::unix::process::CommandExt::exec(std::process::Command::new(&command[0]).args(&command[1..]));
@@ -242,6 +243,38 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
         }
     }
     Ok(report)
+}
+
+/// TCP connect, then read one line, close, or abort, as `then` says.
+fn connect(report: &mut ProbeReport, addr: Ipv4Addr, port: u16, v6: bool, then: Then) -> anyhow::Result<()> {
+    let dst = if v6 {
+        SocketAddr::V6(SocketAddrV6::new(addr.to_ipv6_mapped(), port, 0, 0))
+    } else {
+        SocketAddr::V4(SocketAddrV4::new(addr, port))
+    };
+    match TcpStream::connect_timeout(&dst, Duration::from_secs(3)) {
+        Ok(mut s) => {
+            report.outcome = "connected".into();
+            report.local = s.local_addr().ok().map(|a| a.to_string());
+            match then {
+                Then::Read => {}
+                Then::Close => return Ok(()),
+                Then::Reset => {
+                    abort_on_close(&s)?;
+                    return Ok(());
+                }
+            }
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut buf = Vec::new();
+            let mut byte = [0u8; 1];
+            while buf.len() < 512 && matches!(s.read(&mut byte), Ok(1)) && byte[0] != b'\n' {
+                buf.push(byte[0]);
+            }
+            report.reply = Some(String::from_utf8_lossy(&buf).into_owned());
+        }
+        Err(e) => set_error(report, &e),
+    }
+    Ok(())
 }
 
 /// Token requests until an answer's body contains `want`; records when (Unix time, µs).
@@ -523,6 +556,132 @@ mod burst {
             r.failures.push(what);
         }
         0
+    }
+}
+
+mod churn {
+    //! Pod cgroups coming and going fast, with token requests from some of them.
+    use std::{
+        collections::VecDeque,
+        fs,
+        net::SocketAddrV4,
+        path::{Path, PathBuf},
+        time::{Duration, Instant},
+    };
+
+    use imds_tests::ChurnReport;
+
+    /// Keeps at most this many mismatches in the report.
+    const KEEP: usize = 10;
+
+    pub struct Churn<'a> {
+        pub addr: SocketAddrV4,
+        pub home: &'a Path,
+        pub parent: &'a Path,
+        pub plan: &'a [(String, String)],
+        pub live: Duration,
+        pub ask_every: usize,
+    }
+
+    /// `UID EXPECT` lines.
+    pub fn read_plan(path: &Path) -> anyhow::Result<Vec<(String, String)>> {
+        let plan: Vec<(String, String)> = fs::read_to_string(path)?
+            .lines()
+            .filter_map(|l| l.split_once(' ').map(|(u, e)| (u.to_owned(), e.to_owned())))
+            .collect();
+        anyhow::ensure!(!plan.is_empty(), "{}: an empty plan", path.display());
+        Ok(plan)
+    }
+
+    impl Churn<'_> {
+        pub fn run(&self, rate: f64, seconds: f64) -> ChurnReport {
+            let mut report = ChurnReport::default();
+            let total = (rate * seconds) as usize;
+            let (started, step) = (Instant::now(), Duration::from_secs_f64(1.0 / rate));
+            let mut live: VecDeque<(Instant, PathBuf)> = VecDeque::new();
+            for i in 0..total {
+                while live.front().is_some_and(|(born, _)| born.elapsed() >= self.live) {
+                    let (_, pod) = live.pop_front().expect("checked above");
+                    remove(&pod, &mut report);
+                }
+                let due = started + step * u32::try_from(i).unwrap_or(u32::MAX);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                let (uid, expect) = &self.plan[i % self.plan.len()];
+                let pod = self.parent.join(format!("pod{uid}"));
+                let ctr = pod.join("0123456789abcdef");
+                if let Err(e) = fs::create_dir(&pod).and_then(|()| fs::create_dir(&ctr)) {
+                    report.mkdir_errors += 1;
+                    keep(&mut report.errors, format!("mkdir {}: {e}", pod.display()));
+                    continue;
+                }
+                report.created += 1;
+                if i % self.ask_every.max(1) == 0 && expect != "-" {
+                    self.ask(&ctr, uid, expect, &mut report);
+                }
+                live.push_back((Instant::now(), pod));
+            }
+            for (_, pod) in live {
+                remove(&pod, &mut report);
+            }
+            report.seconds = started.elapsed().as_secs_f64();
+            report
+        }
+
+        /// One token request from `ctr`, checked against `expect`.
+        fn ask(&self, ctr: &Path, uid: &str, expect: &str, report: &mut ChurnReport) {
+            const REQUEST: &[u8] = b"GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net HTTP/1.1\r\nHost: 169.254.169.254\r\nMetadata: true\r\nConnection: close\r\n\r\n";
+            let join = |cg: &Path| fs::write(cg.join("cgroup.procs"), std::process::id().to_string());
+            let answer = join(ctr).and_then(|()| {
+                let exchange = super::http::Exchange {
+                    addr: self.addr,
+                    via: super::http::Via::Connect,
+                    bind: None,
+                    v6: false,
+                    move_to: None,
+                    delay_ms: 0,
+                };
+                exchange.run(REQUEST)
+            });
+            if let Err(e) = join(self.home) {
+                keep(&mut report.errors, format!("back to {}: {e}", self.home.display()));
+            }
+            report.asked += 1;
+            let reply = match answer {
+                Ok((_, reply)) => reply,
+                Err(e) => {
+                    report.mismatches += 1;
+                    return keep(&mut report.errors, format!("pod {uid}: {e}"));
+                }
+            };
+            let status = reply.split(' ').nth(1).unwrap_or("none");
+            let ok = match expect.split_once(':') {
+                Some((want, text)) => status == want && reply.contains(text),
+                None => status == expect,
+            };
+            *report.answers.entry(format!("{expect} -> {status}")).or_default() += 1;
+            if !ok {
+                report.mismatches += 1;
+                keep(
+                    &mut report.errors,
+                    format!("pod {uid} wanted {expect}, got: {}", reply.lines().next().unwrap_or("")),
+                );
+            }
+        }
+    }
+
+    fn remove(pod: &Path, report: &mut ChurnReport) {
+        match fs::remove_dir(pod.join("0123456789abcdef")).and_then(|()| fs::remove_dir(pod)) {
+            Ok(()) => report.removed += 1,
+            Err(e) => keep(&mut report.errors, format!("rmdir {}: {e}", pod.display())),
+        }
+    }
+
+    fn keep(errors: &mut Vec<String>, e: String) {
+        if errors.len() < KEEP {
+            errors.push(e);
+        }
     }
 }
 
