@@ -67,8 +67,11 @@ pub mod maps {
     pub const PENDING: &str = "PENDING";
     /// `LruHashMap<OriginKey, Origin>`: from the SYN until the agent takes it or the socket closes.
     pub const ORIGINS: &str = "ORIGINS";
+    /// `LruHashMap<u64 socket cookie, Peer>`: what a redirected socket asked for, from the SYN
+    /// until it closes, so `getpeername()` reports it.
+    pub const PEERS: &str = "PEERS";
     /// Every map the agent pins, in the order it reports them.
-    pub const PINNED: [&str; 6] = [VERDICTS, PROTECTED, CONFIG, COUNTERS, PENDING, ORIGINS];
+    pub const PINNED: [&str; 7] = [VERDICTS, PROTECTED, CONFIG, COUNTERS, PENDING, ORIGINS, PEERS];
 }
 
 /// Names of the programs in the BPF object.
@@ -77,6 +80,8 @@ pub mod programs {
     pub const CONNECT6: &str = "imds_connect6";
     pub const SOCK_OPS: &str = "imds_sock_ops";
     pub const EGRESS: &str = "imds_egress";
+    pub const PEER4: &str = "imds_peer4";
+    pub const PEER6: &str = "imds_peer6";
 }
 
 /// Capacity of the maps. The verdict map holds one entry per pod (or container) cgroup the
@@ -86,6 +91,8 @@ pub mod capacity {
     pub const PROTECTED: u32 = 64;
     pub const PENDING: u32 = 16_384;
     pub const ORIGINS: u32 = 65_536;
+    /// Redirected connections open at once (the agent serves at most 4,096 by default).
+    pub const PEERS: u32 = 16_384;
 }
 
 /// Indexes of the per-CPU counters.
@@ -209,9 +216,19 @@ pub struct OriginKey {
     pub agent_port_be: u16,
 }
 
+/// Value of the `PEERS` map: the destination a redirected socket asked for, network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    pub ip4_be: u32,
+    pub port_be: u16,
+    /// Explicit padding, always zero.
+    pub pad: u16,
+}
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY (all four): `#[repr(C)]`, `Copy`, only integer fields, no implicit padding (the
+    // SAFETY (all five): `#[repr(C)]`, `Copy`, only integer fields, no implicit padding (the
     // layout test below checks the sizes), so every bit pattern is a valid value.
     // SAFETY: see above.
     unsafe impl aya::Pod for super::Config {}
@@ -221,6 +238,8 @@ mod pod {
     unsafe impl aya::Pod for super::Origin {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::OriginKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::Peer {}
 }
 
 #[cfg(test)]
@@ -234,6 +253,7 @@ mod tests {
         assert_eq!(size_of::<ProtectedAddr>(), 2 * MAX_PORTS_PER_ADDR);
         assert_eq!(size_of::<Origin>(), 8 * 4 + 4 + 2 + 2);
         assert_eq!(size_of::<OriginKey>(), 4 + 4 + 2 + 2);
+        assert_eq!(size_of::<Peer>(), 4 + 2 + 2);
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! - `imds_sock_ops`: when a redirected TCP connection has its local port (just before the
 //!   SYN), the caller's identity moves from a socket-cookie key to the connection's address
 //!   tuple, which the agent can compute from its accepted socket.
+//! - `imds_peer4` / `imds_peer6`: `getpeername()` on a redirected socket reports the address
+//!   the caller asked for, not the agent's: what the application connected to is what it sees.
 //! - `imds_egress`: a backstop that drops any packet to a protected address from a cgroup
 //!   that is not PASS (raw sockets, unconnected UDP, anything that skips `connect()`).
 //!
@@ -37,7 +39,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use imds_common::{
-    capacity, Config, Counter, Origin, OriginKey, ProtectedAddr, MAX_CGROUP_DEPTH, VERDICT_PASS, VERDICT_REDIRECT,
+    capacity, Config, Counter, Origin, OriginKey, Peer, ProtectedAddr, MAX_CGROUP_DEPTH, VERDICT_PASS, VERDICT_REDIRECT,
 };
 
 // ---- maps (pinned by name, so they outlive the agent process) ------------------------------
@@ -54,6 +56,8 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::LEN, 0);
 static PENDING: LruHashMap<u64, Origin> = LruHashMap::pinned(capacity::PENDING, 0);
 #[map]
 static ORIGINS: LruHashMap<OriginKey, Origin> = LruHashMap::pinned(capacity::ORIGINS, 0);
+#[map]
+static PEERS: LruHashMap<u64, Peer> = LruHashMap::pinned(capacity::PEERS, 0);
 
 // ---- kernel return codes ---------------------------------------------------------------------
 
@@ -193,6 +197,8 @@ pub fn imds_sock_ops(ctx: SockOpsContext) -> u32 {
         // args[1] is the new state. Only sockets we recorded have this callback enabled.
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             let _gone = ORIGINS.remove(connection_key(&ctx));
+            // SAFETY: the cookie helper accepts a sock_ops context.
+            let _gone = PEERS.remove(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
         }
         _ => {}
     }
@@ -229,7 +235,10 @@ fn on_tcp_connect(ctx: &SockOpsContext) {
         Some(origin) => {
             let _taken = PENDING.remove(cookie);
             if ORIGINS.insert(key, origin, 0).is_ok() {
-                // Drop the record when this socket closes, whether or not the agent took it.
+                // Best effort: without it, getpeername() shows the agent's address.
+                let peer = Peer { ip4_be: origin.orig_ip4_be, port_be: origin.orig_port_be, pad: 0 };
+                let _ = PEERS.insert(cookie, peer, 0);
+                // Drop the records when this socket closes, whether or not the agent took it.
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
                 bump(Counter::OriginRecorded);
             } else {
@@ -243,6 +252,45 @@ fn on_tcp_connect(ctx: &SockOpsContext) {
             let _stale = ORIGINS.remove(key);
         }
     }
+}
+
+// ---- getpeername4 / getpeername6 -------------------------------------------------------------
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn imds_peer4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in connect4.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    if let Some(peer) = asked_for(&ctx, sa.user_ip4, sa.user_port as u16) {
+        sa.user_ip4 = peer.ip4_be;
+        sa.user_port = u32::from(peer.port_be);
+    }
+    ALLOW // the only value these hooks accept
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn imds_peer6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in connect4.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let (w0, w1, w2, ip4_be) = (sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]);
+    if w0 != 0 || w1 != 0 || w2 != 0xffffu32.to_be() {
+        return ALLOW;
+    }
+    if let Some(peer) = asked_for(&ctx, ip4_be, sa.user_port as u16) {
+        sa.user_ip6[3] = peer.ip4_be;
+        sa.user_port = u32::from(peer.port_be);
+    }
+    ALLOW
+}
+
+/// What a socket whose peer is `ip4_be:port_be` asked for, if it is a redirected one.
+#[inline(always)]
+fn asked_for(ctx: &SockAddrContext, ip4_be: u32, port_be: u16) -> Option<Peer> {
+    let cfg = config();
+    if ip4_be != cfg.agent_ip4_be || port_be != cfg.agent_port_be {
+        return None; // not connected to the agent: nothing to say
+    }
+    // SAFETY: the cookie helper accepts this context type; plain data copied out right away.
+    unsafe { PEERS.get(bpf_get_socket_cookie(ctx.as_ptr())) }.copied()
 }
 
 // ---- egress backstop -------------------------------------------------------------------------

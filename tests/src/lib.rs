@@ -46,6 +46,8 @@ pub struct ProbeReport {
     pub error: Option<String>,
     /// Local address of a connected TCP socket.
     pub local: Option<String>,
+    /// Its peer, as `getpeername()` reports it.
+    pub peer: Option<String>,
     /// First line the listener sent.
     pub reply: Option<String>,
     /// What a `burst` saw.

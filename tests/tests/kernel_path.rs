@@ -38,6 +38,8 @@ fn redirect_cgroup_lands_on_the_agent_with_its_origin() {
     let report = probe.wait();
     assert_eq!(report.outcome, "connected", "{report:?}");
     assert_eq!(report.reply.as_deref(), Some(expected_reply(pid, &sb.redirect, 4242, 4343, false).as_str()));
+    // getpeername() tells the caller what it asked for, not where it was sent.
+    assert_eq!(report.peer.as_deref(), Some("169.254.169.254:80"), "{report:?}");
     match sb.agent.origin_for(report.local.as_deref().unwrap()) {
         Some(OriginLookup::Found(o)) => {
             assert_eq!((o.pid, o.tid, o.uid, o.gid, o.cgroup_id), (pid, pid, 4242, 4343, sb.redirect.id()));
@@ -49,6 +51,10 @@ fn redirect_cgroup_lands_on_the_agent_with_its_origin() {
     assert_eq!(sb.standin.accepted(), 0);
     assert_eq!(sb.counter(Counter::ConnectRedirect), 1);
     assert_eq!(sb.counter(Counter::OriginRecorded), 1);
+    // A connection made to the agent directly is not dressed up as the metadata address.
+    let agent = sb.agent.server.addr;
+    let report = Probe::new(&sb.ns, &sb.redirect).connect(*agent.ip(), agent.port(), false).wait();
+    assert_eq!(report.peer, Some(agent.to_string()), "{report:?}");
 }
 
 // 2.
@@ -89,6 +95,7 @@ fn v4_mapped_ipv6_connects_get_the_same_three_outcomes() {
     let pid = probe.pid();
     let report = probe.wait();
     assert_eq!(report.reply.as_deref(), Some(expected_reply(pid, &sb.redirect, 0, 0, true).as_str()), "{report:?}");
+    assert_eq!(report.peer.as_deref(), Some("[::ffff:169.254.169.254]:80"), "{report:?}");
 
     let report = Probe::new(&sb.ns, &sb.pass).connect(IMDS_IP, 80, true).wait();
     assert_eq!(report.reply.as_deref(), Some("standin"), "{report:?}");
@@ -158,6 +165,7 @@ fn pod_namespace_is_redirected_across_a_veth_to_the_node_agent() {
     assert_eq!(report.reply.as_deref(), Some(expected_reply(pid, &redirect, 0, 0, false).as_str()), "{report:?}");
     let local: std::net::SocketAddr = report.local.as_deref().unwrap().parse().unwrap();
     assert_eq!(local.ip(), std::net::IpAddr::V4(pod_ip), "the agent saw the pod's own address");
+    assert_eq!(report.peer.as_deref(), Some("169.254.169.254:80"), "{report:?}");
     // Control: the route to the stand-in works from the pod namespace.
     let report = Probe::new(&pod, &pass).connect(IMDS_IP, 80, false).wait();
     assert_eq!(report.reply.as_deref(), Some("standin"), "{report:?}");

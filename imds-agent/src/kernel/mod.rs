@@ -1,6 +1,6 @@
 //! Loading the kernel programs, attaching them to one cgroup, and keeping them there.
 //!
-//! State that must outlive the agent process — the four links and the maps — is pinned under
+//! State that must outlive the agent process — the six links and the maps — is pinned under
 //! one bpffs directory. Every start loads the programs afresh with the maps reused from their
 //! pins, then for each hook either replaces the program behind the pinned link atomically
 //! (restart, upgrade: no instant without a filter, never two attachments) or attaches and
@@ -46,18 +46,21 @@ pub fn programs_built() -> bool {
 /// The metadata endpoint every cloud agrees on.
 pub const IMDS_ENDPOINT: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(169, 254, 169, 254), 80);
 
-/// One of the four places the programs hook into the kernel.
+/// One of the six places the programs hook into the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Hook {
     SockOps,
     Connect4,
     Connect6,
     Egress,
+    GetPeerName4,
+    GetPeerName6,
 }
 
 impl Hook {
     /// Attach order: origin tracking before anything is redirected.
-    pub const ALL: [Hook; 4] = [Hook::SockOps, Hook::Connect4, Hook::Connect6, Hook::Egress];
+    pub const ALL: [Hook; 6] =
+        [Hook::SockOps, Hook::Connect4, Hook::Connect6, Hook::Egress, Hook::GetPeerName4, Hook::GetPeerName6];
 
     /// Name of the program in the object (and, truncated to 15 bytes, in the kernel).
     #[must_use]
@@ -67,6 +70,8 @@ impl Hook {
             Hook::Connect4 => programs::CONNECT4,
             Hook::Connect6 => programs::CONNECT6,
             Hook::Egress => programs::EGRESS,
+            Hook::GetPeerName4 => programs::PEER4,
+            Hook::GetPeerName6 => programs::PEER6,
         }
     }
 
@@ -78,6 +83,8 @@ impl Hook {
             Hook::Connect4 => bpf_attach_type::BPF_CGROUP_INET4_CONNECT,
             Hook::Connect6 => bpf_attach_type::BPF_CGROUP_INET6_CONNECT,
             Hook::Egress => bpf_attach_type::BPF_CGROUP_INET_EGRESS,
+            Hook::GetPeerName4 => bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
+            Hook::GetPeerName6 => bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME,
         }
     }
 
@@ -383,7 +390,7 @@ fn attach_or_replace(
             let id = p.attach(cgroup_dir, mode).map_err(prog_err(name))?;
             p.take_link(id).map_err(prog_err(name))?.try_into()
         }
-        Hook::Connect4 | Hook::Connect6 => {
+        Hook::Connect4 | Hook::Connect6 | Hook::GetPeerName4 | Hook::GetPeerName6 => {
             let p: &mut CgroupSockAddr = program.try_into().map_err(prog_err(name))?;
             let id = p.attach(cgroup_dir, mode).map_err(prog_err(name))?;
             p.take_link(id).map_err(prog_err(name))?.try_into()
@@ -410,7 +417,7 @@ fn load(program: &mut aya::programs::Program, hook: Hook) -> Result<(), FilterEr
     loop {
         let result = match hook {
             Hook::SockOps => <&mut SockOps>::try_from(&mut *program).map_err(prog_err(name))?.load(),
-            Hook::Connect4 | Hook::Connect6 => {
+            Hook::Connect4 | Hook::Connect6 | Hook::GetPeerName4 | Hook::GetPeerName6 => {
                 <&mut CgroupSockAddr>::try_from(&mut *program).map_err(prog_err(name))?.load()
             }
             Hook::Egress => <&mut CgroupSkb>::try_from(&mut *program).map_err(prog_err(name))?.load(),

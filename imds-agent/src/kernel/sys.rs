@@ -169,10 +169,5 @@ pub fn attached_prog_ids(cgroup: BorrowedFd<'_>, attach_type: bpf_attach_type) -
 }
 
 fn attach_type_from_raw(raw: u32) -> Option<bpf_attach_type> {
-    use bpf_attach_type::{
-        BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET_EGRESS, BPF_CGROUP_SOCK_OPS,
-    };
-    [BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET_EGRESS, BPF_CGROUP_SOCK_OPS]
-        .into_iter()
-        .find(|t| *t as u32 == raw)
+    super::Hook::ALL.into_iter().map(super::Hook::attach_type).find(|t| *t as u32 == raw)
 }

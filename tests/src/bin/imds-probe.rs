@@ -256,6 +256,7 @@ fn connect(report: &mut ProbeReport, addr: Ipv4Addr, port: u16, v6: bool, then: 
         Ok(mut s) => {
             report.outcome = "connected".into();
             report.local = s.local_addr().ok().map(|a| a.to_string());
+            report.peer = s.peer_addr().ok().map(|a| a.to_string());
             match then {
                 Then::Read => {}
                 Then::Close => return Ok(()),
