@@ -13,6 +13,7 @@
 //!   policy said yes (cache, coalescing, upstream budget); [`upstream`] the real metadata service;
 //!   [`decisions`] the decision log; [`events`] Kubernetes Events for refusals;
 //!   [`telemetry`] health, readiness and metrics.
+//! - [`status`]: `imds-agent status`, from the pinned kernel state and the agent's `/status`.
 //! - [`verdicts`]: the policy's per-pod kernel verdicts (PASS for exceptions, DENY for unbound
 //!   pods with `--deny-unbound`), kept in sync with the pod cgroups.
 pub mod caller;
@@ -25,6 +26,7 @@ pub mod policy;
 pub mod secrets;
 pub mod server;
 pub mod sources;
+pub mod status;
 pub mod telemetry;
 pub mod tokens;
 pub mod upstream;

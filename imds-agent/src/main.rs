@@ -2,7 +2,7 @@
 #![allow(clippy::doc_markdown, reason = "doc comments on the CLI types are --help text, where backticks show")]
 use std::{
     net::{SocketAddr, SocketAddrV4},
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
@@ -18,6 +18,7 @@ use imds_agent::{
     secrets::SecretReader,
     server::{self, limits::ConnectionLimits, AgentState, Mode},
     sources::{kube as kube_source, manifests},
+    status,
     telemetry::{self, SourceStatus, Telemetry},
     tokens::{
         budget::BudgetConfig,
@@ -50,6 +51,14 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    /// For people.
+    Text,
+    /// One JSON document, for scripts.
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
@@ -59,6 +68,20 @@ enum LogFormat {
 enum Command {
     /// Install the kernel filter (or take over the pinned one) and serve redirected connections.
     Run(Box<RunArgs>),
+    /// Is this node protected right now? Reads the pinned kernel state (whether or not an
+    /// agent runs) and asks the running agent, if any. Exit status: 0 protected and served,
+    /// 1 fail-closed (filter attached, no agent serving), 2 not protected, 3 state unreadable.
+    Status {
+        /// bpffs directory holding the pins.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        bpffs: PathBuf,
+        /// The running agent's --metrics address [default: $HOST_IP:9402, as the DaemonSet
+        /// runs it].
+        #[arg(long, value_name = "ADDR:PORT")]
+        agent: Option<SocketAddr>,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
     /// Detach the kernel filter and remove its pinned state.
     Uninstall {
         /// bpffs directory holding the pins.
@@ -201,6 +224,22 @@ fn main() -> anyhow::Result<()> {
     init_logging(&cli)?;
     match cli.command {
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(*args, &cli.log)),
+        Command::Status { bpffs, agent, output } => {
+            let code = match tokio::runtime::Runtime::new()?.block_on(node_status(&bpffs, agent)) {
+                Ok(status) => {
+                    match output {
+                        Output::Text => print!("{status}"),
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+                    }
+                    status.protection.exit_code()
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    3
+                }
+            };
+            std::process::exit(code);
+        }
         Command::Uninstall { bpffs, wait } => {
             let done = kernel::uninstall(&bpffs)?;
             if done.links.is_empty() && done.maps.is_empty() {
@@ -317,6 +356,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     let telemetry = Arc::new(
         Telemetry::new(attach_root.clone(), &args.bpffs, updates.clone(), source).context("setting up metrics")?,
     );
+    telemetry.describe_agent(agent_facts(&args, listen));
     if let Some(addr) = args.metrics {
         telemetry::serve(addr, Arc::clone(&telemetry)).await.with_context(|| format!("serving metrics on {addr}"))?;
     }
@@ -443,7 +483,7 @@ impl PolicySource {
 }
 
 /// A client from `--kubeconfig`, else kube's defaults (in-cluster, then KUBECONFIG).
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> {
     let mut config = match kubeconfig {
         None => kube::Config::infer()
             .await
@@ -477,6 +517,79 @@ fn start_verdict_sync(sync: VerdictSync, updates: watch::Receiver<Arc<Snapshot>>
         }
     });
     Ok(())
+}
+
+/// What `/status` says this agent is.
+fn agent_facts(args: &RunArgs, listen: SocketAddrV4) -> status::AgentStatus {
+    status::AgentStatus {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        mode: match args.mode {
+            ModeArg::Enforce => "enforce",
+            ModeArg::Audit => "audit",
+        }
+        .to_owned(),
+        source: match &args.manifests {
+            Some(dir) => format!("manifests {}", dir.display()),
+            None => "kube".to_owned(),
+        },
+        listen: listen.to_string(),
+        ..status::AgentStatus::default()
+    }
+}
+
+/// Where the DaemonSet serves `--metrics` (and `/status`).
+const DEFAULT_METRICS_PORT: u16 = 9402;
+
+/// Everything `imds-agent status` reports.
+async fn node_status(pin_dir: &Path, agent: Option<SocketAddr>) -> anyhow::Result<status::NodeStatus> {
+    let state = kernel::inspect::inspect(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))?;
+    let cgroup_id = state.links.iter().map(|l| l.cgroup_id).find(|id| *id != 0);
+    let root = cgroup::cgroup2_root().ok();
+    let attach_cgroup = match (cgroup_id, &root) {
+        (Some(id), Some(root)) => CgroupResolver::new(root).ok().and_then(|r| r.resolve(id).ok().flatten()),
+        _ => None,
+    };
+    let attached = match (&attach_cgroup, &root) {
+        (Some(cg), Some(root)) => kernel::attached_programs(&root.join(cg.path.trim_start_matches('/')))
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e))),
+        _ => Err("the attach cgroup was not found".to_owned()),
+    };
+    let agent = agent.or_else(|| {
+        let ip: std::net::IpAddr = std::env::var("HOST_IP").ok()?.parse().ok()?;
+        Some(SocketAddr::new(ip, DEFAULT_METRICS_PORT))
+    });
+    let answer = match agent {
+        Some(addr) => ask_agent(addr).await,
+        None => Err("not asked: pass --agent ADDR:PORT (its --metrics address) or set HOST_IP".to_owned()),
+    };
+    Ok(status::assess(status::Inputs {
+        pin_dir: &pin_dir.display().to_string(),
+        state: &state,
+        attach_cgroup: attach_cgroup.map(|c| c.path),
+        attached,
+        agent_asked: agent.map(|a| a.to_string()),
+        agent: answer,
+    }))
+}
+
+/// `GET /status` from the agent's metrics listener, within 2 s.
+async fn ask_agent(addr: SocketAddr) -> Result<status::AgentStatus, String> {
+    use http_body_util::BodyExt as _;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: http::Uri = format!("http://{addr}/status").parse().map_err(|e| format!("{e}"))?;
+    let asked = async {
+        let response =
+            client.get(uri).await.map_err(|e| format!("no agent answered at {addr}: {:#}", anyhow::Error::new(e)))?;
+        if !response.status().is_success() {
+            return Err(format!("the agent at {addr} answered {} (an agent older than `status`?)", response.status()));
+        }
+        let body = response.into_body().collect().await.map_err(|e| format!("reading the agent's answer: {e}"))?;
+        serde_json::from_slice(&body.to_bytes()).map_err(|e| format!("the agent's answer is not a status: {e}"))
+    };
+    tokio::time::timeout(Duration::from_secs(2), asked)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer from {addr} within 2 s")))
 }
 
 /// `--listen`, else the node's address from the downward API.

@@ -37,7 +37,7 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
-use crate::{kernel, policy::Snapshot, tokens::TokenService};
+use crate::{kernel, policy::Snapshot, status::AgentStatus, tokens::TokenService};
 
 /// Labels of `imds_filter_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -100,6 +100,9 @@ pub struct Telemetry {
     pub connections_open: Gauge,
     /// cgroups the caller resolver remembers (set when it forgets the gone ones).
     pub cgroups_cached: Gauge,
+    /// What `/status` says about the agent itself (version, mode, source, listen address).
+    facts: OnceLock<AgentStatus>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
     tokens: Arc<OnceLock<Arc<TokenService>>>,
     pub source: Arc<SourceStatus>,
     registry: Registry,
@@ -148,7 +151,7 @@ impl Telemetry {
         let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(counters))?;
         registry.register_collector(Box::new(StateCollector {
             kernel: Mutex::new(counters),
-            snapshot,
+            snapshot: snapshot.clone(),
             source: Arc::clone(&source),
             tokens: Arc::clone(&tokens),
         }));
@@ -159,11 +162,52 @@ impl Telemetry {
             connections_refused,
             connections_open,
             cgroups_cached,
+            facts: OnceLock::new(),
+            snapshot,
             tokens,
             source,
             registry,
             attach_cgroup,
         })
+    }
+
+    /// Says, on `/status`, what this agent is: `version`, `mode`, `source` and `listen` of
+    /// `facts` are kept, the rest is filled in at each request.
+    pub fn describe_agent(&self, facts: AgentStatus) {
+        let _ = self.facts.set(facts);
+    }
+
+    /// The agent's account of itself, as `imds-agent status` reads it.
+    fn status(&self) -> AgentStatus {
+        let mut status = self.facts.get().cloned().unwrap_or_default();
+        let (pods, identities, bindings, exceptions) = self.snapshot.borrow().sizes();
+        status.policy =
+            [("pods", pods), ("identities", identities), ("bindings", bindings), ("exceptions", exceptions)]
+                .into_iter()
+                .map(|(k, n)| (k.to_owned(), n))
+                .collect();
+        status.unhealthy = self.unhealthy();
+        let (ready, readiness) = self.readiness();
+        (status.ready, status.readiness) = (ready, readiness);
+        status.source_synced = self.source.is_synced();
+        status.source_failing = self.source.failing();
+        status.last_sync_unix = self.source.last_sync_unix.load(Ordering::Relaxed);
+        status.connections_open = self.connections_open.get();
+        status
+    }
+
+    /// Whether the agent is ready, and `/readyz`'s sentence saying so.
+    fn readiness(&self) -> (bool, String) {
+        match (self.unhealthy(), self.source.synced.load(Ordering::Relaxed)) {
+            (Some(why), _) => (false, format!("not ready: {why}")),
+            (None, false) => (false, "not ready: policy not loaded yet".into()),
+            (None, true) => match self.source.failing() {
+                None => (true, "ready".into()),
+                Some(e) => {
+                    (true, format!("ready (fail-static: enforcing the last good policy; latest reload failed: {e})"))
+                }
+            },
+        }
     }
 
     /// Reports the token service's cache and budget from now on.
@@ -341,17 +385,16 @@ fn answer(path: &str, telemetry: &Telemetry) -> Response<Full<Bytes>> {
             None => text(StatusCode::OK, "ok\n".into()),
             Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("unhealthy: {why}\n")),
         },
-        "/readyz" => match (telemetry.unhealthy(), telemetry.source.synced.load(Ordering::Relaxed)) {
-            (Some(why), _) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
-            (None, false) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready: policy not loaded yet\n".into()),
-            (None, true) => match telemetry.source.failing() {
-                None => text(StatusCode::OK, "ready\n".into()),
-                Some(e) => text(
-                    StatusCode::OK,
-                    format!("ready (fail-static: enforcing the last good policy; latest reload failed: {e})\n"),
-                ),
-            },
-        },
+        "/readyz" => {
+            let (ready, sentence) = telemetry.readiness();
+            text(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, sentence + "\n")
+        }
+        "/status" => {
+            let body = serde_json::to_string(&telemetry.status()).unwrap_or_default();
+            let mut r = text(StatusCode::OK, body);
+            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            r
+        }
         "/metrics" => {
             let mut body = String::new();
             match encode(&mut body, &telemetry.registry) {
@@ -366,7 +409,7 @@ fn answer(path: &str, telemetry: &Telemetry) -> Response<Full<Bytes>> {
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")),
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into()),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz, /metrics or /status\n".into()),
     }
 }
 
