@@ -13,13 +13,19 @@
 //!   policy said yes (cache, coalescing, upstream budget); [`upstream`] the real metadata service;
 //!   [`decisions`] the decision log; [`events`] Kubernetes Events for refusals;
 //!   [`telemetry`] health, readiness and metrics.
-//! - [`status`]: `imds-agent status`, from the pinned kernel state and the agent's `/status`.
+//! - [`status`]: `imds-agent status`, from the pinned kernel state and the agent's own account
+//!   on its [`control`] socket;
+//!   [`explain`] the policy simulator, the same steps as a request without the request;
+//!   [`doctor`] whether the node can run the filter at all.
 //! - [`verdicts`]: the policy's per-pod kernel verdicts (PASS for exceptions, DENY for unbound
 //!   pods with `--deny-unbound`), kept in sync with the pod cgroups.
 pub mod caller;
+pub mod control;
 pub mod crds;
 pub mod decisions;
+pub mod doctor;
 pub mod events;
+pub mod explain;
 pub mod imds;
 pub mod kernel;
 pub mod policy;

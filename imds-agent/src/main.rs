@@ -11,7 +11,7 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use imds_agent::{
     caller::CgroupResolver,
-    events,
+    control, doctor, events, explain,
     imds::PathRules,
     kernel::{self, bpffs::DEFAULT_PIN_DIR, cgroup, origin::DEFAULT_ORIGIN_TTL, Filter, FilterOptions, IMDS_ENDPOINT},
     policy::{Snapshot, WorkloadMode, WorkloadSettings},
@@ -33,6 +33,8 @@ use imds_common::Verdict;
 use tokio::{io::unix::AsyncFd, net::TcpListener, signal::unix::SignalKind, sync::watch};
 use tracing_subscriber::EnvFilter;
 
+mod operator;
+
 #[derive(Parser)]
 #[command(
     name = "imds-agent",
@@ -48,6 +50,41 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(clap::Args)]
+#[command(group = clap::ArgGroup::new("who").required(true).args(["pod", "cgroup"]))]
+#[command(group = clap::ArgGroup::new("selector").args(["client_id", "object_id", "mi_res_id"]))]
+struct ExplainArgs {
+    /// The pod, as NAMESPACE/NAME.
+    #[arg(long, value_name = "NS/NAME")]
+    pod: Option<String>,
+    /// The pod a cgroup belongs to: its path (under the cgroup2 mount, or absolute) or id.
+    #[arg(long, value_name = "PATH|ID")]
+    cgroup: Option<String>,
+    /// The request names this identity by client id.
+    #[arg(long)]
+    client_id: Option<String>,
+    /// …by object (principal) id.
+    #[arg(long)]
+    object_id: Option<String>,
+    /// …by ARM resource id.
+    #[arg(long)]
+    mi_res_id: Option<String>,
+    /// The request's path and query [default: a token request for https://management.azure.com/].
+    #[arg(long)]
+    path: Option<String>,
+    /// Decide over this manifests directory instead of the running agent's policy.
+    #[arg(long, value_name = "DIR")]
+    manifests: Option<PathBuf>,
+    /// With --manifests: decide as an agent run with --deny-unbound.
+    #[arg(long, requires = "manifests")]
+    deny_unbound: bool,
+    /// The running agent's control socket.
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET, conflicts_with = "manifests")]
+    agent_socket: PathBuf,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -68,19 +105,54 @@ enum LogFormat {
 enum Command {
     /// Install the kernel filter (or take over the pinned one) and serve redirected connections.
     Run(Box<RunArgs>),
-    /// Is this node protected right now? Reads the pinned kernel state (whether or not an
-    /// agent runs) and asks the running agent, if any. Exit status: 0 protected and served,
-    /// 1 fail-closed (filter attached, no agent serving), 2 not protected, 3 state unreadable.
+    /// Is this node protected right now?
+    ///
+    /// Reads the pinned kernel state (whether or not an agent runs) and asks the running
+    /// agent, if any, on its control socket. Exit status: 0 protected and served, 1
+    /// fail-closed (filter attached, no agent serving), 2 not protected, 3 state unreadable.
     Status {
         /// bpffs directory holding the pins.
         #[arg(long, default_value = DEFAULT_PIN_DIR)]
         bpffs: PathBuf,
-        /// The running agent's --metrics address [default: $HOST_IP:9402, as the DaemonSet
-        /// runs it].
-        #[arg(long, value_name = "ADDR:PORT")]
-        agent: Option<SocketAddr>,
+        /// The running agent's control socket.
+        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+        agent_socket: PathBuf,
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
+    },
+    /// What would the agent answer this pod, and why?
+    ///
+    /// Runs the agent's own steps (kernel verdict, path, policy) over the running agent's
+    /// policy or a manifests directory, and says what each found. Exit status: 0 served, 1
+    /// refused, 3 could not ask.
+    Explain(ExplainArgs),
+    /// Can this node run the filter, and is anything in its way?
+    ///
+    /// Checks the kernel, cgroup v2 and the pod hierarchy, bpffs, capabilities, other
+    /// programs on our hooks, leftover NMI/kube2iam iptables rules, the listen address and the
+    /// upstream (connects, sends nothing). Exit status: 0 nothing failed, 1 something failed.
+    Doctor {
+        /// bpffs directory for the pins.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        bpffs: PathBuf,
+        /// cgroup the filter attaches to [default: kubepods.slice or kubepods].
+        #[arg(long)]
+        attach_cgroup: Option<PathBuf>,
+        /// The agent's listen address [default: $HOST_IP:8182].
+        #[arg(long, env = "IMDS_AGENT_LISTEN")]
+        listen: Option<SocketAddrV4>,
+        /// The metadata service [default: 169.254.169.254:80].
+        #[arg(long, default_value_t = IMDS_ENDPOINT)]
+        upstream: SocketAddrV4,
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+    },
+    /// Writes the man pages (`man/`) and shell completions (`completions/`) into a directory,
+    /// for packaging. `cargo xtask man` runs it; the image installs what it writes.
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
     /// Detach the kernel filter and remove its pinned state.
     Uninstall {
@@ -169,6 +241,9 @@ struct RunArgs {
     /// Serve /healthz, /readyz and /metrics (Prometheus) on this address [default: off].
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<SocketAddr>,
+    /// Answer `imds-agent status` and `explain` on this Unix socket (owner-only).
+    #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+    control_socket: PathBuf,
     /// Protected endpoint (repeatable).
     #[arg(long = "protect", value_name = "ADDR:PORT", default_values_t = [IMDS_ENDPOINT])]
     protected: Vec<SocketAddrV4>,
@@ -224,8 +299,8 @@ fn main() -> anyhow::Result<()> {
     init_logging(&cli)?;
     match cli.command {
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(*args, &cli.log)),
-        Command::Status { bpffs, agent, output } => {
-            let code = match tokio::runtime::Runtime::new()?.block_on(node_status(&bpffs, agent)) {
+        Command::Status { bpffs, agent_socket, output } => {
+            let code = match tokio::runtime::Runtime::new()?.block_on(operator::node_status(&bpffs, &agent_socket)) {
                 Ok(status) => {
                     match output {
                         Output::Text => print!("{status}"),
@@ -240,6 +315,32 @@ fn main() -> anyhow::Result<()> {
             };
             std::process::exit(code);
         }
+        Command::Explain(args) => {
+            let code = match tokio::runtime::Runtime::new()?.block_on(operator::explain(&args)) {
+                Ok(explanation) => {
+                    match args.output {
+                        Output::Text => print!("{explanation}"),
+                        Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
+                    }
+                    explanation.exit_code()
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    3
+                }
+            };
+            std::process::exit(code);
+        }
+        Command::Doctor { bpffs, attach_cgroup, listen, upstream, output } => {
+            let listen = listen.or_else(|| listen_address(None).ok());
+            let report = doctor::run(&doctor::Setup { pin_dir: bpffs, attach_cgroup, listen, upstream });
+            match output {
+                Output::Text => print!("{report}"),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            std::process::exit(report.exit_code());
+        }
+        Command::GenerateDocs { out } => operator::generate_docs(&out),
         Command::Uninstall { bpffs, wait } => {
             let done = kernel::uninstall(&bpffs)?;
             if done.links.is_empty() && done.maps.is_empty() {
@@ -328,6 +429,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
 
     // Bind before touching the kernel: a bad --listen must not leave a half-installed filter.
     let listener = bind(listen).with_context(|| format!("listening on {listen}"))?;
+    let control = claim_control(&args.control_socket).await?;
 
     let mut filter = Filter::install(&FilterOptions {
         attach_cgroup: attach_cgroup.clone(),
@@ -356,7 +458,12 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     let telemetry = Arc::new(
         Telemetry::new(attach_root.clone(), &args.bpffs, updates.clone(), source).context("setting up metrics")?,
     );
-    telemetry.describe_agent(agent_facts(&args, listen));
+    let rules = if args.forward_all_paths { PathRules::ForwardAll } else { PathRules::Allow(args.allow_paths.clone()) };
+    let decides = explain::Settings { rules: rules.clone(), deny_unbound: args.deny_unbound };
+    telemetry.describe_agent(agent_facts(&args, listen), decides);
+    if let Some(control) = control {
+        control::serve(control, Arc::clone(&telemetry));
+    }
     if let Some(addr) = args.metrics {
         telemetry::serve(addr, Arc::clone(&telemetry)).await.with_context(|| format!("serving metrics on {addr}"))?;
     }
@@ -364,7 +471,6 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
 
     let resolver = Arc::new(CgroupResolver::new(&root).context("opening the cgroup2 filesystem")?);
     tokio::spawn(prune_resolver(Arc::clone(&resolver), telemetry.cgroups_cached.clone()));
-    let rules = if args.forward_all_paths { PathRules::ForwardAll } else { PathRules::Allow(args.allow_paths.clone()) };
     let upstream =
         Upstream::new(SocketAddr::V4(args.upstream), IMDS_TIMEOUT).with_latency(telemetry.upstream_seconds.clone());
     let tokens = token_service(&args, upstream.clone())?;
@@ -537,59 +643,18 @@ fn agent_facts(args: &RunArgs, listen: SocketAddrV4) -> status::AgentStatus {
     }
 }
 
-/// Where the DaemonSet serves `--metrics` (and `/status`).
-const DEFAULT_METRICS_PORT: u16 = 9402;
-
-/// Everything `imds-agent status` reports.
-async fn node_status(pin_dir: &Path, agent: Option<SocketAddr>) -> anyhow::Result<status::NodeStatus> {
-    let state = kernel::inspect::inspect(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))?;
-    let cgroup_id = state.links.iter().map(|l| l.cgroup_id).find(|id| *id != 0);
-    let root = cgroup::cgroup2_root().ok();
-    let attach_cgroup = match (cgroup_id, &root) {
-        (Some(id), Some(root)) => CgroupResolver::new(root).ok().and_then(|r| r.resolve(id).ok().flatten()),
-        _ => None,
-    };
-    let attached = match (&attach_cgroup, &root) {
-        (Some(cg), Some(root)) => kernel::attached_programs(&root.join(cg.path.trim_start_matches('/')))
-            .map_err(|e| format!("{:#}", anyhow::Error::from(e))),
-        _ => Err("the attach cgroup was not found".to_owned()),
-    };
-    let agent = agent.or_else(|| {
-        let ip: std::net::IpAddr = std::env::var("HOST_IP").ok()?.parse().ok()?;
-        Some(SocketAddr::new(ip, DEFAULT_METRICS_PORT))
-    });
-    let answer = match agent {
-        Some(addr) => ask_agent(addr).await,
-        None => Err("not asked: pass --agent ADDR:PORT (its --metrics address) or set HOST_IP".to_owned()),
-    };
-    Ok(status::assess(status::Inputs {
-        pin_dir: &pin_dir.display().to_string(),
-        state: &state,
-        attach_cgroup: attach_cgroup.map(|c| c.path),
-        attached,
-        agent_asked: agent.map(|a| a.to_string()),
-        agent: answer,
-    }))
-}
-
-/// `GET /status` from the agent's metrics listener, within 2 s.
-async fn ask_agent(addr: SocketAddr) -> Result<status::AgentStatus, String> {
-    use http_body_util::BodyExt as _;
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
-    let uri: http::Uri = format!("http://{addr}/status").parse().map_err(|e| format!("{e}"))?;
-    let asked = async {
-        let response =
-            client.get(uri).await.map_err(|e| format!("no agent answered at {addr}: {:#}", anyhow::Error::new(e)))?;
-        if !response.status().is_success() {
-            return Err(format!("the agent at {addr} answered {} (an agent older than `status`?)", response.status()));
+/// The control socket, or `None` (logged) when it cannot be made: filtering does not depend
+/// on it. Another agent answering there is an error.
+async fn claim_control(path: &Path) -> anyhow::Result<Option<tokio::net::UnixListener>> {
+    match control::claim(path).await {
+        Ok(listener) => Ok(Some(listener)),
+        Err(e @ control::ControlError::InUse(_)) => Err(e.into()),
+        Err(e) => {
+            let error = format!("{:#}", anyhow::Error::from(e));
+            tracing::error!(%error, "no control socket: `imds-agent status` and `explain` cannot ask this agent");
+            Ok(None)
         }
-        let body = response.into_body().collect().await.map_err(|e| format!("reading the agent's answer: {e}"))?;
-        serde_json::from_slice(&body.to_bytes()).map_err(|e| format!("the agent's answer is not a status: {e}"))
-    };
-    tokio::time::timeout(Duration::from_secs(2), asked)
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer from {addr} within 2 s")))
+    }
 }
 
 /// `--listen`, else the node's address from the downward API.

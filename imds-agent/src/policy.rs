@@ -205,6 +205,16 @@ pub enum Selector {
 }
 
 impl Selector {
+    /// The selector as the request spelled it (`client_id=…`), for logs and explanations.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        match self {
+            Selector::ClientId(v) => format!("client_id={v}"),
+            Selector::ObjectId(v) => format!("object_id={v}"),
+            Selector::ResourceId(v) => format!("msi_res_id={v}"),
+        }
+    }
+
     fn matches(&self, identity: &Identity) -> bool {
         // GUIDs and ARM ids are case-insensitive.
         match self {
@@ -234,6 +244,33 @@ pub enum DenyReason {
     ServicePrincipalUnusable { identity: String, problem: String },
 }
 
+impl DenyReason {
+    /// Why, in words an application developer understands (the decision log's reason).
+    #[must_use]
+    pub fn describe(&self) -> String {
+        match self {
+            DenyReason::NoBindingLabel => "the pod has no aadpodidbinding label".into(),
+            DenyReason::NoBinding { label } => {
+                format!(
+                    "no AzureIdentityBinding in the pod's namespace has selector {label:?} and an existing AzureIdentity"
+                )
+            }
+            DenyReason::SelectorNotBound { selector } => {
+                format!("the pod is not bound to the identity it asked for ({})", selector.describe())
+            }
+            DenyReason::ServicePrincipalUnusable { identity, problem } => {
+                format!("the pod's service principal {identity} cannot be used: {problem}")
+            }
+            DenyReason::WorkloadNoClientId { service_account } => format!(
+                "the pod uses workload identity, but its ServiceAccount {service_account:?} has no azure.workload.identity/client-id annotation"
+            ),
+            DenyReason::WorkloadNoTenant { service_account } => format!(
+                "the pod uses workload identity, but its ServiceAccount {service_account:?} has no azure.workload.identity/tenant-id annotation and the agent has no --tenant-id"
+            ),
+        }
+    }
+}
+
 /// How an allowed identity was chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Choice {
@@ -256,6 +293,57 @@ pub enum Decision<'a> {
     Exception { exception: &'a str },
     /// Not in the snapshot (yet): wait for the sources, then a retryable 404.
     UnknownPod,
+}
+
+impl Decision<'_> {
+    /// The decision log's verdict in `enforce` mode: `allow`, `deny`, `exception` or
+    /// `unknown-pod`.
+    #[must_use]
+    pub const fn verdict(&self) -> &'static str {
+        match self {
+            Decision::Allow { .. } | Decision::Workload { .. } => "allow",
+            Decision::Deny(_) => "deny",
+            Decision::Exception { .. } => "exception",
+            Decision::UnknownPod => "unknown-pod",
+        }
+    }
+
+    /// The decision log's reason, in words an application developer understands.
+    #[must_use]
+    pub fn reason(&self) -> String {
+        match self {
+            Decision::Allow { binding, choice: Choice::Requested, .. } => {
+                format!("bound through {binding}; the identity the request named")
+            }
+            Decision::Allow { binding, choice: Choice::FirstByName, .. } => {
+                format!("bound through {binding}; no selector, so the first bound identity by name")
+            }
+            Decision::Workload { service_account, choice: Choice::Requested, .. } => {
+                format!("workload identity of ServiceAccount {service_account}; the client id the request named")
+            }
+            Decision::Workload { service_account, choice: Choice::FirstByName, .. } => {
+                format!("workload identity of ServiceAccount {service_account}")
+            }
+            Decision::Deny(reason) => reason.describe(),
+            Decision::Exception { exception } => {
+                format!("pod matches AzurePodIdentityException {exception}; forwarded unchecked")
+            }
+            Decision::UnknownPod => "the pod is not known to the policy".into(),
+        }
+    }
+
+    /// The identity served, as the decision log names it (`namespace/name`, or
+    /// `workload-identity:namespace/serviceaccount`).
+    #[must_use]
+    pub fn identity(&self, pod_namespace: &str) -> Option<String> {
+        match self {
+            Decision::Allow { identity, .. } => Some(format!("{}/{}", identity.namespace, identity.name)),
+            Decision::Workload { service_account, .. } => {
+                Some(format!("workload-identity:{pod_namespace}/{service_account}"))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The verdict the kernel should hold for a pod's cgroup.

@@ -2,7 +2,7 @@
 //!
 //! Two sources, either of which may be missing: the pinned kernel state (read with
 //! [`crate::kernel::inspect`], whether or not an agent runs) and the running agent's own
-//! account of itself (`/status` on its `--metrics` listener). [`assess`] turns them into one
+//! account of itself (`/status` on its [`crate::control`] socket). [`assess`] turns them into one
 //! answer; it is pure, so every combination is table-tested below.
 use std::collections::BTreeMap;
 
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::kernel::{inspect::PinnedState, AttachedProgram, Hook};
 
-/// What the running agent says about itself (`GET /status` on `--metrics`).
+/// What the running agent says about itself (`GET /status` on the control socket).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentStatus {
     pub version: String,
@@ -91,7 +91,7 @@ pub struct NodeStatus {
     pub counters: BTreeMap<String, u64>,
     /// Map name → (entries, capacity).
     pub maps: BTreeMap<String, (usize, u32)>,
-    /// The address asked for the agent's status, if any.
+    /// The control socket asked for the agent's status.
     pub agent_asked: Option<String>,
     pub agent: Option<AgentStatus>,
     /// Why the agent gave no status.
@@ -186,7 +186,7 @@ pub fn assess(inputs: Inputs<'_>) -> NodeStatus {
     };
     if let Some(why) = &agent_error {
         if !state.links.is_empty() {
-            problems.push(format!("{why}; check the agent's logs (kubectl logs) and its /readyz"));
+            problems.push(format!("{why}; check the agent pod (kubectl -n imds-filter get pods -o wide) and its logs"));
         }
     }
     let mut verdict_entries = BTreeMap::new();
@@ -272,7 +272,7 @@ impl std::fmt::Display for NodeStatus {
                 writeln!(f, "agent ({at})")?;
                 writeln!(f, "  {}", self.agent_error.as_deref().unwrap_or("no answer"))?;
             }
-            (_, None) => writeln!(f, "agent: not asked (pass --agent ADDR:PORT, its --metrics address)")?,
+            (_, None) => writeln!(f, "agent: not asked")?,
         }
         Ok(())
     }
@@ -319,7 +319,7 @@ mod tests {
             state,
             attach_cgroup: Some("/kubepods".into()),
             attached: Ok(attached),
-            agent_asked: Some("10.0.0.4:9402".into()),
+            agent_asked: Some("/run/imds-filter/agent.sock".into()),
             agent,
         })
     }
@@ -346,7 +346,7 @@ mod tests {
         detached.links[2].cgroup_id = 0;
         let unready = AgentStatus { ready: false, readiness: "not ready: policy not loaded yet".into(), ..serving() };
         let audit = AgentStatus { mode: "audit".into(), ..serving() };
-        let down: Result<AgentStatus, String> = Err("connection refused".into());
+        let down: Result<AgentStatus, String> = Err("no agent is running".into());
         let cases: Vec<Case<'_>> = vec![
             ("all in place, agent serving", &full, Ok(serving()), Protection::Protected, 0),
             ("audit mode still counts", &full, Ok(audit), Protection::Protected, 0),

@@ -37,7 +37,7 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
-use crate::{kernel, policy::Snapshot, status::AgentStatus, tokens::TokenService};
+use crate::{explain, kernel, policy::Snapshot, status::AgentStatus, tokens::TokenService};
 
 /// Labels of `imds_filter_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -102,6 +102,8 @@ pub struct Telemetry {
     pub cgroups_cached: Gauge,
     /// What `/status` says about the agent itself (version, mode, source, listen address).
     facts: OnceLock<AgentStatus>,
+    /// How `/explain` decides, as the agent does.
+    decides: OnceLock<explain::Settings>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     tokens: Arc<OnceLock<Arc<TokenService>>>,
     pub source: Arc<SourceStatus>,
@@ -163,6 +165,7 @@ impl Telemetry {
             connections_open,
             cgroups_cached,
             facts: OnceLock::new(),
+            decides: OnceLock::new(),
             snapshot,
             tokens,
             source,
@@ -171,14 +174,31 @@ impl Telemetry {
         })
     }
 
-    /// Says, on `/status`, what this agent is: `version`, `mode`, `source` and `listen` of
+    /// Says, on the control socket's `/status`, what this agent is: `version`, `mode`, `source` and `listen` of
     /// `facts` are kept, the rest is filled in at each request.
-    pub fn describe_agent(&self, facts: AgentStatus) {
+    /// `settings` are how it decides, for `/explain`.
+    pub fn describe_agent(&self, facts: AgentStatus, settings: explain::Settings) {
         let _ = self.facts.set(facts);
+        let _ = self.decides.set(settings);
+    }
+
+    /// `/explain?pod=NS/NAME&request=…` (or `uid=…`) on the control socket: the policy
+    /// simulator over the snapshot in force.
+    pub(crate) fn explain(&self, query: Option<&str>) -> Result<explain::Explanation, String> {
+        let params: std::collections::HashMap<String, String> =
+            form_urlencoded::parse(query.unwrap_or_default().as_bytes()).into_owned().collect();
+        let pod = match (params.get("pod"), params.get("uid")) {
+            (Some(pod), None) => explain::PodRef::parse(pod)?,
+            (None, Some(uid)) => explain::PodRef::Uid(uid.clone()),
+            _ => return Err("give pod=NAMESPACE/NAME or uid=UID".into()),
+        };
+        let request = params.get("request").map_or(explain::DEFAULT_REQUEST, String::as_str);
+        let settings = self.decides.get().cloned().unwrap_or_default();
+        Ok(explain::explain(&self.snapshot.borrow(), &settings, &pod, request))
     }
 
     /// The agent's account of itself, as `imds-agent status` reads it.
-    fn status(&self) -> AgentStatus {
+    pub(crate) fn status(&self) -> AgentStatus {
         let mut status = self.facts.get().cloned().unwrap_or_default();
         let (pods, identities, bindings, exceptions) = self.snapshot.borrow().sizes();
         status.policy =
@@ -389,12 +409,6 @@ fn answer(path: &str, telemetry: &Telemetry) -> Response<Full<Bytes>> {
             let (ready, sentence) = telemetry.readiness();
             text(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, sentence + "\n")
         }
-        "/status" => {
-            let body = serde_json::to_string(&telemetry.status()).unwrap_or_default();
-            let mut r = text(StatusCode::OK, body);
-            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
-            r
-        }
         "/metrics" => {
             let mut body = String::new();
             match encode(&mut body, &telemetry.registry) {
@@ -409,7 +423,7 @@ fn answer(path: &str, telemetry: &Telemetry) -> Response<Full<Bytes>> {
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n")),
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz, /metrics or /status\n".into()),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into()),
     }
 }
 

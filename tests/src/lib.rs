@@ -817,6 +817,8 @@ pub struct AgentProcess {
     pub log_path: PathBuf,
     /// The decision log (the agent's stdout).
     pub decisions_path: PathBuf,
+    /// Where it answers `imds-agent status` and `explain` (`--control-socket`).
+    pub control_socket: PathBuf,
 }
 
 impl AgentProcess {
@@ -831,6 +833,16 @@ impl AgentProcess {
         use std::os::unix::ffi::OsStrExt as _;
         let log_path = std::env::temp_dir().join(format!("{}.log", unique("agent")));
         let decisions_path = log_path.with_extension("decisions");
+        // Each agent its own control socket (unless the test names one): agents of tests
+        // running side by side must not meet on the default path.
+        let control_socket = match args.iter().position(|a| a == "--control-socket") {
+            Some(i) => PathBuf::from(&args[i + 1]),
+            None => log_path.with_extension("sock"),
+        };
+        let mut args = args.to_vec();
+        if !args.iter().any(|a| a == "--control-socket") {
+            args.extend(["--control-socket".to_owned(), control_socket.display().to_string()]);
+        }
         let log = fs::File::create(&log_path).expect("agent log file");
         let decisions = fs::File::create(&decisions_path).expect("agent decision log file");
         let ns_file = fs::File::open(ns.path()).expect("open netns");
@@ -838,7 +850,7 @@ impl AgentProcess {
             std::ffi::CString::new(c.path.join("cgroup.procs").as_os_str().as_bytes()).expect("no NUL in paths")
         });
         let mut cmd = Command::new(agent_binary());
-        cmd.args(["--log-format", "json", "run"]).args(args).stdout(decisions).stderr(log);
+        cmd.args(["--log-format", "json", "run"]).args(&args).stdout(decisions).stderr(log);
         // SAFETY: between fork and exec only async-signal-safe calls run (setns, open, write,
         // close, unshare), on buffers prepared before the fork: no allocation.
         unsafe {
@@ -860,7 +872,7 @@ impl AgentProcess {
             });
         }
         let child = cmd.spawn().expect("spawn imds-agent");
-        let agent = AgentProcess { child: Some(child), log_path, decisions_path };
+        let agent = AgentProcess { child: Some(child), log_path, decisions_path, control_socket };
         agent.wait_for_log(AGENT_READY, Duration::from_secs(30));
         agent
     }
@@ -927,6 +939,7 @@ impl Drop for AgentProcess {
         self.kill();
         let _ = fs::remove_file(&self.log_path);
         let _ = fs::remove_file(&self.decisions_path);
+        let _ = fs::remove_file(&self.control_socket);
     }
 }
 

@@ -1,24 +1,24 @@
 //! Operator tools (issue #8): `imds-agent status` against a running agent, against pinned
-//! state with the agent killed, and with nothing attached. Real agent, real kernel programs,
-//! the fake IMDS (the real one cannot run here). Needs root; run with `cargo xtask test`.
-use std::net::{Ipv4Addr, SocketAddrV4};
+//! state with the agent killed, and with nothing attached; `imds-agent explain` against the
+//! agent's real decisions; `imds-agent doctor` passing here and naming what is wrong. Real agent, real kernel programs, the fake IMDS (the real one
+//! cannot run here). Needs root; run with `cargo xtask test`.
+use std::net::{SocketAddr, SocketAddrV4};
 
+use imds_agent::kernel::Filter;
 use imds_tests::{
     agent_binary,
     fake_imds::FakeIdentity,
-    node::{bound_pods_manifest, pod_uid, Node},
-    run_in,
+    filter_options,
+    node::{bound_pods_manifest, curl, pod_uid, Node, AGENT_ADDR},
+    run_in, PinDir, IMDS_IP,
 };
-
-const METRICS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 233, 0, 1), 9405);
 
 /// `imds-agent status --output json` from the node namespace, outside the filtered hierarchy:
 /// its exit status and its JSON.
-fn status(node: &Node) -> (Option<i32>, serde_json::Value) {
+fn status(node: &Node, socket: &str) -> (Option<i32>, serde_json::Value) {
     let agent = agent_binary();
     let pins = node.pins.path.display().to_string();
-    let command =
-        [agent.to_str().unwrap(), "status", "--bpffs", &pins, "--agent", &METRICS.to_string(), "--output", "json"];
+    let command = [agent.to_str().unwrap(), "status", "--bpffs", &pins, "--agent-socket", socket, "--output", "json"];
     let (_, out) = run_in(&node.ns, &node.root, &command);
     let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -38,10 +38,11 @@ fn status_tells_protected_from_fail_closed_from_unprotected() {
     let web_uid = pod_uid();
     node.write_manifest("policy.yaml", &bound_pods_manifest("app", &[blob], &[(web_uid.clone(), 0)]));
     let web = node.pod(&web_uid);
-    node.start_agent(&["--metrics", &METRICS.to_string()]);
+    node.start_agent(&[]);
+    let socket = node.agent().control_socket.display().to_string();
 
     // Running: protected, every hook holds exactly the pinned program, the agent answers.
-    let (code, s) = status(&node);
+    let (code, s) = status(&node, &socket);
     assert_eq!((code, s["protection"].as_str()), (Some(0), Some("protected")), "{s:#}");
     assert_eq!(s["attach_cgroup_id"], node.kubepods.id(), "{s:#}");
     let hooks = s["hooks"].as_array().expect("hooks");
@@ -55,7 +56,7 @@ fn status_tells_protected_from_fail_closed_from_unprotected() {
     // The same for people.
     let agent = agent_binary();
     let pins = node.pins.path.display().to_string();
-    let text_status = [agent.to_str().unwrap(), "status", "--bpffs", &pins, "--agent", &METRICS.to_string()];
+    let text_status = [agent.to_str().unwrap(), "status", "--bpffs", &pins, "--agent-socket", &socket];
     let (_, out) = run_in(&node.ns, &node.root, &text_status);
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}");
@@ -64,11 +65,11 @@ fn status_tells_protected_from_fail_closed_from_unprotected() {
 
     // Killed: the pinned programs still hold the node, fail-closed, and status says so.
     node.agent.as_mut().expect("running").kill();
-    let (code, s) = status(&node);
+    let (code, s) = status(&node, &socket);
     assert_eq!((code, s["protection"].as_str()), (Some(1), Some("fail-closed")), "{s:#}");
     assert!(s["hooks"].as_array().expect("hooks").iter().all(|h| h["ok"] == true), "{s:#}");
     assert!(
-        s["agent"].is_null() && s["agent_error"].as_str().is_some_and(|e| e.contains("no agent answered")),
+        s["agent"].is_null() && s["agent_error"].as_str().is_some_and(|e| e.contains("no agent is running")),
         "{s:#}"
     );
 
@@ -78,8 +79,203 @@ fn status_tells_protected_from_fail_closed_from_unprotected() {
     // Uninstalled: nothing attached, not protected.
     let (_, out) = run_in(&node.ns, &node.root, &[agent.to_str().unwrap(), "uninstall", "--bpffs", &pins]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (code, s) = status(&node);
+    let (code, s) = status(&node, &socket);
     assert_eq!((code, s["protection"].as_str()), (Some(2), Some("unprotected")), "{s:#}");
     assert!(s["summary"].as_str().is_some_and(|t| t.contains("nothing is installed")), "{s:#}");
     drop(web);
+}
+
+/// `imds-agent explain ARGS --output json` from the node namespace: exit status and JSON.
+fn explain(node: &Node, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let agent = agent_binary();
+    let mut command = vec![agent.to_str().unwrap(), "explain", "--output", "json"];
+    command.extend_from_slice(args);
+    let (_, out) = run_in(&node.ns, &node.root, &command);
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "explain printed no JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), json)
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn explain_says_what_the_agent_decides_in_the_same_words() {
+    let (blob, vault) = (FakeIdentity::named("blob"), FakeIdentity::named("vault"));
+    let mut node = Node::new("op-explain", vec![blob.clone(), vault.clone()]);
+    let (web_uid, other_uid) = (pod_uid(), pod_uid());
+    // pod0 (web) bound to blob, pod1 (other) bound to vault.
+    let manifest =
+        bound_pods_manifest("app", &[blob.clone(), vault.clone()], &[(web_uid.clone(), 0), (other_uid.clone(), 1)]);
+    node.write_manifest("policy.yaml", &manifest);
+    let web = node.pod(&web_uid);
+    node.start_agent(&[]);
+    let manifests = node.manifests.path().display().to_string();
+    let socket = node.agent().control_socket.display().to_string();
+
+    // (selector flag and value, expected verdict, expected exit status)
+    let cases: [(&[&str], &str, i32); 4] = [
+        (&[], "allow", 0),
+        (&["--client-id", &blob.client_id], "allow", 0),
+        (&["--client-id", &vault.client_id], "deny", 1),
+        (&["--mi-res-id", &vault.resource_id], "deny", 1),
+    ];
+    for (i, (selector, verdict, code)) in cases.into_iter().enumerate() {
+        // What the agent really does with that request from web…
+        let query = match selector {
+            [] => String::new(),
+            [flag, value] => {
+                format!("&{}={}", flag.trim_start_matches("--").replace('-', "_"), value.replace('/', "%2F"))
+            }
+            _ => unreachable!(),
+        };
+        let base = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
+        let path = format!("{base}{query}");
+        let fetched = curl(&node, &web, SocketAddr::from((IMDS_IP, 80)), &path, &["Metadata: true"]);
+        let decisions = node.agent().decisions();
+        assert_eq!(decisions.len(), i + 1, "{decisions:?}");
+        let actual = &decisions[i];
+        assert_eq!(actual["verdict"], verdict, "{actual}");
+        assert_eq!(fetched.status, if verdict == "allow" { 200 } else { 400 }, "{fetched:?}");
+        // …and what explain says, over the live policy and over the manifests.
+        // The same request, its selector given by flag.
+        let request = ["--path", base];
+        for source in [["--agent-socket", socket.as_str()], ["--manifests", manifests.as_str()]] {
+            let args = [&["--pod", "app/pod0"][..], selector, &request, &source].concat();
+            let (exit, said) = explain(&node, &args);
+            assert_eq!(exit, Some(code), "{args:?}: {said:#}");
+            assert_eq!(said["verdict"], actual["verdict"], "{args:?}: {said:#}");
+            assert_eq!(said["reason"], actual["reason"], "{args:?}: {said:#}");
+            assert_eq!(said["identity"], actual["identity"], "{args:?}: {said:#}");
+            assert_eq!(said["pod_uid"], web_uid.as_str(), "{args:?}: {said:#}");
+        }
+    }
+    // "What is this process?" by cgroup, path or id: the pod, then the same answer.
+    for cgroup in [web.ctr.path.display().to_string(), web.ctr.id().to_string()] {
+        let (exit, said) = explain(&node, &["--cgroup", &cgroup, "--agent-socket", &socket]);
+        assert_eq!((exit, said["verdict"].as_str()), (Some(0), Some("allow")), "{said:#}");
+        assert!(said["steps"][0]["finding"].as_str().is_some_and(|f| f.contains(&web_uid)), "{said:#}");
+    }
+    // An unknown pod, and a cgroup that is not a pod's.
+    let (exit, said) = explain(&node, &["--pod", "app/ghost", "--agent-socket", &socket]);
+    assert_eq!((exit, said["verdict"].as_str()), (Some(1), Some("unknown-pod")), "{said:#}");
+    let agent = agent_binary();
+    let root = node.root.path.display().to_string();
+    let (_, out) = run_in(
+        &node.ns,
+        &node.root,
+        &[agent.to_str().unwrap(), "explain", "--cgroup", &root, "--agent-socket", &socket],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not a pod's"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(web);
+}
+
+/// `imds-agent doctor ARGS --output json` from the node namespace: exit status and each
+/// check's outcome by name (with the check, for messages).
+fn doctor(node: &Node, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let agent = agent_binary();
+    let mut command = vec![agent.to_str().unwrap(), "doctor", "--output", "json"];
+    command.extend_from_slice(args);
+    let (_, out) = run_in(&node.ns, &node.root, &command);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "doctor printed no JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), json)
+}
+
+/// The check named `name` in a doctor report.
+fn check<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    report["checks"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no {name}: {report:#}"))
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn doctor_passes_here_and_names_what_is_wrong() {
+    let mut node = Node::new("op-doctor", vec![]);
+    node.start_agent(&[]);
+    let (pins, kubepods, listen) =
+        (node.pins.path.display().to_string(), node.kubepods.path.display().to_string(), AGENT_ADDR.to_string());
+    // The metadata address of this test's namespace, where the fake IMDS listens.
+    let upstream = SocketAddrV4::new(IMDS_IP, 80).to_string();
+    let args = |bpffs: &str| -> Vec<String> {
+        ["--bpffs", bpffs, "--attach-cgroup", &kubepods, "--listen", &listen, "--upstream", &upstream]
+            .map(str::to_owned)
+            .to_vec()
+    };
+    let with = |a: &[String]| doctor(&node, &a.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // This machine, with the agent running: nothing fails.
+    let (code, report) = with(&args(&pins));
+    assert_eq!(code, Some(0), "{report:#}");
+    for name in [
+        "kernel",
+        "btf",
+        "cgroup v2",
+        "pod cgroups",
+        "bpffs",
+        "capabilities",
+        "conflicts",
+        "iptables",
+        "listen",
+        "upstream",
+    ] {
+        assert_eq!(check(&report, name)["outcome"], "pass", "{name}: {report:#}");
+    }
+    let seen_before = node.fake.seen().len();
+    let agent = agent_binary();
+    let here = args(&pins);
+    let text: Vec<&str> =
+        [agent.to_str().unwrap(), "doctor"].into_iter().chain(here.iter().map(String::as_str)).collect();
+    let (_, out) = run_in(&node.ns, &node.root, &text);
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}");
+    assert!(text.ends_with("the filter can run on this node\n"), "{text}");
+
+    // No bpffs where the pins would go.
+    let not_bpffs = tempfile::tempdir().expect("tempdir");
+    let (code, report) = with(&args(&not_bpffs.path().join("pins").display().to_string()));
+    assert_eq!((code, check(&report, "bpffs")["outcome"].as_str()), (Some(1), Some("fail")), "{report:#}");
+    assert!(check(&report, "bpffs")["fix"].as_str().is_some_and(|f| f.contains("mount -t bpf")), "{report:#}");
+
+    // Someone else's programs on the same hooks (here: a second copy of ours, pinned elsewhere).
+    let other_pins = PinDir::new("op-doctor-other");
+    let other = Filter::install(&filter_options(&node.kubepods, &other_pins, AGENT_ADDR)).expect("a second filter");
+    let (code, report) = with(&args(&pins));
+    let conflicts = check(&report, "conflicts");
+    assert_eq!((code, conflicts["outcome"].as_str()), (Some(1), Some("fail")), "{report:#}");
+    assert!(conflicts["detail"].as_str().is_some_and(|d| d.contains("Connect4 program")), "{report:#}");
+    drop((other, other_pins));
+
+    // NMI's chain left behind.
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", node.ns.path().display()))
+        .args(["iptables", "-w", "-t", "nat", "-N", "aad-metadata"])
+        .output()
+        .expect("iptables (cargo xtask setup installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, report) = with(&args(&pins));
+    assert_eq!((code, check(&report, "iptables")["outcome"].as_str()), (Some(1), Some("fail")), "{report:#}");
+
+    // A listen address that is not this node's.
+    let mut wrong = args(&pins);
+    wrong[5] = "10.233.9.9:8182".into();
+    let (_, report) = with(&wrong);
+    assert_eq!(check(&report, "listen")["outcome"], "fail", "{report:#}");
+    // The upstream check connected, and asked nothing.
+    assert_eq!(node.fake.seen().len(), seen_before, "doctor sent the metadata service a request");
 }

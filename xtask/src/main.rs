@@ -49,6 +49,9 @@ enum Task {
         #[arg(long)]
         unprivileged: bool,
     },
+    /// Man pages and shell completions for imds-agent, generated from its clap definitions,
+    /// into target/dist/ (man/ and completions/).
+    Man,
     /// The agent on a node in miniature: example manifests, pods, a fake IMDS (needs root).
     Demo,
     /// The performance figures (P1–P7), each against its baseline, in interleaved rounds;
@@ -78,6 +81,10 @@ fn main() -> Result<()> {
         Task::Setup { no_test_tools } => setup(!no_test_tools),
         Task::BuildEbpf => build_ebpf().map(|path| println!("{}", path.display())),
         Task::Test { no_lint, unprivileged } => test(no_lint, unprivileged),
+        Task::Man => {
+            run(cargo().args(["build", "--quiet", "--package", "imds-agent", "--bin", "imds-agent"]))?;
+            man()
+        }
         Task::Demo => demo(),
         Task::Bench { quick } => bench(quick),
         Task::Fuzz { seconds, targets } => {
@@ -375,6 +382,8 @@ fn test(no_lint: bool, unprivileged: bool) -> Result<()> {
         .args(["test", "--workspace", "--", "--include-ignored"])
         .env("IMDS_REQUIRE_EBPF", "1")
         .env("IMDS_SDK_PYTHON", sdk_python()?))?;
+    println!("==> man pages and completions");
+    man()?;
     println!("==> fuzzing, briefly (long runs: `cargo xtask fuzz`)");
     fuzz(10, &[])?;
     println!("==> benchmarks, briefly (the harness works; figures come from `cargo xtask bench`)");
@@ -449,6 +458,29 @@ fn run_bench_binary(profile: &str, quick: bool) -> Result<()> {
         command.arg("--quick");
     }
     run(command.env("IMDS_REQUIRE_EBPF", "1"))
+}
+
+// ---- man pages and completions ---------------------------------------------------------------
+
+/// Runs the built agent's `generate-docs` into target/dist/ and checks what it wrote.
+fn man() -> Result<()> {
+    let target = workspace_root().join("target");
+    let out = target.join("dist");
+    run(Command::new(target.join("debug/imds-agent")).arg("generate-docs").arg("--out").arg(&out))?;
+    let pages =
+        ["imds-agent.1", "imds-agent-run.1", "imds-agent-status.1", "imds-agent-explain.1", "imds-agent-doctor.1"];
+    let completions = ["imds-agent.bash", "_imds-agent", "imds-agent.fish"];
+    let expected = pages
+        .iter()
+        .map(|p| out.join("man").join(p))
+        .chain(completions.iter().map(|c| out.join("completions").join(c)));
+    for file in expected {
+        let size = fs::metadata(&file).map_or(0, |m| m.len());
+        if size == 0 {
+            bail!("{} was not written", file.display());
+        }
+    }
+    Ok(())
 }
 
 // ---- demo ------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ use crate::{
     decisions::DecisionRecord,
     imds::{self, ImdsError, Route, TokenRequest, JSON_CONTENT_TYPE as JSON},
     kernel::CallerOrigin,
-    policy::{Choice, Decision, DenyReason, Selector, Snapshot},
+    policy::{Decision, Selector, Snapshot},
     tokens::{token::unix_now, too_many_requests, Fetch, Outcome, Retryable, Served, Source, TokenKey},
     upstream::{UpstreamError, UpstreamResponse, UpstreamSelector},
 };
@@ -87,7 +87,7 @@ async fn answer(
 }
 
 async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, record: &mut DecisionRecord) -> Answer {
-    record.selector = token.selector.as_ref().map(describe_selector);
+    record.selector = token.selector.as_ref().map(Selector::describe);
     let Some(uid) = caller.cgroup.as_ref().and_then(|c| c.pod_uid.clone()) else {
         record.reason = "the caller's cgroup is not a pod's".into();
         return refuse_or_audit(&token, state, record).await;
@@ -98,15 +98,11 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
         record.pod_name = Some(pod.name.clone());
     }
     record.pod_uid = Some(uid.clone());
-    match snapshot.decide(&uid, token.selector.as_ref()) {
-        Decision::Allow { identity, binding, choice } => {
-            record.identity = Some(format!("{}/{}", identity.namespace, identity.name));
-            record.reason = match choice {
-                Choice::Requested => format!("bound through {binding}; the identity the request named"),
-                Choice::FirstByName => {
-                    format!("bound through {binding}; no selector, so the first bound identity by name")
-                }
-            };
+    let decision = snapshot.decide(&uid, token.selector.as_ref());
+    record.identity = decision.identity(record.pod_namespace.as_deref().unwrap_or_default());
+    record.reason = decision.reason();
+    match decision {
+        Decision::Allow { identity, .. } => {
             record.verdict = "allow";
             if let Some(principal) = &identity.service_principal {
                 let answered =
@@ -125,18 +121,14 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
             let outcome = state.tokens.get(key, &uid, Fetch::Imds { api_version: token.api_version.clone() }).await;
             answer_token(outcome, record)
         }
-        Decision::Workload { service_account, client_id, tenant_id, choice } => {
+        Decision::Workload { service_account, client_id, tenant_id, .. } => {
             let namespace = record.pod_namespace.clone().unwrap_or_default();
-            let who = super::workload::Workload { namespace, service_account, client_id, tenant_id, choice };
+            let who = super::workload::Workload { namespace, service_account, client_id, tenant_id };
             super::workload::answer(&who, &token.resource, &uid, state, record).await
         }
-        Decision::Deny(reason) => {
-            record.reason = describe_denial(&reason);
-            refuse_or_audit(&token, state, record).await
-        }
-        Decision::Exception { exception } => {
+        Decision::Deny(_) => refuse_or_audit(&token, state, record).await,
+        Decision::Exception { .. } => {
             record.verdict = "exception";
-            record.reason = format!("pod matches AzurePodIdentityException {exception}; forwarded unchecked");
             forward_as_asked(&token, state, record).await
         }
         Decision::UnknownPod => {
@@ -277,35 +269,4 @@ pub(super) fn refusal(e: &ImdsError) -> Answer {
     *answer.status_mut() = e.status;
     answer.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(JSON));
     answer
-}
-
-fn describe_selector(s: &Selector) -> String {
-    match s {
-        Selector::ClientId(v) => format!("client_id={v}"),
-        Selector::ObjectId(v) => format!("object_id={v}"),
-        Selector::ResourceId(v) => format!("msi_res_id={v}"),
-    }
-}
-
-fn describe_denial(reason: &DenyReason) -> String {
-    match reason {
-        DenyReason::NoBindingLabel => "the pod has no aadpodidbinding label".into(),
-        DenyReason::NoBinding { label } => {
-            format!(
-                "no AzureIdentityBinding in the pod's namespace has selector {label:?} and an existing AzureIdentity"
-            )
-        }
-        DenyReason::SelectorNotBound { selector } => {
-            format!("the pod is not bound to the identity it asked for ({})", describe_selector(selector))
-        }
-        DenyReason::ServicePrincipalUnusable { identity, problem } => {
-            format!("the pod's service principal {identity} cannot be used: {problem}")
-        }
-        DenyReason::WorkloadNoClientId { service_account } => format!(
-            "the pod uses workload identity, but its ServiceAccount {service_account:?} has no azure.workload.identity/client-id annotation"
-        ),
-        DenyReason::WorkloadNoTenant { service_account } => format!(
-            "the pod uses workload identity, but its ServiceAccount {service_account:?} has no azure.workload.identity/tenant-id annotation and the agent has no --tenant-id"
-        ),
-    }
 }

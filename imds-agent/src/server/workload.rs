@@ -12,7 +12,6 @@ use super::{
 use crate::{
     decisions::DecisionRecord,
     imds::ImdsError,
-    policy::Choice,
     tokens::{projected, token::unix_now, Fetch, Source, TokenKey},
 };
 
@@ -22,7 +21,6 @@ pub struct Workload<'a> {
     pub service_account: &'a str,
     pub client_id: &'a str,
     pub tenant_id: &'a str,
-    pub choice: Choice,
 }
 
 pub async fn answer(
@@ -32,14 +30,8 @@ pub async fn answer(
     state: &AgentState,
     record: &mut DecisionRecord,
 ) -> Response<Full<Bytes>> {
-    let Workload { namespace, service_account, client_id, tenant_id, choice } = who;
-    record.identity = Some(format!("workload-identity:{namespace}/{service_account}"));
-    record.reason = match choice {
-        Choice::Requested => {
-            format!("workload identity of ServiceAccount {service_account}; the client id the request named")
-        }
-        Choice::FirstByName => format!("workload identity of ServiceAccount {service_account}"),
-    };
+    // The decision log's identity and reason are the policy decision's (set by the caller).
+    let Workload { namespace, service_account, client_id, tenant_id } = who;
     // The pod's own service-account token: read for this pod only, checked against it.
     let (kubelet, pod_uid, ns, sa) =
         (state.kubelet_dir.clone(), uid.to_owned(), namespace.clone(), (*service_account).to_owned());

@@ -1,0 +1,404 @@
+//! `imds-agent explain`: the policy simulator.
+//!
+//! For a pod and a request, it runs the same steps the agent runs: the kernel verdict of the
+//! pod's cgroup, the request's route, then the policy's decision. It says at each step what it
+//! found, so a "no" comes with the rule that said it. The decision's verdict and reason are
+//! the decision log's own ([`Decision::verdict`], [`Decision::reason`]), so `explain` and the
+//! log never disagree in words. Pure: the snapshot comes from the caller (a manifests
+//! directory, or the running agent, which answers `/explain` with this function).
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    imds::{self, PathRules, Route, TokenRequest},
+    policy::{Decision, Pod, PodVerdict, Selector, Snapshot, BINDING_LABEL},
+};
+
+/// The request `explain` asks about when no `--path` is given.
+pub const DEFAULT_REQUEST: &str =
+    "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://management.azure.com/";
+
+/// Which pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodRef {
+    /// `namespace/name`.
+    Named {
+        namespace: String,
+        name: String,
+    },
+    Uid(String),
+}
+
+impl PodRef {
+    /// `NAMESPACE/NAME`.
+    pub fn parse(text: &str) -> Result<PodRef, String> {
+        match text.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(PodRef::Named { namespace: ns.to_owned(), name: name.to_owned() })
+            }
+            _ => Err(format!("{text:?}: expected NAMESPACE/NAME")),
+        }
+    }
+
+    fn find<'a>(&self, snapshot: &'a Snapshot) -> Option<&'a Pod> {
+        match self {
+            PodRef::Uid(uid) => snapshot.pod(uid),
+            PodRef::Named { namespace, name } => snapshot.pods().find(|p| &p.namespace == namespace && &p.name == name),
+        }
+    }
+}
+
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PodRef::Named { namespace, name } => write!(f, "{namespace}/{name}"),
+            PodRef::Uid(uid) => write!(f, "uid {uid}"),
+        }
+    }
+}
+
+/// One finding on the way to the decision.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Step {
+    pub step: String,
+    pub finding: String,
+}
+
+/// The decision and how it was reached.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation {
+    /// `namespace/name` of the pod, when it is known.
+    pub pod: Option<String>,
+    pub pod_uid: Option<String>,
+    /// The request, as asked (path and query).
+    pub request: String,
+    /// The kernel verdict of the pod's cgroup: `pass`, `deny` or `redirect`.
+    pub kernel: Option<String>,
+    pub steps: Vec<Step>,
+    /// The decision log's verdict (`allow`, `deny`, `exception`, `unknown-pod`, `invalid`,
+    /// `forward`), or `kernel-deny` / `kernel-pass` when the request never reaches the agent.
+    pub verdict: String,
+    /// The decision log's reason.
+    pub reason: String,
+    /// The identity served, as the decision log names it.
+    pub identity: Option<String>,
+    /// What the client gets: an HTTP status, or 0 when `connect()` itself fails.
+    pub status: u16,
+}
+
+impl Explanation {
+    /// Exit status: 0 when the request would be answered with a token or forwarded, 1 when
+    /// it would be refused.
+    #[must_use]
+    pub fn exit_code(&self) -> i32 {
+        i32::from(!matches!(self.verdict.as_str(), "allow" | "exception" | "forward" | "kernel-pass"))
+    }
+}
+
+/// How the agent is configured, as far as decisions go.
+#[derive(Clone, Debug, Default)]
+pub struct Settings {
+    pub rules: PathRules,
+    pub deny_unbound: bool,
+}
+
+/// Explains what happens to `request` (path and query) from `pod`.
+#[must_use]
+pub fn explain(snapshot: &Snapshot, settings: &Settings, pod: &PodRef, request: &str) -> Explanation {
+    let mut out = Explanation {
+        pod: None,
+        pod_uid: None,
+        request: request.to_owned(),
+        kernel: None,
+        steps: Vec::new(),
+        verdict: String::new(),
+        reason: String::new(),
+        identity: None,
+        status: 0,
+    };
+    let Some(found) = pod.find(snapshot) else {
+        out.step("pod", format!("{pod} is not in the policy (not on this node, or not synced yet)"));
+        let decision = Decision::UnknownPod;
+        out.conclude(decision.verdict(), decision.reason(), StatusCode::NOT_FOUND.as_u16());
+        return out;
+    };
+    out.pod = Some(format!("{}/{}", found.namespace, found.name));
+    out.pod_uid = Some(found.uid.clone());
+    let labels: Vec<String> = found.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    out.step("pod", format!("{}/{} (uid {}), labels: {}", found.namespace, found.name, found.uid, or_none(&labels)));
+    if !out.kernel_steps(snapshot, settings, found) {
+        return out; // the request never reaches the agent
+    }
+    let Some(token) = out.route(settings, request) else {
+        return out;
+    };
+    out.policy_steps(snapshot, found, &token);
+    out
+}
+
+impl Explanation {
+    fn step(&mut self, step: &str, finding: String) {
+        self.steps.push(Step { step: step.to_owned(), finding });
+    }
+
+    fn conclude(&mut self, verdict: &str, reason: String, status: u16) {
+        verdict.clone_into(&mut self.verdict);
+        (self.reason, self.status) = (reason, status);
+    }
+
+    /// What the kernel does with the pod's connections; `false` when they never reach the
+    /// agent (the explanation is then complete).
+    fn kernel_steps(&mut self, snapshot: &Snapshot, settings: &Settings, pod: &Pod) -> bool {
+        match snapshot.exception_for(pod) {
+            Some(e) => {
+                self.step(
+                    "exception",
+                    format!("matches AzurePodIdentityException {} (podLabels {:?})", e.name, e.pod_labels),
+                );
+            }
+            None => {
+                self.step("exception", format!("no AzurePodIdentityException in {} matches its labels", pod.namespace));
+            }
+        }
+        let verdict = snapshot.pod_verdict(pod, settings.deny_unbound);
+        let name = match verdict {
+            PodVerdict::Pass => "pass",
+            PodVerdict::Deny => "deny",
+            PodVerdict::Redirect => "redirect",
+        };
+        self.kernel = Some(name.to_owned());
+        match verdict {
+            PodVerdict::Pass => {
+                self.step(
+                    "kernel",
+                    "PASS: its connections go to the metadata service directly; the agent sees nothing".into(),
+                );
+                let reason = snapshot.decide(&pod.uid, None).reason();
+                self.conclude("kernel-pass", reason, StatusCode::OK.as_u16());
+                false
+            }
+            PodVerdict::Deny => {
+                self.step(
+                    "kernel",
+                    "DENY (--deny-unbound, and it is bound to no identity): connect() fails with EPERM".into(),
+                );
+                self.conclude("kernel-deny", "the pod is bound to no identity (--deny-unbound)".into(), 0);
+                false
+            }
+            PodVerdict::Redirect => {
+                self.step("kernel", "REDIRECT: its connections go to the agent, which decides per request".into());
+                true
+            }
+        }
+    }
+
+    /// The request, routed as the agent routes it; the token request, if it is one.
+    fn route(&mut self, settings: &Settings, request: &str) -> Option<TokenRequest> {
+        let (path, query) = request.split_once('?').map_or((request, None), |(p, q)| (p, Some(q)));
+        let mut headers = HeaderMap::new();
+        headers.insert("metadata", HeaderValue::from_static("true"));
+        match imds::route(&Method::GET, path, query, &headers, &settings.rules) {
+            Err(e) => {
+                self.step("path", format!("refused before the policy: {} ({})", e.description, e.status));
+                self.conclude("invalid", e.description, e.status.as_u16());
+                None
+            }
+            Ok(Route::Forward { path, .. }) => {
+                self.step("path", format!("{path} is allowed by the path rules: forwarded to the metadata service"));
+                self.conclude("forward", "path allowed by the path rules".into(), StatusCode::OK.as_u16());
+                None
+            }
+            Ok(Route::Token(token)) => {
+                let selector = token.selector.as_ref().map_or_else(|| "none".to_owned(), Selector::describe);
+                self.step("path", format!("the token endpoint; resource {}, selector {selector}", token.resource));
+                Some(token)
+            }
+        }
+    }
+
+    /// The policy, step by step, then its decision.
+    fn policy_steps(&mut self, snapshot: &Snapshot, pod: &Pod, token: &TokenRequest) {
+        if snapshot.uses_workload_identity(pod) {
+            let sa = &pod.service_account;
+            self.step("workload identity", format!("used: tokens of ServiceAccount {sa}'s federated identity"));
+        } else {
+            match pod.labels.get(BINDING_LABEL) {
+                None => self.step("binding label", format!("the pod has no {BINDING_LABEL} label")),
+                Some(label) => self.step("binding label", format!("{BINDING_LABEL}={label}")),
+            }
+            let bound: Vec<String> = snapshot
+                .bound_identities(pod)
+                .iter()
+                .map(|(i, b)| format!("{b} → {}/{} (client id {})", i.namespace, i.name, i.client_id))
+                .collect();
+            self.step("bindings", or_none(&bound));
+        }
+        let decision = snapshot.decide(&pod.uid, token.selector.as_ref());
+        let status = match decision {
+            Decision::Deny(_) => StatusCode::BAD_REQUEST,
+            Decision::UnknownPod => StatusCode::NOT_FOUND,
+            _ => StatusCode::OK,
+        };
+        self.identity = decision.identity(&pod.namespace);
+        self.conclude(decision.verdict(), decision.reason(), status.as_u16());
+    }
+}
+
+fn or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".to_owned()
+    } else {
+        items.join(", ")
+    }
+}
+
+impl std::fmt::Display for Explanation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "request  GET {}", self.request)?;
+        for s in &self.steps {
+            writeln!(f, "  {:<17} {}", s.step, s.finding)?;
+        }
+        let status = match self.status {
+            0 => "connect() fails".to_owned(),
+            n => format!("HTTP {n}"),
+        };
+        writeln!(f, "decision {}: {} ({status})", self.verdict, self.reason)?;
+        if let Some(identity) = &self.identity {
+            writeln!(f, "identity {identity}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::sources::manifests;
+
+    /// The example manifests shipped in `deploy/examples`.
+    fn examples() -> Snapshot {
+        manifests::load_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")).expect("examples load")
+    }
+
+    fn ask(snapshot: &Snapshot, settings: &Settings, pod: &str, request: &str) -> Explanation {
+        explain(snapshot, settings, &PodRef::parse(pod).unwrap(), request)
+    }
+
+    const CLIENT: &str = "6a3f2c1d-8e7b-4a5c-9d0e-1f2a3b4c5d6e";
+    const OBJECT: &str = "5f1c0b9e-3d2a-4c1e-9b7a-0e6d4c3b2a19";
+    const RESOURCE: &str = "/subscriptions/00000000-0000-0000-0000-000000000000/resourcegroups/shop-rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/blob-reader";
+
+    /// Pod, request, `--deny-unbound`, verdict, a part of the reason, identity, status.
+    type Case<'a> = (&'a str, String, bool, &'a str, &'a str, Option<&'a str>, u16);
+
+    #[test]
+    fn every_rule_of_the_example_policy() {
+        let snapshot = examples();
+        let token = |extra: &str| format!("{DEFAULT_REQUEST}{extra}");
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "shop/web",
+                token(""),
+                false,
+                "allow",
+                "no selector, so the first bound identity",
+                Some("shop/blob-reader"),
+                200,
+            ),
+            (
+                "shop/web",
+                token(&format!("&client_id={CLIENT}")),
+                false,
+                "allow",
+                "the identity the request named",
+                Some("shop/blob-reader"),
+                200,
+            ),
+            (
+                "shop/web",
+                token(&format!("&object_id={OBJECT}")),
+                false,
+                "allow",
+                "the identity the request named",
+                Some("shop/blob-reader"),
+                200,
+            ),
+            (
+                "shop/web",
+                token(&format!("&mi_res_id={RESOURCE}")),
+                false,
+                "allow",
+                "the identity the request named",
+                Some("shop/blob-reader"),
+                200,
+            ),
+            (
+                "shop/web",
+                token("&client_id=00000000-0000-0000-0000-000000000001"),
+                false,
+                "deny",
+                "not bound to the identity it asked for (client_id=00000000-0000-0000-0000-000000000001)",
+                None,
+                400,
+            ),
+            ("shop/web", token(&format!("&client_id={CLIENT}&object_id={OBJECT}")), false, "invalid", "", None, 400),
+            ("shop/batch", token(""), false, "deny", "the pod has no aadpodidbinding label", None, 400),
+            ("shop/batch", token(""), true, "kernel-deny", "bound to no identity", None, 0),
+            (
+                "shop/metrics-agent",
+                token(""),
+                false,
+                "kernel-pass",
+                "AzurePodIdentityException node-helpers",
+                None,
+                200,
+            ),
+            ("shop/ghost", token(""), false, "unknown-pod", "not known", None, 404),
+            ("shop/web", "/metadata/instance?api-version=2021-02-01".into(), false, "invalid", "", None, 403),
+            (
+                "shop/web",
+                "/metadata/identity/oauth2/token%2f?api-version=2018-02-01&resource=r".into(),
+                false,
+                "invalid",
+                "Invalid request path",
+                None,
+                400,
+            ),
+        ];
+        for (pod, request, deny_unbound, verdict, reason, identity, status) in cases {
+            let settings = Settings { deny_unbound, ..Settings::default() };
+            let got = ask(&snapshot, &settings, pod, &request);
+            assert_eq!(got.verdict, verdict, "{pod} {request}: {got}");
+            assert!(got.reason.contains(reason), "{pod} {request}: {got}");
+            assert_eq!(got.identity.as_deref(), identity, "{pod} {request}: {got}");
+            assert_eq!(got.status, status, "{pod} {request}: {got}");
+        }
+    }
+
+    #[test]
+    fn the_steps_say_why() {
+        let snapshot = examples();
+        let got = ask(&snapshot, &Settings::default(), "shop/batch", DEFAULT_REQUEST);
+        let text = got.to_string();
+        assert!(text.contains("binding label     the pod has no aadpodidbinding label"), "{text}");
+        assert!(text.contains("bindings          none"), "{text}");
+        assert!(text.ends_with("decision deny: the pod has no aadpodidbinding label (HTTP 400)\n"), "{text}");
+        assert_eq!(got.exit_code(), 1);
+        let got = ask(&snapshot, &Settings::default(), "shop/web", DEFAULT_REQUEST);
+        assert!(
+            got.to_string().contains(&format!("blob-reader-binding → shop/blob-reader (client id {CLIENT})")),
+            "{got}"
+        );
+        assert_eq!(got.exit_code(), 0);
+    }
+
+    #[test]
+    fn pod_names_must_be_namespaced() {
+        assert!(PodRef::parse("web").is_err());
+        assert!(PodRef::parse("shop/").is_err());
+        assert!(PodRef::parse("a/b/c").is_err());
+        assert_eq!(PodRef::parse("shop/web").unwrap().to_string(), "shop/web");
+    }
+}
