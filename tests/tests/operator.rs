@@ -13,21 +13,23 @@ use imds_tests::{
     run_in, PinDir, IMDS_IP,
 };
 
-/// `imds-agent status --output json` from the node namespace, outside the filtered hierarchy:
-/// its exit status and its JSON.
-fn status(node: &Node, socket: &str) -> (Option<i32>, serde_json::Value) {
+/// `imds-agent COMMAND ARGS --output json` from the node namespace, outside the filtered
+/// hierarchy: its exit status and its JSON.
+fn json_of(node: &Node, command: &str, args: &[&str]) -> (Option<i32>, serde_json::Value) {
     let agent = agent_binary();
-    let pins = node.pins.path.display().to_string();
-    let command = [agent.to_str().unwrap(), "status", "--bpffs", &pins, "--agent-socket", socket, "--output", "json"];
-    let (_, out) = run_in(&node.ns, &node.root, &command);
+    let mut full = vec![agent.to_str().unwrap(), command, "--output", "json"];
+    full.extend_from_slice(args);
+    let (_, out) = run_in(&node.ns, &node.root, &full);
     let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "status printed no JSON ({e}): {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        panic!("{command} printed no JSON ({e}): {stdout}{stderr}")
     });
     (out.status.code(), json)
+}
+
+/// `imds-agent status` of this node, asking the agent on `socket`.
+fn status(node: &Node, socket: &str) -> (Option<i32>, serde_json::Value) {
+    json_of(node, "status", &["--bpffs", &node.pins.path.display().to_string(), "--agent-socket", socket])
 }
 
 #[test]
@@ -85,22 +87,6 @@ fn status_tells_protected_from_fail_closed_from_unprotected() {
     drop(web);
 }
 
-/// `imds-agent explain ARGS --output json` from the node namespace: exit status and JSON.
-fn explain(node: &Node, args: &[&str]) -> (Option<i32>, serde_json::Value) {
-    let agent = agent_binary();
-    let mut command = vec![agent.to_str().unwrap(), "explain", "--output", "json"];
-    command.extend_from_slice(args);
-    let (_, out) = run_in(&node.ns, &node.root, &command);
-    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "explain printed no JSON ({e}): {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code(), json)
-}
-
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn explain_says_what_the_agent_decides_in_the_same_words() {
@@ -145,7 +131,7 @@ fn explain_says_what_the_agent_decides_in_the_same_words() {
         let request = ["--path", base];
         for source in [["--agent-socket", socket.as_str()], ["--manifests", manifests.as_str()]] {
             let args = [&["--pod", "app/pod0"][..], selector, &request, &source].concat();
-            let (exit, said) = explain(&node, &args);
+            let (exit, said) = json_of(&node, "explain", &args);
             assert_eq!(exit, Some(code), "{args:?}: {said:#}");
             assert_eq!(said["verdict"], actual["verdict"], "{args:?}: {said:#}");
             assert_eq!(said["reason"], actual["reason"], "{args:?}: {said:#}");
@@ -155,12 +141,12 @@ fn explain_says_what_the_agent_decides_in_the_same_words() {
     }
     // "What is this process?" by cgroup, path or id: the pod, then the same answer.
     for cgroup in [web.ctr.path.display().to_string(), web.ctr.id().to_string()] {
-        let (exit, said) = explain(&node, &["--cgroup", &cgroup, "--agent-socket", &socket]);
+        let (exit, said) = json_of(&node, "explain", &["--cgroup", &cgroup, "--agent-socket", &socket]);
         assert_eq!((exit, said["verdict"].as_str()), (Some(0), Some("allow")), "{said:#}");
         assert!(said["steps"][0]["finding"].as_str().is_some_and(|f| f.contains(&web_uid)), "{said:#}");
     }
     // An unknown pod, and a cgroup that is not a pod's.
-    let (exit, said) = explain(&node, &["--pod", "app/ghost", "--agent-socket", &socket]);
+    let (exit, said) = json_of(&node, "explain", &["--pod", "app/ghost", "--agent-socket", &socket]);
     assert_eq!((exit, said["verdict"].as_str()), (Some(1), Some("unknown-pod")), "{said:#}");
     let agent = agent_binary();
     let root = node.root.path.display().to_string();
@@ -176,23 +162,6 @@ fn explain_says_what_the_agent_decides_in_the_same_words() {
         String::from_utf8_lossy(&out.stderr)
     );
     drop(web);
-}
-
-/// `imds-agent doctor ARGS --output json` from the node namespace: exit status and each
-/// check's outcome by name (with the check, for messages).
-fn doctor(node: &Node, args: &[&str]) -> (Option<i32>, serde_json::Value) {
-    let agent = agent_binary();
-    let mut command = vec![agent.to_str().unwrap(), "doctor", "--output", "json"];
-    command.extend_from_slice(args);
-    let (_, out) = run_in(&node.ns, &node.root, &command);
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "doctor printed no JSON ({e}): {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code(), json)
 }
 
 /// The check named `name` in a doctor report.
@@ -217,7 +186,7 @@ fn doctor_passes_here_and_names_what_is_wrong() {
             .map(str::to_owned)
             .to_vec()
     };
-    let with = |a: &[String]| doctor(&node, &a.iter().map(String::as_str).collect::<Vec<_>>());
+    let with = |a: &[String]| json_of(&node, "doctor", &a.iter().map(String::as_str).collect::<Vec<_>>());
 
     // This machine, with the agent running: nothing fails.
     let (code, report) = with(&args(&pins));
