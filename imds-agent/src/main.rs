@@ -77,8 +77,12 @@ struct ExplainArgs {
     /// Decide over this manifests directory instead of the running agent's policy.
     #[arg(long, value_name = "DIR")]
     manifests: Option<PathBuf>,
-    /// With --manifests: decide as an agent run with --deny-unbound.
-    #[arg(long, requires = "manifests")]
+    /// Decide over the Kubernetes API's objects, listed once, instead of the running agent's
+    /// policy (--pod only).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["manifests", "cgroup"])]
+    kubeconfig: Option<PathBuf>,
+    /// With --manifests or --kubeconfig: decide as an agent run with --deny-unbound.
+    #[arg(long)]
     deny_unbound: bool,
     /// The running agent's control socket.
     #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET, conflicts_with = "manifests")]

@@ -8,7 +8,8 @@ use imds_agent::{
     caller::CgroupResolver,
     control, explain,
     kernel::{self, cgroup},
-    sources::manifests,
+    policy::WorkloadSettings,
+    sources::{kube as kube_source, manifests},
     status,
 };
 
@@ -59,9 +60,18 @@ pub async fn explain(args: &ExplainArgs) -> anyhow::Result<explain::Explanation>
         }
         (None, None) => bail!("give --pod NAMESPACE/NAME or --cgroup PATH|ID"),
     };
+    let settings = explain::Settings { deny_unbound: args.deny_unbound, ..explain::Settings::default() };
     let mut explanation = if let Some(dir) = &args.manifests {
         let snapshot = manifests::load_dir(dir).with_context(|| format!("loading {}", dir.display()))?;
-        let settings = explain::Settings { deny_unbound: args.deny_unbound, ..explain::Settings::default() };
+        explain::explain(&snapshot, &settings, &pod, &request)
+    } else if let Some(kubeconfig) = &args.kubeconfig {
+        let explain::PodRef::Named { namespace, name } = &pod else {
+            bail!("--kubeconfig needs --pod NAMESPACE/NAME");
+        };
+        let client = super::kube_client(Some(kubeconfig)).await?;
+        let snapshot = kube_source::snapshot_for_pod(client, namespace, name, WorkloadSettings::default())
+            .await
+            .context("listing the pod and the aad-pod-identity objects")?;
         explain::explain(&snapshot, &settings, &pod, &request)
     } else {
         let who = match &pod {

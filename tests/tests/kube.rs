@@ -12,7 +12,7 @@ use imds_tests::{
     fake_imds::{http_get, token_for, FakeIdentity},
     fake_kube::FakeKube,
     node::{curl, pod_uid, Fetched, Node, TestPod, KUBE_NODE},
-    Probe, Server, IMDS_IP,
+    run_in, Probe, Server, IMDS_IP,
 };
 use serde_json::{json, Value};
 
@@ -198,4 +198,63 @@ fn api_changes_reach_the_agent_and_the_kernel() {
     let relists = api.requests().iter().filter(|r| r.starts_with("GET /api/v1/pods?") && !r.contains("watch=")).count();
     assert!(relists >= 2, "the pod watch listed again after 410: {:?}", api.requests());
     drop((web, helper, plain, late, elsewhere));
+}
+
+/// `imds-agent explain ARGS --output json`, from the node namespace.
+fn explain(node: &Node, args: &[&str]) -> Value {
+    let agent = imds_tests::agent_binary();
+    let mut command = vec![agent.to_str().unwrap(), "explain", "--output", "json"];
+    command.extend_from_slice(args);
+    let (_, out) = run_in(&node.ns, &node.root, &command);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("explain: {e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+// Issue #8: `explain --kubeconfig` decides over the API's objects as the agent does over its
+// watch of the same objects; it sees pods of every node, the agent only its own.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn explain_over_the_api_agrees_with_the_agent() {
+    let blob = FakeIdentity::named("blob");
+    let mut node = Node::new("kube-explain", vec![blob.clone()]);
+    let api = FakeKube::serve(Server::bind(&node.ns, std::net::SocketAddrV4::new([10, 233, 0, 1].into(), API.1)));
+    api.apply(identity("blob", &blob));
+    api.apply(binding("blob-binding", "blob", "blob"));
+    api.apply(pod("web", &pod_uid(), KUBE_NODE, &json!({"aadpodidbinding": "blob"})));
+    api.apply(pod("plain", &pod_uid(), KUBE_NODE, &json!({"app": "plain"})));
+    api.apply(pod("elsewhere", &pod_uid(), "node-2", &json!({"aadpodidbinding": "blob"})));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let metrics = SocketAddr::from(METRICS).to_string();
+    node.start_agent_kube(&kubeconfig, &["--metrics", &metrics]);
+    eventually("ready after the initial sync", || readyz(&node) == (200, "ready\n".to_owned()));
+    let (kubeconfig, socket) = (kubeconfig.display().to_string(), node.agent().control_socket.display().to_string());
+
+    let over_api = explain(&node, &["--kubeconfig", &kubeconfig, "--pod", "shop/web"]);
+    let live = explain(&node, &["--agent-socket", &socket, "--pod", "shop/web"]);
+    assert_eq!(
+        (over_api["verdict"].as_str(), over_api["identity"].as_str()),
+        (Some("allow"), Some("shop/blob")),
+        "{over_api:#}"
+    );
+    for field in ["verdict", "reason", "identity", "pod_uid", "kernel"] {
+        assert_eq!(over_api[field], live[field], "{field}: {over_api:#} {live:#}");
+    }
+    // A pod of another node: the API knows it, this node's agent does not.
+    let over_api = explain(&node, &["--kubeconfig", &kubeconfig, "--pod", "shop/elsewhere"]);
+    let live = explain(&node, &["--agent-socket", &socket, "--pod", "shop/elsewhere"]);
+    assert_eq!((over_api["verdict"].as_str(), live["verdict"].as_str()), (Some("allow"), Some("unknown-pod")));
+    // As an agent with --deny-unbound would: the kernel refuses the unbound pod.
+    let unbound = explain(&node, &["--kubeconfig", &kubeconfig, "--deny-unbound", "--pod", "shop/plain"]);
+    assert_eq!(
+        (unbound["verdict"].as_str(), unbound["status"].as_u64()),
+        (Some("kernel-deny"), Some(0)),
+        "{unbound:#}"
+    );
+    let lists: Vec<String> = api.requests().into_iter().filter(|r| r.contains("/namespaces/shop/pods")).collect();
+    assert!(
+        !lists.is_empty() && lists.iter().all(|r| r.contains("fieldSelector=metadata.name%3D")),
+        "one pod asked for by name: {lists:?}"
+    );
 }

@@ -16,6 +16,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 use futures::{stream::BoxStream, FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::{Pod, PodSpec, ServiceAccount};
 use kube::{
+    api::ListParams,
     core::PartialObjectMeta,
     runtime::{
         reflector::{self, Store},
@@ -198,6 +199,31 @@ fn trim_service_account(account: &mut PartialObjectMeta<ServiceAccount>) {
     if let Some(annotations) = &mut meta.annotations {
         annotations.retain(|k, _| k == CLIENT_ID_ANNOTATION || k == TENANT_ID_ANNOTATION);
     }
+}
+
+/// One snapshot for `imds-agent explain --kubeconfig`: the pod `namespace/name` (wherever it
+/// runs), every aad-pod-identity object, and the pod namespace's ServiceAccounts, each listed
+/// once. No watch, nothing kept.
+pub async fn snapshot_for_pod(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    workload: WorkloadSettings,
+) -> Result<Snapshot, kube::Error> {
+    let by_name = ListParams::default().fields(&format!("metadata.name={name}"));
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace).list(&by_name).await?;
+    let identities = Api::<AzureIdentity>::all(client.clone()).list(&ListParams::default()).await?;
+    let bindings = Api::<AzureIdentityBinding>::all(client.clone()).list(&ListParams::default()).await?;
+    let exceptions = Api::<AzurePodIdentityException>::all(client.clone()).list(&ListParams::default()).await?;
+    let accounts = Api::<ServiceAccount>::namespaced(client, namespace).list_metadata(&ListParams::default()).await?;
+    Ok(Snapshot::new(
+        pods.items.iter().filter_map(pod),
+        identities.items.iter().filter_map(identity),
+        bindings.items.iter().map(binding),
+        exceptions.items.iter().map(exception),
+    )
+    .with_service_accounts(accounts.items.iter().filter_map(service_account))
+    .with_workload(workload))
 }
 
 /// A ServiceAccount workload identity can use (one naming a client id), else `None`.
