@@ -127,8 +127,8 @@ enum Command {
     /// What would the agent answer this pod, and why?
     ///
     /// Runs the agent's own steps (kernel verdict, path, policy) over the running agent's
-    /// policy or a manifests directory, and says what each found. Exit status: 0 served, 1
-    /// refused, 3 could not ask.
+    /// policy, a manifests directory or the Kubernetes API, and says what each found. Exit
+    /// status: 0 served, 1 refused, 3 could not ask.
     Explain(ExplainArgs),
     /// Can this node run the filter, and is anything in its way?
     ///
