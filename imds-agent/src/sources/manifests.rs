@@ -197,6 +197,15 @@ struct Parts {
     secrets: Vec<(SecretRef, SecretData)>,
 }
 
+/// Whether the parser stopped at its document limit (its guard against separator storms).
+fn too_many_documents(mut e: &serde_saphyr::Error) -> bool {
+    use serde_saphyr::{budget::BudgetBreach, Error};
+    while let Error::WithSnippet { error, .. } = e {
+        e = error;
+    }
+    matches!(e, Error::Budget { breach: BudgetBreach::Documents { .. }, .. })
+}
+
 impl Parts {
     fn into_snapshot(self) -> Snapshot {
         Snapshot::new(self.pods, self.identities, self.bindings, self.exceptions)
@@ -205,8 +214,13 @@ impl Parts {
     }
 
     fn add_file(&mut self, path: &Path, text: &str) -> Result<(), ManifestError> {
-        let documents: Vec<Document> = serde_saphyr::from_multiple(text)
-            .map_err(|e| ManifestError::Yaml { path: path.to_owned(), message: e.to_string() })?;
+        let documents: Vec<Document> = serde_saphyr::from_multiple(text).map_err(|e| {
+            let mut message = e.to_string();
+            if too_many_documents(&e) {
+                message.push_str("\na manifest file holds at most 1,024 documents: split it into several files");
+            }
+            ManifestError::Yaml { path: path.to_owned(), message }
+        })?;
         for (i, doc) in documents.into_iter().enumerate() {
             let (kind, doc_name) = (doc.kind.clone(), doc.metadata.name.clone());
             let invalid = |problem: &str| ManifestError::Invalid {
@@ -429,5 +443,9 @@ metadata: {name: ignored}
         let wrong_shape = "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzurePodIdentityException\nmetadata: {name: e}\nspec:\n  podLabels: [a, b]\n";
         let msg = load(&[("e.yaml", wrong_shape)]).unwrap_err().to_string();
         assert!(msg.contains("e.yaml") && msg.contains("line 5"), "{msg}");
+
+        let too_many = "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: s}\n---\n".repeat(1_100);
+        let msg = load(&[("f.yaml", &too_many)]).unwrap_err().to_string();
+        assert!(msg.contains("f.yaml") && msg.contains("split it into several files"), "{msg}");
     }
 }
