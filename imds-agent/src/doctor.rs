@@ -112,7 +112,9 @@ pub fn run(setup: &Setup) -> Report {
         }),
         Err(_) => None,
     };
-    let mut checks = vec![check_kernel(), check_btf()];
+    let release = release();
+    let kernel = kernel_version(&release);
+    let mut checks = vec![check_kernel(&release, kernel), check_btf()];
     checks.push(match &root {
         Ok(root) => Check::pass("cgroup v2", format!("mounted at {}", root.display())),
         Err(e) => Check::fail(
@@ -132,7 +134,7 @@ pub fn run(setup: &Setup) -> Report {
     });
     checks.push(check_bpffs(&setup.pin_dir));
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    checks.push(check_capabilities(&status, kernel_version(&release()).unwrap_or(MIN_KERNEL)));
+    checks.push(check_capabilities(&status, kernel.unwrap_or(MIN_KERNEL)));
     checks.push(match (&root, &attach) {
         (Ok(root), Some(Ok(path))) => check_conflicts(root, path, &setup.pin_dir),
         _ => Check::skip("conflicts", "no attach cgroup to look at"),
@@ -157,9 +159,8 @@ fn release() -> String {
     nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-fn check_kernel() -> Check {
-    let release = release();
-    match kernel_version(&release) {
+fn check_kernel(release: &str, version: Option<(u32, u32)>) -> Check {
+    match version {
         Some(v) if v >= MIN_KERNEL => Check::pass("kernel", format!("Linux {release}")),
         Some(_) => Check::fail(
             "kernel",

@@ -304,45 +304,17 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(run(*args, &cli.log)),
         Command::Status { bpffs, agent_socket, output } => {
-            let code = match tokio::runtime::Runtime::new()?.block_on(operator::node_status(&bpffs, &agent_socket)) {
-                Ok(status) => {
-                    match output {
-                        Output::Text => print!("{status}"),
-                        Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
-                    }
-                    status.protection.exit_code()
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    3
-                }
-            };
-            std::process::exit(code);
+            let status = tokio::runtime::Runtime::new()?.block_on(operator::node_status(&bpffs, &agent_socket));
+            operator::answer(output, status, |s| s.protection.exit_code())
         }
         Command::Explain(args) => {
-            let code = match tokio::runtime::Runtime::new()?.block_on(operator::explain(&args)) {
-                Ok(explanation) => {
-                    match args.output {
-                        Output::Text => print!("{explanation}"),
-                        Output::Json => println!("{}", serde_json::to_string_pretty(&explanation)?),
-                    }
-                    explanation.exit_code()
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    3
-                }
-            };
-            std::process::exit(code);
+            let explanation = tokio::runtime::Runtime::new()?.block_on(operator::explain(&args));
+            operator::answer(args.output, explanation, explain::Explanation::exit_code)
         }
         Command::Doctor { bpffs, attach_cgroup, listen, upstream, output } => {
             let listen = listen.or_else(|| listen_address(None).ok());
             let report = doctor::run(&doctor::Setup { pin_dir: bpffs, attach_cgroup, listen, upstream });
-            match output {
-                Output::Text => print!("{report}"),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-            }
-            std::process::exit(report.exit_code());
+            operator::answer(output, Ok(report), doctor::Report::exit_code)
         }
         Command::GenerateDocs { out } => operator::generate_docs(&out),
         Command::Uninstall { bpffs, wait } => {

@@ -13,14 +13,39 @@ use imds_agent::{
     status,
 };
 
-use super::ExplainArgs;
+use super::{ExplainArgs, Output};
+
+/// Prints `result` as `output` asks and exits: with `exit` of the answer, or 3 (and the
+/// error on stderr) when there is none.
+pub fn answer<T: std::fmt::Display + serde::Serialize>(
+    output: Output,
+    result: anyhow::Result<T>,
+    exit: impl FnOnce(&T) -> i32,
+) -> ! {
+    let code = match result {
+        Ok(answer) => {
+            match output {
+                Output::Text => print!("{answer}"),
+                Output::Json => match serde_json::to_string_pretty(&answer) {
+                    Ok(json) => println!("{json}"),
+                    Err(e) => eprintln!("error: {e}"),
+                },
+            }
+            exit(&answer)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            3
+        }
+    };
+    std::process::exit(code)
+}
 
 /// Everything `imds-agent status` reports.
 pub async fn node_status(pin_dir: &Path, agent_socket: &Path) -> anyhow::Result<status::NodeStatus> {
     let state = kernel::inspect::inspect(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))?;
-    let cgroup_id = state.links.iter().map(|l| l.cgroup_id).find(|id| *id != 0);
     let root = cgroup::cgroup2_root().ok();
-    let attach_cgroup = match (cgroup_id, &root) {
+    let attach_cgroup = match (state.attach_cgroup_id(), &root) {
         (Some(id), Some(root)) => CgroupResolver::new(root).ok().and_then(|r| r.resolve(id).ok().flatten()),
         _ => None,
     };

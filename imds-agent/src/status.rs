@@ -118,7 +118,6 @@ pub struct Inputs<'a> {
 pub fn assess(inputs: Inputs<'_>) -> NodeStatus {
     let Inputs { pin_dir, state, attach_cgroup, attached, agent_asked, agent } = inputs;
     let mut problems = Vec::new();
-    let cgroup_id = state.links.iter().map(|l| l.cgroup_id).find(|id| *id != 0);
     let attached = attached.unwrap_or_else(|e| {
         if !state.links.is_empty() {
             problems.push(format!("cannot list the programs on the attach cgroup: {e}"));
@@ -199,7 +198,7 @@ pub fn assess(inputs: Inputs<'_>) -> NodeStatus {
         summary,
         problems,
         pin_dir: pin_dir.to_owned(),
-        attach_cgroup_id: cgroup_id,
+        attach_cgroup_id: state.attach_cgroup_id(),
         attach_cgroup,
         hooks,
         protected_endpoints: state.protected.iter().map(ToString::to_string).collect(),

@@ -835,14 +835,14 @@ impl AgentProcess {
         let decisions_path = log_path.with_extension("decisions");
         // Each agent its own control socket (unless the test names one): agents of tests
         // running side by side must not meet on the default path.
-        let control_socket = match args.iter().position(|a| a == "--control-socket") {
-            Some(i) => PathBuf::from(&args[i + 1]),
-            None => log_path.with_extension("sock"),
-        };
         let mut args = args.to_vec();
-        if !args.iter().any(|a| a == "--control-socket") {
-            args.extend(["--control-socket".to_owned(), control_socket.display().to_string()]);
-        }
+        let control_socket = if let Some(i) = args.iter().position(|a| a == "--control-socket") {
+            PathBuf::from(&args[i + 1])
+        } else {
+            let socket = log_path.with_extension("sock");
+            args.extend(["--control-socket".to_owned(), socket.display().to_string()]);
+            socket
+        };
         let log = fs::File::create(&log_path).expect("agent log file");
         let decisions = fs::File::create(&decisions_path).expect("agent decision log file");
         let ns_file = fs::File::open(ns.path()).expect("open netns");

@@ -138,6 +138,20 @@ impl Node {
             .map_or(0, |v| v as i64)
     }
 
+    /// `imds-agent COMMAND ARGS --output json` (an operator command) from the node namespace,
+    /// outside the filtered hierarchy: its exit status and its JSON.
+    pub fn agent_json(&self, command: &str, args: &[&str]) -> (Option<i32>, serde_json::Value) {
+        let agent = crate::agent_binary();
+        let mut full = vec![agent.to_str().expect("a UTF-8 path"), command, "--output", "json"];
+        full.extend_from_slice(args);
+        let (_, out) = crate::run_in(&self.ns, &self.root, &full);
+        let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            panic!("{command} printed no JSON ({e}): {stdout}{stderr}")
+        });
+        (out.status.code(), json)
+    }
+
     pub fn agent(&self) -> &AgentProcess {
         self.agent.as_ref().expect("agent started")
     }

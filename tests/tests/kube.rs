@@ -12,7 +12,7 @@ use imds_tests::{
     fake_imds::{http_get, token_for, FakeIdentity},
     fake_kube::FakeKube,
     node::{curl, pod_uid, Fetched, Node, TestPod, KUBE_NODE},
-    run_in, Probe, Server, IMDS_IP,
+    Probe, Server, IMDS_IP,
 };
 use serde_json::{json, Value};
 
@@ -200,17 +200,6 @@ fn api_changes_reach_the_agent_and_the_kernel() {
     drop((web, helper, plain, late, elsewhere));
 }
 
-/// `imds-agent explain ARGS --output json`, from the node namespace.
-fn explain(node: &Node, args: &[&str]) -> Value {
-    let agent = imds_tests::agent_binary();
-    let mut command = vec![agent.to_str().unwrap(), "explain", "--output", "json"];
-    command.extend_from_slice(args);
-    let (_, out) = run_in(&node.ns, &node.root, &command);
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("explain: {e}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
-    })
-}
-
 // Issue #8: `explain --kubeconfig` decides over the API's objects as the agent does over its
 // watch of the same objects; it sees pods of every node, the agent only its own.
 #[test]
@@ -231,8 +220,8 @@ fn explain_over_the_api_agrees_with_the_agent() {
     eventually("ready after the initial sync", || readyz(&node) == (200, "ready\n".to_owned()));
     let (kubeconfig, socket) = (kubeconfig.display().to_string(), node.agent().control_socket.display().to_string());
 
-    let over_api = explain(&node, &["--kubeconfig", &kubeconfig, "--pod", "shop/web"]);
-    let live = explain(&node, &["--agent-socket", &socket, "--pod", "shop/web"]);
+    let over_api = node.agent_json("explain", &["--kubeconfig", &kubeconfig, "--pod", "shop/web"]).1;
+    let live = node.agent_json("explain", &["--agent-socket", &socket, "--pod", "shop/web"]).1;
     assert_eq!(
         (over_api["verdict"].as_str(), over_api["identity"].as_str()),
         (Some("allow"), Some("shop/blob")),
@@ -242,11 +231,11 @@ fn explain_over_the_api_agrees_with_the_agent() {
         assert_eq!(over_api[field], live[field], "{field}: {over_api:#} {live:#}");
     }
     // A pod of another node: the API knows it, this node's agent does not.
-    let over_api = explain(&node, &["--kubeconfig", &kubeconfig, "--pod", "shop/elsewhere"]);
-    let live = explain(&node, &["--agent-socket", &socket, "--pod", "shop/elsewhere"]);
+    let over_api = node.agent_json("explain", &["--kubeconfig", &kubeconfig, "--pod", "shop/elsewhere"]).1;
+    let live = node.agent_json("explain", &["--agent-socket", &socket, "--pod", "shop/elsewhere"]).1;
     assert_eq!((over_api["verdict"].as_str(), live["verdict"].as_str()), (Some("allow"), Some("unknown-pod")));
     // As an agent with --deny-unbound would: the kernel refuses the unbound pod.
-    let unbound = explain(&node, &["--kubeconfig", &kubeconfig, "--deny-unbound", "--pod", "shop/plain"]);
+    let unbound = node.agent_json("explain", &["--kubeconfig", &kubeconfig, "--deny-unbound", "--pod", "shop/plain"]).1;
     assert_eq!(
         (unbound["verdict"].as_str(), unbound["status"].as_u64()),
         (Some("kernel-deny"), Some(0)),

@@ -13,23 +13,9 @@ use imds_tests::{
     run_in, PinDir, IMDS_IP,
 };
 
-/// `imds-agent COMMAND ARGS --output json` from the node namespace, outside the filtered
-/// hierarchy: its exit status and its JSON.
-fn json_of(node: &Node, command: &str, args: &[&str]) -> (Option<i32>, serde_json::Value) {
-    let agent = agent_binary();
-    let mut full = vec![agent.to_str().unwrap(), command, "--output", "json"];
-    full.extend_from_slice(args);
-    let (_, out) = run_in(&node.ns, &node.root, &full);
-    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        panic!("{command} printed no JSON ({e}): {stdout}{stderr}")
-    });
-    (out.status.code(), json)
-}
-
 /// `imds-agent status` of this node, asking the agent on `socket`.
 fn status(node: &Node, socket: &str) -> (Option<i32>, serde_json::Value) {
-    json_of(node, "status", &["--bpffs", &node.pins.path.display().to_string(), "--agent-socket", socket])
+    node.agent_json("status", &["--bpffs", &node.pins.path.display().to_string(), "--agent-socket", socket])
 }
 
 #[test]
@@ -131,7 +117,7 @@ fn explain_says_what_the_agent_decides_in_the_same_words() {
         let request = ["--path", base];
         for source in [["--agent-socket", socket.as_str()], ["--manifests", manifests.as_str()]] {
             let args = [&["--pod", "app/pod0"][..], selector, &request, &source].concat();
-            let (exit, said) = json_of(&node, "explain", &args);
+            let (exit, said) = node.agent_json("explain", &args);
             assert_eq!(exit, Some(code), "{args:?}: {said:#}");
             assert_eq!(said["verdict"], actual["verdict"], "{args:?}: {said:#}");
             assert_eq!(said["reason"], actual["reason"], "{args:?}: {said:#}");
@@ -141,12 +127,12 @@ fn explain_says_what_the_agent_decides_in_the_same_words() {
     }
     // "What is this process?" by cgroup, path or id: the pod, then the same answer.
     for cgroup in [web.ctr.path.display().to_string(), web.ctr.id().to_string()] {
-        let (exit, said) = json_of(&node, "explain", &["--cgroup", &cgroup, "--agent-socket", &socket]);
+        let (exit, said) = node.agent_json("explain", &["--cgroup", &cgroup, "--agent-socket", &socket]);
         assert_eq!((exit, said["verdict"].as_str()), (Some(0), Some("allow")), "{said:#}");
         assert!(said["steps"][0]["finding"].as_str().is_some_and(|f| f.contains(&web_uid)), "{said:#}");
     }
     // An unknown pod, and a cgroup that is not a pod's.
-    let (exit, said) = json_of(&node, "explain", &["--pod", "app/ghost", "--agent-socket", &socket]);
+    let (exit, said) = node.agent_json("explain", &["--pod", "app/ghost", "--agent-socket", &socket]);
     assert_eq!((exit, said["verdict"].as_str()), (Some(1), Some("unknown-pod")), "{said:#}");
     let agent = agent_binary();
     let root = node.root.path.display().to_string();
@@ -186,7 +172,7 @@ fn doctor_passes_here_and_names_what_is_wrong() {
             .map(str::to_owned)
             .to_vec()
     };
-    let with = |a: &[String]| json_of(&node, "doctor", &a.iter().map(String::as_str).collect::<Vec<_>>());
+    let with = |a: &[String]| node.agent_json("doctor", &a.iter().map(String::as_str).collect::<Vec<_>>());
 
     // This machine, with the agent running: nothing fails.
     let (code, report) = with(&args(&pins));

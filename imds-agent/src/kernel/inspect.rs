@@ -66,6 +66,12 @@ impl PinnedState {
         self.config.map(|c| Verdict::from_raw(c.default_verdict).unwrap_or(Verdict::Redirect))
     }
 
+    /// The cgroup the pinned links are attached to (links detached underneath report 0).
+    #[must_use]
+    pub fn attach_cgroup_id(&self) -> Option<u64> {
+        self.links.iter().map(|l| l.cgroup_id).find(|id| *id != 0)
+    }
+
     /// Where redirected connections go.
     #[must_use]
     pub fn agent(&self) -> Option<SocketAddrV4> {
