@@ -739,3 +739,81 @@ fn kernel_log_level(filter: &str) -> log::LevelFilter {
         log::LevelFilter::Info
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The Helm chart's DaemonSet and this parser agree. Checked on the committed renderings,
+    //! which the test command keeps equal to the chart's output (`cargo xtask render`).
+    use std::collections::BTreeMap;
+
+    use clap::CommandFactory as _;
+    use serde_json::Value;
+
+    use super::*;
+
+    /// The agent container of the rendering's DaemonSet.
+    fn agent_container(rendering: &str) -> Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rendering);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let documents: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+        let daemonset = documents.into_iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet");
+        daemonset["spec"]["template"]["spec"]["containers"][0].clone()
+    }
+
+    /// The container's arguments as the kubelet passes them: `$(VAR)` expanded from its env.
+    fn kubelet_args(container: &Value) -> Vec<String> {
+        let downward = BTreeMap::from([("HOST_IP", "10.0.0.4"), ("NODE_NAME", "node-1")]);
+        container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                downward
+                    .iter()
+                    .fold(a.as_str().unwrap().to_owned(), |arg, (var, value)| arg.replace(&format!("$({var})"), value))
+            })
+            .collect()
+    }
+
+    fn run_args(rendering: &str) -> (RunArgs, Value) {
+        let container = agent_container(rendering);
+        let args = kubelet_args(&container);
+        let cli = Cli::try_parse_from(std::iter::once("imds-agent".to_owned()).chain(args.iter().cloned()))
+            .unwrap_or_else(|e| panic!("{rendering}: {args:?} do not parse: {e}"));
+        let Command::Run(run) = cli.command else { panic!("{rendering}: not `run`: {args:?}") };
+        (*run, container)
+    }
+
+    #[test]
+    fn the_charts_daemonset_passes_arguments_the_agent_accepts() {
+        let (defaults, _) = run_args("deploy/kubernetes/imds-filter.yaml");
+        assert!(defaults.kube && matches!(defaults.mode, ModeArg::Enforce));
+        assert_eq!(defaults.listen, Some("10.0.0.4:8182".parse().unwrap()));
+        assert!(matches!(defaults.workload_identity, WorkloadArg::Label));
+
+        let (every, container) = run_args("tests/fixtures/helm/every-option.yaml");
+        assert!(matches!(every.mode, ModeArg::Audit) && every.deny_unbound);
+        assert!(matches!(every.workload_identity, WorkloadArg::Annotated));
+        assert_eq!(
+            (every.listen, every.metrics),
+            (Some("10.0.0.4:18182".parse().unwrap()), Some("10.0.0.4:19402".parse().unwrap()))
+        );
+        assert_eq!(every.pod_grace, Duration::from_millis(500));
+        assert_eq!(every.allow_paths.len(), 2);
+        assert_eq!((every.max_connections, every.protected.len()), (8192, 1));
+
+        // Every variable the container sets is one the agent reads.
+        let run = Cli::command().find_subcommand("run").unwrap().clone();
+        let read: Vec<String> = run
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .chain(["HOST_IP".to_owned()])
+            .collect();
+        let set: Vec<&str> = container["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+        assert!(set.contains(&"AZURE_TENANT_ID") && set.contains(&"AZURE_AUTHORITY_HOST"), "{set:?}");
+        for name in set {
+            assert!(read.iter().any(|r| r == name), "the DaemonSet sets {name}, which the agent never reads");
+        }
+    }
+}

@@ -1,8 +1,11 @@
 //! `deploy/` checked by real validators: the Kubernetes objects with kubernetes-validate
 //! (strict, the schemas it bundles), the custom resources with jsonschema against our
 //! generated CRDs — including aad-pod-identity's own examples, unchanged. Broken inputs are
-//! checked too, so the validators are known to say no. Needs the Python test clients that
-//! `cargo xtask setup` installs; run with `cargo xtask test`.
+//! checked too, so the validators are known to say no. The plain manifests are the Helm
+//! chart's renderings (`cargo xtask render`; the test command fails when they drift), and so
+//! is `tests/fixtures/helm/every-option.yaml`, the chart with every setting changed. Needs the
+//! Python test clients (and Helm) that `cargo xtask setup` installs; run with
+//! `cargo xtask test`.
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
@@ -10,9 +13,12 @@ fn root() -> PathBuf {
 }
 
 /// (file, ok, errors) per file.
+fn python() -> PathBuf {
+    std::env::var_os("IMDS_SDK_PYTHON").expect("IMDS_SDK_PYTHON: run through `cargo xtask test`").into()
+}
+
 fn validate(mode: &[&str], files: &[PathBuf]) -> Vec<(String, bool, Vec<String>)> {
-    let python = std::env::var("IMDS_SDK_PYTHON").expect("IMDS_SDK_PYTHON: run through `cargo xtask test`");
-    let out = std::process::Command::new(python)
+    let out = std::process::Command::new(python())
         .arg(root().join("tests/deploy_validate.py"))
         .args(mode)
         .args(files)
@@ -42,9 +48,12 @@ fn yaml_files(dir: &str) -> Vec<PathBuf> {
 #[test]
 #[ignore = "needs the Python test clients: run with `cargo xtask test`"]
 fn kubernetes_objects_pass_strict_schema_validation() {
-    let files: Vec<PathBuf> =
-        [yaml_files("deploy/kubernetes"), yaml_files("deploy/crds"), vec![root().join("deploy/examples/pods.yaml")]]
-            .concat();
+    let files: Vec<PathBuf> = [
+        yaml_files("deploy/kubernetes"),
+        yaml_files("deploy/crds"),
+        vec![root().join("deploy/examples/pods.yaml"), root().join("tests/fixtures/helm/every-option.yaml")],
+    ]
+    .concat();
     let results = validate(&["k8s"], &files);
     assert_eq!(results.len(), files.len());
     for (file, ok, errors) in results {
@@ -78,4 +87,31 @@ fn the_validators_reject_broken_manifests() {
     let crds = root().join("deploy/crds");
     let results = validate(&["cr", crds.to_str().unwrap()], &[broken_id]);
     assert!(!results[0].1 && results[0].2[0].contains("type"), "a non-integer type must be rejected: {results:?}");
+}
+
+/// `helm template` of the chart with `args`: (succeeded, stderr).
+fn helm_template(args: &[&str]) -> (bool, String) {
+    let helm = python().with_file_name("helm");
+    let out = std::process::Command::new(helm)
+        .args(["template", "imds-filter", "deploy/helm/imds-filter", "--namespace", "imds-filter"])
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+#[ignore = "needs Helm from the test clients: run with `cargo xtask test`"]
+fn the_chart_refuses_settings_the_agent_would_refuse() {
+    assert!(helm_template(&[]).0, "the defaults render");
+    let (ok, error) =
+        helm_template(&["--set", "forwardAllPaths=true", "--set-json", r#"allowPaths=["/metadata/instance"]"#]);
+    assert!(!ok && error.contains("allowPaths and forwardAllPaths exclude each other"), "{error}");
+    let (ok, error) = helm_template(&["--set", "mode=block"]);
+    assert!(!ok && error.contains("mode must be one of"), "{error}");
+    let (ok, error) = helm_template(&["--set", "podGrace=2"]);
+    assert!(!ok && error.contains("podGrace"), "{error}");
+    let (ok, error) = helm_template(&["--set", "denyUnbond=true"]);
+    assert!(!ok && error.contains("denyUnbond"), "a misspelt setting is an error, not ignored: {error}");
 }

