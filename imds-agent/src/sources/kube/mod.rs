@@ -2,8 +2,11 @@
 //! objects in every namespace, through kube-rs reflectors, into the same [`Snapshot`] the
 //! manifests source makes.
 //!
+//! - Objects are deserialized lean ([`lean`]): what the policy does not read (managed fields,
+//!   kubectl's last-applied copy, a pod's containers and status) is skipped by the parser,
+//!   never allocated.
 //! - Pods are watched with a `spec.nodeName=<this node>` field selector, so the agent holds its
-//!   own node's pods only; everything but uid, name, namespace and labels is dropped on arrival.
+//!   own node's pods only: uid, name, namespace, labels and ServiceAccount.
 //! - ServiceAccounts (all namespaces, metadata only) for workload identity: only their
 //!   `azure.workload.identity/*` annotations are kept, and only those naming a client id
 //!   reach the snapshot.
@@ -11,23 +14,23 @@
 //! - Watch errors are retried with backoff; the stores keep what they had, so the policy in
 //!   force is the last one seen (fail-static) and the source reports `failing`. A `410 Gone`
 //!   makes the watcher list again.
+mod lean;
+
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::{stream::BoxStream, FutureExt as _, StreamExt as _};
-use k8s_openapi::api::core::v1::{Pod, PodSpec, ServiceAccount};
 use kube::{
     api::ListParams,
-    core::PartialObjectMeta,
     runtime::{
         reflector::{self, Store},
         watcher, WatchStreamExt as _,
     },
     Api, Client, Resource, ResourceExt as _,
 };
+use lean::{LeanAccount, LeanBinding, LeanException, LeanIdentity, LeanPod};
 use tokio::sync::watch;
 
 use crate::{
-    crds::{AzureIdentity, AzureIdentityBinding, AzurePodIdentityException},
     policy::{self, IdentityType, Snapshot, WorkloadSettings, CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION},
     sources::manifests::OBJECT_ID_ANNOTATION,
     telemetry::SourceStatus,
@@ -42,12 +45,12 @@ const RECOVERY_PROBE: Duration = Duration::from_secs(2);
 /// The stores a snapshot is built from.
 #[derive(Clone)]
 struct Stores {
-    pods: Store<Pod>,
-    identities: Store<AzureIdentity>,
-    bindings: Store<AzureIdentityBinding>,
-    exceptions: Store<AzurePodIdentityException>,
+    pods: Store<LeanPod>,
+    identities: Store<LeanIdentity>,
+    bindings: Store<LeanBinding>,
+    exceptions: Store<LeanException>,
     /// Metadata only, workload identity's annotations only.
-    service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    service_accounts: Store<LeanAccount>,
 }
 
 impl Stores {
@@ -82,21 +85,21 @@ pub async fn run(
     tx: watch::Sender<Arc<Snapshot>>,
     status: Arc<SourceStatus>,
 ) {
-    let (pods, pods_writer) = reflector::store::<Pod>();
-    let (identities, identities_writer) = reflector::store::<AzureIdentity>();
-    let (bindings, bindings_writer) = reflector::store::<AzureIdentityBinding>();
-    let (exceptions, exceptions_writer) = reflector::store::<AzurePodIdentityException>();
-    let (service_accounts, service_accounts_writer) = reflector::store::<PartialObjectMeta<ServiceAccount>>();
+    let (pods, pods_writer) = reflector::store();
+    let (identities, identities_writer) = reflector::store();
+    let (bindings, bindings_writer) = reflector::store();
+    let (exceptions, exceptions_writer) = reflector::store();
+    let (service_accounts, service_accounts_writer) = reflector::store();
     let stores = Stores { pods, identities, bindings, exceptions, service_accounts };
 
     let node_pods = all().fields(&format!("spec.nodeName={node}"));
     let probe = client.clone();
     let streams: Vec<BoxStream<'static, Result<(), watcher::Error>>> = vec![
-        reflect(Api::<Pod>::all(client.clone()), node_pods, trim_pod, pods_writer),
-        reflect(Api::all(client.clone()), all(), drop_managed_fields::<AzureIdentity>, identities_writer),
-        reflect(Api::all(client.clone()), all(), drop_managed_fields::<AzureIdentityBinding>, bindings_writer),
-        reflect(Api::all(client.clone()), all(), drop_managed_fields::<AzurePodIdentityException>, exceptions_writer),
-        reflect(Api::all(client), all(), trim_service_account, service_accounts_writer),
+        reflect(Api::all(client.clone()), node_pods, pods_writer),
+        reflect(Api::all(client.clone()), all(), identities_writer),
+        reflect(Api::all(client.clone()), all(), bindings_writer),
+        reflect(Api::all(client.clone()), all(), exceptions_writer),
+        reflect(Api::all(client), all(), service_accounts_writer),
     ];
     let mut merged = futures::stream::select_all(streams);
 
@@ -160,45 +163,18 @@ fn all() -> watcher::Config {
     watcher::Config::default().any_semantic()
 }
 
-/// Reflects one kind into `writer`, trimming each object on arrival; yields `()` per event
-/// so that all kinds merge into one stream.
+/// Reflects one kind into `writer`; yields `()` per event so that all kinds merge into one
+/// stream.
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
-    trim: fn(&mut K),
     writer: reflector::store::Writer<K>,
 ) -> BoxStream<'static, Result<(), watcher::Error>>
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    watcher(api, config).default_backoff().modify(trim).reflect(writer).map(|e| e.map(drop)).boxed()
-}
-
-/// What is kept of aad-pod-identity's objects: all but the managed fields.
-fn drop_managed_fields<K: Resource>(object: &mut K) {
-    object.meta_mut().managed_fields = None;
-}
-
-/// Keeps what the policy reads of a pod.
-fn trim_pod(pod: &mut Pod) {
-    let service_account = pod.spec.as_ref().and_then(|s| s.service_account_name.clone());
-    pod.spec = Some(PodSpec { service_account_name: service_account, containers: Vec::new(), ..PodSpec::default() });
-    pod.status = None;
-    pod.metadata.managed_fields = None;
-    pod.metadata.annotations = None;
-    pod.metadata.owner_references = None;
-}
-
-/// Keeps workload identity's annotations of a ServiceAccount, nothing else.
-fn trim_service_account(account: &mut PartialObjectMeta<ServiceAccount>) {
-    let meta = &mut account.metadata;
-    meta.managed_fields = None;
-    meta.labels = None;
-    meta.owner_references = None;
-    if let Some(annotations) = &mut meta.annotations {
-        annotations.retain(|k, _| k == CLIENT_ID_ANNOTATION || k == TENANT_ID_ANNOTATION);
-    }
+    watcher(api, config).default_backoff().reflect(writer).map(|e| e.map(drop)).boxed()
 }
 
 /// One snapshot for `imds-agent explain --kubeconfig`: the pod `namespace/name` (wherever it
@@ -211,11 +187,12 @@ pub async fn snapshot_for_pod(
     workload: WorkloadSettings,
 ) -> Result<Snapshot, kube::Error> {
     let by_name = ListParams::default().fields(&format!("metadata.name={name}"));
-    let pods = Api::<Pod>::namespaced(client.clone(), namespace).list(&by_name).await?;
-    let identities = Api::<AzureIdentity>::all(client.clone()).list(&ListParams::default()).await?;
-    let bindings = Api::<AzureIdentityBinding>::all(client.clone()).list(&ListParams::default()).await?;
-    let exceptions = Api::<AzurePodIdentityException>::all(client.clone()).list(&ListParams::default()).await?;
-    let accounts = Api::<ServiceAccount>::namespaced(client, namespace).list_metadata(&ListParams::default()).await?;
+    let every = ListParams::default();
+    let pods = Api::<LeanPod>::namespaced(client.clone(), namespace).list(&by_name).await?;
+    let identities = Api::<LeanIdentity>::all(client.clone()).list(&every).await?;
+    let bindings = Api::<LeanBinding>::all(client.clone()).list(&every).await?;
+    let exceptions = Api::<LeanException>::all(client.clone()).list(&every).await?;
+    let accounts = Api::<LeanAccount>::namespaced(client, namespace).list(&every).await?;
     Ok(Snapshot::new(
         pods.items.iter().filter_map(pod),
         identities.items.iter().filter_map(identity),
@@ -227,7 +204,7 @@ pub async fn snapshot_for_pod(
 }
 
 /// A ServiceAccount workload identity can use (one naming a client id), else `None`.
-fn service_account(a: &PartialObjectMeta<ServiceAccount>) -> Option<policy::ServiceAccount> {
+fn service_account(a: &LeanAccount) -> Option<policy::ServiceAccount> {
     let annotations = a.metadata.annotations.as_ref()?;
     let annotation = |key: &str| annotations.get(key).filter(|v| !v.is_empty()).cloned();
     Some(policy::ServiceAccount {
@@ -238,21 +215,17 @@ fn service_account(a: &PartialObjectMeta<ServiceAccount>) -> Option<policy::Serv
     })
 }
 
-fn pod(p: &Pod) -> Option<policy::Pod> {
+fn pod(p: &LeanPod) -> Option<policy::Pod> {
     Some(policy::Pod {
         uid: p.metadata.uid.clone()?,
         namespace: p.namespace()?,
         name: p.name_any(),
         labels: p.metadata.labels.clone().unwrap_or_default(),
-        service_account: p
-            .spec
-            .as_ref()
-            .and_then(|s| s.service_account_name.clone())
-            .unwrap_or_else(|| "default".into()),
+        service_account: p.spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
     })
 }
 
-fn identity(i: &AzureIdentity) -> Option<policy::Identity> {
+fn identity(i: &LeanIdentity) -> Option<policy::Identity> {
     let Some(kind) = IdentityType::from_spec_type(i.spec.identity_type) else {
         tracing::warn!(identity = %i.name_any(), r#type = i.spec.identity_type, "AzureIdentity with an unknown spec.type ignored");
         return None;
@@ -279,7 +252,7 @@ fn identity(i: &AzureIdentity) -> Option<policy::Identity> {
     })
 }
 
-fn binding(b: &AzureIdentityBinding) -> policy::Binding {
+fn binding(b: &LeanBinding) -> policy::Binding {
     policy::Binding {
         namespace: b.namespace().unwrap_or_default(),
         name: b.name_any(),
@@ -288,7 +261,7 @@ fn binding(b: &AzureIdentityBinding) -> policy::Binding {
     }
 }
 
-fn exception(e: &AzurePodIdentityException) -> policy::Exception {
+fn exception(e: &LeanException) -> policy::Exception {
     policy::Exception {
         namespace: e.namespace().unwrap_or_default(),
         name: e.name_any(),
