@@ -1,5 +1,5 @@
 //! Policy from the Kubernetes API (`--kube`): the pods on this node and aad-pod-identity's
-//! objects in every namespace, through kube-rs reflectors, into the same [`Snapshot`] the
+//! objects in every namespace, through kube-rs watchers, into the same [`Snapshot`] the
 //! manifests source makes.
 //!
 //! - Objects are deserialized lean ([`lean`]): what the policy does not read (managed fields,
@@ -10,11 +10,14 @@
 //! - ServiceAccounts (all namespaces, metadata only) for workload identity: only their
 //!   `azure.workload.identity/*` annotations are kept, and only those naming a client id
 //!   reach the snapshot.
-//! - No snapshot is published until every reflector has its initial list.
-//! - Watch errors are retried with backoff; the stores keep what they had, so the policy in
+//! - Each kind is mirrored as the policy's own objects ([`mirror`]): once converted, nothing
+//!   of the API's object is kept.
+//! - No snapshot is published until every kind has its initial list.
+//! - Watch errors are retried with backoff; the mirrors keep what they had, so the policy in
 //!   force is the last one seen (fail-static) and the source reports `failing`. A `410 Gone`
 //!   makes the watcher list again.
 mod lean;
+mod mirror;
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -22,12 +25,13 @@ use futures::{stream::BoxStream, FutureExt as _, StreamExt as _};
 use kube::{
     api::ListParams,
     runtime::{
-        reflector::{self, Store},
-        watcher, WatchStreamExt as _,
+        watcher::{self, Event},
+        WatchStreamExt as _,
     },
     Api, Client, Resource, ResourceExt as _,
 };
 use lean::{LeanAccount, LeanBinding, LeanException, LeanIdentity, LeanPod};
+use mirror::Mirror;
 use tokio::sync::watch;
 
 use crate::{
@@ -42,41 +46,59 @@ const SETTLE: Duration = Duration::from_millis(10);
 /// that has nothing to say yields no event, so recovery cannot be read off the streams.
 const RECOVERY_PROBE: Duration = Duration::from_secs(2);
 
-/// The stores a snapshot is built from.
-#[derive(Clone)]
-struct Stores {
-    pods: Store<LeanPod>,
-    identities: Store<LeanIdentity>,
-    bindings: Store<LeanBinding>,
-    exceptions: Store<LeanException>,
-    /// Metadata only, workload identity's annotations only.
-    service_accounts: Store<LeanAccount>,
+/// One watch event, of whichever kind.
+enum Change {
+    Pod(Event<LeanPod>),
+    Identity(Event<LeanIdentity>),
+    Binding(Event<LeanBinding>),
+    Exception(Event<LeanException>),
+    Account(Event<LeanAccount>),
 }
 
-impl Stores {
-    /// Whether every reflector has its initial list (checked without waiting).
+/// The mirrors a snapshot is built from.
+#[derive(Default)]
+struct Mirrors {
+    pods: Mirror<policy::Pod>,
+    identities: Mirror<policy::Identity>,
+    bindings: Mirror<policy::Binding>,
+    exceptions: Mirror<policy::Exception>,
+    /// Only ServiceAccounts naming a client id.
+    service_accounts: Mirror<policy::ServiceAccount>,
+}
+
+impl Mirrors {
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Pod(event) => self.pods.apply(event, pod),
+            Change::Identity(event) => self.identities.apply(event, identity),
+            Change::Binding(event) => self.bindings.apply(event, |b| Some(binding(b))),
+            Change::Exception(event) => self.exceptions.apply(event, |e| Some(exception(e))),
+            Change::Account(event) => self.service_accounts.apply(event, service_account),
+        }
+    }
+
+    /// Whether every kind has its initial list.
     fn all_listed(&self) -> bool {
-        let listed = |ready: Option<Result<(), reflector::store::WriterDropped>>| matches!(ready, Some(Ok(())));
-        listed(self.pods.wait_until_ready().now_or_never())
-            && listed(self.identities.wait_until_ready().now_or_never())
-            && listed(self.bindings.wait_until_ready().now_or_never())
-            && listed(self.exceptions.wait_until_ready().now_or_never())
-            && listed(self.service_accounts.wait_until_ready().now_or_never())
+        self.pods.listed()
+            && self.identities.listed()
+            && self.bindings.listed()
+            && self.exceptions.listed()
+            && self.service_accounts.listed()
     }
 
     fn snapshot(&self, workload: &WorkloadSettings) -> Snapshot {
         Snapshot::new(
-            self.pods.state().iter().filter_map(|p| pod(p)),
-            self.identities.state().iter().filter_map(|i| identity(i)),
-            self.bindings.state().iter().map(|b| binding(b)),
-            self.exceptions.state().iter().map(|e| exception(e)),
+            self.pods.values().cloned(),
+            self.identities.values().cloned(),
+            self.bindings.values().cloned(),
+            self.exceptions.values().cloned(),
         )
-        .with_service_accounts(self.service_accounts.state().iter().filter_map(|a| service_account(a)))
+        .with_service_accounts(self.service_accounts.values().cloned())
         .with_workload(workload.clone())
     }
 }
 
-/// Runs the reflectors for `node`, publishing a snapshot on `tx` after the initial sync and
+/// Runs the watches for `node`, publishing a snapshot on `tx` after the initial sync and
 /// after every change. Returns only when every watch stream has ended (never, in practice).
 pub async fn run(
     client: Client,
@@ -85,23 +107,17 @@ pub async fn run(
     tx: watch::Sender<Arc<Snapshot>>,
     status: Arc<SourceStatus>,
 ) {
-    let (pods, pods_writer) = reflector::store();
-    let (identities, identities_writer) = reflector::store();
-    let (bindings, bindings_writer) = reflector::store();
-    let (exceptions, exceptions_writer) = reflector::store();
-    let (service_accounts, service_accounts_writer) = reflector::store();
-    let stores = Stores { pods, identities, bindings, exceptions, service_accounts };
-
     let node_pods = all().fields(&format!("spec.nodeName={node}"));
     let probe = client.clone();
-    let streams: Vec<BoxStream<'static, Result<(), watcher::Error>>> = vec![
-        reflect(Api::all(client.clone()), node_pods, pods_writer),
-        reflect(Api::all(client.clone()), all(), identities_writer),
-        reflect(Api::all(client.clone()), all(), bindings_writer),
-        reflect(Api::all(client.clone()), all(), exceptions_writer),
-        reflect(Api::all(client), all(), service_accounts_writer),
+    let streams: Vec<BoxStream<'static, Result<Change, watcher::Error>>> = vec![
+        watch_kind(Api::all(client.clone()), node_pods, Change::Pod),
+        watch_kind(Api::all(client.clone()), all(), Change::Identity),
+        watch_kind(Api::all(client.clone()), all(), Change::Binding),
+        watch_kind(Api::all(client.clone()), all(), Change::Exception),
+        watch_kind(Api::all(client), all(), Change::Account),
     ];
     let mut merged = futures::stream::select_all(streams);
+    let mut mirrors = Mirrors::default();
 
     let mut synced = false;
     let mut probes = tokio::time::interval(RECOVERY_PROBE);
@@ -119,25 +135,31 @@ pub async fn run(
                 continue;
             }
         };
-        if let Err(e) = event {
-            watch_failed(&status, e);
-            continue;
+        match event {
+            Ok(change) => mirrors.apply(change),
+            Err(e) => {
+                watch_failed(&status, e);
+                continue;
+            }
         }
         // Let a burst of events (an initial list) arrive before rebuilding. A failure in the
         // burst is reported after the rebuild, so that the rebuild does not clear it.
         tokio::time::sleep(SETTLE).await;
         let mut failure = None;
         while let Some(Some(more)) = merged.next().now_or_never() {
-            failure = more.err().or(failure);
+            match more {
+                Ok(change) => mirrors.apply(change),
+                Err(e) => failure = Some(e),
+            }
         }
         if !synced {
-            synced = stores.all_listed();
+            synced = mirrors.all_listed();
             if synced {
                 tracing::info!("Kubernetes API: initial sync done");
             }
         }
         if synced {
-            let snapshot = stores.snapshot(&workload);
+            let snapshot = mirrors.snapshot(&workload);
             let (p, i, b, e) = snapshot.sizes();
             tracing::debug!(pods = p, identities = i, bindings = b, exceptions = e, "policy updated from the API");
             tx.send_replace(Arc::new(snapshot));
@@ -163,18 +185,17 @@ fn all() -> watcher::Config {
     watcher::Config::default().any_semantic()
 }
 
-/// Reflects one kind into `writer`; yields `()` per event so that all kinds merge into one
-/// stream.
-fn reflect<K>(
+/// Watches one kind, its events wrapped by `change` so that all kinds merge into one stream.
+fn watch_kind<K>(
     api: Api<K>,
     config: watcher::Config,
-    writer: reflector::store::Writer<K>,
-) -> BoxStream<'static, Result<(), watcher::Error>>
+    change: fn(Event<K>) -> Change,
+) -> BoxStream<'static, Result<Change, watcher::Error>>
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
-    watcher(api, config).default_backoff().reflect(writer).map(|e| e.map(drop)).boxed()
+    watcher::watcher(api, config).default_backoff().map(move |e| e.map(change)).boxed()
 }
 
 /// One snapshot for `imds-agent explain --kubeconfig`: the pod `namespace/name` (wherever it
