@@ -61,7 +61,6 @@ fn objects(load: Load) -> Vec<Value> {
                "spec": {"type": 0, "clientID": format!("client-{i}"),
                         "resourceID": format!("/subscriptions/s/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id{i}")}})
     });
-    let bindings_of = bindings;
     let bindings = (0..bindings).map(|b| {
         let i = b % load.identities; // same namespace as its identity
         json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentityBinding",
@@ -69,7 +68,7 @@ fn objects(load: Load) -> Vec<Value> {
                "spec": {"azureIdentity": format!("id{i}"), "selector": format!("sel{b}")}})
     });
     let pods = (0..pods).map(|p| {
-        let b = p % bindings_of;
+        let b = p % load.bindings;
         let labels = if p % 10 == 0 { json!({"app": "unbound"}) } else { json!({"aadpodidbinding": format!("sel{b}")}) };
         json!({"apiVersion": "v1", "kind": "Pod",
                "metadata": {"name": format!("pod{p}"), "namespace": ns(b % load.identities), "uid": pod_uid(p), "labels": labels},

@@ -109,9 +109,7 @@ struct Meta {
     namespace: Option<String>,
     uid: Option<String>,
     resource_version: Option<String>,
-    #[serde(default)]
-    labels: Option<Labels>,
-    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
     annotations: Option<Annotations>,
 }
 
@@ -123,19 +121,10 @@ fn lean_meta<'de, S: Shape, D: Deserializer<'de>>(deserializer: D) -> Result<Obj
         namespace: meta.namespace,
         uid: meta.uid,
         resource_version: meta.resource_version,
-        labels: meta.labels.filter(|_| S::LABELS).map(|l| l.0),
+        labels: meta.labels.filter(|_| S::LABELS),
         annotations,
         ..ObjectMeta::default()
     })
-}
-
-/// Labels, read in full (a pod's decide its binding).
-struct Labels(BTreeMap<String, String>);
-
-impl<'de> Deserialize<'de> for Labels {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        BTreeMap::deserialize(deserializer).map(Labels)
-    }
 }
 
 /// Annotations, their values read only where the key is one some shape keeps: kubectl's

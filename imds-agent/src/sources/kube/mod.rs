@@ -28,9 +28,9 @@ use kube::{
         watcher::{self, Event},
         WatchStreamExt as _,
     },
-    Api, Client, Resource, ResourceExt as _,
+    Api, Client, ResourceExt as _,
 };
-use lean::{LeanAccount, LeanBinding, LeanException, LeanIdentity, LeanPod};
+use lean::{Lean, LeanAccount, LeanBinding, LeanException, LeanIdentity, LeanPod};
 use mirror::Mirror;
 use tokio::sync::watch;
 
@@ -186,15 +186,11 @@ fn all() -> watcher::Config {
 }
 
 /// Watches one kind, its events wrapped by `change` so that all kinds merge into one stream.
-fn watch_kind<K>(
-    api: Api<K>,
+fn watch_kind<S: lean::Shape>(
+    api: Api<Lean<S>>,
     config: watcher::Config,
-    change: fn(Event<K>) -> Change,
-) -> BoxStream<'static, Result<Change, watcher::Error>>
-where
-    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
+    change: fn(Event<Lean<S>>) -> Change,
+) -> BoxStream<'static, Result<Change, watcher::Error>> {
     watcher::watcher(api, config).default_backoff().map(move |e| e.map(change)).boxed()
 }
 
