@@ -794,17 +794,30 @@ pub fn agent_binary() -> PathBuf {
 
 /// A workspace binary: `$env_override`, else the one in this test's target directory.
 fn built_binary(name: &str, env_override: &str) -> PathBuf {
+    find_built_binary(name, env_override).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The binaries a sandbox node starts ([`agent_binary`], [`probe_binary`]), or a one-line
+/// error naming the first one missing and how to build it.
+pub fn check_built_binaries() -> Result<(), String> {
+    find_built_binary("imds-agent", "IMDS_AGENT_BIN")?;
+    find_built_binary("imds-probe", "IMDS_PROBE_BIN")?;
+    Ok(())
+}
+
+fn find_built_binary(name: &str, env_override: &str) -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os(env_override) {
-        return PathBuf::from(p);
+        return Ok(PathBuf::from(p));
     }
     // Binaries live in target/<profile>; test executables one level down, in deps/.
-    let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().expect("executable has a directory");
-    [dir, dir.parent().unwrap_or(dir)]
-        .iter()
-        .map(|d| d.join(name))
-        .find(|p| p.exists())
-        .unwrap_or_else(|| panic!("{name} not found near {}: build it first (`cargo xtask test` does)", dir.display()))
+    let exe = std::env::current_exe().map_err(|e| format!("locating this executable: {e}"))?;
+    let dir = exe.parent().unwrap_or(&exe);
+    [dir, dir.parent().unwrap_or(dir)].iter().map(|d| d.join(name)).find(|p| p.exists()).ok_or_else(|| {
+        format!(
+            "{name} not found near {}: build it first (`cargo xtask demo` and `cargo xtask test` do)",
+            dir.display()
+        )
+    })
 }
 
 /// What `imds-agent run` logs once it serves (see `imds-agent/src/main.rs`).

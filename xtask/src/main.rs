@@ -589,10 +589,18 @@ fn demo() -> Result<()> {
     if !is_root() {
         bail!("the demo loads eBPF programs and creates namespaces and cgroups: run as root");
     }
-    // The demo runs the real agent binary; build it (and its eBPF object) first.
+    let linker = cargo_home()?.join("bin/bpf-linker");
+    ensure!(
+        Command::new(&linker).arg("--version").output().is_ok_and(|o| o.status.success()),
+        "the demo builds the kernel programs, and {} is missing or broken: run `cargo xtask setup` first",
+        linker.display()
+    );
+    // The demo runs the real agent (with its eBPF object) and has each pod ask through the
+    // probe: build all three binaries it starts in one go.
     run(cargo()
         .args(["build", "--quiet", "--package", "imds-agent", "--bin", "imds-agent"])
+        .args(["--package", "imds-tests", "--bin", "imds-probe", "--bin", "imds-demo"])
         .env("IMDS_REQUIRE_EBPF", "1"))
-    .context("the demo needs the BPF toolchain: run `cargo xtask setup` first")?;
+    .context("building the demo's binaries")?;
     run(cargo().args(["run", "--quiet", "--package", "imds-tests", "--bin", "imds-demo"]).env("IMDS_REQUIRE_EBPF", "1"))
 }

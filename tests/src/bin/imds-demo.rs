@@ -4,8 +4,9 @@
 //! holds a fake IMDS on `169.254.169.254` (the real one cannot be used here), kubelet-style
 //! pod cgroups, and one network namespace per pod. It loads the example manifests from
 //! `deploy/examples/`, starts the real `imds-agent`, has each pod ask for a token with curl,
-//! prints what each got and a few decision-log lines, then removes everything — also on a
-//! panic, through the guards the tests use.
+//! then has one pod ask for another pod's identity (refused: the demo exits 1 if it is not),
+//! prints what each got and the decision log, then removes everything — also on a panic,
+//! through the guards the tests use.
 use std::{fs, net::SocketAddr, path::Path};
 
 use imds_agent::sources::manifests;
@@ -21,6 +22,10 @@ const TOKEN: &str =
 fn main() {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("the demo loads eBPF programs and creates namespaces and cgroups: run it as root");
+        std::process::exit(1);
+    }
+    if let Err(e) = imds_tests::check_built_binaries() {
+        eprintln!("{e}");
         std::process::exit(1);
     }
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
@@ -66,6 +71,29 @@ fn main() {
         println!("  {:<15} {:<38} {:<7} {result}", pod.name, labels.join(","), fetched.status);
     }
 
+    // The attack the filter exists for: a pod asks for an identity bound to another pod.
+    let (attacker, victim) = ("batch", "web");
+    let stolen = policy.identities().next().expect("the examples declare an identity").client_id.clone();
+    let attacker_pod = &test_pods[pods.iter().position(|p| p.name == attacker).expect("the examples' batch pod")];
+    let before = node.fake.token_requests().len();
+    let refused = curl(
+        &node,
+        attacker_pod,
+        SocketAddr::from((IMDS_IP, 80)),
+        &format!("{TOKEN}&client_id={stolen}"),
+        &["Metadata: true"],
+    );
+    let imds_asked = node.fake.token_requests().len() > before;
+    let held = refused.status == 400 && !imds_asked;
+    println!("\n  an attack: {attacker} asks for {victim}'s identity by its client id ({stolen})");
+    println!(
+        "  {attacker:<15} {:<38} {:<7} {} — {}",
+        "",
+        refused.status,
+        refused.json()["error_description"].as_str().unwrap_or(&refused.body),
+        if held { "refused; IMDS never saw the request" } else { "NOT REFUSED: the filter let it through" }
+    );
+
     println!("\n  decision log (the agent's stdout, one JSON object per request):");
     for d in node.agent().decisions() {
         let compact = serde_json::json!({
@@ -77,4 +105,7 @@ fn main() {
     drop(test_pods);
     drop(node);
     println!("\n  cleaned up: agent stopped, namespaces, cgroups and pinned programs removed");
+    if !held {
+        std::process::exit(1);
+    }
 }
