@@ -13,7 +13,10 @@ use imds_agent::{
     caller::CgroupResolver,
     control, doctor, events, explain,
     imds::PathRules,
-    kernel::{self, bpffs::DEFAULT_PIN_DIR, cgroup, origin::DEFAULT_ORIGIN_TTL, Filter, FilterOptions, IMDS_ENDPOINT},
+    kernel::{
+        self, bpffs::DEFAULT_PIN_DIR, cgroup, origin::DEFAULT_ORIGIN_TTL, Filter, FilterOptions, NodeBackstop,
+        IMDS_ENDPOINT,
+    },
     policy::{Snapshot, WorkloadMode, WorkloadSettings},
     secrets::SecretReader,
     server::{self, limits::ConnectionLimits, AgentState, Mode},
@@ -251,6 +254,16 @@ struct RunArgs {
     /// Protected endpoint (repeatable).
     #[arg(long = "protect", value_name = "ADDR:PORT", default_values_t = [IMDS_ENDPOINT])]
     protected: Vec<SocketAddrV4>,
+    /// Where the node backstop runs: it drops packets to protected addresses that enter the
+    /// node's network namespace from a pod's (made below the socket layer, e.g. with
+    /// AF_PACKET or the pod's own nftables). `auto`: netfilter on Linux ≥ 6.4, else tc.
+    #[arg(long, value_enum, default_value_t = NodeBackstop::Auto)]
+    node_backstop: NodeBackstop,
+    /// A NAT64 prefix (a /96, e.g. `2001:db8:64::/96`) whose addresses embedding a protected
+    /// IPv4 address are judged like it (repeatable, at most 3). The well-known `64:ff9b::/96`
+    /// always is.
+    #[arg(long = "nat64-prefix", value_name = "PREFIX/96", value_parser = kernel::parse_nat64_prefix)]
+    nat64_prefixes: Vec<std::net::Ipv6Addr>,
     /// Verdict for cgroups the agent has no entry for.
     #[arg(long, value_enum, default_value_t = DefaultVerdict::Redirect)]
     default_verdict: DefaultVerdict,
@@ -319,14 +332,15 @@ fn main() -> anyhow::Result<()> {
         Command::GenerateDocs { out } => operator::generate_docs(&out),
         Command::Uninstall { bpffs, wait } => {
             let done = kernel::uninstall(&bpffs)?;
-            if done.links.is_empty() && done.maps.is_empty() {
+            if done.links.is_empty() && done.maps.is_empty() && done.backstop.is_empty() {
                 println!("nothing installed under {}", bpffs.display());
             } else {
                 println!(
-                    "detached {} link(s) and removed {} map pin(s) from {}",
+                    "detached {} link(s) and removed {} map pin(s) from {}; node backstop removed: {}",
                     done.links.len(),
                     done.maps.len(),
-                    bpffs.display()
+                    bpffs.display(),
+                    if done.backstop.is_empty() { "none found".to_owned() } else { done.backstop.join(", ") }
                 );
             }
             if wait {
@@ -416,6 +430,8 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         exempt_cgroup,
         kernel_log_level: kernel_log_level(log_filter),
         origin_ttl: Duration::from_secs(args.origin_ttl),
+        node_backstop: args.node_backstop,
+        nat64_prefixes: args.nat64_prefixes.clone(),
     })?;
     if let Some(logger) = filter.take_kernel_logger() {
         tokio::spawn(drain_kernel_logs(logger));
@@ -669,11 +685,13 @@ fn spawn_verdict_sync(mut sync: VerdictSync, mut updates: watch::Receiver<Arc<Sn
             match sync.sync(&snapshot) {
                 Ok(r) => {
                     last_error = None;
-                    if r.set + r.cleared > 0 {
+                    if r.set + r.cleared + r.sources_added + r.sources_removed > 0 {
                         tracing::info!(
                             pod_cgroups = r.pod_cgroups,
                             set = r.set,
                             cleared = r.cleared,
+                            pass_sources_added = r.sources_added,
+                            pass_sources_removed = r.sources_removed,
                             "kernel verdicts updated"
                         );
                     }

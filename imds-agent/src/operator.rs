@@ -55,11 +55,13 @@ pub async fn node_status(pin_dir: &Path, agent_socket: &Path) -> anyhow::Result<
         _ => Err("the attach cgroup was not found".to_owned()),
     };
     let agent = control::ask(agent_socket, "/status").await;
+    let backstop = kernel::backstop::inspect(pin_dir).map_err(|e| format!("{:#}", anyhow::Error::from(e)));
     Ok(status::assess(status::Inputs {
         pin_dir: &pin_dir.display().to_string(),
         state: &state,
         attach_cgroup: attach_cgroup.map(|c| c.path),
         attached,
+        backstop,
         agent_asked: Some(agent_socket.display().to_string()),
         agent,
     }))

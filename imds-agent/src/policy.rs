@@ -24,7 +24,10 @@
 //! identity (`azure.workload.identity/client-id`, tenant from `…/tenant-id` or the agent's
 //! default), exchanged at Entra with the pod's own service-account token. A selector must name
 //! that client id; bindings do not apply to such a pod.
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 /// The pod label that names a binding.
 pub const BINDING_LABEL: &str = "aadpodidbinding";
@@ -185,7 +188,7 @@ pub struct Exception {
 }
 
 /// What the policy needs of a pod.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pod {
     pub uid: String,
     pub namespace: String,
@@ -193,6 +196,63 @@ pub struct Pod {
     pub labels: BTreeMap<String, String>,
     /// `spec.serviceAccountName` (Kubernetes' default: `default`).
     pub service_account: String,
+    /// `status.podIPs`: the addresses its packets come from (none until the pod has one).
+    pub ips: Vec<IpAddr>,
+    /// `spec.hostNetwork`: it shares the node's network namespace (and the node's address).
+    pub host_network: bool,
+    /// What its containers' security contexts grant.
+    pub powers: Powers,
+}
+
+/// What a pod's containers (init and ephemeral ones included) are granted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Powers {
+    /// Some container is `privileged`.
+    pub privileged: bool,
+    /// Capabilities some container adds, upper case without `CAP_` (`ALL` as written).
+    pub added: std::collections::BTreeSet<String>,
+    /// Some container keeps `NET_RAW` (it is in containerd's and CRI-O's default set): it does
+    /// not drop `NET_RAW` or `ALL`.
+    pub keeps_net_raw: bool,
+}
+
+impl Powers {
+    /// A container's `securityContext`: its `privileged`, `capabilities.add` and
+    /// `capabilities.drop`, merged into what is known of the pod so far.
+    pub fn add_container(&mut self, privileged: bool, add: &[String], drop: &[String]) {
+        let name = |c: &String| c.trim().to_ascii_uppercase().trim_start_matches("CAP_").to_owned();
+        self.privileged |= privileged;
+        self.added.extend(add.iter().map(name));
+        let drops_net_raw = drop.iter().map(name).any(|c| c == "NET_RAW" || c == "ALL");
+        self.keeps_net_raw |= !drops_net_raw || add.iter().map(name).any(|c| c == "NET_RAW" || c == "ALL");
+    }
+}
+
+impl Pod {
+    /// Why this pod can reach protected addresses or their answers past both of the filter's
+    /// layers (SECURITY.md, "What it does not guarantee"); empty for a pod the filter contains.
+    #[must_use]
+    pub fn uncontained(&self) -> Vec<&'static str> {
+        let p = &self.powers;
+        let has = |cap: &str| p.added.contains(cap) || p.added.contains("ALL");
+        let mut why = Vec::new();
+        if p.privileged {
+            why.push("privileged");
+        }
+        if has("SYS_ADMIN") {
+            why.push("CAP_SYS_ADMIN");
+        }
+        if has("BPF") {
+            why.push("CAP_BPF");
+        }
+        if self.host_network && has("NET_ADMIN") {
+            why.push("hostNetwork with CAP_NET_ADMIN");
+        }
+        if self.host_network && p.keeps_net_raw {
+            why.push("hostNetwork with CAP_NET_RAW");
+        }
+        why
+    }
 }
 
 /// The identity a request names, if any.
@@ -558,7 +618,40 @@ mod tests {
             name: format!("pod-{uid}"),
             labels: labels(l),
             service_account: "default".into(),
+            ..Pod::default()
         }
+    }
+
+    #[test]
+    fn pods_the_filter_cannot_contain_say_why() {
+        let powers = |containers: &[(bool, &[&str], &[&str])]| {
+            let mut p = Powers::default();
+            for (privileged, add, drop) in containers {
+                let owned = |l: &[&str]| l.iter().map(|c| (*c).to_owned()).collect::<Vec<_>>();
+                p.add_container(*privileged, &owned(add), &owned(drop));
+            }
+            p
+        };
+        let with = |host_network: bool, powers: Powers| Pod { host_network, powers, ..pod("u", "ns", &[]) };
+        // An ordinary pod keeps NET_RAW, and the node backstop contains it.
+        assert!(with(false, powers(&[(false, &[], &[])])).uncontained().is_empty());
+        // In the node's namespace, keeping NET_RAW is enough: it sees the node's traffic.
+        assert_eq!(with(true, powers(&[(false, &[], &[])])).uncontained(), ["hostNetwork with CAP_NET_RAW"]);
+        assert!(with(true, powers(&[(false, &[], &["ALL"])])).uncontained().is_empty());
+        assert!(with(true, powers(&[(false, &[], &["cap_net_raw"])])).uncontained().is_empty());
+        // One container that keeps it is enough.
+        let mixed = powers(&[(false, &[], &["NET_RAW"]), (false, &[], &[])]);
+        assert_eq!(with(true, mixed).uncontained(), ["hostNetwork with CAP_NET_RAW"]);
+        assert_eq!(
+            with(true, powers(&[(false, &["NET_ADMIN"], &["ALL"])])).uncontained(),
+            ["hostNetwork with CAP_NET_ADMIN"]
+        );
+        assert_eq!(with(false, powers(&[(true, &[], &["ALL"])])).uncontained(), ["privileged"]);
+        assert_eq!(
+            with(false, powers(&[(false, &["CAP_SYS_ADMIN", "bpf"], &[])])).uncontained(),
+            ["CAP_SYS_ADMIN", "CAP_BPF"]
+        );
+        assert_eq!(with(false, powers(&[(false, &["ALL"], &[])])).uncontained(), ["CAP_SYS_ADMIN", "CAP_BPF"]);
     }
 
     fn identity(ns: &str, name: &str, client: &str) -> Identity {

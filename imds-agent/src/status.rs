@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::kernel::{inspect::PinnedState, AttachedProgram, Hook};
+use crate::kernel::{backstop::BackstopState, inspect::PinnedState, AttachedProgram, Hook};
 
 /// What the running agent says about itself (`GET /status` on the control socket).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +32,17 @@ pub struct AgentStatus {
     /// Objects in the policy in force, by kind (`pods`, `identities`, `bindings`, `exceptions`).
     pub policy: BTreeMap<String, usize>,
     pub connections_open: i64,
+    /// Pods on this node that neither layer of the filter contains, with why (SECURITY.md).
+    #[serde(default)]
+    pub uncontained_pods: Vec<UncontainedPod>,
+}
+
+/// A pod whose powers reach past the filter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UncontainedPod {
+    /// `namespace/name`.
+    pub pod: String,
+    pub why: Vec<String>,
 }
 
 /// The one-word answer, and the exit code that goes with it.
@@ -91,6 +102,8 @@ pub struct NodeStatus {
     pub counters: BTreeMap<String, u64>,
     /// Map name → (entries, capacity).
     pub maps: BTreeMap<String, (usize, u32)>,
+    /// The node backstop in the node's network namespace (`None`: it could not be read).
+    pub node_backstop: Option<BackstopState>,
     /// The control socket asked for the agent's status.
     pub agent_asked: Option<String>,
     pub agent: Option<AgentStatus>,
@@ -109,22 +122,15 @@ pub struct Inputs<'a> {
     pub attach_cgroup: Option<String>,
     /// The kernel's list of programs on the attach cgroup (or why it could not be read).
     pub attached: Result<Vec<(Hook, Vec<AttachedProgram>)>, String>,
+    /// The node backstop as the kernel holds it (or why it could not be read).
+    pub backstop: Result<BackstopState, String>,
     pub agent_asked: Option<String>,
     pub agent: Result<AgentStatus, String>,
 }
 
-/// Judges the node.
-#[must_use]
-pub fn assess(inputs: Inputs<'_>) -> NodeStatus {
-    let Inputs { pin_dir, state, attach_cgroup, attached, agent_asked, agent } = inputs;
-    let mut problems = Vec::new();
-    let attached = attached.unwrap_or_else(|e| {
-        if !state.links.is_empty() {
-            problems.push(format!("cannot list the programs on the attach cgroup: {e}"));
-        }
-        Vec::new()
-    });
-    let hooks: Vec<HookStatus> = Hook::ALL
+/// Each hook as pinned and as the kernel lists the attach cgroup's programs.
+fn hook_statuses(state: &PinnedState, attached: &[(Hook, Vec<AttachedProgram>)]) -> Vec<HookStatus> {
+    Hook::ALL
         .iter()
         .map(|hook| {
             let link = state.links.iter().find(|l| l.hook == *hook);
@@ -143,7 +149,21 @@ pub fn assess(inputs: Inputs<'_>) -> NodeStatus {
                 ok,
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Judges the node.
+#[must_use]
+pub fn assess(inputs: Inputs<'_>) -> NodeStatus {
+    let Inputs { pin_dir, state, attach_cgroup, attached, backstop, agent_asked, agent } = inputs;
+    let mut problems = Vec::new();
+    let attached = attached.unwrap_or_else(|e| {
+        if !state.links.is_empty() {
+            problems.push(format!("cannot list the programs on the attach cgroup: {e}"));
+        }
+        Vec::new()
+    });
+    let hooks = hook_statuses(state, &attached);
     let mut required_missing = false;
     if !state.links.is_empty() {
         for (hook, status) in Hook::ALL.iter().zip(&hooks) {
@@ -164,6 +184,8 @@ pub fn assess(inputs: Inputs<'_>) -> NodeStatus {
     if state.config.is_some() && state.protected.is_empty() {
         problems.push("no protected endpoints are configured; restart the agent".into());
     }
+    let backstop_missing =
+        !state.links.is_empty() && backstop_problem(&backstop).inspect(|p| problems.push(p.clone())).is_some();
     let agent_error = match &agent {
         Ok(a) if !a.ready => Some(format!("the agent is not ready: {}", a.readiness)),
         Ok(a) => a.unhealthy.clone().map(|why| format!("the agent is unhealthy: {why}")),
@@ -173,6 +195,9 @@ pub fn assess(inputs: Inputs<'_>) -> NodeStatus {
         (Protection::Unprotected, format!("not protected: nothing is installed under {pin_dir}"))
     } else if required_missing || state.protected.is_empty() {
         (Protection::Unprotected, "not protected: the filter is only partly in place".to_owned())
+    } else if backstop_missing {
+        let summary = "not protected below the socket layer: the node backstop is missing or incomplete, so pods holding NET_RAW or NET_ADMIN can reach protected addresses";
+        (Protection::Unprotected, summary.to_owned())
     } else if let Some(why) = &agent_error {
         let summary = format!(
             "fail-closed: the filter is attached, but no agent is serving ({why}); pods' metadata connections are refused"
@@ -207,9 +232,32 @@ pub fn assess(inputs: Inputs<'_>) -> NodeStatus {
         verdict_entries,
         counters: state.counters.iter().map(|(c, n)| (c.name().to_owned(), *n)).collect(),
         maps: state.maps.iter().map(|m| (m.name.to_owned(), (m.entries, m.capacity))).collect(),
+        node_backstop: backstop.ok(),
         agent_asked,
         agent: agent.ok(),
         agent_error,
+    }
+}
+
+fn interfaces(n: usize) -> String {
+    format!("{n} interface{}", if n == 1 { "" } else { "s" })
+}
+
+/// What is wrong with the node backstop, with what to do; `None` when it is complete.
+fn backstop_problem(backstop: &Result<BackstopState, String>) -> Option<String> {
+    match backstop {
+        Err(e) => Some(format!("cannot read the node backstop: {e}")),
+        Ok(b) if b.complete() => None,
+        Ok(b) if b.mechanism.is_none() => Some(
+            "no node backstop in this network namespace: packets a pod makes below the socket layer (AF_PACKET, its own nftables) reach protected addresses; restart the agent (without --node-backstop off)".to_owned(),
+        ),
+        Ok(b) if b.mechanism == Some("netfilter") => {
+            Some(format!("the node backstop covers only {}; restart the agent", b.families.join(", ")))
+        }
+        Ok(b) => Some(format!(
+            "interfaces without the node backstop (created while no agent ran?): {}; restart the agent",
+            b.uncovered.join(", ")
+        )),
     }
 }
 
@@ -250,6 +298,17 @@ impl std::fmt::Display for NodeStatus {
             let fill: Vec<String> = self.maps.iter().map(|(m, (n, cap))| format!("{m} {n}/{cap}")).collect();
             writeln!(f, "  maps            {}", fill.join(", "))?;
         }
+        if let Some(b) = &self.node_backstop {
+            let state = match (b.mechanism, b.complete()) {
+                (None, _) => "MISSING".to_owned(),
+                (Some("netfilter"), _) => format!("netfilter PRE_ROUTING ({})", b.families.join(", ")),
+                (Some(m), true) => format!("{m} ingress on {}", interfaces(b.covered.len())),
+                (Some(m), false) => {
+                    format!("{m} ingress on {}, NOT on {}", interfaces(b.covered.len()), b.uncovered.join(", "))
+                }
+            };
+            writeln!(f, "  node backstop   {state}")?;
+        }
         if !self.counters.is_empty() {
             let counters: Vec<String> = self.counters.iter().map(|(c, n)| format!("{c} {n}")).collect();
             writeln!(f, "  counters        {}", counters.join(", "))?;
@@ -266,6 +325,12 @@ impl std::fmt::Display for NodeStatus {
                 let sizes: Vec<String> = a.policy.iter().map(|(k, n)| format!("{n} {k}")).collect();
                 writeln!(f, "  policy          {}", sizes.join(", "))?;
                 writeln!(f, "  connections     {} open", a.connections_open)?;
+                if !a.uncontained_pods.is_empty() {
+                    writeln!(f, "\npods the filter cannot contain (see SECURITY.md)")?;
+                    for p in &a.uncontained_pods {
+                        writeln!(f, "  {:<40} {}", p.pod, p.why.join(", "))?;
+                    }
+                }
             }
             (_, Some(at)) => {
                 writeln!(f, "agent ({at})")?;
@@ -318,9 +383,14 @@ mod tests {
             state,
             attach_cgroup: Some("/kubepods".into()),
             attached: Ok(attached),
+            backstop: Ok(netfilter_backstop()),
             agent_asked: Some("/run/imds-filter/agent.sock".into()),
             agent,
         })
+    }
+
+    fn netfilter_backstop() -> BackstopState {
+        BackstopState { mechanism: Some("netfilter"), families: vec!["ipv4", "ipv6"], ..BackstopState::default() }
     }
 
     /// What, the pinned state, the agent's answer, the protection, how many problems.
@@ -360,6 +430,51 @@ mod tests {
             let got = judge(state, listed(state), agent);
             assert_eq!(got.protection, want, "{what}: {}", got.summary);
             assert_eq!(got.problems.len(), problems, "{what}: {:?}", got.problems);
+        }
+    }
+
+    #[test]
+    fn a_missing_or_partial_node_backstop_is_not_protected() {
+        let state = installed();
+        let with = |backstop: Result<BackstopState, String>| {
+            assess(Inputs {
+                pin_dir: "/sys/fs/bpf/imds-filter",
+                state: &state,
+                attach_cgroup: Some("/kubepods".into()),
+                attached: Ok(listed(&state)),
+                backstop,
+                agent_asked: None,
+                agent: Ok(serving()),
+            })
+        };
+        let tc = |uncovered: Vec<String>| BackstopState {
+            mechanism: Some("tc"),
+            covered: vec!["eth0".into()],
+            uncovered,
+            ..BackstopState::default()
+        };
+        let cases = [
+            (
+                "netfilter, both families",
+                Ok(netfilter_backstop()),
+                Protection::Protected,
+                "netfilter PRE_ROUTING (ipv4, ipv6)",
+            ),
+            ("tc everywhere", Ok(tc(vec![])), Protection::Protected, "tc ingress on 1 interface"),
+            ("tc with a gap", Ok(tc(vec!["veth9".into()])), Protection::Unprotected, "NOT on veth9"),
+            ("none", Ok(BackstopState::default()), Protection::Unprotected, "MISSING"),
+            (
+                "only ipv4",
+                Ok(BackstopState { families: vec!["ipv4"], ..netfilter_backstop() }),
+                Protection::Unprotected,
+                "(ipv4)",
+            ),
+            ("unreadable", Err("EPERM".to_owned()), Protection::Unprotected, "not protected below the socket layer"),
+        ];
+        for (what, backstop, want, text) in cases {
+            let got = with(backstop);
+            assert_eq!(got.protection, want, "{what}: {}", got.summary);
+            assert!(got.to_string().contains(text), "{what}: {got}");
         }
     }
 

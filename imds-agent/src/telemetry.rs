@@ -213,6 +213,18 @@ impl Telemetry {
         status.source_failing = self.source.failing();
         status.last_sync_unix = self.source.last_sync_unix.load(Ordering::Relaxed);
         status.connections_open = self.connections_open.get();
+        status.uncontained_pods = self
+            .snapshot
+            .borrow()
+            .pods()
+            .filter_map(|p| {
+                let why = p.uncontained();
+                (!why.is_empty()).then(|| crate::status::UncontainedPod {
+                    pod: format!("{}/{}", p.namespace, p.name),
+                    why: why.into_iter().map(str::to_owned).collect(),
+                })
+            })
+            .collect();
         status
     }
 

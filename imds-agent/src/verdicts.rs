@@ -6,14 +6,17 @@
 //! are written: REDIRECT is the default, so pods the policy does not single out — and pods
 //! it does not know yet — need no entry. Entries written earlier that no longer apply are
 //! removed.
+//!
+//! The node backstop's exceptions follow the same verdicts: the addresses of PASS pods that
+//! have their own network namespace may send to protected addresses from there.
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
-use imds_common::Verdict;
+use imds_common::{PodAddr, Verdict};
 
 use crate::{
     caller::podpath,
@@ -38,6 +41,9 @@ pub struct SyncReport {
     pub pod_cgroups: usize,
     pub set: usize,
     pub cleared: usize,
+    /// PASS pods' addresses added to and removed from the node backstop's exceptions.
+    pub sources_added: usize,
+    pub sources_removed: usize,
 }
 
 impl VerdictSync {
@@ -72,8 +78,22 @@ impl VerdictSync {
             report.cleared += 1;
         }
         self.written = want;
+        (report.sources_added, report.sources_removed) =
+            self.filter.set_pass_sources(&pass_sources(snapshot, self.deny_unbound))?;
         Ok(report)
     }
+}
+
+/// The addresses the node backstop lets reach protected addresses: those of PASS pods with
+/// their own network namespace. A hostNetwork pod has the node's address, which no packet
+/// entering the node from a pod may claim; its sockets are judged by the cgroup programs.
+#[must_use]
+pub fn pass_sources(snapshot: &Snapshot, deny_unbound: bool) -> BTreeSet<PodAddr> {
+    snapshot
+        .pods()
+        .filter(|pod| !pod.host_network && snapshot.pod_verdict(pod, deny_unbound) == PodVerdict::Pass)
+        .flat_map(|pod| pod.ips.iter().map(|ip| PodAddr::from_ip(*ip)))
+        .collect()
 }
 
 /// Pod-level cgroups below `root`: (cgroup id, pod UID).

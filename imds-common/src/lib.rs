@@ -70,8 +70,15 @@ pub mod maps {
     /// `LruHashMap<u64 socket cookie, Peer>`: what a redirected socket asked for, from the SYN
     /// until it closes, so `getpeername()` reports it.
     pub const PEERS: &str = "PEERS";
+    /// `HashMap<PodAddr, u32>`: addresses of pods whose verdict is PASS (exception pods with
+    /// their own network namespace). The node backstop lets their packets to protected
+    /// addresses through; every other packet entering the node's namespace for one is dropped.
+    pub const PASS_SOURCES: &str = "PASS_SOURCES";
+    /// `Array<Nat64Prefix>`: /96 prefixes whose addresses embed an IPv4 one (RFC 6052), so
+    /// `64:ff9b::a9fe:a9fe` is judged as `169.254.169.254`.
+    pub const NAT64: &str = "NAT64";
     /// Every map the agent pins, in the order it reports them.
-    pub const PINNED: [&str; 7] = [VERDICTS, PROTECTED, CONFIG, COUNTERS, PENDING, ORIGINS, PEERS];
+    pub const PINNED: [&str; 9] = [VERDICTS, PROTECTED, CONFIG, COUNTERS, PENDING, ORIGINS, PEERS, PASS_SOURCES, NAT64];
 }
 
 /// Names of the programs in the BPF object.
@@ -82,6 +89,10 @@ pub mod programs {
     pub const EGRESS: &str = "imds_egress";
     pub const PEER4: &str = "imds_peer4";
     pub const PEER6: &str = "imds_peer6";
+    /// The node backstop at the node namespace's netfilter `PRE_ROUTING` hook (Linux ≥ 6.4).
+    pub const NODE_NETFILTER: &str = "imds_node_nf";
+    /// The node backstop at tc ingress of each interface of the node namespace.
+    pub const NODE_TC: &str = "imds_node_tc";
 }
 
 /// Capacity of the maps. The verdict map holds one entry per pod (or container) cgroup the
@@ -93,6 +104,10 @@ pub mod capacity {
     pub const ORIGINS: u32 = 65_536;
     /// Redirected connections open at once (the agent serves at most 4,096 by default).
     pub const PEERS: u32 = 16_384;
+    /// Addresses of exception pods on one node (two per dual-stack pod).
+    pub const PASS_SOURCES: u32 = 1_024;
+    /// NAT64 prefixes: the well-known `64:ff9b::/96` and up to three the operator names.
+    pub const NAT64: u32 = 4;
 }
 
 /// Indexes of the per-CPU counters.
@@ -111,17 +126,21 @@ pub enum Counter {
     OriginRecorded = 4,
     /// Origin records that could not be stored (map update failed); the agent will refuse.
     OriginLost = 5,
+    /// Packets to a protected address dropped as they entered the node's namespace from
+    /// another one (a pod's rewritten, hand-made or forwarded packets).
+    NodeDrop = 6,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 7] = [
         Counter::ConnectPass,
         Counter::ConnectDeny,
         Counter::ConnectRedirect,
         Counter::EgressDrop,
         Counter::OriginRecorded,
         Counter::OriginLost,
+        Counter::NodeDrop,
     ];
     /// Number of slots in the counter map.
     pub const LEN: u32 = Self::ALL.len() as u32;
@@ -136,6 +155,7 @@ impl Counter {
             Counter::EgressDrop => "egress_drop",
             Counter::OriginRecorded => "origin_recorded",
             Counter::OriginLost => "origin_lost",
+            Counter::NodeDrop => "node_drop",
         }
     }
 }
@@ -201,8 +221,33 @@ pub struct Origin {
     /// Destination the caller asked for, network order.
     pub orig_ip4_be: u32,
     pub orig_port_be: u16,
-    /// Address family of the calling socket: `AF_INET` (2) or `AF_INET6` (10, v4-mapped).
+    /// Address family of the calling socket: `AF_INET` (2) or `AF_INET6` (10); for an
+    /// `AF_INET6` socket that asked for a NAT64 address, the high byte is its prefix's slot
+    /// in `NAT64` plus one (see [`Origin::nat64_slot`]).
     pub family: u16,
+}
+
+impl Origin {
+    /// `family` of an `AF_INET6` socket that connected to an address of NAT64 prefix `slot`.
+    #[must_use]
+    pub const fn nat64_family(slot: u32) -> u16 {
+        AF_INET6 | (((slot + 1) as u16) << 8)
+    }
+
+    /// The calling socket's address family (`AF_INET` or `AF_INET6`).
+    #[must_use]
+    pub const fn socket_family(&self) -> u16 {
+        self.family & 0xff
+    }
+
+    /// The NAT64 prefix slot the caller's address used, if it asked for a NAT64 address.
+    #[must_use]
+    pub const fn nat64_slot(&self) -> Option<u32> {
+        match self.family >> 8 {
+            0 => None,
+            n => Some(n as u32 - 1),
+        }
+    }
 }
 
 /// Key of the `ORIGINS` map: the connection as the kernel sees it on the client side, which
@@ -222,8 +267,115 @@ pub struct OriginKey {
 pub struct Peer {
     pub ip4_be: u32,
     pub port_be: u16,
-    /// Explicit padding, always zero.
-    pub pad: u16,
+    /// How an `AF_INET6` socket spelt the address: 0 v4-mapped, `n` the NAT64 prefix in
+    /// slot `n - 1` (the high byte of [`Origin::family`]).
+    pub nat64_slot_plus_one: u16,
+}
+
+/// A pod's address as the node backstop keys it: 16 bytes in network order, an IPv4 address
+/// in its v4-mapped form (`::ffff:a.b.c.d`). Each word holds four address bytes exactly as
+/// they lie in a packet (a native-endian load of them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodAddr {
+    pub words: [u32; 4],
+}
+
+impl PodAddr {
+    /// The v4-mapped form of an IPv4 address given in network order.
+    #[must_use]
+    pub const fn v4(ip4_be: u32) -> PodAddr {
+        PodAddr { words: [0, 0, V4_MAPPED_WORD2, ip4_be] }
+    }
+
+    /// The key of an address of either family.
+    #[must_use]
+    pub const fn from_ip(ip: core::net::IpAddr) -> PodAddr {
+        match ip {
+            core::net::IpAddr::V4(v4) => PodAddr::v4(u32::from_ne_bytes(v4.octets())),
+            core::net::IpAddr::V6(v6) => PodAddr::v6(v6.octets()),
+        }
+    }
+
+    /// An IPv6 address from its 16 bytes in network order.
+    #[must_use]
+    pub const fn v6(bytes: [u8; 16]) -> PodAddr {
+        PodAddr { words: [word(&bytes, 0), word(&bytes, 4), word(&bytes, 8), word(&bytes, 12)] }
+    }
+}
+
+/// Bytes `at..at + 4` as they lie in memory.
+const fn word(bytes: &[u8; 16], at: usize) -> u32 {
+    u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// One slot of the `NAT64` map: the first 96 bits of a prefix (words as in [`PodAddr`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Nat64Prefix {
+    pub words: [u32; 3],
+    /// 1 when the slot holds a prefix, 0 when it is empty.
+    pub in_use: u32,
+}
+
+impl Nat64Prefix {
+    /// The well-known prefix `64:ff9b::/96` (RFC 6052).
+    pub const WELL_KNOWN: Nat64Prefix =
+        Nat64Prefix { words: [u32::from_ne_bytes([0x00, 0x64, 0xff, 0x9b]), 0, 0], in_use: 1 };
+
+    /// The prefix from the first 12 bytes of an IPv6 address, network order.
+    #[must_use]
+    pub const fn from_bytes(bytes: [u8; 16]) -> Nat64Prefix {
+        let a = PodAddr::v6(bytes);
+        Nat64Prefix { words: [a.words[0], a.words[1], a.words[2]], in_use: 1 }
+    }
+}
+
+/// `AF_INET6`, as `Origin::family` holds it.
+const AF_INET6: u16 = 10;
+
+/// Word 2 of a v4-mapped IPv6 address (`::ffff:0:0`), as it lies in memory.
+pub const V4_MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+/// The IPv4 address an IPv6 destination stands for, and how it was spelt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Embedded {
+    /// `::ffff:a.b.c.d`, which an `AF_INET6` socket sends as IPv4.
+    V4Mapped(u32),
+    /// A NAT64 address (RFC 6052, /96) of the prefix in this slot, which a translator
+    /// somewhere on the path turns into IPv4.
+    Nat64 { ip4_be: u32, slot: u32 },
+}
+
+impl Embedded {
+    /// The IPv4 address, network order.
+    #[must_use]
+    pub const fn ip4_be(self) -> u32 {
+        match self {
+            Embedded::V4Mapped(ip) | Embedded::Nat64 { ip4_be: ip, .. } => ip,
+        }
+    }
+}
+
+/// The IPv4 address that the IPv6 address `words` reaches, if any: its v4-mapped form, or
+/// its NAT64 form under one of `prefixes` (`prefix(slot)` reads slot `slot`, `None` past the
+/// end). Any other IPv6 address reaches no IPv4 endpoint.
+#[inline(always)]
+#[expect(clippy::inline_always, reason = "called from BPF programs, where calls cost verifier complexity")]
+pub fn embedded_v4(words: [u32; 4], prefix: impl Fn(u32) -> Option<Nat64Prefix>) -> Option<Embedded> {
+    if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD2 {
+        return Some(Embedded::V4Mapped(words[3]));
+    }
+    let mut slot = 0;
+    while slot < capacity::NAT64 {
+        if let Some(p) = prefix(slot) {
+            if p.in_use != 0 && p.words[0] == words[0] && p.words[1] == words[1] && p.words[2] == words[2] {
+                return Some(Embedded::Nat64 { ip4_be: words[3], slot });
+            }
+        }
+        slot += 1;
+    }
+    None
 }
 
 #[cfg(feature = "user")]
@@ -240,6 +392,10 @@ mod pod {
     unsafe impl aya::Pod for super::OriginKey {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::Peer {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::PodAddr {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::Nat64Prefix {}
 }
 
 #[cfg(test)]
@@ -254,6 +410,63 @@ mod tests {
         assert_eq!(size_of::<Origin>(), 8 * 4 + 4 + 2 + 2);
         assert_eq!(size_of::<OriginKey>(), 4 + 4 + 2 + 2);
         assert_eq!(size_of::<Peer>(), 4 + 2 + 2);
+        assert_eq!(size_of::<PodAddr>(), 16);
+        assert_eq!(size_of::<Nat64Prefix>(), 16);
+    }
+
+    fn v6(s: &str) -> [u32; 4] {
+        extern crate std;
+        PodAddr::v6(s.parse::<std::net::Ipv6Addr>().unwrap().octets()).words
+    }
+
+    const IMDS_BE: u32 = u32::from_ne_bytes([169, 254, 169, 254]);
+
+    #[test]
+    fn v4_mapped_and_nat64_spellings_reach_the_ipv4_address() {
+        let operator = Nat64Prefix::from_bytes(v6_bytes("2001:db8:64::"));
+        let table = [Nat64Prefix::WELL_KNOWN, operator, Nat64Prefix::default(), Nat64Prefix::default()];
+        let lookup = |slot: u32| table.get(slot as usize).copied();
+        assert_eq!(embedded_v4(v6("::ffff:169.254.169.254"), lookup), Some(Embedded::V4Mapped(IMDS_BE)));
+        assert_eq!(embedded_v4(v6("64:ff9b::a9fe:a9fe"), lookup), Some(Embedded::Nat64 { ip4_be: IMDS_BE, slot: 0 }));
+        assert_eq!(
+            embedded_v4(v6("64:ff9b::169.254.169.254"), lookup),
+            Some(Embedded::Nat64 { ip4_be: IMDS_BE, slot: 0 })
+        );
+        assert_eq!(
+            embedded_v4(v6("2001:db8:64::a9fe:a9fe"), lookup),
+            Some(Embedded::Nat64 { ip4_be: IMDS_BE, slot: 1 })
+        );
+        // Other addresses embed nothing: the local-use NAT64 prefix nobody configured, a
+        // v4-compatible (deprecated) form, plain IPv6.
+        assert_eq!(embedded_v4(v6("64:ff9b:1::a9fe:a9fe"), lookup), None);
+        assert_eq!(embedded_v4(v6("::169.254.169.254"), lookup), None);
+        assert_eq!(embedded_v4(v6("2001:db8::1"), lookup), None);
+        // An empty slot matches nothing, not even the all-zero prefix.
+        assert_eq!(embedded_v4(v6("::a9fe:a9fe"), lookup), None);
+        assert_eq!(embedded_v4(v6("64:ff9b::a9fe:a9fe"), |_| None), None);
+    }
+
+    fn v6_bytes(s: &str) -> [u8; 16] {
+        extern crate std;
+        s.parse::<std::net::Ipv6Addr>().unwrap().octets()
+    }
+
+    #[test]
+    fn pod_addresses_key_ipv4_in_its_v4_mapped_form() {
+        extern crate std;
+        assert_eq!(PodAddr::v4(IMDS_BE).words, v6("::ffff:169.254.169.254"));
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(PodAddr::from_ip(ip("169.254.169.254")), PodAddr::v4(IMDS_BE));
+        assert_eq!(PodAddr::from_ip(ip("fd00::1")).words, v6("fd00::1"));
+        assert_eq!(Nat64Prefix::WELL_KNOWN, Nat64Prefix::from_bytes(v6_bytes("64:ff9b::")));
+    }
+
+    #[test]
+    fn origin_family_carries_the_nat64_slot() {
+        let plain = Origin { family: 10, ..Origin::default() };
+        assert_eq!((plain.socket_family(), plain.nat64_slot()), (10, None));
+        let nat64 = Origin { family: Origin::nat64_family(2), ..Origin::default() };
+        assert_eq!((nat64.socket_family(), nat64.nat64_slot()), (10, Some(2)));
     }
 
     #[test]

@@ -13,6 +13,12 @@
 //!   the caller asked for, not the agent's: what the application connected to is what it sees.
 //! - `imds_egress`: a backstop that drops any packet to a protected address from a cgroup
 //!   that is not PASS (raw sockets, unconnected UDP, anything that skips `connect()`).
+//! - `imds_node_nf` / `imds_node_tc` (in `node.rs`): the node backstop, in the node's network
+//!   namespace rather than on a cgroup. It drops packets to a protected address that enter the
+//!   node from another namespace, whatever made them (`AF_PACKET`, a pod's own nftables).
+//!
+//! IPv6 destinations that reach an IPv4 address — `::ffff:a.b.c.d` and the NAT64 forms of the
+//! `NAT64` prefixes, such as `64:ff9b::a9fe:a9fe` — are judged as that IPv4 address everywhere.
 //!
 //! All policy lives in one place per hook: a `try_` function decides, the entry point maps
 //! the decision to the kernel's return code.
@@ -24,6 +30,8 @@
     reason = "BPF-to-BPF calls cost verifier complexity and stack; every helper here is inlined on purpose"
 )]
 #![expect(clippy::needless_pass_by_value, reason = "aya's program macros fix the entry points' signatures")]
+
+mod node;
 
 use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE},
@@ -39,7 +47,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use imds_common::{
-    capacity, Config, Counter, Origin, OriginKey, Peer, ProtectedAddr, MAX_CGROUP_DEPTH, VERDICT_PASS, VERDICT_REDIRECT,
+    capacity, embedded_v4, Config, Counter, Embedded, Nat64Prefix, Origin, OriginKey, Peer, PodAddr, ProtectedAddr,
+    MAX_CGROUP_DEPTH, V4_MAPPED_WORD2, VERDICT_PASS, VERDICT_REDIRECT,
 };
 
 // ---- maps (pinned by name, so they outlive the agent process) ------------------------------
@@ -58,6 +67,10 @@ static PENDING: LruHashMap<u64, Origin> = LruHashMap::pinned(capacity::PENDING, 
 static ORIGINS: LruHashMap<OriginKey, Origin> = LruHashMap::pinned(capacity::ORIGINS, 0);
 #[map]
 static PEERS: LruHashMap<u64, Peer> = LruHashMap::pinned(capacity::PEERS, 0);
+#[map]
+static PASS_SOURCES: HashMap<PodAddr, u32> = HashMap::pinned(capacity::PASS_SOURCES, 0);
+#[map]
+static NAT64: Array<Nat64Prefix> = Array::pinned(capacity::NAT64, 0);
 
 // ---- kernel return codes ---------------------------------------------------------------------
 
@@ -69,10 +82,14 @@ const REFUSE: i32 = 0;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u32 = 6;
-/// `ETH_P_IP` as `skb->protocol` holds it (network order in the low 16 bits).
+/// `ETH_P_IP` and `ETH_P_IPV6` as `skb->protocol` holds them (network order, low 16 bits).
 const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
-/// Offset of the destination address in an IPv4 header; `cgroup_skb` data starts at L3.
+const ETH_P_IPV6_BE: u32 = 0x86ddu16.to_be() as u32;
+/// Offsets of the addresses in an IPv4 and an IPv6 header; `cgroup_skb` data starts at L3.
+const IPV4_SADDR_OFFSET: usize = 12;
 const IPV4_DADDR_OFFSET: usize = 16;
+const IPV6_SADDR_OFFSET: usize = 8;
+const IPV6_DADDR_OFFSET: usize = 24;
 
 // ---- connect4 / connect6 ---------------------------------------------------------------------
 
@@ -102,14 +119,22 @@ pub fn imds_connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in connect4.
     let sa = unsafe { &mut *ctx.sock_addr };
     // The verifier only allows 4-byte accesses to `user_ip6`: read it word by word. Only the
-    // v4-mapped form (::ffff:a.b.c.d) can reach an IPv4 endpoint from an AF_INET6 socket.
-    let (w0, w1, w2, ip4_be) = (sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]);
-    if w0 != 0 || w1 != 0 || w2 != 0xffffu32.to_be() {
+    // v4-mapped form and NAT64 forms can reach an IPv4 endpoint from an AF_INET6 socket.
+    let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    let Some(embedded) = embedded_v4(words, nat64_prefix) else {
         return ALLOW;
-    }
-    let port_be = sa.user_port as u16;
-    apply(&ctx, try_connect(ip4_be, port_be, sa.protocol), ip4_be, port_be, AF_INET6, |cfg| {
-        // Keep the v4-mapped form: words 0..=2 already read ::ffff.
+    };
+    let family = match embedded {
+        Embedded::V4Mapped(_) => AF_INET6,
+        Embedded::Nat64 { slot, .. } => Origin::nat64_family(slot),
+    };
+    let (ip4_be, port_be) = (embedded.ip4_be(), sa.user_port as u16);
+    apply(&ctx, try_connect(ip4_be, port_be, sa.protocol), ip4_be, port_be, family, |cfg| {
+        // The agent listens on IPv4: reach it through the v4-mapped form of its address,
+        // whichever spelling the caller used.
+        sa.user_ip6[0] = 0;
+        sa.user_ip6[1] = 0;
+        sa.user_ip6[2] = V4_MAPPED_WORD2;
         sa.user_ip6[3] = cfg.agent_ip4_be;
         sa.user_port = u32::from(cfg.agent_port_be);
     })
@@ -236,7 +261,11 @@ fn on_tcp_connect(ctx: &SockOpsContext) {
             let _taken = PENDING.remove(cookie);
             if ORIGINS.insert(key, origin, 0).is_ok() {
                 // Best effort: without it, getpeername() shows the agent's address.
-                let peer = Peer { ip4_be: origin.orig_ip4_be, port_be: origin.orig_port_be, pad: 0 };
+                let peer = Peer {
+                    ip4_be: origin.orig_ip4_be,
+                    port_be: origin.orig_port_be,
+                    nat64_slot_plus_one: origin.nat64_slot().map_or(0, |slot| slot as u16 + 1),
+                };
                 let _ = PEERS.insert(cookie, peer, 0);
                 // Drop the records when this socket closes, whether or not the agent took it.
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
@@ -272,10 +301,16 @@ pub fn imds_peer6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in connect4.
     let sa = unsafe { &mut *ctx.sock_addr };
     let (w0, w1, w2, ip4_be) = (sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]);
-    if w0 != 0 || w1 != 0 || w2 != 0xffffu32.to_be() {
+    if w0 != 0 || w1 != 0 || w2 != V4_MAPPED_WORD2 {
         return ALLOW;
     }
     if let Some(peer) = asked_for(&ctx, ip4_be, sa.user_port as u16) {
+        // A NAT64 spelling gets its prefix back; the v4-mapped one already has it.
+        if let Some(prefix) = peer.nat64_slot_plus_one.checked_sub(1).and_then(|slot| nat64_prefix(u32::from(slot))) {
+            sa.user_ip6[0] = prefix.words[0];
+            sa.user_ip6[1] = prefix.words[1];
+            sa.user_ip6[2] = prefix.words[2];
+        }
         sa.user_ip6[3] = peer.ip4_be;
         sa.user_port = u32::from(peer.port_be);
     }
@@ -308,12 +343,8 @@ pub fn imds_egress(ctx: SkBuffContext) -> i32 {
 /// carry a protected destination, so only traffic that skipped `connect()` lands here.
 #[inline(always)]
 fn try_egress_allowed(ctx: &SkBuffContext) -> bool {
-    // v4-mapped IPv6 destinations are never sent as IPv6 packets; only IPv4 matters here.
-    if ctx.skb.protocol() != ETH_P_IP_BE {
-        return true;
-    }
-    let Ok(dst_be) = ctx.load::<u32>(IPV4_DADDR_OFFSET) else {
-        return true; // shorter than an IPv4 header: the stack will not send it anywhere
+    let Some(dst_be) = egress_destination(ctx) else {
+        return true; // not a packet that can reach an IPv4 endpoint
     };
     // SAFETY: plain lookup; presence is all we need.
     if unsafe { PROTECTED.get(dst_be) }.is_none() {
@@ -329,11 +360,32 @@ fn try_egress_allowed(ctx: &SkBuffContext) -> bool {
     verdict == VERDICT_PASS
 }
 
+/// The IPv4 address a packet is headed for: an IPv4 destination, or the one a NAT64 IPv6
+/// destination embeds (v4-mapped destinations are never sent as IPv6). `None` for other
+/// packets, and for ones too short to carry an address (the stack sends those nowhere).
+#[inline(always)]
+fn egress_destination(ctx: &SkBuffContext) -> Option<u32> {
+    match ctx.skb.protocol() {
+        ETH_P_IP_BE => ctx.load::<u32>(IPV4_DADDR_OFFSET).ok(),
+        ETH_P_IPV6_BE => {
+            let dst = ctx.load::<[u32; 4]>(IPV6_DADDR_OFFSET).ok()?;
+            embedded_v4(dst, nat64_prefix).map(Embedded::ip4_be)
+        }
+        _ => None,
+    }
+}
+
 // ---- shared helpers --------------------------------------------------------------------------
 
 #[inline(always)]
 fn config() -> Config {
     CONFIG.get(0).copied().unwrap_or_default()
+}
+
+/// NAT64 prefix slot `slot` (empty slots have `in_use == 0`).
+#[inline(always)]
+fn nat64_prefix(slot: u32) -> Option<Nat64Prefix> {
+    NAT64.get(slot).copied()
 }
 
 /// Verdict of the cgroup `leaf`: the entry of the deepest cgroup on its path from the root

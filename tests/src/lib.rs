@@ -11,6 +11,7 @@ pub mod bench;
 pub mod fake_entra;
 pub mod fake_imds;
 pub mod fake_kube;
+pub mod frame;
 pub mod http_server;
 pub mod node;
 use std::{
@@ -21,7 +22,7 @@ use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
-        atomic::{AtomicU32, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     thread::{self, JoinHandle},
@@ -29,7 +30,7 @@ use std::{
 };
 
 use imds_agent::kernel::{
-    cgroup, origin::OriginTable, CallerOrigin, Filter, FilterOptions, OriginLookup, IMDS_ENDPOINT,
+    cgroup, origin::OriginTable, CallerOrigin, Filter, FilterOptions, NodeBackstop, OriginLookup, IMDS_ENDPOINT,
 };
 use imds_common::{Counter, Verdict};
 
@@ -60,6 +61,8 @@ pub struct ProbeReport {
     pub hold: Option<HoldReport>,
     /// What a `churn` did and saw.
     pub churn: Option<ChurnReport>,
+    /// Whether a hand-made SYN (`frame`) was answered with a SYN-ACK.
+    pub answered: Option<bool>,
 }
 
 /// What `imds-probe churn` did and saw.
@@ -122,7 +125,7 @@ pub fn next_index() -> u32 {
     SEQ.fetch_add(1, Ordering::Relaxed)
 }
 
-fn sh(cmd: &str, args: &[&str]) {
+pub(crate) fn sh(cmd: &str, args: &[&str]) {
     let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("running {cmd}: {e}"));
     assert!(out.status.success(), "{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
 }
@@ -154,6 +157,24 @@ impl NetNs {
     #[must_use]
     pub fn path(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Whether interface `dev` exists in this namespace.
+    #[must_use]
+    pub fn has_link(&self, dev: &str) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.name, "link", "show", "dev", dev])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+
+    /// The hardware address of interface `dev` in this namespace.
+    #[must_use]
+    pub fn mac(&self, dev: &str) -> String {
+        let out =
+            Command::new("ip").args(["-n", &self.name, "-j", "link", "show", "dev", dev]).output().expect("run ip");
+        let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j prints JSON");
+        links[0]["address"].as_str().unwrap_or_else(|| panic!("no address for {dev}: {links}")).to_owned()
     }
 
     /// Puts the metadata address on this namespace's loopback, so anything sent to it here
@@ -189,8 +210,17 @@ impl Drop for NetNs {
     }
 }
 
-/// Joins two namespaces with a veth pair: `a_ip`/`b_ip` are /30 host addresses.
-pub fn veth(a: &NetNs, a_ip: Ipv4Addr, b: &NetNs, b_ip: Ipv4Addr) {
+/// A pod's side of its link to the node: its interface, and the MAC address of the node's end
+/// it sends through (a veth peer, or the bridge).
+#[derive(Clone, Debug)]
+pub struct PodLink {
+    pub iface: String,
+    pub gateway_mac: String,
+}
+
+/// Joins two namespaces with a veth pair: `a_ip`/`b_ip` are /30 host addresses. Returns the
+/// interface names in `a` and in `b`.
+pub fn veth(a: &NetNs, a_ip: Ipv4Addr, b: &NetNs, b_ip: Ipv4Addr) -> (String, String) {
     // Interface names are at most 15 bytes; they only need to be unique while both exist.
     let name = |side: char| format!("v{side}{}x{}", std::process::id() % 10000, next_index());
     let (dev_in_a, dev_in_b) = (name('a'), name('b'));
@@ -202,6 +232,7 @@ pub fn veth(a: &NetNs, a_ip: Ipv4Addr, b: &NetNs, b_ip: Ipv4Addr) {
     b.ip(&["addr", "add", &format!("{b_ip}/30"), "dev", &dev_in_b]);
     a.ip(&["link", "set", &dev_in_a, "up"]);
     b.ip(&["link", "set", &dev_in_b, "up"]);
+    (dev_in_a, dev_in_b)
 }
 
 // ---- cgroups -------------------------------------------------------------------------------
@@ -286,6 +317,61 @@ impl Drop for PinDir {
 }
 
 // ---- listeners -----------------------------------------------------------------------------
+
+/// A TCP relay in a namespace: connections to `from` are joined to new ones to `to`, until
+/// dropped. It stands in for what sits on a path (a NAT64 translator) in tests.
+pub struct Relay {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    #[must_use]
+    pub fn start(ns: &NetNs, from: SocketAddr, to: SocketAddr) -> Relay {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (path, done) = (ns.path(), Arc::clone(&stop));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = thread::spawn(move || {
+            let netns = fs::File::open(&path).expect("open netns");
+            nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+            let listener = TcpListener::bind(from).expect("relay bind");
+            listener.set_nonblocking(true).expect("nonblocking");
+            ready_tx.send(()).expect("test waits");
+            while !done.load(Ordering::Relaxed) {
+                let Ok((inbound, _)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                // Threads spawned here inherit this thread's network namespace.
+                thread::spawn(move || {
+                    let _ = inbound.set_nonblocking(false);
+                    let Ok(outbound) = TcpStream::connect(to) else { return };
+                    let (mut in_r, mut out_w) =
+                        (inbound.try_clone().expect("clone"), outbound.try_clone().expect("clone"));
+                    let up = thread::spawn(move || {
+                        let _ = std::io::copy(&mut in_r, &mut out_w);
+                        let _ = out_w.shutdown(std::net::Shutdown::Write);
+                    });
+                    let (mut out_r, mut in_w) = (outbound, inbound);
+                    let _ = std::io::copy(&mut out_r, &mut in_w);
+                    let _ = in_w.shutdown(std::net::Shutdown::Write);
+                    let _ = up.join();
+                });
+            }
+        });
+        ready_rx.recv().expect("relay listening");
+        Relay { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 /// A TCP listener in a namespace, served by a thread until dropped.
 pub struct Server {
@@ -404,7 +490,8 @@ pub fn describe(o: &CallerOrigin) -> String {
 
 /// A UDP socket in `ns` counting datagrams that reach `addr`.
 #[must_use]
-pub fn udp_sink(ns: &NetNs, addr: SocketAddrV4) -> UdpSocket {
+pub fn udp_sink(ns: &NetNs, addr: impl Into<SocketAddr>) -> UdpSocket {
+    let addr = addr.into();
     let sock = ns.enter(move || UdpSocket::bind(addr).expect("bind udp"));
     sock.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
     sock
@@ -548,8 +635,34 @@ impl Probe {
     }
 
     #[must_use]
-    pub fn udp(mut self, addr: Ipv4Addr, port: u16) -> RunningProbe {
-        self.cmd.args(["udp", &addr.to_string(), &port.to_string()]);
+    pub fn udp(mut self, addr: impl Into<std::net::IpAddr>, port: u16) -> RunningProbe {
+        self.cmd.args(["udp", &addr.into().to_string(), &port.to_string()]);
+        self.spawn()
+    }
+
+    /// A hand-made frame from `pod_link` (the pod's interface and gateway) to `dst:dport`.
+    #[must_use]
+    pub fn frame(
+        mut self,
+        link: &PodLink,
+        src: std::net::IpAddr,
+        dst: std::net::IpAddr,
+        dport: u16,
+        carrying: frame::Carrying,
+    ) -> RunningProbe {
+        let carrying = match carrying {
+            frame::Carrying::TcpSyn => "tcp-syn",
+            frame::Carrying::Udp => "udp",
+        };
+        self.cmd.args([
+            "frame",
+            &link.iface,
+            &link.gateway_mac,
+            &src.to_string(),
+            &dst.to_string(),
+            &dport.to_string(),
+        ]);
+        self.cmd.args(["--carrying", carrying]);
         self.spawn()
     }
 
@@ -750,6 +863,9 @@ impl Sandbox {
 }
 
 /// Options for a test filter on `root`: protects the metadata endpoint, default REDIRECT.
+/// No node backstop: it would attach to the network namespace of the installing thread,
+/// which for an in-process filter is the machine's own. The backstop's tests run the real
+/// agent inside a test namespace instead.
 #[must_use]
 pub fn filter_options(root: &Cgroup, pins: &PinDir, agent: SocketAddrV4) -> FilterOptions {
     FilterOptions {
@@ -761,6 +877,8 @@ pub fn filter_options(root: &Cgroup, pins: &PinDir, agent: SocketAddrV4) -> Filt
         exempt_cgroup: 0,
         kernel_log_level: log::LevelFilter::Info,
         origin_ttl: Duration::from_mins(1),
+        node_backstop: NodeBackstop::Off,
+        nat64_prefixes: Vec::new(),
     }
 }
 

@@ -5,21 +5,39 @@
 //! - pods in their own namespaces, each joined to the node by a veth, with routes for the
 //!   metadata address and the agent's address pointing at the node — so anything a pod sends
 //!   to `169.254.169.254` ends inside the node namespace (hostNetwork pods live in the node
-//!   namespace itself);
+//!   namespace itself). Two topologies: routed veths (a /30 per pod, as Azure CNI and Calico
+//!   do) and a bridge (one subnet on `cbr0`, as kubenet does);
 //! - pod cgroups in the kubelet's cgroupfs layout (`kubepods/pod<UID>/<container>`) below a
 //!   test cgroup, the agent attached to that `kubepods`;
 //! - a manifests directory the agent watches.
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::Path,
     process::Output,
 };
 
 use crate::{
     fake_imds::{FakeIdentity, FakeImds},
-    next_index, veth, AgentProcess, Cgroup, NetNs, PinDir, Server, IMDS_IP,
+    next_index, sh, veth, AgentProcess, Cgroup, NetNs, PinDir, PodLink, Server, IMDS_IP,
 };
+
+/// How a pod's namespace is joined to the node's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology {
+    /// A veth pair per pod, the node's end an interface of its own (Azure CNI, Calico).
+    Routed,
+    /// A veth pair per pod, the node's end a port of one bridge (kubenet's `cbr0`).
+    Bridge,
+}
+
+/// The NAT64 well-known prefix's spelling of the metadata address.
+pub const IMDS_NAT64: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0xa9fe, 0xa9fe);
+/// The bridge of [`Topology::Bridge`], its addresses and (fixed) hardware address.
+const BRIDGE: &str = "cbr0";
+const BRIDGE_MAC: &str = "02:00:0a:f0:00:01";
+const BRIDGE_V4: Ipv4Addr = Ipv4Addr::new(10, 240, 0, 1);
+const BRIDGE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd00, 0x240, 0, 0, 0, 0, 0, 1);
 
 /// The node's name, for the `--kube` source.
 pub const KUBE_NODE: &str = "node-1";
@@ -52,6 +70,14 @@ pub struct TestPod {
     pub cgroup: Cgroup,
     /// `None` for a hostNetwork pod (it uses the node's namespace).
     own_ns: Option<NetNs>,
+    /// Its address in its own namespace (`status.podIPs`); `None` for a hostNetwork pod.
+    pub ip: Option<IpAddr>,
+    /// Its IPv6 address, with a route for the NAT64 prefix through the node.
+    pub ip6: Option<std::net::Ipv6Addr>,
+    /// Its interface and the node's end of it; `None` for a hostNetwork pod.
+    pub link: Option<PodLink>,
+    /// The node's address on its link (its gateway).
+    pub gateway: Option<Ipv4Addr>,
 }
 
 impl TestPod {
@@ -161,16 +187,95 @@ impl Node {
         write_atomically(&self.manifests.path().join(name), yaml);
     }
 
-    /// A pod with its own network namespace.
+    /// A pod with its own network namespace, on a routed veth.
     pub fn pod(&self, uid: &str) -> TestPod {
+        self.pod_on(uid, Topology::Routed)
+    }
+
+    /// A pod with its own network namespace, joined to the node as `topology` says.
+    pub fn pod_on(&self, uid: &str, topology: Topology) -> TestPod {
         let ns = NetNs::new("pod");
-        let n = next_index() % 250;
-        let (node_side, pod_side) = (Ipv4Addr::new(10, 232, n as u8, 1), Ipv4Addr::new(10, 232, n as u8, 2));
-        veth(&self.ns, node_side, &ns, pod_side);
+        let n = (next_index() % 250) as u8;
+        let (pod_v4, pod_v6, node_v4, node_v6, node_dev, pod_dev) = match topology {
+            Topology::Routed => {
+                let (node_side, pod_side) = (Ipv4Addr::new(10, 232, n, 1), Ipv4Addr::new(10, 232, n, 2));
+                let (node_dev, pod_dev) = veth(&self.ns, node_side, &ns, pod_side);
+                let v6 = |host: u16| std::net::Ipv6Addr::new(0xfd00, 0x232, u16::from(n), 0, 0, 0, 0, host);
+                self.ns.ip(&["-6", "addr", "add", &format!("{}/64", v6(1)), "dev", &node_dev, "nodad"]);
+                (pod_side, v6(2), node_side, v6(1), node_dev, pod_dev)
+            }
+            Topology::Bridge => {
+                self.bridge();
+                let pod_side = Ipv4Addr::new(10, 240, 0, n + 2);
+                let name = |side: char| format!("b{side}{}x{}", std::process::id() % 10000, next_index());
+                let (node_dev, pod_dev) = (name('n'), name('p'));
+                sh(
+                    "ip",
+                    &[
+                        "link",
+                        "add",
+                        &node_dev,
+                        "netns",
+                        &self.ns.name,
+                        "type",
+                        "veth",
+                        "peer",
+                        "name",
+                        &pod_dev,
+                        "netns",
+                        &ns.name,
+                    ],
+                );
+                self.ns.ip(&["link", "set", &node_dev, "master", BRIDGE, "up"]);
+                ns.ip(&["addr", "add", &format!("{pod_side}/24"), "dev", &pod_dev]);
+                ns.ip(&["link", "set", &pod_dev, "up"]);
+                let pod_v6 = std::net::Ipv6Addr::new(0xfd00, 0x240, 0, 0, 0, 0, 0, u16::from(n) + 2);
+                (pod_side, pod_v6, BRIDGE_V4, BRIDGE_V6, BRIDGE.to_owned(), pod_dev)
+            }
+        };
+        ns.ip(&["-6", "addr", "add", &format!("{pod_v6}/64"), "dev", &pod_dev, "nodad"]);
         for dst in [IMDS_IP, *AGENT_ADDR.ip()] {
-            ns.ip(&["route", "add", &format!("{dst}/32"), "via", &node_side.to_string()]);
+            ns.ip(&["route", "add", &format!("{dst}/32"), "via", &node_v4.to_string()]);
         }
-        self.pod_cgroups(uid, Some(ns))
+        ns.ip(&["-6", "route", "add", "64:ff9b::/96", "via", &node_v6.to_string()]);
+        // The node knows the pod's IPv6 neighbour entry from the start: a first answer then
+        // does not wait for neighbour discovery (which took over a second here).
+        let pod_mac = ns.mac(&pod_dev);
+        self.ns.ip(&[
+            "-6",
+            "neigh",
+            "replace",
+            &pod_v6.to_string(),
+            "lladdr",
+            &pod_mac,
+            "dev",
+            &node_dev,
+            "nud",
+            "permanent",
+        ]);
+        let link = PodLink { iface: pod_dev, gateway_mac: self.ns.mac(&node_dev) };
+        let mut pod = self.pod_cgroups(uid, Some((ns, pod_v4.into())));
+        (pod.ip6, pod.link, pod.gateway) = (Some(pod_v6), Some(link), Some(node_v4));
+        pod
+    }
+
+    /// The bridge of [`Topology::Bridge`], made on first use.
+    fn bridge(&self) {
+        if self.ns.has_link(BRIDGE) {
+            return;
+        }
+        self.ns.ip(&["link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge"]);
+        self.ns.ip(&["addr", "add", &format!("{BRIDGE_V4}/24"), "dev", BRIDGE]);
+        self.ns.ip(&["-6", "addr", "add", &format!("{BRIDGE_V6}/64"), "dev", BRIDGE, "nodad"]);
+        self.ns.ip(&["link", "set", BRIDGE, "up"]);
+    }
+
+    /// Puts the NAT64 spelling of the metadata address ([`IMDS_NAT64`]) on the node, the
+    /// way a translator on the path would make it reach the metadata service: connections to
+    /// `[64:ff9b::a9fe:a9fe]:80` are relayed to the fake IMDS. Returns the relay.
+    pub fn nat64_translator(&self) -> crate::Relay {
+        self.ns.ip(&["-6", "addr", "add", &format!("{IMDS_NAT64}/128"), "dev", "lo", "nodad"]);
+        crate::Relay::start(&self.ns, SocketAddr::from((IMDS_NAT64, 80)), SocketAddr::from((IMDS_IP, 80)))
     }
 
     /// A hostNetwork pod: pod cgroups, the node's network namespace.
@@ -178,10 +283,11 @@ impl Node {
         self.pod_cgroups(uid, None)
     }
 
-    fn pod_cgroups(&self, uid: &str, own_ns: Option<NetNs>) -> TestPod {
+    fn pod_cgroups(&self, uid: &str, own_ns: Option<(NetNs, IpAddr)>) -> TestPod {
         let cgroup = self.kubepods.child(&format!("pod{uid}"));
         let ctr = cgroup.child("0123456789abcdef");
-        TestPod { uid: uid.to_owned(), ctr, cgroup, own_ns }
+        let (own_ns, ip) = own_ns.map_or((None, None), |(ns, ip)| (Some(ns), Some(ip)));
+        TestPod { uid: uid.to_owned(), ctr, cgroup, own_ns, ip, ip6: None, link: None, gateway: None }
     }
 }
 
@@ -245,6 +351,27 @@ pub fn bound_pods_manifest(namespace: &str, ids: &[FakeIdentity], pods: &[(Strin
         .expect("writing to a String");
     }
     yaml
+}
+
+/// `status:` with `podIPs` as the API server reports a running pod's address, for a pod
+/// manifest (nothing for a pod without an address of its own).
+#[must_use]
+pub fn status_yaml(ip: Option<IpAddr>) -> String {
+    ip.map(|ip| format!("status:\n  podIPs:\n  - ip: {ip}\n")).unwrap_or_default()
+}
+
+/// `manifests` (YAML documents) with `status.podIPs` set on the pods whose uid is listed,
+/// as JSON documents (JSON is YAML).
+#[must_use]
+pub fn with_pod_ips(manifests: &str, ips: &[(&str, IpAddr)]) -> String {
+    let mut docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(manifests).expect("manifests parse");
+    for doc in &mut docs {
+        let uid = doc["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+        if let Some((_, ip)) = ips.iter().find(|(u, _)| *u == uid) {
+            doc["status"] = serde_json::json!({"podIPs": [{"ip": ip.to_string()}]});
+        }
+    }
+    docs.iter().map(serde_json::Value::to_string).collect::<Vec<_>>().join("\n---\n")
 }
 
 fn write_atomically(path: &Path, text: &str) {

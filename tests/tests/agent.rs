@@ -9,7 +9,7 @@ use std::{
 
 use imds_tests::{
     fake_imds::{token_for, FakeIdentity},
-    node::{curl, pod_uid, sdk, Fetched, Node, TestPod},
+    node::{curl, pod_uid, sdk, status_yaml, Fetched, Node, TestPod},
     Probe, IMDS_IP,
 };
 
@@ -36,9 +36,17 @@ fn binding_yaml(name: &str, identity: &str, selector: &str) -> String {
 }
 
 fn pod_yaml(name: &str, uid: &str, labels: &[(&str, &str)]) -> String {
+    pod_yaml_at(name, uid, labels, None)
+}
+
+/// A pod manifest with the pod's address in `status.podIPs`.
+fn pod_yaml_at(name: &str, uid: &str, labels: &[(&str, &str)], ip: Option<std::net::IpAddr>) -> String {
     let labels: String = labels.iter().flat_map(|(k, v)| ["    ", k, ": ", v, "\n"]).collect();
     let labels = if labels.is_empty() { "  labels: {}\n".to_owned() } else { format!("  labels:\n{labels}") };
-    format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  uid: {uid}\n{labels}---\n")
+    let status = status_yaml(ip);
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  uid: {uid}\n{labels}{status}---\n"
+    )
 }
 
 fn exception_yaml(name: &str, key: &str, value: &str) -> String {
@@ -170,14 +178,14 @@ fn unbound_pods_are_refused_and_with_deny_unbound_cannot_connect() {
 fn exception_pods_go_straight_to_imds_and_host_network_pods_are_filtered() {
     let (mut node, [blob, ..]) = node("exception");
     let (helper_uid, hostnet_uid) = (pod_uid(), pod_uid());
+    let helper = node.pod(&helper_uid);
+    let hostnet = node.host_network_pod(&hostnet_uid);
     node.write_manifest(
         "pods.yaml",
         &(exception_yaml("helpers", "role", "node-helper")
-            + &pod_yaml("helper", &helper_uid, &[("role", "Node-Helper")])
+            + &pod_yaml_at("helper", &helper_uid, &[("role", "Node-Helper")], helper.ip)
             + &pod_yaml("hostnet", &hostnet_uid, &[("aadpodidbinding", "blob")])),
     );
-    let helper = node.pod(&helper_uid);
-    let hostnet = node.host_network_pod(&hostnet_uid);
     node.start_agent(&[]);
 
     // 4. The exception's connection never reaches the agent: it arrives from the pod itself.

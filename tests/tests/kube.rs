@@ -29,6 +29,15 @@ fn pod(name: &str, uid: &str, node: &str, labels: &Value) -> Value {
            "status": {"phase": "Running"}})
 }
 
+/// [`pod`] with the address the API server reports for it (`status.podIPs`).
+fn pod_at(name: &str, test_pod: &TestPod, node: &str, labels: &Value) -> Value {
+    let mut pod = pod(name, &test_pod.uid, node, labels);
+    let ip = test_pod.ip.expect("a pod with its own namespace").to_string();
+    pod["status"]["podIP"] = json!(ip);
+    pod["status"]["podIPs"] = json!([{"ip": ip}]);
+    pod
+}
+
 fn identity(name: &str, id: &FakeIdentity) -> Value {
     json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
            "metadata": {"name": name, "namespace": NS},
@@ -85,12 +94,6 @@ fn api_changes_reach_the_agent_and_the_kernel() {
         (pod_uid(), pod_uid(), pod_uid(), pod_uid(), pod_uid());
     api.apply(identity("blob", &blob));
     api.apply(binding("blob-binding", "blob", "blob"));
-    api.apply(exception("helpers", &json!({"role": "node-helper"})));
-    api.apply(pod("web", &web_uid, KUBE_NODE, &json!({"aadpodidbinding": "blob"})));
-    api.apply(pod("helper", &helper_uid, KUBE_NODE, &json!({"role": "node-helper"})));
-    api.apply(pod("plain", &plain_uid, KUBE_NODE, &json!({"app": "plain"})));
-    // Bound, but scheduled elsewhere: this node's agent must not know it.
-    api.apply(pod("elsewhere", &elsewhere_uid, "node-2", &json!({"aadpodidbinding": "blob"})));
     let (web, helper, plain, late, elsewhere) = (
         node.pod(&web_uid),
         node.pod(&helper_uid),
@@ -98,6 +101,12 @@ fn api_changes_reach_the_agent_and_the_kernel() {
         node.pod(&late_uid),
         node.pod(&elsewhere_uid),
     );
+    api.apply(exception("helpers", &json!({"role": "node-helper"})));
+    api.apply(pod("web", &web_uid, KUBE_NODE, &json!({"aadpodidbinding": "blob"})));
+    api.apply(pod_at("helper", &helper, KUBE_NODE, &json!({"role": "node-helper"})));
+    api.apply(pod("plain", &plain_uid, KUBE_NODE, &json!({"app": "plain"})));
+    // Bound, but scheduled elsewhere: this node's agent must not know it.
+    api.apply(pod("elsewhere", &elsewhere_uid, "node-2", &json!({"aadpodidbinding": "blob"})));
     let dir = tempfile::tempdir().unwrap();
     let metrics = SocketAddr::from(METRICS).to_string();
     node.start_agent_kube(
@@ -123,7 +132,7 @@ fn api_changes_reach_the_agent_and_the_kernel() {
     // Relabelled: the unbound pod is bound (DENY cleared), the exception pod loses its
     // exception (PASS replaced by DENY: unbound now).
     api.apply(pod("plain", &plain_uid, KUBE_NODE, &json!({"app": "plain", "aadpodidbinding": "blob"})));
-    api.apply(pod("helper", &helper_uid, KUBE_NODE, &json!({"role": "other"})));
+    api.apply(pod_at("helper", &helper, KUBE_NODE, &json!({"role": "other"})));
     eventually("the relabelled pod gets its token", || is_token_of(&token(&node, &plain, ""), &blob));
     eventually("the former exception is denied in the kernel", || kernel_denies(&node, &helper));
 
@@ -188,7 +197,7 @@ fn api_changes_reach_the_agent_and_the_kernel() {
     // (Another change first, so that the pod watch is behind the compaction point.)
     api.apply(exception("helpers", &json!({"role": "node-helper"})));
     api.compact();
-    api.apply(pod("helper", &helper_uid, KUBE_NODE, &json!({"role": "node-helper"})));
+    api.apply(pod_at("helper", &helper, KUBE_NODE, &json!({"role": "node-helper"})));
     api.set_down(false);
     eventually("the relisted exception goes straight to IMDS", || {
         token(&node, &helper, "").status == 200

@@ -1,11 +1,11 @@
-//! The few `bpf()` commands aya 0.14 does not expose for cgroup programs: replacing the
-//! program behind a link atomically, force-detaching a link, reading a link's target, and
-//! listing the programs attached to a cgroup.
+//! The few `bpf()` commands aya 0.14 does not expose: replacing the program behind a link
+//! atomically, force-detaching a link, reading a link's target, listing the programs attached
+//! to a cgroup, and loading and linking a netfilter program (a type aya cannot load).
 //!
 //! Each attr struct below is the prefix of the matching anonymous struct in
 //! `union bpf_attr` (include/uapi/linux/bpf.h); the kernel zero-extends a shorter attr.
 use std::{
-    ffi::CString,
+    ffi::{CStr, CString},
     io,
     mem::size_of,
     os::{
@@ -15,7 +15,7 @@ use std::{
     path::Path,
 };
 
-use aya_obj::generated::{bpf_attach_type, bpf_cmd};
+use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_insn};
 
 /// `attr.obj_get` (`BPF_OBJ_GET`).
 #[repr(C)]
@@ -23,6 +23,39 @@ struct ObjGetAttr {
     pathname: u64,
     bpf_fd: u32,
     file_flags: u32,
+}
+
+/// `attr.obj_pin` (`BPF_OBJ_PIN`): the same layout as `obj_get`.
+type ObjPinAttr = ObjGetAttr;
+
+/// `attr` for `BPF_PROG_LOAD`, up to `expected_attach_type`.
+#[repr(C)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// `attr.link_create` (`BPF_LINK_CREATE`) with its `netfilter` member.
+#[repr(C)]
+struct NetfilterLinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    pf: u32,
+    hooknum: u32,
+    priority: i32,
+    netfilter_flags: u32,
 }
 
 /// `attr.link_update` (`BPF_LINK_UPDATE`).
@@ -61,6 +94,20 @@ struct CgroupLinkInfo {
     _pad2: u32,
 }
 
+/// Prefix of `struct bpf_link_info` up to the netfilter member of its union.
+#[repr(C)]
+#[derive(Default)]
+struct NetfilterLinkInfo {
+    type_: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    pf: u32,
+    hooknum: u32,
+    priority: i32,
+    flags: u32,
+}
+
 /// `attr.query` (`BPF_PROG_QUERY`), up to `prog_cnt`.
 #[repr(C)]
 struct QueryAttr {
@@ -75,6 +122,11 @@ struct QueryAttr {
 
 /// `BPF_LINK_TYPE_CGROUP`.
 const LINK_TYPE_CGROUP: u32 = 3;
+/// `BPF_LINK_TYPE_NETFILTER`.
+const LINK_TYPE_NETFILTER: u32 = 10;
+/// `BPF_PROG_TYPE_NETFILTER` and its one attach type, `BPF_NETFILTER` (Linux ≥ 6.4).
+pub const PROG_TYPE_NETFILTER: u32 = 32;
+const ATTACH_NETFILTER: u32 = 45;
 
 /// Issues one `bpf()` command; returns the kernel's non-negative result.
 fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<libc::c_long> {
@@ -90,13 +142,81 @@ fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<libc::c_long> {
 
 /// Opens a pinned bpf object (here: a link).
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let c_path = c_path(path)?;
     let mut attr = ObjGetAttr { pathname: c_path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
     let fd = bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)?;
+    new_fd(fd)
+}
+
+/// Pins a bpf object (here: a link) at `path`, which must not exist yet.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c_path = c_path(path)?;
+    let mut attr = ObjPinAttr { pathname: c_path.as_ptr() as u64, bpf_fd: raw(fd), file_flags: 0 };
+    bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))
+}
+
+/// Takes ownership of a file descriptor a `bpf()` command just returned.
+fn new_fd(fd: libc::c_long) -> io::Result<OwnedFd> {
     let fd = i32::try_from(fd).map_err(io::Error::other)?;
-    // SAFETY: on success BPF_OBJ_GET returns a new file descriptor that nothing else owns.
+    // SAFETY: on success these commands return a new file descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Loads a program of a type aya cannot load. `log`, when given, receives the verifier's
+/// log (level 1) if the load fails.
+pub fn prog_load(
+    prog_type: u32,
+    name: &str,
+    insns: &[bpf_insn],
+    license: &CStr,
+    log: Option<&mut [u8]>,
+) -> io::Result<OwnedFd> {
+    let mut prog_name = [0u8; 16];
+    for (slot, byte) in prog_name.iter_mut().zip(name.bytes().take(15)) {
+        *slot = byte;
+    }
+    let (log_level, log_size, log_buf) = match log {
+        Some(buf) => (1, u32::try_from(buf.len()).unwrap_or(u32::MAX), buf.as_mut_ptr() as u64),
+        None => (0, 0, 0),
+    };
+    let mut attr = ProgLoadAttr {
+        prog_type,
+        insn_cnt: u32::try_from(insns.len()).map_err(io::Error::other)?,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level,
+        log_size,
+        log_buf,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name,
+        prog_ifindex: 0,
+        expected_attach_type: if prog_type == PROG_TYPE_NETFILTER { ATTACH_NETFILTER } else { 0 },
+    };
+    let fd = bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr)?;
+    new_fd(fd)
+}
+
+/// Attaches a netfilter program to hook `hooknum` of protocol family `pf` in the caller's
+/// network namespace, at `priority`.
+pub fn netfilter_link_create(prog: BorrowedFd<'_>, pf: u32, hooknum: u32, priority: i32) -> io::Result<OwnedFd> {
+    let mut attr = NetfilterLinkCreateAttr {
+        prog_fd: raw(prog),
+        target_fd: 0,
+        attach_type: ATTACH_NETFILTER,
+        flags: 0,
+        pf,
+        hooknum,
+        priority,
+        netfilter_flags: 0,
+    };
+    let fd = bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)?;
+    new_fd(fd)
 }
 
 fn raw(fd: BorrowedFd<'_>) -> u32 {
@@ -126,15 +246,44 @@ pub struct CgroupLinkTarget {
     pub attach_type: bpf_attach_type,
 }
 
-/// The cgroup and hook a link is attached to; `None` if it is not a cgroup link.
-pub fn cgroup_link_target(link: BorrowedFd<'_>) -> io::Result<Option<CgroupLinkTarget>> {
-    let mut info = CgroupLinkInfo::default();
+/// `BPF_OBJ_GET_INFO_BY_FD` of a link, into a prefix `T` of `struct bpf_link_info`.
+fn link_info<T: Default>(link: BorrowedFd<'_>) -> io::Result<T> {
+    let mut info = T::default();
     let mut attr = InfoAttr {
         bpf_fd: raw(link),
-        info_len: size_of::<CgroupLinkInfo>() as u32,
+        info_len: u32::try_from(size_of::<T>()).map_err(io::Error::other)?,
         info: std::ptr::from_mut(&mut info) as u64,
     };
     bpf(bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
+}
+
+/// Where a netfilter link is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetfilterLinkTarget {
+    pub link_id: u32,
+    pub prog_id: u32,
+    pub pf: u32,
+    pub hooknum: u32,
+    pub priority: i32,
+}
+
+/// The hook a netfilter link is attached to; `None` if it is not a netfilter link. A link
+/// detached underneath its pin still reports its hook.
+pub fn netfilter_link_target(link: BorrowedFd<'_>) -> io::Result<Option<NetfilterLinkTarget>> {
+    let info: NetfilterLinkInfo = link_info(link)?;
+    Ok((info.type_ == LINK_TYPE_NETFILTER).then_some(NetfilterLinkTarget {
+        link_id: info.id,
+        prog_id: info.prog_id,
+        pf: info.pf,
+        hooknum: info.hooknum,
+        priority: info.priority,
+    }))
+}
+
+/// The cgroup and hook a link is attached to; `None` if it is not a cgroup link.
+pub fn cgroup_link_target(link: BorrowedFd<'_>) -> io::Result<Option<CgroupLinkTarget>> {
+    let info: CgroupLinkInfo = link_info(link)?;
     if info.type_ != LINK_TYPE_CGROUP {
         return Ok(None);
     }

@@ -13,6 +13,7 @@
 use std::{
     collections::BTreeMap,
     fs,
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -55,6 +56,7 @@ struct Document {
     kind: String,
     metadata: Metadata,
     spec: Spec,
+    status: Status,
     // Secret
     data: BTreeMap<String, String>,
     string_data: BTreeMap<String, String>,
@@ -105,6 +107,66 @@ struct Spec {
     // Pod
     #[serde(rename = "serviceAccountName")]
     service_account_name: String,
+    #[serde(rename = "hostNetwork")]
+    host_network: bool,
+    containers: Vec<Container>,
+    #[serde(rename = "initContainers")]
+    init_containers: Vec<Container>,
+    #[serde(rename = "ephemeralContainers")]
+    ephemeral_containers: Vec<Container>,
+}
+
+/// Of a container, only what its security context grants.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Container {
+    #[serde(rename = "securityContext")]
+    security_context: SecurityContext,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct SecurityContext {
+    privileged: bool,
+    capabilities: Capabilities,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Capabilities {
+    add: Vec<String>,
+    drop: Vec<String>,
+}
+
+/// A pod's `status`: its addresses, as the API server reports them.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Status {
+    #[serde(rename = "podIPs")]
+    pod_ips: Vec<PodIp>,
+    #[serde(rename = "podIP")]
+    pod_ip: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PodIp {
+    ip: String,
+}
+
+impl Status {
+    /// `podIPs`, else `podIP`; `Err` names an entry that is not an address.
+    fn ips(&self) -> Result<Vec<IpAddr>, String> {
+        let listed: Vec<&str> = if self.pod_ips.is_empty() {
+            self.pod_ip.iter().map(String::as_str).collect()
+        } else {
+            self.pod_ips.iter().map(|p| p.ip.as_str()).collect()
+        };
+        listed
+            .into_iter()
+            .map(|ip| ip.parse().map_err(|_| format!("status.podIPs: {ip:?} is not an IP address")))
+            .collect()
+    }
 }
 
 /// Everything the manifests in `dir` say, as one snapshot.
@@ -260,12 +322,23 @@ impl Parts {
                 } else {
                     doc.spec.service_account_name
                 };
+                let ips = doc.status.ips()?;
+                let mut powers = crate::policy::Powers::default();
+                for c in
+                    doc.spec.containers.iter().chain(&doc.spec.init_containers).chain(&doc.spec.ephemeral_containers)
+                {
+                    let sc = &c.security_context;
+                    powers.add_container(sc.privileged, &sc.capabilities.add, &sc.capabilities.drop);
+                }
                 self.pods.push(Pod {
                     uid: doc.metadata.uid,
                     namespace,
                     name,
                     labels: doc.metadata.labels,
                     service_account,
+                    ips,
+                    host_network: doc.spec.host_network,
+                    powers,
                 });
             }
             "Secret" => self.secrets.push((SecretRef { namespace, name }, secret_data(&doc)?)),

@@ -12,7 +12,7 @@ use std::{fs, net::SocketAddr, path::Path};
 use imds_agent::sources::manifests;
 use imds_tests::{
     fake_imds::FakeIdentity,
-    node::{curl, Node},
+    node::{curl, with_pod_ips, Node},
     IMDS_IP,
 };
 
@@ -41,12 +41,18 @@ fn main() {
         })
         .collect();
     let mut node = Node::new("demo", identities);
-    for entry in fs::read_dir(&examples).expect("examples").filter_map(Result::ok) {
-        fs::copy(entry.path(), node.manifests.path().join(entry.file_name())).expect("copy example");
-    }
     let mut pods: Vec<_> = policy.pods().cloned().collect();
     pods.sort_by(|a, b| a.name.cmp(&b.name));
     let test_pods: Vec<_> = pods.iter().map(|p| node.pod(&p.uid)).collect();
+    // The examples as they are, but each pod with the address the API server would report
+    // for it (the node backstop lets the exception pod's address through).
+    let ips: Vec<(&str, std::net::IpAddr)> =
+        test_pods.iter().filter_map(|t| t.ip.map(|ip| (t.uid.as_str(), ip))).collect();
+    for entry in fs::read_dir(&examples).expect("examples").filter_map(Result::ok) {
+        let text = fs::read_to_string(entry.path()).expect("read example");
+        let text = if text.contains("kind: Pod") { with_pod_ips(&text, &ips) } else { text };
+        node.write_manifest(&entry.file_name().to_string_lossy(), &text);
+    }
     node.start_agent(&[]);
 
     println!("imds-filter demo: a node in miniature\n");

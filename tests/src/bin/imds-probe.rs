@@ -54,8 +54,24 @@ enum Op {
         #[arg(long, value_enum, default_value_t = Then::Read)]
         then: Then,
     },
-    /// One unconnected UDP datagram (sendto, no `connect()`).
-    Udp { addr: Ipv4Addr, port: u16 },
+    /// One unconnected UDP datagram (sendto, no `connect()`), over IPv4 or IPv6.
+    Udp { addr: std::net::IpAddr, port: u16 },
+    /// One hand-made Ethernet frame through an `AF_PACKET` socket on `iface` (no socket-layer
+    /// hook sees it), from `src` to `dst` via the gateway at `gateway_mac`; for a TCP SYN,
+    /// `answered` says whether a SYN-ACK came back within `wait_ms`.
+    Frame {
+        iface: String,
+        gateway_mac: String,
+        src: std::net::IpAddr,
+        dst: std::net::IpAddr,
+        dport: u16,
+        #[arg(long, default_value_t = 41_000)]
+        sport: u16,
+        #[arg(long, value_enum)]
+        carrying: imds_tests::frame::Carrying,
+        #[arg(long, default_value_t = 1_000)]
+        wait_ms: u64,
+    },
     /// A hand-made TCP SYN through a raw socket, from source port `sport`.
     RawSyn { addr: Ipv4Addr, port: u16, sport: u16 },
     /// `count` × (socket, `connect()`, `close()`) to `addr:port`, the close abortive
@@ -184,13 +200,26 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
     match args.op {
         Op::Connect { addr, port, v6, then } => connect(&mut report, addr, port, v6, then)?,
         Op::Udp { addr, port } => {
-            let sock = UdpSocket::bind("0.0.0.0:0")?;
-            match sock.send_to(b"probe\n", SocketAddrV4::new(addr, port)) {
+            let sock = UdpSocket::bind(if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })?;
+            match sock.send_to(b"probe\n", SocketAddr::new(addr, port)) {
                 Ok(_) => report.outcome = "sent".into(),
                 Err(e) => set_error(&mut report, &e),
             }
         }
         Op::RawSyn { addr, port, sport } => raw_syn(&mut report, addr, port, sport)?,
+        Op::Frame { ref iface, ref gateway_mac, src, dst, dport, sport, carrying, wait_ms } => {
+            let gateway_mac = imds_tests::frame::parse_mac(gateway_mac)
+                .ok_or_else(|| anyhow::anyhow!("{gateway_mac:?} is not a MAC address"))?;
+            let frame =
+                imds_tests::frame::Frame { iface: iface.clone(), gateway_mac, src, dst, sport, dport, carrying };
+            match frame.send(Duration::from_millis(wait_ms)) {
+                Ok(answered) => {
+                    report.outcome = "sent".into();
+                    report.answered = Some(answered);
+                }
+                Err(e) => set_error(&mut report, &e),
+            }
+        }
         Op::ConnectLoop { addr, port, count } => {
             let dst = SocketAddr::V4(SocketAddrV4::new(addr, port));
             let started = std::time::Instant::now();

@@ -3,7 +3,7 @@
 //! Lists are served from the API server's watch cache, which answers with the whole
 //! collection at once whatever `limit` asks. Every object in them carries what the agent
 //! never reads: `managedFields` (often larger than the object), kubectl's last-applied copy
-//! in an annotation, a pod's containers and status. Deserialized into the full types and
+//! in an annotation, a pod's containers and most of its status. Deserialized into the full types and
 //! trimmed afterwards, the node of docs/scale.md (12,000 aad-pod-identity objects and
 //! 20,000 ServiceAccounts) measured 202 MiB, over the DaemonSet's limit. Here the parser
 //! skips those fields (`IgnoredAny` allocates nothing), so a list costs what is kept: 78 MiB
@@ -35,6 +35,8 @@ pub trait Shape: 'static {
     type Kind: Resource<DynamicType = ()>;
     /// What is kept of its `spec`.
     type Spec: DeserializeOwned + Default + Clone + fmt::Debug + Send + Sync;
+    /// What is kept of its `status` ([`Unread`] for most).
+    type Status: DeserializeOwned + Default + Clone + fmt::Debug + Send + Sync;
     /// Ask for metadata only (`PartialObjectMetadata`): nothing of the body is read.
     const METADATA_ONLY: bool = false;
     /// Keep `metadata.labels`.
@@ -52,19 +54,30 @@ pub struct Lean<S: Shape> {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: S::Spec,
+    #[serde(default)]
+    pub status: S::Status,
     #[serde(skip)]
     shape: PhantomData<fn() -> S>,
 }
 
 impl<S: Shape> Clone for Lean<S> {
     fn clone(&self) -> Self {
-        Lean { metadata: self.metadata.clone(), spec: self.spec.clone(), shape: PhantomData }
+        Lean {
+            metadata: self.metadata.clone(),
+            spec: self.spec.clone(),
+            status: self.status.clone(),
+            shape: PhantomData,
+        }
     }
 }
 
 impl<S: Shape> fmt::Debug for Lean<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Lean").field("metadata", &self.metadata).field("spec", &self.spec).finish()
+        f.debug_struct("Lean")
+            .field("metadata", &self.metadata)
+            .field("spec", &self.spec)
+            .field("status", &self.status)
+            .finish()
     }
 }
 
@@ -179,21 +192,91 @@ impl<'de> Deserialize<'de> for Unread {
 
 /// What the policy reads of a pod's spec.
 #[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
 pub struct PodSpec {
     pub service_account_name: Option<String>,
+    pub host_network: Option<bool>,
+    pub containers: Vec<Container>,
+    pub init_containers: Vec<Container>,
+    pub ephemeral_containers: Vec<Container>,
+}
+
+/// Of a container, only its security context: what it is granted.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Container {
+    pub security_context: Option<SecurityContext>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct SecurityContext {
+    pub privileged: Option<bool>,
+    pub capabilities: Option<Capabilities>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Capabilities {
+    #[serde(default)]
+    pub add: Vec<String>,
+    #[serde(default)]
+    pub drop: Vec<String>,
+}
+
+impl PodSpec {
+    /// What its containers are granted.
+    #[must_use]
+    pub fn powers(&self) -> crate::policy::Powers {
+        let mut powers = crate::policy::Powers::default();
+        for c in self.containers.iter().chain(&self.init_containers).chain(&self.ephemeral_containers) {
+            let sc = c.security_context.clone().unwrap_or_default();
+            let caps = sc.capabilities.unwrap_or_default();
+            powers.add_container(sc.privileged.unwrap_or(false), &caps.add, &caps.drop);
+        }
+        powers
+    }
+}
+
+/// What the node backstop reads of a pod's status: its addresses.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodStatus {
+    #[serde(rename = "podIPs")]
+    pub pod_ips: Option<Vec<PodIp>>,
+    #[serde(rename = "podIP")]
+    pub pod_ip: Option<String>,
+}
+
+/// One entry of `status.podIPs`.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct PodIp {
+    pub ip: String,
+}
+
+impl PodStatus {
+    /// `podIPs`, else the older single `podIP`; entries that are not addresses are skipped.
+    #[must_use]
+    pub fn ips(&self) -> Vec<std::net::IpAddr> {
+        let listed: Vec<&str> = match (&self.pod_ips, &self.pod_ip) {
+            (Some(ips), _) if !ips.is_empty() => ips.iter().map(|p| p.ip.as_str()).collect(),
+            (_, Some(ip)) => vec![ip.as_str()],
+            _ => Vec::new(),
+        };
+        listed.into_iter().filter_map(|ip| ip.parse().ok()).collect()
+    }
 }
 
 pub struct PodShape;
 impl Shape for PodShape {
     type Kind = Pod;
     type Spec = PodSpec;
+    type Status = PodStatus;
     const LABELS: bool = true;
     const ANNOTATIONS: &'static [&'static str] = &[];
 }
 
 pub struct IdentityShape;
 impl Shape for IdentityShape {
+    type Status = Unread;
     type Kind = AzureIdentity;
     type Spec = AzureIdentitySpec;
     const LABELS: bool = false;
@@ -202,6 +285,7 @@ impl Shape for IdentityShape {
 
 pub struct BindingShape;
 impl Shape for BindingShape {
+    type Status = Unread;
     type Kind = AzureIdentityBinding;
     type Spec = AzureIdentityBindingSpec;
     const LABELS: bool = false;
@@ -210,6 +294,7 @@ impl Shape for BindingShape {
 
 pub struct ExceptionShape;
 impl Shape for ExceptionShape {
+    type Status = Unread;
     type Kind = AzurePodIdentityException;
     type Spec = AzurePodIdentityExceptionSpec;
     const LABELS: bool = false;
@@ -221,6 +306,7 @@ pub struct AccountShape;
 impl Shape for AccountShape {
     type Kind = ServiceAccount;
     type Spec = Unread;
+    type Status = Unread;
     const METADATA_ONLY: bool = true;
     const LABELS: bool = false;
     const ANNOTATIONS: &'static [&'static str] = &[CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION];

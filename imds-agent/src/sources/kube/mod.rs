@@ -239,6 +239,9 @@ fn pod(p: &LeanPod) -> Option<policy::Pod> {
         name: p.name_any(),
         labels: p.metadata.labels.clone().unwrap_or_default(),
         service_account: p.spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+        ips: p.status.ips(),
+        host_network: p.spec.host_network.unwrap_or(false),
+        powers: p.spec.powers(),
     })
 }
 

@@ -1,0 +1,341 @@
+//! The node backstop at netfilter `PRE_ROUTING` (Linux ≥ 6.4): `imds_node_nf`, loaded and
+//! linked by hand because aya 0.14 knows neither the program type nor its link.
+//!
+//! - **Loading.** The program sits in the object's `classifier` section (aya's parser refuses
+//!   a `netfilter` one). It is relocated here from the same object bytes against the maps aya
+//!   created, then loaded as `BPF_PROG_TYPE_NETFILTER`.
+//! - **Layout.** It reads `struct sk_buff` and `struct net_device` fields at offsets the
+//!   running kernel's BTF gives ([`KernelLayout`]), set as load-time globals.
+//! - **Links.** One per family (IPv4, IPv6) in the agent's network namespace, pinned, at the
+//!   earliest priority a link may take: nothing else at `PRE_ROUTING` (conntrack, DNAT, a
+//!   CNI's rules) sees a packet before it is judged.
+//! - **Restarts.** A netfilter link cannot swap its program (`BPF_LINK_UPDATE` is not
+//!   supported), so a restart makes before it breaks: the new link is attached (at the other of
+//!   two adjacent priorities: one hook takes one BPF link per priority) and pinned in the old
+//!   one's place, then the old one is detached. For that moment both run the same rule over
+//!   the same maps.
+use std::{
+    collections::HashSet,
+    fs, io,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use aya::{maps::Map, Ebpf};
+use imds_common::programs;
+
+use super::{sys, Attachment};
+
+/// `NFPROTO_IPV4`, `NFPROTO_IPV6` and `NF_INET_PRE_ROUTING`.
+const NFPROTO_IPV4: u32 = 2;
+const NFPROTO_IPV6: u32 = 10;
+const NF_INET_PRE_ROUTING: u32 = 0;
+/// `NF_IP_PRI_FIRST + 1` and the next: the kernel refuses `NF_IP_PRI_FIRST` itself for a
+/// link, and a second BPF link at a priority already taken (`EBUSY`). A restart attaches the
+/// new link at whichever of the two the old one does not hold.
+pub const PRIORITIES: [i32; 2] = [i32::MIN + 1, i32::MIN + 2];
+
+/// The running kernel's BTF.
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetfilterError {
+    #[error("reading the kernel's BTF ({VMLINUX_BTF})")]
+    Btf(#[source] io::Error),
+    #[error("the kernel's BTF has no {0} (needed to read packets at netfilter PRE_ROUTING)")]
+    NoField(&'static str),
+    #[error("relocating {} in the eBPF object", programs::NODE_NETFILTER)]
+    Relocate(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("the eBPF object has no program {}", programs::NODE_NETFILTER)]
+    NoProgram,
+    #[error("the kernel refused {} (netfilter programs need Linux ≥ 6.4 with CONFIG_NETFILTER_BPF_LINK){}", programs::NODE_NETFILTER, verifier_tail(.log))]
+    Load { source: io::Error, log: String },
+    #[error("attaching {} at netfilter PRE_ROUTING ({family})", programs::NODE_NETFILTER)]
+    Attach { family: &'static str, source: io::Error },
+    #[error("{what} {}", path.display())]
+    Pin { what: &'static str, path: PathBuf, source: io::Error },
+}
+
+impl NetfilterError {
+    /// Whether the kernel lacks what the mechanism needs (the program type, the link type),
+    /// rather than failing at something it supports: only then is tc the answer.
+    #[must_use]
+    pub fn is_unsupported(&self) -> bool {
+        /// `ENOTSUPP`, the kernel-internal "not supported" some BPF paths return.
+        const ENOTSUPP: i32 = 524;
+        let unsupported = [libc::EINVAL, libc::EOPNOTSUPP, ENOTSUPP, libc::EAFNOSUPPORT, libc::EPROTO];
+        match self {
+            NetfilterError::Btf(_) | NetfilterError::NoField(_) => true,
+            NetfilterError::Load { source, .. } | NetfilterError::Attach { source, .. } => {
+                source.raw_os_error().is_some_and(|e| unsupported.contains(&e))
+            }
+            NetfilterError::Relocate(_) | NetfilterError::NoProgram | NetfilterError::Pin { .. } => false,
+        }
+    }
+}
+
+/// The last lines of a verifier log, where it says what it refused.
+fn verifier_tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    match lines.len() {
+        0 => String::new(),
+        n => format!(": {}", lines[n.saturating_sub(3)..].join(" / ")),
+    }
+}
+
+/// Offsets of the kernel fields the program reads, from the running kernel's BTF.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLayout {
+    /// `struct sk_buff`: `head` (`unsigned char *`).
+    pub skb_head: u32,
+    /// `struct sk_buff`: `network_header` (`u16`, from `head`).
+    pub skb_network_header: u32,
+    /// `struct sk_buff`: `dev` (`struct net_device *`, the device it arrived on).
+    pub skb_dev: u32,
+    /// `struct net_device`: `ifindex` (`int`).
+    pub net_device_ifindex: u32,
+}
+
+impl KernelLayout {
+    /// The layout of the running kernel.
+    pub fn of_running_kernel() -> Result<KernelLayout, NetfilterError> {
+        let btf = fs::read(VMLINUX_BTF).map_err(NetfilterError::Btf)?;
+        KernelLayout::from_btf(&btf)
+    }
+
+    /// The layout `btf` (a kernel's BTF blob) describes.
+    pub fn from_btf(btf: &[u8]) -> Result<KernelLayout, NetfilterError> {
+        let types = super::btf::StructOffsets::parse(btf).map_err(|e| NetfilterError::Btf(io::Error::other(e)))?;
+        let field = |strukt: &str, member: &str, name: &'static str| {
+            types.offset_of(strukt, member).ok_or(NetfilterError::NoField(name))
+        };
+        Ok(KernelLayout {
+            skb_head: field("sk_buff", "head", "sk_buff.head")?,
+            skb_network_header: field("sk_buff", "network_header", "sk_buff.network_header")?,
+            skb_dev: field("sk_buff", "dev", "sk_buff.dev")?,
+            net_device_ifindex: field("net_device", "ifindex", "net_device.ifindex")?,
+        })
+    }
+
+    /// The program's globals and their values, for `EbpfLoader::override_global`.
+    #[must_use]
+    pub fn globals(&self) -> [(&'static str, u32); 4] {
+        [
+            ("SKB_HEAD_OFFSET", self.skb_head),
+            ("SKB_NETWORK_HEADER_OFFSET", self.skb_network_header),
+            ("SKB_DEV_OFFSET", self.skb_dev),
+            ("NET_DEVICE_IFINDEX_OFFSET", self.net_device_ifindex),
+        ]
+    }
+}
+
+/// One link per family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+
+    const fn pf(self) -> u32 {
+        match self {
+            Family::Ipv4 => NFPROTO_IPV4,
+            Family::Ipv6 => NFPROTO_IPV6,
+        }
+    }
+
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+
+    /// File name of the family's pinned link.
+    #[must_use]
+    pub fn link_pin(self) -> String {
+        format!("link_{}_{}", programs::NODE_NETFILTER, self.name())
+    }
+
+    /// The family a netfilter link's protocol family stands for.
+    #[must_use]
+    pub fn from_pf(pf: u32) -> Option<Family> {
+        Family::ALL.into_iter().find(|f| f.pf() == pf)
+    }
+}
+
+/// Relocates `imds_node_nf` from `object` against the maps of `ebpf` (loaded from the same
+/// object) and loads it into the kernel.
+pub fn load(ebpf: &Ebpf, object: &[u8]) -> Result<OwnedFd, NetfilterError> {
+    let relocate = |e: Box<dyn std::error::Error + Send + Sync>| NetfilterError::Relocate(e);
+    let mut obj = aya_obj::Object::parse(object).map_err(|e| relocate(e.into()))?;
+    let text_sections: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
+    let fds: Vec<(String, i32)> =
+        ebpf.maps().filter_map(|(name, map)| map_fd(map).map(|fd| (name.to_owned(), fd.as_raw_fd()))).collect();
+    let maps: Vec<(&str, i32, &aya_obj::Map)> =
+        fds.iter().filter_map(|(name, fd)| obj.maps.get(name).map(|m| (name.as_str(), *fd, m))).collect();
+    // `relocate_maps` needs the object mutably and its maps immutably: work on a copy.
+    let object_maps: Vec<(String, i32, aya_obj::Map)> =
+        maps.into_iter().map(|(n, fd, m)| (n.to_owned(), fd, m.clone())).collect();
+    obj.relocate_maps(object_maps.iter().map(|(n, fd, m)| (n.as_str(), *fd, m)), &text_sections)
+        .map_err(|e| relocate(e.into()))?;
+    obj.relocate_calls(&text_sections).map_err(|e| relocate(e.into()))?;
+    obj.sanitize_functions(aya::features());
+    let program = obj.programs.get(programs::NODE_NETFILTER).ok_or(NetfilterError::NoProgram)?;
+    let function = obj.functions.get(&program.function_key()).ok_or(NetfilterError::NoProgram)?;
+    let name = programs::NODE_NETFILTER;
+    match sys::prog_load(sys::PROG_TYPE_NETFILTER, name, &function.instructions, &obj.license, None) {
+        Ok(fd) => Ok(fd),
+        Err(source) => {
+            // Load again with the verifier's log, to say why.
+            let mut log = vec![0u8; 256 * 1024];
+            let again =
+                sys::prog_load(sys::PROG_TYPE_NETFILTER, name, &function.instructions, &obj.license, Some(&mut log));
+            drop(again);
+            let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+            Err(NetfilterError::Load { source, log: String::from_utf8_lossy(&log[..end]).into_owned() })
+        }
+    }
+}
+
+/// The file descriptor of an aya map of a type this object uses.
+fn map_fd(map: &Map) -> Option<BorrowedFd<'_>> {
+    match map {
+        Map::Array(m)
+        | Map::HashMap(m)
+        | Map::LruHashMap(m)
+        | Map::PerCpuArray(m)
+        | Map::PerCpuHashMap(m)
+        | Map::PerfEventArray(m)
+        | Map::RingBuf(m) => Some(m.fd().as_fd()),
+        _ => None,
+    }
+}
+
+/// Makes `prog` the program at `PRE_ROUTING` of both families, pinned under `pin_dir`,
+/// replacing (make before break) what an earlier run pinned there.
+pub fn attach(prog: BorrowedFd<'_>, pin_dir: &Path) -> Result<Attachment, NetfilterError> {
+    let mut how = Attachment::Attached;
+    for family in Family::ALL {
+        let pin = pin_dir.join(family.link_pin());
+        let pin_err = |what: &'static str, path: &Path| {
+            let path = path.to_owned();
+            move |source| NetfilterError::Pin { what, path, source }
+        };
+        let old =
+            if pin.exists() { Some(sys::obj_get(&pin).map_err(pin_err("opening pinned link", &pin))?) } else { None };
+        let taken = match &old {
+            Some(link) => sys::netfilter_link_target(link.as_fd())
+                .map_err(pin_err("reading pinned link", &pin))?
+                .map(|t| t.priority),
+            None => None,
+        };
+        let priority = if taken == Some(PRIORITIES[0]) { PRIORITIES[1] } else { PRIORITIES[0] };
+        let link = sys::netfilter_link_create(prog, family.pf(), NF_INET_PRE_ROUTING, priority)
+            .map_err(|source| NetfilterError::Attach { family: family.name(), source })?;
+        // Pin beside the old link, then move over it: the pin always names a live link.
+        // (bpffs refuses names with a dot.)
+        let fresh = pin_dir.join(format!("{}_new", family.link_pin()));
+        let _stale = fs::remove_file(&fresh);
+        sys::obj_pin(link.as_fd(), &fresh).map_err(pin_err("pinning link", &fresh))?;
+        fs::rename(&fresh, &pin).map_err(pin_err("moving link pin to", &pin))?;
+        if let Some(old) = old {
+            detach(old.as_fd()).map_err(pin_err("detaching the previous link of", &pin))?;
+            how = Attachment::Replaced;
+        }
+    }
+    Ok(how)
+}
+
+/// Detaches a link now; one already detached is not an error.
+fn detach(link: BorrowedFd<'_>) -> io::Result<()> {
+    match sys::link_detach(link) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOLINK) => Ok(()),
+        other => other,
+    }
+}
+
+/// Detaches and unpins the links under `pin_dir`; returns the pins removed.
+pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>, NetfilterError> {
+    let mut removed = Vec::new();
+    for family in Family::ALL {
+        let pin = pin_dir.join(family.link_pin());
+        if !pin.exists() {
+            continue;
+        }
+        let pin_err = |what: &'static str| {
+            let path = pin.clone();
+            move |source| NetfilterError::Pin { what, path, source }
+        };
+        let link = sys::obj_get(&pin).map_err(pin_err("opening pinned link"))?;
+        detach(link.as_fd()).map_err(pin_err("detaching link"))?;
+        fs::remove_file(&pin).map_err(pin_err("removing pin"))?;
+        removed.push(family.link_pin());
+    }
+    Ok(removed)
+}
+
+/// A pinned link of the node backstop, as the kernel describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PinnedNetfilterLink {
+    pub family: Family,
+    pub link_id: u32,
+    pub prog_id: u32,
+    pub priority: i32,
+}
+
+/// The node backstop's links pinned under `pin_dir` (a family without a pin is absent).
+pub fn pinned(pin_dir: &Path) -> Result<Vec<PinnedNetfilterLink>, NetfilterError> {
+    let mut links = Vec::new();
+    for family in Family::ALL {
+        let pin = pin_dir.join(family.link_pin());
+        if !pin.exists() {
+            continue;
+        }
+        let pin_err = |what: &'static str| {
+            let path = pin.clone();
+            move |source| NetfilterError::Pin { what, path, source }
+        };
+        let link = sys::obj_get(&pin).map_err(pin_err("opening pinned link"))?;
+        let target = sys::netfilter_link_target(link.as_fd()).map_err(pin_err("reading pinned link"))?;
+        match target {
+            Some(t) if Family::from_pf(t.pf) == Some(family) && t.hooknum == NF_INET_PRE_ROUTING => {
+                links.push(PinnedNetfilterLink {
+                    family,
+                    link_id: t.link_id,
+                    prog_id: t.prog_id,
+                    priority: t.priority,
+                });
+            }
+            _ => {
+                return Err(NetfilterError::Pin {
+                    what: "not a PRE_ROUTING netfilter link of its family:",
+                    path: pin,
+                    source: io::Error::from(io::ErrorKind::InvalidData),
+                })
+            }
+        }
+    }
+    Ok(links)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifier_tail_keeps_the_last_words() {
+        assert_eq!(verifier_tail(""), "");
+        assert_eq!(verifier_tail("a\nb\n\nc\nd\n"), ": b / c / d");
+    }
+
+    #[test]
+    fn families_pin_apart() {
+        assert_ne!(Family::Ipv4.link_pin(), Family::Ipv6.link_pin());
+        assert_eq!(Family::from_pf(10), Some(Family::Ipv6));
+        assert_eq!(Family::from_pf(7), None);
+    }
+}

@@ -1,0 +1,155 @@
+//! The node backstop: the second enforcement point, in the node's network namespace.
+//!
+//! The cgroup programs judge sockets, so they cannot see a packet a pod makes below the
+//! socket layer: frames written to an `AF_PACKET` socket, or packets its own nftables rewrite
+//! on their way out of its namespace. Every such packet still has to enter the node's
+//! namespace to go anywhere. Here, a packet to a protected address that enters from another
+//! namespace is dropped unless its source is a PASS pod's address (`PASS_SOURCES`).
+//!
+//! Two attach points run the same rule ([`node_allows`]):
+//! - `imds_node_nf` at netfilter `PRE_ROUTING` (Linux ≥ 6.4): one hook for the whole
+//!   namespace, whatever the interface. Packets the node sends itself never pass there,
+//!   except over loopback, which the program lets through.
+//! - `imds_node_tc` at tc ingress of every interface but loopback, for older kernels.
+use aya_ebpf::{
+    bindings::{bpf_hdr_start_off::BPF_HDR_START_NET, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::{bpf_probe_read_kernel, bpf_skb_load_bytes_relative},
+    macros::classifier,
+    programs::TcContext,
+    Global,
+};
+use imds_common::{embedded_v4, Counter, PodAddr};
+
+use crate::{
+    count, nat64_prefix, ETH_P_IPV6_BE, ETH_P_IP_BE, IPV4_SADDR_OFFSET, IPV6_SADDR_OFFSET, PASS_SOURCES, PROTECTED,
+};
+
+/// The one rule: a packet from `src` to `dst` (both in their 16-byte form) may enter the
+/// node unless `dst` reaches a protected IPv4 address and `src` is not a PASS pod.
+#[inline(always)]
+fn node_allows(src: &PodAddr, dst: [u32; 4]) -> bool {
+    let Some(embedded) = embedded_v4(dst, nat64_prefix) else {
+        return true;
+    };
+    // SAFETY: plain lookup; presence is all we need.
+    if unsafe { PROTECTED.get(embedded.ip4_be()) }.is_none() {
+        return true;
+    }
+    // SAFETY: as above.
+    unsafe { PASS_SOURCES.get(src) }.is_some()
+}
+
+// ---- netfilter PRE_ROUTING -------------------------------------------------------------------
+
+/// `NF_DROP` and `NF_ACCEPT`, the only values a netfilter program may return.
+const NF_DROP: i32 = 0;
+const NF_ACCEPT: i32 = 1;
+/// The loopback device's index, the same in every network namespace.
+const LOOPBACK_IFINDEX: i32 = 1;
+
+// Where the fields this program reads sit in the running kernel's `struct sk_buff` and
+// `struct net_device`. They vary between kernel builds, so the agent reads them from the
+// kernel's BTF and sets them at load time; `u32::MAX` means "not set" (the agent never
+// attaches the program then).
+#[unsafe(no_mangle)]
+static SKB_HEAD_OFFSET: Global<u32> = Global::new(u32::MAX);
+#[unsafe(no_mangle)]
+static SKB_NETWORK_HEADER_OFFSET: Global<u32> = Global::new(u32::MAX);
+#[unsafe(no_mangle)]
+static SKB_DEV_OFFSET: Global<u32> = Global::new(u32::MAX);
+#[unsafe(no_mangle)]
+static NET_DEVICE_IFINDEX_OFFSET: Global<u32> = Global::new(u32::MAX);
+
+/// A `BPF_PROG_TYPE_NETFILTER` program. aya 0.14 cannot load that type, and its object parser
+/// refuses a `netfilter` section, so the program sits in the `classifier` section (aya parses
+/// it and never loads it) and the agent loads it itself (`imds-agent/src/kernel/netfilter.rs`).
+/// Its context is `struct bpf_nf_ctx { const struct nf_hook_state *state; struct sk_buff *skb; }`.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "classifier")]
+pub extern "C" fn imds_node_nf(ctx: *const u64) -> i32 {
+    if nf_packet_allowed(ctx) {
+        NF_ACCEPT
+    } else {
+        count(Counter::NodeDrop, NF_DROP)
+    }
+}
+
+#[inline(always)]
+fn nf_packet_allowed(ctx: *const u64) -> bool {
+    // SAFETY: the verifier allows exactly this: an 8-byte load of `ctx->skb` at offset 8.
+    let skb = unsafe { *ctx.add(1) } as usize;
+    // A field that cannot be read lets the packet through: that only happens if the skb is
+    // not an skb, and dropping every packet of the node would be no answer to it.
+    nf_judge(skb).unwrap_or(true)
+}
+
+/// The rule applied to the packet in `skb`, or `None` if a field cannot be read.
+#[inline(always)]
+fn nf_judge(skb: usize) -> Option<bool> {
+    let dev = read::<usize>(skb + SKB_DEV_OFFSET.load() as usize)?;
+    if read::<i32>(dev + NET_DEVICE_IFINDEX_OFFSET.load() as usize)? == LOOPBACK_IFINDEX {
+        return Some(true); // the node's own packets to a local address: the cgroup programs judged them
+    }
+    let head = read::<usize>(skb + SKB_HEAD_OFFSET.load() as usize)?;
+    let ip = head + read::<u16>(skb + SKB_NETWORK_HEADER_OFFSET.load() as usize)? as usize;
+    Some(match read::<u8>(ip)? >> 4 {
+        4 => {
+            let [src, dst] = read::<[u32; 2]>(ip + IPV4_SADDR_OFFSET)?;
+            node_allows(&PodAddr::v4(src), PodAddr::v4(dst).words)
+        }
+        6 => {
+            let a = read::<[u32; 8]>(ip + IPV6_SADDR_OFFSET)?;
+            node_allows(&PodAddr { words: [a[0], a[1], a[2], a[3]] }, [a[4], a[5], a[6], a[7]])
+        }
+        // PRE_ROUTING of IPv4 and IPv6 only ever carries those.
+        _ => true,
+    })
+}
+
+/// A `T` read from kernel address `addr`. The offsets come from BTF at run time, so the
+/// verifier cannot check these reads; `bpf_probe_read_kernel` fails cleanly on a bad address.
+#[inline(always)]
+fn read<T>(addr: usize) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel accepts any address: a bad one is an error, not a fault.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+}
+
+// ---- tc ingress ------------------------------------------------------------------------------
+
+#[classifier]
+#[allow(clippy::unnecessary_cast, reason = "TC_ACT_SHOT is an i32 in the BPF target's bindings, a u32 in the host's")]
+pub fn imds_node_tc(ctx: TcContext) -> i32 {
+    if tc_packet_allowed(&ctx) {
+        // Not OK: that would end the interface's filter chain and skip whatever the CNI has
+        // attached after us. UNSPEC hands the packet on.
+        TC_ACT_UNSPEC
+    } else {
+        count(Counter::NodeDrop, TC_ACT_SHOT as i32)
+    }
+}
+
+#[inline(always)]
+fn tc_packet_allowed(ctx: &TcContext) -> bool {
+    let skb = ctx.skb.skb.cast();
+    match ctx.skb.protocol() {
+        ETH_P_IP_BE => {
+            let mut a = [0u32; 2];
+            // SAFETY: writes `size_of_val(&a)` bytes into `a`; offsets are from the network
+            // header, wherever the link layer puts it.
+            let ret = unsafe {
+                bpf_skb_load_bytes_relative(skb, IPV4_SADDR_OFFSET as u32, a.as_mut_ptr().cast(), 8, BPF_HDR_START_NET)
+            };
+            // Too short to hold the addresses: the stack drops it as a bad header.
+            ret != 0 || node_allows(&PodAddr::v4(a[0]), PodAddr::v4(a[1]).words)
+        }
+        ETH_P_IPV6_BE => {
+            let mut a = [0u32; 8];
+            // SAFETY: as above.
+            let ret = unsafe {
+                bpf_skb_load_bytes_relative(skb, IPV6_SADDR_OFFSET as u32, a.as_mut_ptr().cast(), 32, BPF_HDR_START_NET)
+            };
+            ret != 0 || node_allows(&PodAddr { words: [a[0], a[1], a[2], a[3]] }, [a[4], a[5], a[6], a[7]])
+        }
+        _ => true,
+    }
+}
