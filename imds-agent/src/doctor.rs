@@ -79,9 +79,9 @@ impl std::fmt::Display for Report {
                 Outcome::Fail => "FAIL",
                 Outcome::Skip => "skip",
             };
-            writeln!(f, "{mark} {:<12} {}", c.name, c.detail)?;
+            writeln!(f, "{mark} {:<13} {}", c.name, c.detail)?;
             if let Some(fix) = &c.fix {
-                writeln!(f, "     {:<12} fix: {fix}", "")?;
+                writeln!(f, "     {:<13} fix: {fix}", "")?;
             }
         }
         let failed = self.checks.iter().filter(|c| c.outcome == Outcome::Fail).count();
@@ -139,6 +139,7 @@ pub fn run(setup: &Setup) -> Report {
         (Ok(root), Some(Ok(path))) => check_conflicts(root, path, &setup.pin_dir),
         _ => Check::skip("conflicts", "no attach cgroup to look at"),
     });
+    checks.push(check_node_backstop());
     checks.push(check_iptables());
     checks.push(check_listen(setup.listen));
     checks.push(check_upstream(setup.upstream));
@@ -168,6 +169,17 @@ fn check_kernel(release: &str, version: Option<(u32, u32)>) -> Check {
             "run a node image with Linux 5.8 or later",
         ),
         None => Check::warn("kernel", format!("cannot read the version of {release:?}"), "check `uname -r`"),
+    }
+}
+
+fn check_node_backstop() -> Check {
+    match kernel::backstop::probe() {
+        (mechanism, Ok(found)) => Check::pass("node backstop", format!("{}: {found}", mechanism.name())),
+        (mechanism, Err(why)) => Check::warn(
+            "node backstop",
+            format!("{} instead of netfilter: {why}", mechanism.name()),
+            "tc covers every interface, but one created while no agent runs only once the agent is back; a kernel ≥ 6.4 with CONFIG_NETFILTER_BPF_LINK closes that window",
+        ),
     }
 }
 

@@ -25,17 +25,14 @@ use crate::{
 };
 
 /// The one rule: a packet from `src` to `dst` (both in their 16-byte form) may enter the
-/// node unless `dst` reaches a protected IPv4 address and `src` is not a PASS pod.
+/// node unless `dst` reaches a protected IPv4 address and `src` is not a PASS pod. (The
+/// netfilter program applies it in steps, to skip what the common case does not need.)
 #[inline(always)]
 fn node_allows(src: &PodAddr, dst: [u32; 4]) -> bool {
-    let Some(embedded) = embedded_v4(dst, nat64_prefix) else {
-        return true;
-    };
-    // SAFETY: plain lookup; presence is all we need.
-    if unsafe { PROTECTED.get(embedded.ip4_be()) }.is_none() {
+    if !embedded_v4(dst, nat64_prefix).is_some_and(|e| protected_v4(e.ip4_be())) {
         return true;
     }
-    // SAFETY: as above.
+    // SAFETY: plain lookup; presence is all we need.
     unsafe { PASS_SOURCES.get(src) }.is_some()
 }
 
@@ -76,38 +73,77 @@ pub extern "C" fn imds_node_nf(ctx: *const u64) -> i32 {
 
 #[inline(always)]
 fn nf_packet_allowed(ctx: *const u64) -> bool {
-    // SAFETY: the verifier allows exactly this: an 8-byte load of `ctx->skb` at offset 8.
-    let skb = unsafe { *ctx.add(1) } as usize;
-    // A field that cannot be read lets the packet through: that only happens if the skb is
+    // SAFETY: the verifier allows exactly this: an 8-byte load of `ctx->skb` at offset 8. It
+    // types the result as a pointer to the kernel's `struct sk_buff`.
+    let skb = unsafe { *ctx.add(1) } as *const u8;
+    // A header that cannot be read lets the packet through: that only happens if the skb is
     // not an skb, and dropping every packet of the node would be no answer to it.
     nf_judge(skb).unwrap_or(true)
 }
 
-/// The rule applied to the packet in `skb`, or `None` if a field cannot be read.
+/// The rule applied to the packet in `skb`, or `None` if its header cannot be read. The
+/// common case (not a protected destination) costs two field loads, one header read and one
+/// map lookup; the rest is read only for packets to a protected address.
 #[inline(always)]
-fn nf_judge(skb: usize) -> Option<bool> {
-    let dev = read::<usize>(skb + SKB_DEV_OFFSET.load() as usize)?;
-    if read::<i32>(dev + NET_DEVICE_IFINDEX_OFFSET.load() as usize)? == LOOPBACK_IFINDEX {
-        return Some(true); // the node's own packets to a local address: the cgroup programs judged them
-    }
-    let head = read::<usize>(skb + SKB_HEAD_OFFSET.load() as usize)?;
-    let ip = head + read::<u16>(skb + SKB_NETWORK_HEADER_OFFSET.load() as usize)? as usize;
-    Some(match read::<u8>(ip)? >> 4 {
+fn nf_judge(skb: *const u8) -> Option<bool> {
+    // SAFETY: fields of the `sk_buff` at the offsets its BTF gives. The offsets are read-only
+    // globals, which the verifier knows as constants, so it checks each load against the
+    // kernel's own type information.
+    let head = unsafe { field::<usize>(skb, SKB_HEAD_OFFSET.load()) };
+    // SAFETY: as above.
+    let network = unsafe { field::<u16>(skb, SKB_NETWORK_HEADER_OFFSET.load()) };
+    let ip = head + network as usize;
+    // The packet's bytes are not typed memory: read them with bpf_probe_read_kernel.
+    let first = read::<[u32; 5]>(ip)?;
+    let (src, protected) = match (first[0] as u8) >> 4 {
         4 => {
-            let [src, dst] = read::<[u32; 2]>(ip + IPV4_SADDR_OFFSET)?;
-            node_allows(&PodAddr::v4(src), PodAddr::v4(dst).words)
+            let (src, dst) = (first[3], first[4]);
+            (PodAddr::v4(src), protected_v4(dst))
         }
         6 => {
             let a = read::<[u32; 8]>(ip + IPV6_SADDR_OFFSET)?;
-            node_allows(&PodAddr { words: [a[0], a[1], a[2], a[3]] }, [a[4], a[5], a[6], a[7]])
+            let dst = [a[4], a[5], a[6], a[7]];
+            (
+                PodAddr { words: [a[0], a[1], a[2], a[3]] },
+                embedded_v4(dst, nat64_prefix).is_some_and(|e| protected_v4(e.ip4_be())),
+            )
         }
         // PRE_ROUTING of IPv4 and IPv6 only ever carries those.
-        _ => true,
-    })
+        _ => return Some(true),
+    };
+    if !protected {
+        return Some(true);
+    }
+    // SAFETY: as above; `dev` is typed as the kernel's `struct net_device`.
+    let dev = unsafe { field::<*const u8>(skb, SKB_DEV_OFFSET.load()) };
+    // SAFETY: as above.
+    if unsafe { field::<i32>(dev, NET_DEVICE_IFINDEX_OFFSET.load()) } == LOOPBACK_IFINDEX {
+        return Some(true); // the node's own packets to a local address: the cgroup programs judged them
+    }
+    // SAFETY: plain lookup; presence is all we need.
+    Some(unsafe { PASS_SOURCES.get(src) }.is_some())
 }
 
-/// A `T` read from kernel address `addr`. The offsets come from BTF at run time, so the
-/// verifier cannot check these reads; `bpf_probe_read_kernel` fails cleanly on a bad address.
+/// Whether `ip4_be` is a protected address.
+#[inline(always)]
+fn protected_v4(ip4_be: u32) -> bool {
+    // SAFETY: plain lookup; presence is all we need.
+    unsafe { PROTECTED.get(ip4_be) }.is_some()
+}
+
+/// The `T` at byte `offset` of the kernel object at `base`.
+///
+/// # Safety
+/// `base` must be a pointer the verifier types as a kernel struct with a `T`-sized field at
+/// `offset` (it refuses the program otherwise).
+#[inline(always)]
+unsafe fn field<T>(base: *const u8, offset: u32) -> T {
+    // SAFETY: the caller's promise; the verifier checks it against BTF at load time.
+    unsafe { core::ptr::read_volatile(base.add(offset as usize).cast::<T>()) }
+}
+
+/// A `T` read from kernel address `addr` (packet bytes, which the verifier cannot type);
+/// `bpf_probe_read_kernel` fails cleanly on a bad address.
 #[inline(always)]
 fn read<T>(addr: usize) -> Option<T> {
     // SAFETY: bpf_probe_read_kernel accepts any address: a bad one is an error, not a fault.

@@ -63,6 +63,10 @@ pub struct ProbeReport {
     pub churn: Option<ChurnReport>,
     /// Whether a hand-made SYN (`frame`) was answered with a SYN-ACK.
     pub answered: Option<bool>,
+    /// Bytes a second a `stream` wrote.
+    pub rate: Option<f64>,
+    /// Datagrams a `udp-flood` sent.
+    pub sent: Option<u64>,
 }
 
 /// What `imds-probe churn` did and saw.
@@ -726,6 +730,18 @@ impl Probe {
     }
 
     /// `count` × connect+close to `addr:port`; the report's `loop_ns` is the mean per pair.
+    #[must_use]
+    pub fn stream(mut self, to: SocketAddrV4, millis: u64) -> RunningProbe {
+        self.cmd.args(["stream", &to.ip().to_string(), &to.port().to_string(), &millis.to_string()]);
+        self.spawn()
+    }
+
+    #[must_use]
+    pub fn udp_flood(mut self, to: SocketAddrV4, millis: u64) -> RunningProbe {
+        self.cmd.args(["udp-flood", &to.ip().to_string(), &to.port().to_string(), &millis.to_string()]);
+        self.spawn()
+    }
+
     #[must_use]
     pub fn connect_loop(mut self, addr: Ipv4Addr, port: u16, count: u32) -> RunningProbe {
         self.cmd.args(["connect-loop", &addr.to_string(), &port.to_string(), &count.to_string()]);

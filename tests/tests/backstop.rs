@@ -69,7 +69,12 @@ impl Scene {
             ) + &pod("web", &web, "{aadpodidbinding: blob}")
                 + &pod("mallory", &mallory, "{}")
                 + &pod("helper", &helper, "{role: helper}")
-                + &pod("peer", &peer, "{}")),
+                + &pod("peer", &peer, "{}")
+                // A hostNetwork pod keeping NET_RAW: no layer contains it, and status says so.
+                + &format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata:\n  name: node-tool\n  namespace: {NS}\n  uid: {}\nspec:\n  hostNetwork: true\n  containers: [{{name: tool, image: tool:1}}]\n---\n",
+                    pod_uid()
+                )),
         );
         // mallory reaches the decoy and the peer through the node, as any pod network would.
         let (m, p) = (addr(&mallory), addr(&peer));
@@ -250,6 +255,11 @@ fn held(tag: &str, topology: Topology, backstop: &str) {
     let (code, status) = s.node.agent_json("status", &["--bpffs", &pins, "--agent-socket", &socket]);
     assert_eq!((code, status["protection"].as_str()), (Some(0), Some("protected")), "{status:#}");
     assert_eq!(status["node_backstop"]["mechanism"].as_str(), Some(backstop), "{status:#}");
+    assert_eq!(
+        status["agent"]["uncontained_pods"],
+        serde_json::json!([{"pod": "app/node-tool", "why": ["hostNetwork with CAP_NET_RAW"]}]),
+        "{status:#}"
+    );
     let drops = status["counters"]["node_drop"].as_u64();
     assert!(drops.is_some_and(|n| n >= 4), "the node backstop counted its drops: {drops:?}");
 }
@@ -324,6 +334,15 @@ fn survives_restarts(tag: &str, backstop: &str) {
     let (code, status) = s.node.agent_json("status", &["--bpffs", &pins, "--agent-socket", &socket]);
     assert_eq!((code, status["protection"].as_str()), (Some(0), Some("protected")), "{status:#}");
     positive_controls(&s);
+
+    // `uninstall` takes the backstop away with the rest; status then says so.
+    let agent = imds_tests::agent_binary();
+    let uninstall = [agent.to_str().expect("UTF-8"), "uninstall", "--bpffs", &pins];
+    let (_, out) = imds_tests::run_in(&s.node.ns, &s.node.root, &uninstall);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (code, status) = s.node.agent_json("status", &["--bpffs", &pins, "--agent-socket", &socket]);
+    assert_eq!((code, status["node_backstop"]["mechanism"].as_str()), (Some(2), None), "{status:#}");
+    assert!(syn_gets_through(&s, &s.mallory), "{backstop}: uninstalled, the frame goes through again");
     drop(late);
 }
 

@@ -185,6 +185,7 @@ fn doctor_passes_here_and_names_what_is_wrong() {
         "bpffs",
         "capabilities",
         "conflicts",
+        "node backstop",
         "iptables",
         "listen",
         "upstream",

@@ -57,7 +57,7 @@ enum Task {
     Man,
     /// The agent on a node in miniature: example manifests, pods, a fake IMDS (needs root).
     Demo,
-    /// The performance figures (P1–P7), each against its baseline, in interleaved rounds;
+    /// The performance figures (P1–P8), each against its baseline, in interleaved rounds;
     /// prints a table and writes target/bench/latest.json (needs root).
     Bench {
         /// Every benchmark briefly, in a debug build: checks the harness, not the targets.
@@ -186,14 +186,21 @@ fn setup(test_tools: bool) -> Result<()> {
 /// Steps 3 and 4 of setup: what the privileged tests run.
 fn install_test_tools() -> Result<()> {
     const STEPS: usize = 5;
-    step(3, STEPS, "tools the privileged tests and benchmarks use (iproute2, curl, iptables)");
-    let missing: Vec<&str> = [("ip", "-V", "iproute2"), ("curl", "--version", "curl"), ("iptables", "-V", "iptables")]
+    step(3, STEPS, "tools the privileged tests and benchmarks use (iproute2, curl, iptables, nftables)");
+    let tools = [
+        ("ip", "-V", "iproute2"),
+        ("curl", "--version", "curl"),
+        ("iptables", "-V", "iptables"),
+        // The node-backstop tests attack with a pod's own nftables.
+        ("nft", "--version", "nftables"),
+    ];
+    let missing: Vec<&str> = tools
         .into_iter()
         .filter(|(tool, arg, _)| !Command::new(tool).arg(arg).output().is_ok_and(|o| o.status.success()))
         .map(|(_, _, package)| package)
         .collect();
     if missing.is_empty() {
-        println!("    ip, curl and iptables present");
+        println!("    ip, curl, iptables and nft present");
     } else {
         ensure!(is_root(), "missing {}: install with apt-get, or rerun as root", missing.join(", "));
         run(Command::new("apt-get").arg("update").arg("-q"))?;

@@ -172,6 +172,31 @@ fn remove_tc() -> Result<(), BackstopError> {
     tc::uninstall().map(drop).map_err(|e| BackstopError::Leftovers { mechanism: "tc", source: Box::new(e) })
 }
 
+/// What `--node-backstop auto` would run on this kernel, and what was found on the way; `Err`
+/// names what stands in the way of netfilter (tc then runs in its place).
+pub fn probe() -> (Mechanism, Result<String, String>) {
+    let Ok(kernel) = KernelVersion::current() else {
+        return (Mechanism::Tc, Err("cannot read the kernel version".into()));
+    };
+    if kernel < KernelVersion::new(NETFILTER_LINKS.0, NETFILTER_LINKS.1, 0) {
+        return (Mechanism::Tc, Err(format!("netfilter links need Linux ≥ 6.4 (this is {kernel:?})")));
+    }
+    let layout = match KernelLayout::of_running_kernel() {
+        Ok(layout) => layout,
+        Err(e) => return (Mechanism::Tc, Err(format!("{:#}", anyhow::Error::from(e)))),
+    };
+    match netfilter::probe_attach() {
+        Ok(()) => (
+            Mechanism::Netfilter,
+            Ok(format!(
+                "a test link attached at PRE_ROUTING in a scratch namespace; sk_buff layout from BTF: head {}, network_header {}, dev {}; net_device.ifindex {}",
+                layout.skb_head, layout.skb_network_header, layout.skb_dev, layout.net_device_ifindex
+            )),
+        ),
+        Err(e) => (Mechanism::Tc, Err(format!("{:#}", anyhow::Error::from(e)))),
+    }
+}
+
 /// What `uninstall` removed of the backstop.
 pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>, BackstopError> {
     let mut removed = netfilter::uninstall(pin_dir)

@@ -129,6 +129,35 @@ impl KernelLayout {
     }
 }
 
+/// Whether this kernel lets this process attach a netfilter program at `PRE_ROUTING`: a
+/// two-instruction program (`return NF_ACCEPT`) is loaded and linked in a scratch network
+/// namespace, then both are let go. Nothing of the node's own namespace is touched.
+pub fn probe_attach() -> Result<(), NetfilterError> {
+    let accept = [insn(0xb7, 1), insn(0x95, 0)]; // r0 = NF_ACCEPT; exit
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| NetfilterError::Attach { family: "scratch namespace", source: e.into() })?;
+        let prog = sys::prog_load(sys::PROG_TYPE_NETFILTER, "imds_nf_probe", &accept, c"GPL", None)
+            .map_err(|source| NetfilterError::Load { source, log: String::new() })?;
+        sys::netfilter_link_create(prog.as_fd(), NFPROTO_IPV4, NF_INET_PRE_ROUTING, PRIORITIES[0])
+            .map(drop)
+            .map_err(|source| NetfilterError::Attach { family: "ipv4", source })
+    })
+    .join()
+    .unwrap_or_else(|_| Err(NetfilterError::NoProgram))
+}
+
+/// One instruction with no registers but r0 and an immediate.
+fn insn(code: u8, imm: i32) -> aya_obj::generated::bpf_insn {
+    aya_obj::generated::bpf_insn {
+        code,
+        _bitfield_align_1: [],
+        _bitfield_1: aya_obj::generated::bpf_insn::new_bitfield_1(0, 0),
+        off: 0,
+        imm,
+    }
+}
+
 /// One link per family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {

@@ -33,8 +33,13 @@ fn main() -> anyhow::Result<()> {
     if wanted(&["P1", "P2", "P3"]) {
         figures.extend(bench::kernel::run(effort));
     }
-    let single: [(&str, Benchmark); 4] =
-        [("P4", bench::tokens::p4), ("P5", bench::tokens::p5), ("P6", bench::policy::run), ("P7", bench::memory::run)];
+    let single: [(&str, Benchmark); 5] = [
+        ("P4", bench::tokens::p4),
+        ("P5", bench::tokens::p5),
+        ("P6", bench::policy::run),
+        ("P7", bench::memory::run),
+        ("P8", bench::forward::run),
+    ];
     for (id, run) in single {
         if wanted(&[id]) {
             figures.push(run(effort));

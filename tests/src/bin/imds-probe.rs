@@ -74,6 +74,18 @@ enum Op {
     },
     /// A hand-made TCP SYN through a raw socket, from source port `sport`.
     RawSyn { addr: Ipv4Addr, port: u16, sport: u16 },
+    /// Bulk TCP: writes to `addr:port` as fast as it can for `millis`; reports bytes a
+    /// second (`rate`).
+    Stream { addr: Ipv4Addr, port: u16, millis: u64 },
+    /// Small UDP datagrams (`size` bytes of payload) to `addr:port` as fast as it can for
+    /// `millis`; reports how many it sent (`sent`).
+    UdpFlood {
+        addr: Ipv4Addr,
+        port: u16,
+        millis: u64,
+        #[arg(long, default_value_t = 18)]
+        size: usize,
+    },
     /// `count` × (socket, `connect()`, `close()`) to `addr:port`, the close abortive
     /// (`SO_LINGER` 0: no `TIME_WAIT`, so long loops cannot exhaust local ports); reports the
     /// mean ns per pair (the benchmark's unit of work). Every connect must succeed.
@@ -208,17 +220,21 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
         }
         Op::RawSyn { addr, port, sport } => raw_syn(&mut report, addr, port, sport)?,
         Op::Frame { ref iface, ref gateway_mac, src, dst, dport, sport, carrying, wait_ms } => {
-            let gateway_mac = imds_tests::frame::parse_mac(gateway_mac)
-                .ok_or_else(|| anyhow::anyhow!("{gateway_mac:?} is not a MAC address"))?;
-            let frame =
-                imds_tests::frame::Frame { iface: iface.clone(), gateway_mac, src, dst, sport, dport, carrying };
-            match frame.send(Duration::from_millis(wait_ms)) {
-                Ok(answered) => {
-                    report.outcome = "sent".into();
-                    report.answered = Some(answered);
-                }
-                Err(e) => set_error(&mut report, &e),
-            }
+            let frame = imds_tests::frame::Frame {
+                iface: iface.clone(),
+                gateway_mac: imds_tests::frame::parse_mac(gateway_mac)
+                    .ok_or_else(|| anyhow::anyhow!("{gateway_mac:?} is not a MAC address"))?,
+                src,
+                dst,
+                sport,
+                dport,
+                carrying,
+            };
+            send_frame(&mut report, &frame, Duration::from_millis(wait_ms));
+        }
+        Op::Stream { addr, port, millis } => stream(&mut report, SocketAddrV4::new(addr, port), millis)?,
+        Op::UdpFlood { addr, port, millis, size } => {
+            udp_flood(&mut report, SocketAddrV4::new(addr, port), millis, size)?;
         }
         Op::ConnectLoop { addr, port, count } => {
             let dst = SocketAddr::V4(SocketAddrV4::new(addr, port));
@@ -403,6 +419,52 @@ fn set_error(report: &mut ProbeReport, e: &std::io::Error) {
 
 /// Sends a bare SYN with `sendto` on an `IPPROTO_TCP` raw socket (the kernel adds the IP
 /// header): no `connect()`, so no connect hook ever sees it.
+fn send_frame(report: &mut ProbeReport, frame: &imds_tests::frame::Frame, wait: Duration) {
+    match frame.send(wait) {
+        Ok(answered) => {
+            report.outcome = "sent".into();
+            report.answered = Some(answered);
+        }
+        Err(e) => set_error(report, &e),
+    }
+}
+
+/// Writes to `to` as fast as it can for `millis`.
+fn stream(report: &mut ProbeReport, to: SocketAddrV4, millis: u64) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(to)?;
+    let chunk = vec![0x5a_u8; 64 * 1024];
+    let (started, until) = (std::time::Instant::now(), Duration::from_millis(millis));
+    let mut chunks = 0u32;
+    while started.elapsed() < until {
+        stream.write_all(&chunk)?;
+        chunks += 1;
+    }
+    let bytes = f64::from(chunks) * 64.0 * 1024.0;
+    report.rate = Some(bytes / started.elapsed().as_secs_f64());
+    report.outcome = "streamed".into();
+    Ok(())
+}
+
+/// Sends `size`-byte datagrams to `to` as fast as it can for `millis`.
+fn udp_flood(report: &mut ProbeReport, to: SocketAddrV4, millis: u64, size: usize) -> anyhow::Result<()> {
+    let sock = UdpSocket::bind("0.0.0.0:0")?;
+    sock.connect(to)?;
+    let payload = vec![0x5a_u8; size];
+    let (started, until) = (std::time::Instant::now(), Duration::from_millis(millis));
+    let mut sent = 0u64;
+    while started.elapsed() < until {
+        // A full socket buffer (ENOBUFS) is the network saying "slower": try again.
+        for _ in 0..64 {
+            if sock.send(&payload).is_ok() {
+                sent += 1;
+            }
+        }
+    }
+    report.sent = Some(sent);
+    report.outcome = "flooded".into();
+    Ok(())
+}
+
 fn raw_syn(report: &mut ProbeReport, dst: Ipv4Addr, dport: u16, sport: u16) -> anyhow::Result<()> {
     // SAFETY: plain socket(2) call; the fd is owned below.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };

@@ -1,0 +1,226 @@
+//! P8: what the filter costs traffic the node forwards, which is most of a node's traffic.
+//!
+//! Two identical paths, pod → node → peer, each three namespaces joined by veths, the node
+//! forwarding. On one, the pod's process sits in a cgroup with every program attached and the
+//! real agent runs in the node's namespace, so the node backstop sees every forwarded packet;
+//! on the other, nothing. Measured side by side in interleaved rounds: bulk TCP throughput
+//! (one stream) and small-packet rate (18-byte UDP datagrams, counted where they arrive), and,
+//! from the kernel's per-program statistics, what each program costs a packet.
+use std::{
+    io::Read as _,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use imds_agent::kernel::{self, Hook};
+
+use super::{Effort, Figure, Measured};
+use crate::{veth, AgentProcess, Cgroup, NetNs, PinDir, Probe, Server};
+
+const TCP_PORT: u16 = 5001;
+const UDP_PORT: u16 = 5002;
+
+/// One pod → node → peer path.
+struct Path {
+    _sink: Server,
+    udp: UdpCounter,
+    peer_addr: Ipv4Addr,
+    cgroup: Cgroup,
+    _agent: Option<AgentProcess>,
+    _manifests: Option<tempfile::TempDir>,
+    pins: Option<PinDir>,
+    pod: NetNs,
+    /// Kept until the path is dropped (namespaces go when their guards drop).
+    _node: NetNs,
+    _peer: NetNs,
+}
+
+impl Path {
+    /// `n` tells the paths' subnets apart; `filtered` puts every program on it.
+    fn new(n: u8, filtered: Option<&Cgroup>, plain: &Cgroup) -> Path {
+        let (pod, node, peer) = (NetNs::new("p8-pod"), NetNs::new("p8-node"), NetNs::new("p8-peer"));
+        let (pod_gw, pod_ip) = (Ipv4Addr::new(10, 235, n, 1), Ipv4Addr::new(10, 235, n, 2));
+        let (peer_gw, peer_ip) = (Ipv4Addr::new(10, 236, n, 1), Ipv4Addr::new(10, 236, n, 2));
+        veth(&node, pod_gw, &pod, pod_ip);
+        veth(&node, peer_gw, &peer, peer_ip);
+        node.sysctl("net.ipv4.ip_forward", "1");
+        pod.ip(&["route", "add", "default", "via", &pod_gw.to_string()]);
+        peer.ip(&["route", "add", "default", "via", &peer_gw.to_string()]);
+        let sink = Server::start(&peer, SocketAddrV4::new(peer_ip, TCP_PORT), |mut s| {
+            let mut buf = vec![0u8; 256 * 1024];
+            while s.read(&mut buf).is_ok_and(|n| n > 0) {}
+        });
+        let udp = UdpCounter::start(&peer, SocketAddrV4::new(peer_ip, UDP_PORT));
+        let (agent, manifests, pins, cgroup) = match filtered {
+            Some(top) => {
+                let pins = PinDir::new("p8");
+                // The agent listens on the node's side of the pod link; nothing here asks it.
+                let listen = SocketAddrV4::new(pod_gw, 8182);
+                let manifests = tempfile::tempdir().expect("tempdir");
+                let args: Vec<String> = [
+                    "--attach-cgroup",
+                    &top.path.display().to_string(),
+                    "--bpffs",
+                    &pins.path.display().to_string(),
+                    "--listen",
+                    &listen.to_string(),
+                    "--manifests",
+                    &manifests.path().display().to_string(),
+                    "--node-backstop",
+                    "auto",
+                ]
+                .map(str::to_owned)
+                .to_vec();
+                let agent = AgentProcess::start(&node, &args);
+                (Some(agent), Some(manifests), Some(pins), top.child("pod"))
+            }
+            None => (None, None, None, plain.child("pod")),
+        };
+        Path {
+            _sink: sink,
+            udp,
+            peer_addr: peer_ip,
+            cgroup,
+            _agent: agent,
+            _manifests: manifests,
+            pins,
+            pod,
+            _node: node,
+            _peer: peer,
+        }
+    }
+
+    /// Bytes a second one TCP stream gets through in `millis`.
+    fn throughput(&self, millis: u64) -> f64 {
+        let report =
+            Probe::new(&self.pod, &self.cgroup).stream(SocketAddrV4::new(self.peer_addr, TCP_PORT), millis).wait();
+        report.rate.unwrap_or_else(|| panic!("stream failed: {report:?}"))
+    }
+
+    /// Datagrams a second that reach the peer while the pod sends as fast as it can.
+    fn packet_rate(&self, millis: u64) -> f64 {
+        let before = self.udp.count();
+        let report =
+            Probe::new(&self.pod, &self.cgroup).udp_flood(SocketAddrV4::new(self.peer_addr, UDP_PORT), millis).wait();
+        assert!(report.sent.is_some_and(|n| n > 0), "flood failed: {report:?}");
+        // Let the last datagrams land.
+        thread::sleep(Duration::from_millis(20));
+        let arrived = super::count(usize::try_from(self.udp.count() - before).unwrap_or(usize::MAX));
+        arrived / Duration::from_millis(millis).as_secs_f64()
+    }
+}
+
+/// Counts datagrams arriving at an address, until dropped.
+struct UdpCounter {
+    count: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl UdpCounter {
+    fn start(ns: &NetNs, addr: SocketAddrV4) -> UdpCounter {
+        let sock = ns.enter(move || UdpSocket::bind(addr).expect("bind udp"));
+        sock.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+        let (count, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let (c, s) = (Arc::clone(&count), Arc::clone(&stop));
+        let thread = thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Relaxed) {
+                if sock.recv(&mut buf).is_ok() {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        UdpCounter { count, stop, thread: Some(thread) }
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for UdpCounter {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Run count and total run time (ns) of a loaded program.
+fn stats_of(id: u32) -> (u64, u64) {
+    let info = aya::programs::loaded_programs().filter_map(Result::ok).find(|p| p.id() == id).expect("loaded");
+    (info.run_count(), u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// P8.
+///
+/// # Panics
+/// When a path cannot be built or a measurement fails.
+pub fn run(effort: Effort) -> Figure {
+    let top = Cgroup::new_top("bench-p8");
+    let (filtered, plain) = (top.child("filtered"), top.child("plain"));
+    let with = Path::new(1, Some(&filtered), &plain);
+    let without = Path::new(2, None, &plain);
+    let millis = if effort.rounds > 2 { 2_000 } else { 300 };
+    let figure = Figure::new(
+        "P8",
+        "forwarded traffic through the node, every program attached: bulk TCP throughput",
+        "Gbit/s",
+        "≥ 0.98× (throughput and packet rate)",
+    );
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+    let backstop = kernel::netfilter::pinned(&with.pins.as_ref().expect("pins").path)
+        .ok()
+        .and_then(|links| links.first().map(|l| l.prog_id));
+    let egress = kernel::attached_programs(&filtered.path)
+        .ok()
+        .and_then(|a| a.into_iter().find(|(h, _)| *h == Hook::Egress).and_then(|(_, p)| p.first().map(|p| p.id)));
+    let before: Vec<(u64, u64)> = [backstop, egress].iter().flatten().map(|id| stats_of(*id)).collect();
+
+    let mut gbits = [Vec::new(), Vec::new()];
+    let mut rates = [Vec::new(), Vec::new()];
+    for round in 0..effort.rounds {
+        for step in 0..2 {
+            let which = if round % 2 == 0 { step } else { 1 - step };
+            let path = if which == 0 { &with } else { &without };
+            gbits[which].push(path.throughput(millis) * 8.0 / 1e9);
+            rates[which].push(path.packet_rate(millis) / 1e3);
+        }
+    }
+    let after: Vec<(u64, u64)> = [backstop, egress].iter().flatten().map(|id| stats_of(*id)).collect();
+    drop(stats);
+    let per_packet: Vec<String> = ["node backstop (netfilter PRE_ROUTING)", "cgroup_skb egress"]
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|(name, ((n0, t0), (n1, t1)))| {
+            let runs = (n1 - n0).max(1);
+            let ns = |n: u64| super::count(usize::try_from(n).unwrap_or(usize::MAX));
+            format!("{name} {:.0} ns over {runs} packets", ns(t1 - t0) / ns(runs))
+        })
+        .collect();
+    let [tcp_with, tcp_without] = gbits.map(Measured::of);
+    let [pps_with, pps_without] = rates.map(Measured::of);
+    let pps_ratio = pps_with.median / pps_without.median;
+    let note = format!(
+        "small packets (18-byte UDP, thousand a second arriving): {:.0} vs {:.0}, {pps_ratio:.3}×; per packet: {}",
+        pps_with.median,
+        pps_without.median,
+        if per_packet.is_empty() {
+            "no statistics (BPF_ENABLE_STATS refused)".to_owned()
+        } else {
+            per_packet.join(", ")
+        }
+    );
+    let figure = figure.measured(tcp_with, Some(("same path, no programs".into(), tcp_without)));
+    let met = figure.ratio.is_some_and(|r| r >= 0.98) && pps_ratio >= 0.98;
+    drop((with, without));
+    drop((filtered, plain));
+    figure.judged(met).noted(note)
+}
