@@ -200,6 +200,9 @@ pub struct Pod {
     pub ips: Vec<IpAddr>,
     /// `spec.hostNetwork`: it shares the node's network namespace (and the node's address).
     pub host_network: bool,
+    /// `status.phase` is `Succeeded` or `Failed`: its containers are gone, and its address
+    /// may already be another pod's.
+    pub finished: bool,
     /// What its containers' security contexts grant.
     pub powers: Powers,
 }

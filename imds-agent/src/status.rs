@@ -252,7 +252,7 @@ fn backstop_problem(backstop: &Result<BackstopState, String>) -> Option<String> 
             "no node backstop in this network namespace: packets a pod makes below the socket layer (AF_PACKET, its own nftables) reach protected addresses; restart the agent (without --node-backstop off)".to_owned(),
         ),
         Ok(b) if b.mechanism == Some("netfilter") => {
-            Some(format!("the node backstop covers only {}; restart the agent", b.families.join(", ")))
+            Some(format!("the node backstop has only {}; restart the agent", b.links.join(", ")))
         }
         Ok(b) => Some(format!(
             "interfaces without the node backstop (created while no agent ran?): {}; restart the agent",
@@ -301,7 +301,8 @@ impl std::fmt::Display for NodeStatus {
         if let Some(b) = &self.node_backstop {
             let state = match (b.mechanism, b.complete()) {
                 (None, _) => "MISSING".to_owned(),
-                (Some("netfilter"), _) => format!("netfilter PRE_ROUTING ({})", b.families.join(", ")),
+                (Some("netfilter"), true) => "netfilter (ipv4 and ipv6 at prerouting, input, forward)".to_owned(),
+                (Some("netfilter"), false) => format!("netfilter, only {}", b.links.join(", ")),
                 (Some(m), true) => format!("{m} ingress on {}", interfaces(b.covered.len())),
                 (Some(m), false) => {
                     format!("{m} ingress on {}, NOT on {}", interfaces(b.covered.len()), b.uncovered.join(", "))
@@ -390,7 +391,8 @@ mod tests {
     }
 
     fn netfilter_backstop() -> BackstopState {
-        BackstopState { mechanism: Some("netfilter"), families: vec!["ipv4", "ipv6"], ..BackstopState::default() }
+        let links = crate::kernel::netfilter::Place::ALL.iter().map(|p| p.name()).collect();
+        BackstopState { mechanism: Some("netfilter"), links, ..BackstopState::default() }
     }
 
     /// What, the pinned state, the agent's answer, the protection, how many problems.
@@ -454,20 +456,15 @@ mod tests {
             ..BackstopState::default()
         };
         let cases = [
-            (
-                "netfilter, both families",
-                Ok(netfilter_backstop()),
-                Protection::Protected,
-                "netfilter PRE_ROUTING (ipv4, ipv6)",
-            ),
+            ("netfilter, every link", Ok(netfilter_backstop()), Protection::Protected, "netfilter (ipv4 and ipv6 at"),
             ("tc everywhere", Ok(tc(vec![])), Protection::Protected, "tc ingress on 1 interface"),
             ("tc with a gap", Ok(tc(vec!["veth9".into()])), Protection::Unprotected, "NOT on veth9"),
             ("none", Ok(BackstopState::default()), Protection::Unprotected, "MISSING"),
             (
-                "only ipv4",
-                Ok(BackstopState { families: vec!["ipv4"], ..netfilter_backstop() }),
+                "only ipv4 before NAT",
+                Ok(BackstopState { links: vec!["ipv4/prerouting".into()], ..netfilter_backstop() }),
                 Protection::Unprotected,
-                "(ipv4)",
+                "only ipv4/prerouting",
             ),
             ("unreadable", Err("EPERM".to_owned()), Protection::Unprotected, "not protected below the socket layer"),
         ];

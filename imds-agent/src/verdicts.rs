@@ -84,14 +84,16 @@ impl VerdictSync {
     }
 }
 
-/// The addresses the node backstop lets reach protected addresses: those of PASS pods with
-/// their own network namespace. A hostNetwork pod has the node's address, which no packet
-/// entering the node from a pod may claim; its sockets are judged by the cgroup programs.
+/// The addresses the node backstop lets reach protected addresses: those of running PASS pods
+/// with their own network namespace. A hostNetwork pod has the node's address, which no
+/// packet entering the node from a pod may claim (its sockets are judged by the cgroup
+/// programs); a finished pod's address is free for the next pod the node starts.
 #[must_use]
 pub fn pass_sources(snapshot: &Snapshot, deny_unbound: bool) -> BTreeSet<PodAddr> {
     snapshot
         .pods()
-        .filter(|pod| !pod.host_network && snapshot.pod_verdict(pod, deny_unbound) == PodVerdict::Pass)
+        .filter(|pod| !pod.host_network && !pod.finished)
+        .filter(|pod| snapshot.pod_verdict(pod, deny_unbound) == PodVerdict::Pass)
         .flat_map(|pod| pod.ips.iter().map(|ip| PodAddr::from_ip(*ip)))
         .collect()
 }
@@ -119,4 +121,42 @@ pub fn pod_cgroups(root: &Path) -> Vec<(u64, String)> {
         level = next;
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, net::IpAddr};
+
+    use super::*;
+    use crate::policy::{Exception, Pod};
+
+    #[test]
+    fn only_running_exception_pods_with_their_own_namespace_pass() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let pod = |name: &str, role: &str, ips: &[&str]| Pod {
+            uid: name.into(),
+            namespace: "app".into(),
+            name: name.into(),
+            labels: BTreeMap::from([("role".to_owned(), role.to_owned())]),
+            ips: ips.iter().map(|i| ip(i)).collect(),
+            ..Pod::default()
+        };
+        let snapshot = Snapshot::new(
+            [
+                pod("helper", "helper", &["10.0.0.5", "fd00::5"]),
+                Pod { host_network: true, ..pod("node-helper", "helper", &["10.0.0.1"]) },
+                Pod { finished: true, ..pod("job", "helper", &["10.0.0.6"]) },
+                pod("web", "web", &["10.0.0.7"]),
+            ],
+            [],
+            [],
+            [Exception {
+                namespace: "app".into(),
+                name: "helpers".into(),
+                pod_labels: BTreeMap::from([("role".to_owned(), "helper".to_owned())]),
+            }],
+        );
+        let want: BTreeSet<PodAddr> = [ip("10.0.0.5"), ip("fd00::5")].into_iter().map(PodAddr::from_ip).collect();
+        assert_eq!(pass_sources(&snapshot, false), want);
+    }
 }

@@ -18,7 +18,7 @@ use aya_ebpf::{
     programs::TcContext,
     Global,
 };
-use imds_common::{embedded_v4, Counter, PodAddr};
+use imds_common::{embedded_v4, Counter, PodAddr, V4_MAPPED_WORD2};
 
 use crate::{
     count, nat64_prefix, ETH_P_IPV6_BE, ETH_P_IP_BE, IPV4_SADDR_OFFSET, IPV6_SADDR_OFFSET, PASS_SOURCES, PROTECTED,
@@ -104,7 +104,7 @@ fn nf_judge(skb: *const u8) -> Option<bool> {
             let a = read::<[u32; 8]>(ip + IPV6_SADDR_OFFSET)?;
             let dst = [a[4], a[5], a[6], a[7]];
             (
-                PodAddr { words: [a[0], a[1], a[2], a[3]] },
+                ipv6_source([a[0], a[1], a[2], a[3]]),
                 embedded_v4(dst, nat64_prefix).is_some_and(|e| protected_v4(e.ip4_be())),
             )
         }
@@ -164,28 +164,64 @@ pub fn imds_node_tc(ctx: TcContext) -> i32 {
     }
 }
 
+/// `skb->protocol` of a VLAN tag (802.1Q and 802.1ad), network order in the low 16 bits.
+const ETH_P_8021Q_BE: u32 = 0x8100u16.to_be() as u32;
+const ETH_P_8021AD_BE: u32 = 0x88a8u16.to_be() as u32;
+
 #[inline(always)]
 fn tc_packet_allowed(ctx: &TcContext) -> bool {
-    let skb = ctx.skb.skb.cast();
-    match ctx.skb.protocol() {
-        ETH_P_IP_BE => {
-            let mut a = [0u32; 2];
-            // SAFETY: writes `size_of_val(&a)` bytes into `a`; offsets are from the network
-            // header, wherever the link layer puts it.
-            let ret = unsafe {
-                bpf_skb_load_bytes_relative(skb, IPV4_SADDR_OFFSET as u32, a.as_mut_ptr().cast(), 8, BPF_HDR_START_NET)
-            };
+    // The kernel takes one VLAN tag off before tc runs. A priority tag (VLAN 0) under it is
+    // taken off after tc, and the packet then reaches IP as if it had none: look through up
+    // to two more tags. Deeper nesting has no use on these interfaces and is dropped.
+    let (mut proto, mut offset) = (ctx.skb.protocol(), 0u32);
+    let mut tags = 0;
+    while tags < 2 && (proto == ETH_P_8021Q_BE || proto == ETH_P_8021AD_BE) {
+        // A tag: the TCI, then the ethertype of what it carries.
+        let Some([_tci, inner]) = load_net::<[u16; 2]>(ctx, offset) else {
+            return true; // too short to carry anything the stack would deliver
+        };
+        (proto, offset, tags) = (u32::from(inner), offset + 4, tags + 1);
+    }
+    match proto {
+        ETH_P_IP_BE => match load_net::<[u32; 2]>(ctx, offset + IPV4_SADDR_OFFSET as u32) {
+            Some([src, dst]) => node_allows(&PodAddr::v4(src), PodAddr::v4(dst).words),
             // Too short to hold the addresses: the stack drops it as a bad header.
-            ret != 0 || node_allows(&PodAddr::v4(a[0]), PodAddr::v4(a[1]).words)
-        }
-        ETH_P_IPV6_BE => {
-            let mut a = [0u32; 8];
-            // SAFETY: as above.
-            let ret = unsafe {
-                bpf_skb_load_bytes_relative(skb, IPV6_SADDR_OFFSET as u32, a.as_mut_ptr().cast(), 32, BPF_HDR_START_NET)
-            };
-            ret != 0 || node_allows(&PodAddr { words: [a[0], a[1], a[2], a[3]] }, [a[4], a[5], a[6], a[7]])
-        }
+            None => true,
+        },
+        ETH_P_IPV6_BE => match load_net::<[u32; 8]>(ctx, offset + IPV6_SADDR_OFFSET as u32) {
+            Some(a) => node_allows(&ipv6_source([a[0], a[1], a[2], a[3]]), [a[4], a[5], a[6], a[7]]),
+            None => true,
+        },
+        ETH_P_8021Q_BE | ETH_P_8021AD_BE => false,
         _ => true,
+    }
+}
+
+/// A `T` at `offset` from the packet's network header (past the link layer, whatever it is).
+#[inline(always)]
+fn load_net<T>(ctx: &TcContext, offset: u32) -> Option<T> {
+    let mut value = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: writes at most `size_of::<T>()` bytes into `value`; it is read only on success.
+    let ret = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.skb.skb.cast(),
+            offset,
+            value.as_mut_ptr().cast(),
+            size_of::<T>() as u32,
+            BPF_HDR_START_NET,
+        )
+    };
+    // SAFETY: the helper filled all of it.
+    (ret == 0).then(|| unsafe { value.assume_init() })
+}
+
+/// The source of an IPv6 packet as `PASS_SOURCES` may know it. A v4-mapped source on the
+/// wire is nobody's: it must not pass for the IPv4 pod whose entry has the same bytes.
+#[inline(always)]
+fn ipv6_source(words: [u32; 4]) -> PodAddr {
+    if words[0] == 0 && words[1] == 0 && words[2] == V4_MAPPED_WORD2 {
+        PodAddr { words: [u32::MAX; 4] } // ff…ff is multicast: never a pod's
+    } else {
+        PodAddr { words }
     }
 }

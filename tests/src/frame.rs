@@ -30,6 +30,8 @@ pub struct Frame {
     pub sport: u16,
     pub dport: u16,
     pub carrying: Carrying,
+    /// 802.1Q tags with VLAN 0 (priority tags) before the IP header; the kernel strips them.
+    pub vlan_tags: u8,
 }
 
 impl Frame {
@@ -118,6 +120,10 @@ impl Frame {
             }
         };
         written.map_err(io::Error::other)?;
+        // Each tag goes between the addresses and the ethertype: TPID 0x8100, TCI 0.
+        for _ in 0..self.vlan_tags {
+            out.splice(12..12, [0x81, 0x00, 0x00, 0x00]);
+        }
         Ok(out)
     }
 
@@ -173,6 +179,7 @@ mod tests {
             sport: 40000,
             dport: 80,
             carrying: Carrying::TcpSyn,
+            vlan_tags: 0,
         };
         let bytes = frame.bytes([2, 0, 0, 0, 0, 2]).unwrap();
         assert_eq!(&bytes[..6], &[2, 0, 0, 0, 0, 1]);
@@ -187,5 +194,7 @@ mod tests {
         reply.write(&mut answer, &[]).unwrap();
         assert!(frame.is_syn_ack(&answer));
         assert_eq!(parse_mac("02:00:00:00:00"), None);
+        let tagged = Frame { vlan_tags: 2, ..frame }.bytes([2, 0, 0, 0, 0, 2]).unwrap();
+        assert_eq!(&tagged[12..22], &[0x81, 0, 0, 0, 0x81, 0, 0, 0, 0x08, 0x00]);
     }
 }

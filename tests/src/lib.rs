@@ -644,15 +644,16 @@ impl Probe {
         self.spawn()
     }
 
-    /// A hand-made frame from `pod_link` (the pod's interface and gateway) to `dst:dport`.
+    /// A hand-made frame from `link` (the pod's interface and gateway) to `dst:dport`, from
+    /// `src`, with `vlan_tags` priority tags.
     #[must_use]
     pub fn frame(
         mut self,
         link: &PodLink,
-        src: std::net::IpAddr,
-        dst: std::net::IpAddr,
+        (src, dst): (std::net::IpAddr, std::net::IpAddr),
         dport: u16,
         carrying: frame::Carrying,
+        vlan_tags: u8,
     ) -> RunningProbe {
         let carrying = match carrying {
             frame::Carrying::TcpSyn => "tcp-syn",
@@ -666,7 +667,7 @@ impl Probe {
             &dst.to_string(),
             &dport.to_string(),
         ]);
-        self.cmd.args(["--carrying", carrying]);
+        self.cmd.args(["--carrying", carrying, "--vlan-tags", &vlan_tags.to_string()]);
         self.spawn()
     }
 

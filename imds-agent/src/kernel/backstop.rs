@@ -211,8 +211,8 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>, BackstopError> {
 pub struct BackstopState {
     /// `netfilter`, `tc`, or none found.
     pub mechanism: Option<&'static str>,
-    /// netfilter: the families with a pinned link (`ipv4`, `ipv6`).
-    pub families: Vec<&'static str>,
+    /// netfilter: the places with a pinned link (`ipv4/prerouting`, …).
+    pub links: Vec<String>,
     /// tc: interfaces with the filter, and interfaces without it (loopback excepted).
     pub covered: Vec<String>,
     pub uncovered: Vec<String>,
@@ -223,7 +223,7 @@ impl BackstopState {
     #[must_use]
     pub fn complete(&self) -> bool {
         match self.mechanism {
-            Some("netfilter") => self.families.len() == netfilter::Family::ALL.len(),
+            Some("netfilter") => self.links.len() == netfilter::Place::ALL.len(),
             Some("tc") => self.uncovered.is_empty(),
             _ => false,
         }
@@ -237,7 +237,7 @@ pub fn inspect(pin_dir: &Path) -> Result<BackstopState, BackstopError> {
     if !links.is_empty() {
         return Ok(BackstopState {
             mechanism: Some(Mechanism::Netfilter.name()),
-            families: links.iter().map(|l| l.family.name()).collect(),
+            links: links.iter().map(|l| l.place.name()).collect(),
             ..BackstopState::default()
         });
     }
@@ -254,14 +254,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn completeness_needs_both_families_or_every_interface() {
-        let nf = |families: Vec<&'static str>| BackstopState {
-            mechanism: Some("netfilter"),
-            families,
-            ..BackstopState::default()
-        };
-        assert!(nf(vec!["ipv4", "ipv6"]).complete());
-        assert!(!nf(vec!["ipv4"]).complete());
+    fn completeness_needs_every_link_or_every_interface() {
+        let nf = |links: Vec<String>| BackstopState { mechanism: Some("netfilter"), links, ..BackstopState::default() };
+        let all: Vec<String> = netfilter::Place::ALL.iter().map(|p| p.name()).collect();
+        assert!(nf(all.clone()).complete());
+        assert!(!nf(all[..5].to_vec()).complete());
         let tc = |uncovered: Vec<String>| BackstopState {
             mechanism: Some("tc"),
             covered: vec!["eth0".into()],

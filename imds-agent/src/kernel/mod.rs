@@ -310,11 +310,12 @@ impl Filter {
     pub fn set_pass_sources(&mut self, wanted: &BTreeSet<PodAddr>) -> Result<(usize, usize), FilterError> {
         let present: BTreeSet<PodAddr> =
             self.pass_sources.keys().collect::<Result<_, _>>().map_err(map_err(maps::PASS_SOURCES))?;
-        for addr in wanted.difference(&present) {
-            self.pass_sources.insert(addr, 1, 0).map_err(map_err(maps::PASS_SOURCES))?;
-        }
+        // Removals first: a full map must not keep a stale address because a new one failed.
         for addr in present.difference(wanted) {
             self.pass_sources.remove(addr).map_err(map_err(maps::PASS_SOURCES))?;
+        }
+        for addr in wanted.difference(&present) {
+            self.pass_sources.insert(addr, 1, 0).map_err(map_err(maps::PASS_SOURCES))?;
         }
         Ok((wanted.difference(&present).count(), present.difference(wanted).count()))
     }

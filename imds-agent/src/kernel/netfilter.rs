@@ -6,9 +6,11 @@
 //!   created, then loaded as `BPF_PROG_TYPE_NETFILTER`.
 //! - **Layout.** It reads `struct sk_buff` and `struct net_device` fields at offsets the
 //!   running kernel's BTF gives ([`KernelLayout`]), set as load-time globals.
-//! - **Links.** One per family (IPv4, IPv6) in the agent's network namespace, pinned, at the
-//!   earliest priority a link may take: nothing else at `PRE_ROUTING` (conntrack, DNAT, a
-//!   CNI's rules) sees a packet before it is judged.
+//! - **Links.** Six in the agent's network namespace, pinned: IPv4 and IPv6, each at
+//!   `PRE_ROUTING` (before conntrack, defragmentation and any NAT: nothing at that hook sees a
+//!   packet before it is judged) and at `LOCAL_IN` and `FORWARD` (after the node's own DNAT,
+//!   so a destination rewritten to a protected one, by a Service or by conntrack undoing a
+//!   NAT, is judged too), each at the earliest priority a link may take.
 //! - **Restarts.** A netfilter link cannot swap its program (`BPF_LINK_UPDATE` is not
 //!   supported), so a restart makes before it breaks: the new link is attached (at the other of
 //!   two adjacent priorities: one hook takes one BPF link per priority) and pinned in the old
@@ -26,10 +28,12 @@ use imds_common::programs;
 
 use super::{sys, Attachment};
 
-/// `NFPROTO_IPV4`, `NFPROTO_IPV6` and `NF_INET_PRE_ROUTING`.
+/// `NFPROTO_IPV4`, `NFPROTO_IPV6` and the hooks (`enum nf_inet_hooks`).
 const NFPROTO_IPV4: u32 = 2;
 const NFPROTO_IPV6: u32 = 10;
 const NF_INET_PRE_ROUTING: u32 = 0;
+const NF_INET_LOCAL_IN: u32 = 1;
+const NF_INET_FORWARD: u32 = 2;
 /// `NF_IP_PRI_FIRST + 1` and the next: the kernel refuses `NF_IP_PRI_FIRST` itself for a
 /// link, and a second BPF link at a priority already taken (`EBUSY`). A restart attaches the
 /// new link at whichever of the two the old one does not hold.
@@ -50,8 +54,8 @@ pub enum NetfilterError {
     NoProgram,
     #[error("the kernel refused {} (netfilter programs need Linux ≥ 6.4 with CONFIG_NETFILTER_BPF_LINK){}", programs::NODE_NETFILTER, verifier_tail(.log))]
     Load { source: io::Error, log: String },
-    #[error("attaching {} at netfilter PRE_ROUTING ({family})", programs::NODE_NETFILTER)]
-    Attach { family: &'static str, source: io::Error },
+    #[error("attaching {} at netfilter {place}", programs::NODE_NETFILTER)]
+    Attach { place: String, source: io::Error },
     #[error("{what} {}", path.display())]
     Pin { what: &'static str, path: PathBuf, source: io::Error },
 }
@@ -136,12 +140,12 @@ pub fn probe_attach() -> Result<(), NetfilterError> {
     let accept = [insn(0xb7, 1), insn(0x95, 0)]; // r0 = NF_ACCEPT; exit
     std::thread::spawn(move || {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| NetfilterError::Attach { family: "scratch namespace", source: e.into() })?;
+            .map_err(|e| NetfilterError::Attach { place: "(making a scratch namespace)".into(), source: e.into() })?;
         let prog = sys::prog_load(sys::PROG_TYPE_NETFILTER, "imds_nf_probe", &accept, c"GPL", None)
             .map_err(|source| NetfilterError::Load { source, log: String::new() })?;
         sys::netfilter_link_create(prog.as_fd(), NFPROTO_IPV4, NF_INET_PRE_ROUTING, PRIORITIES[0])
             .map(drop)
-            .map_err(|source| NetfilterError::Attach { family: "ipv4", source })
+            .map_err(|source| NetfilterError::Attach { place: "ipv4/prerouting".into(), source })
     })
     .join()
     .unwrap_or_else(|_| Err(NetfilterError::NoProgram))
@@ -158,7 +162,7 @@ fn insn(code: u8, imm: i32) -> aya_obj::generated::bpf_insn {
     }
 }
 
-/// One link per family.
+/// A protocol family the program is linked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
     Ipv4,
@@ -166,8 +170,6 @@ pub enum Family {
 }
 
 impl Family {
-    pub const ALL: [Family; 2] = [Family::Ipv4, Family::Ipv6];
-
     const fn pf(self) -> u32 {
         match self {
             Family::Ipv4 => NFPROTO_IPV4,
@@ -182,17 +184,71 @@ impl Family {
             Family::Ipv6 => "ipv6",
         }
     }
+}
 
-    /// File name of the family's pinned link.
-    #[must_use]
-    pub fn link_pin(self) -> String {
-        format!("link_{}_{}", programs::NODE_NETFILTER, self.name())
+/// A netfilter hook the program is linked at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NfHook {
+    /// Every packet the namespace receives, before any NAT.
+    PreRouting,
+    /// Packets delivered locally, after the node's DNAT.
+    LocalIn,
+    /// Packets the node routes on, after its DNAT.
+    Forward,
+}
+
+impl NfHook {
+    const fn number(self) -> u32 {
+        match self {
+            NfHook::PreRouting => NF_INET_PRE_ROUTING,
+            NfHook::LocalIn => NF_INET_LOCAL_IN,
+            NfHook::Forward => NF_INET_FORWARD,
+        }
     }
 
-    /// The family a netfilter link's protocol family stands for.
     #[must_use]
-    pub fn from_pf(pf: u32) -> Option<Family> {
-        Family::ALL.into_iter().find(|f| f.pf() == pf)
+    pub const fn name(self) -> &'static str {
+        match self {
+            NfHook::PreRouting => "prerouting",
+            NfHook::LocalIn => "input",
+            NfHook::Forward => "forward",
+        }
+    }
+}
+
+/// Where one link sits: a family's hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Place {
+    pub family: Family,
+    pub hook: NfHook,
+}
+
+impl Place {
+    /// Every place, in attach order: the earliest hook first.
+    pub const ALL: [Place; 6] = [
+        Place { family: Family::Ipv4, hook: NfHook::PreRouting },
+        Place { family: Family::Ipv6, hook: NfHook::PreRouting },
+        Place { family: Family::Ipv4, hook: NfHook::LocalIn },
+        Place { family: Family::Ipv6, hook: NfHook::LocalIn },
+        Place { family: Family::Ipv4, hook: NfHook::Forward },
+        Place { family: Family::Ipv6, hook: NfHook::Forward },
+    ];
+
+    /// `ipv4/prerouting` and so on.
+    #[must_use]
+    pub fn name(self) -> String {
+        format!("{}/{}", self.family.name(), self.hook.name())
+    }
+
+    /// File name of the place's pinned link.
+    #[must_use]
+    pub fn link_pin(self) -> String {
+        format!("link_{}_{}_{}", programs::NODE_NETFILTER, self.family.name(), self.hook.name())
+    }
+
+    /// Whether a link's target (protocol family, hook number) is this place.
+    fn is(self, pf: u32, hooknum: u32) -> bool {
+        self.family.pf() == pf && self.hook.number() == hooknum
     }
 }
 
@@ -244,12 +300,12 @@ fn map_fd(map: &Map) -> Option<BorrowedFd<'_>> {
     }
 }
 
-/// Makes `prog` the program at `PRE_ROUTING` of both families, pinned under `pin_dir`,
-/// replacing (make before break) what an earlier run pinned there.
+/// Makes `prog` the program at every [`Place`], pinned under `pin_dir`, replacing (make
+/// before break) what an earlier run pinned there.
 pub fn attach(prog: BorrowedFd<'_>, pin_dir: &Path) -> Result<Attachment, NetfilterError> {
     let mut how = Attachment::Attached;
-    for family in Family::ALL {
-        let pin = pin_dir.join(family.link_pin());
+    for place in Place::ALL {
+        let pin = pin_dir.join(place.link_pin());
         let pin_err = |what: &'static str, path: &Path| {
             let path = path.to_owned();
             move |source| NetfilterError::Pin { what, path, source }
@@ -263,11 +319,11 @@ pub fn attach(prog: BorrowedFd<'_>, pin_dir: &Path) -> Result<Attachment, Netfil
             None => None,
         };
         let priority = if taken == Some(PRIORITIES[0]) { PRIORITIES[1] } else { PRIORITIES[0] };
-        let link = sys::netfilter_link_create(prog, family.pf(), NF_INET_PRE_ROUTING, priority)
-            .map_err(|source| NetfilterError::Attach { family: family.name(), source })?;
+        let link = sys::netfilter_link_create(prog, place.family.pf(), place.hook.number(), priority)
+            .map_err(|source| NetfilterError::Attach { place: place.name(), source })?;
         // Pin beside the old link, then move over it: the pin always names a live link.
         // (bpffs refuses names with a dot.)
-        let fresh = pin_dir.join(format!("{}_new", family.link_pin()));
+        let fresh = pin_dir.join(format!("{}_new", place.link_pin()));
         let _stale = fs::remove_file(&fresh);
         sys::obj_pin(link.as_fd(), &fresh).map_err(pin_err("pinning link", &fresh))?;
         fs::rename(&fresh, &pin).map_err(pin_err("moving link pin to", &pin))?;
@@ -290,8 +346,8 @@ fn detach(link: BorrowedFd<'_>) -> io::Result<()> {
 /// Detaches and unpins the links under `pin_dir`; returns the pins removed.
 pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>, NetfilterError> {
     let mut removed = Vec::new();
-    for family in Family::ALL {
-        let pin = pin_dir.join(family.link_pin());
+    for place in Place::ALL {
+        let pin = pin_dir.join(place.link_pin());
         if !pin.exists() {
             continue;
         }
@@ -302,7 +358,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>, NetfilterError> {
         let link = sys::obj_get(&pin).map_err(pin_err("opening pinned link"))?;
         detach(link.as_fd()).map_err(pin_err("detaching link"))?;
         fs::remove_file(&pin).map_err(pin_err("removing pin"))?;
-        removed.push(family.link_pin());
+        removed.push(place.link_pin());
     }
     Ok(removed)
 }
@@ -310,17 +366,17 @@ pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>, NetfilterError> {
 /// A pinned link of the node backstop, as the kernel describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PinnedNetfilterLink {
-    pub family: Family,
+    pub place: Place,
     pub link_id: u32,
     pub prog_id: u32,
     pub priority: i32,
 }
 
-/// The node backstop's links pinned under `pin_dir` (a family without a pin is absent).
+/// The node backstop's links pinned under `pin_dir` (a place without a pin is absent).
 pub fn pinned(pin_dir: &Path) -> Result<Vec<PinnedNetfilterLink>, NetfilterError> {
     let mut links = Vec::new();
-    for family in Family::ALL {
-        let pin = pin_dir.join(family.link_pin());
+    for place in Place::ALL {
+        let pin = pin_dir.join(place.link_pin());
         if !pin.exists() {
             continue;
         }
@@ -331,17 +387,12 @@ pub fn pinned(pin_dir: &Path) -> Result<Vec<PinnedNetfilterLink>, NetfilterError
         let link = sys::obj_get(&pin).map_err(pin_err("opening pinned link"))?;
         let target = sys::netfilter_link_target(link.as_fd()).map_err(pin_err("reading pinned link"))?;
         match target {
-            Some(t) if Family::from_pf(t.pf) == Some(family) && t.hooknum == NF_INET_PRE_ROUTING => {
-                links.push(PinnedNetfilterLink {
-                    family,
-                    link_id: t.link_id,
-                    prog_id: t.prog_id,
-                    priority: t.priority,
-                });
+            Some(t) if place.is(t.pf, t.hooknum) => {
+                links.push(PinnedNetfilterLink { place, link_id: t.link_id, prog_id: t.prog_id, priority: t.priority });
             }
             _ => {
                 return Err(NetfilterError::Pin {
-                    what: "not a PRE_ROUTING netfilter link of its family:",
+                    what: "not the netfilter link its name says:",
                     path: pin,
                     source: io::Error::from(io::ErrorKind::InvalidData),
                 })
@@ -362,9 +413,9 @@ mod tests {
     }
 
     #[test]
-    fn families_pin_apart() {
-        assert_ne!(Family::Ipv4.link_pin(), Family::Ipv6.link_pin());
-        assert_eq!(Family::from_pf(10), Some(Family::Ipv6));
-        assert_eq!(Family::from_pf(7), None);
+    fn places_pin_apart() {
+        let pins: HashSet<String> = Place::ALL.iter().map(|p| p.link_pin()).collect();
+        assert_eq!(pins.len(), Place::ALL.len());
+        assert!(Place::ALL[5].is(NFPROTO_IPV6, NF_INET_FORWARD) && !Place::ALL[5].is(NFPROTO_IPV4, NF_INET_FORWARD));
     }
 }

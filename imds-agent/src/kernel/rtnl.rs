@@ -57,9 +57,22 @@ impl LinkEvents {
         Ok(LinkEvents { fd, buf: vec![0; 64 * 1024] })
     }
 
-    /// Waits for the next batch of notifications. `Err` with `ENOBUFS` means some were lost.
-    pub fn next(&mut self) -> io::Result<Vec<LinkEvent>> {
-        let n = recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty())?;
+    /// Waits up to `wait` for the next batch of notifications (empty when none came). `Err`
+    /// with `ENOBUFS` means some were lost.
+    pub fn next(&mut self, wait: std::time::Duration) -> io::Result<Vec<LinkEvent>> {
+        setsockopt(
+            &self.fd,
+            sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::from(libc::timeval {
+                tv_sec: libc::time_t::try_from(wait.as_secs()).unwrap_or(libc::time_t::MAX),
+                tv_usec: libc::suseconds_t::from(wait.subsec_micros().min(999_999) as i32),
+            }),
+        )?;
+        let n = match recv(self.fd.as_raw_fd(), &mut self.buf, MsgFlags::empty()) {
+            Ok(n) => n,
+            Err(nix::errno::Errno::EAGAIN) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
         Ok(messages(&self.buf[..n])
             .filter_map(|(kind, body)| {
                 let index = u32::try_from(read_i32(body, IFI_INDEX_OFFSET)?).ok()?;

@@ -27,12 +27,16 @@ use super::{
     Attachment,
 };
 
-/// Ahead of anything a CNI attaches at the default priorities; lower runs first.
+/// The first priority; lower runs first. A CNI filter at the same priority that was attached
+/// later runs before it (`cls_bpf` keeps the newest first), and tcx programs (Linux ≥ 6.6) run
+/// before any of these: see docs/kernel-path.md on CNIs that forward in eBPF.
 pub const PRIORITY: u16 = 1;
 /// A fixed handle, so a restart finds and replaces its own filter.
 pub const HANDLE: TcHandle = TcHandle::new(0, 0x1d5);
 /// The loopback device's index, the same in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
+/// How often the watcher checks that every interface still has the filter.
+pub const REPAIR_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TcBackstopError {
@@ -81,9 +85,12 @@ impl TcBackstop {
 
     /// Attaches the program of `ebpf` (the one [`TcBackstop::install`] loaded) to interfaces
     /// as they appear, for as long as the agent runs (on its own thread: netlink reads block).
+    /// Every [`REPAIR_EVERY`] it also checks that each interface still has the filter, and puts
+    /// back what is gone (a deleted clsact qdisc, a filter removed, an attach that failed).
     pub fn watch(mut self, mut ebpf: Ebpf) -> io::Result<()> {
         thread::Builder::new().name("node-backstop".into()).spawn(move || loop {
-            match self.events.next() {
+            match self.events.next(REPAIR_EVERY) {
+                Ok(events) if events.is_empty() => self.repair(&mut ebpf),
                 Ok(events) => {
                     for event in events {
                         match event {
@@ -96,11 +103,7 @@ impl TcBackstop {
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                     tracing::warn!("link notifications overflowed; checking every interface again");
-                    self.covered.clear();
-                    match rtnl::interfaces() {
-                        Ok(all) => all.into_iter().for_each(|(index, _)| self.cover_index(&mut ebpf, index)),
-                        Err(e) => tracing::error!(error = %e, "listing interfaces"),
-                    }
+                    self.repair(&mut ebpf);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "link notifications stopped: new interfaces are not covered by the node backstop");
@@ -109,6 +112,22 @@ impl TcBackstop {
             }
         })?;
         Ok(())
+    }
+
+    /// Covers every interface that lacks the filter, whatever `covered` believes.
+    fn repair(&mut self, ebpf: &mut Ebpf) {
+        let interfaces = match rtnl::interfaces() {
+            Ok(all) => all,
+            Err(e) => return tracing::error!(error = %e, "listing interfaces"),
+        };
+        for (index, _) in interfaces {
+            if index != LOOPBACK_IFINDEX && !rtnl::has_ingress_filter(index, programs::NODE_TC).unwrap_or(false) {
+                if self.covered.remove(&index) {
+                    tracing::warn!(ifindex = index, "the node backstop's filter was gone; putting it back");
+                }
+                self.cover_index(ebpf, index);
+            }
+        }
     }
 
     fn cover_index(&mut self, ebpf: &mut Ebpf, index: u32) {

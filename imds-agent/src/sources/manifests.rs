@@ -146,6 +146,7 @@ struct Status {
     pod_ips: Vec<PodIp>,
     #[serde(rename = "podIP")]
     pod_ip: Option<String>,
+    phase: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -338,6 +339,7 @@ impl Parts {
                     service_account,
                     ips,
                     host_network: doc.spec.host_network,
+                    finished: matches!(doc.status.phase.as_str(), "Succeeded" | "Failed"),
                     powers,
                 });
             }

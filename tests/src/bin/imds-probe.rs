@@ -71,6 +71,9 @@ enum Op {
         carrying: imds_tests::frame::Carrying,
         #[arg(long, default_value_t = 1_000)]
         wait_ms: u64,
+        /// Priority tags (802.1Q, VLAN 0) before the IP header.
+        #[arg(long, default_value_t = 0)]
+        vlan_tags: u8,
     },
     /// A hand-made TCP SYN through a raw socket, from source port `sport`.
     RawSyn { addr: Ipv4Addr, port: u16, sport: u16 },
@@ -219,7 +222,7 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
             }
         }
         Op::RawSyn { addr, port, sport } => raw_syn(&mut report, addr, port, sport)?,
-        Op::Frame { ref iface, ref gateway_mac, src, dst, dport, sport, carrying, wait_ms } => {
+        Op::Frame { ref iface, ref gateway_mac, src, dst, dport, sport, carrying, wait_ms, vlan_tags } => {
             let frame = imds_tests::frame::Frame {
                 iface: iface.clone(),
                 gateway_mac: imds_tests::frame::parse_mac(gateway_mac)
@@ -229,6 +232,7 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
                 sport,
                 dport,
                 carrying,
+                vlan_tags,
             };
             send_frame(&mut report, &frame, Duration::from_millis(wait_ms));
         }

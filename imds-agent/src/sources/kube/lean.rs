@@ -244,6 +244,7 @@ pub struct PodStatus {
     pub pod_ips: Option<Vec<PodIp>>,
     #[serde(rename = "podIP")]
     pub pod_ip: Option<String>,
+    pub phase: Option<String>,
 }
 
 /// One entry of `status.podIPs`.
@@ -253,6 +254,12 @@ pub struct PodIp {
 }
 
 impl PodStatus {
+    /// Whether the pod has finished (`Succeeded` or `Failed`).
+    #[must_use]
+    pub fn finished(&self) -> bool {
+        matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
+    }
+
     /// `podIPs`, else the older single `podIP`; entries that are not addresses are skipped.
     #[must_use]
     pub fn ips(&self) -> Vec<std::net::IpAddr> {

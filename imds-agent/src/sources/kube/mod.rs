@@ -241,6 +241,7 @@ fn pod(p: &LeanPod) -> Option<policy::Pod> {
         service_account: p.spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
         ips: p.status.ips(),
         host_network: p.spec.host_network.unwrap_or(false),
+        finished: p.status.finished(),
         powers: p.spec.powers(),
     })
 }
