@@ -196,20 +196,22 @@ pub fn run(effort: Effort) -> Figure {
     }
     let after: Vec<(u64, u64)> = [backstop, egress].iter().flatten().map(|id| stats_of(*id)).collect();
     drop(stats);
-    let per_packet: Vec<String> = ["node backstop (netfilter PRE_ROUTING)", "cgroup_skb egress"]
+    let names =
+        ["node backstop (netfilter; a forwarded packet meets it at PRE_ROUTING and FORWARD)", "cgroup_skb egress"];
+    let per_packet: Vec<String> = names
         .iter()
         .zip(before.iter().zip(&after))
         .map(|(name, ((n0, t0), (n1, t1)))| {
             let runs = (n1 - n0).max(1);
             let ns = |n: u64| super::count(usize::try_from(n).unwrap_or(usize::MAX));
-            format!("{name} {:.0} ns over {runs} packets", ns(t1 - t0) / ns(runs))
+            format!("{name} {:.0} ns a run over {runs} runs", ns(t1 - t0) / ns(runs))
         })
         .collect();
     let [tcp_with, tcp_without] = gbits.map(Measured::of);
     let [pps_with, pps_without] = rates.map(Measured::of);
     let pps_ratio = pps_with.median / pps_without.median;
     let note = format!(
-        "small packets (18-byte UDP, thousand a second arriving): {:.0} vs {:.0}, {pps_ratio:.3}×; per packet: {}",
+        "small packets (18-byte UDP, thousand a second arriving): {:.0} vs {:.0}, {pps_ratio:.3}×; programs: {}",
         pps_with.median,
         pps_without.median,
         if per_packet.is_empty() {
