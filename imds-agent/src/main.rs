@@ -421,18 +421,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     let listener = bind(listen).with_context(|| format!("listening on {listen}"))?;
     let control = claim_control(&args.control_socket).await?;
 
-    let mut filter = Filter::install(&FilterOptions {
-        attach_cgroup: attach_cgroup.clone(),
-        pin_dir: args.bpffs.clone(),
-        agent: listen,
-        protected: args.protected.clone(),
-        default_verdict: args.default_verdict.into(),
-        exempt_cgroup,
-        kernel_log_level: kernel_log_level(log_filter),
-        origin_ttl: Duration::from_secs(args.origin_ttl),
-        node_backstop: args.node_backstop,
-        nat64_prefixes: args.nat64_prefixes.clone(),
-    })?;
+    let mut filter = Filter::install(&filter_options(&args, &attach_cgroup, listen, exempt_cgroup, log_filter))?;
     if let Some(logger) = filter.take_kernel_logger() {
         tokio::spawn(drain_kernel_logs(logger));
     }
@@ -448,7 +437,8 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     let (updates, synced, _watcher) = policy.start(workload_settings(&args), &source)?;
     let attach_root = cgroup::validate_attach_cgroup(&root, &attach_cgroup)?;
     let telemetry = Arc::new(
-        Telemetry::new(attach_root.clone(), &args.bpffs, updates.clone(), source).context("setting up metrics")?,
+        Telemetry::new(attach_root.clone(), &args.bpffs, updates.clone(), Arc::clone(&source))
+            .context("setting up metrics")?,
     );
     let rules = if args.forward_all_paths { PathRules::ForwardAll } else { PathRules::Allow(args.allow_paths.clone()) };
     let decides = explain::Settings { rules: rules.clone(), deny_unbound: args.deny_unbound };
@@ -459,7 +449,8 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     if let Some(addr) = args.metrics {
         telemetry::serve(addr, Arc::clone(&telemetry)).await.with_context(|| format!("serving metrics on {addr}"))?;
     }
-    start_verdict_sync(VerdictSync::new(filter, attach_root, args.deny_unbound), updates.clone(), synced)?;
+    let verdict_sync = VerdictSync::new(filter, attach_root, args.deny_unbound)?;
+    start_verdict_sync(verdict_sync, updates.clone(), synced, Arc::clone(&source))?;
 
     let resolver = Arc::new(CgroupResolver::new(&root).context("opening the cgroup2 filesystem")?);
     tokio::spawn(prune_resolver(Arc::clone(&resolver), telemetry.cgroups_cached.clone()));
@@ -500,6 +491,27 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
     }
     tracing::info!("exiting; the kernel filter stays attached (`imds-agent uninstall` removes it)");
     Ok(())
+}
+
+fn filter_options(
+    args: &RunArgs,
+    attach_cgroup: &Path,
+    listen: SocketAddrV4,
+    exempt_cgroup: u64,
+    log_filter: &str,
+) -> FilterOptions {
+    FilterOptions {
+        attach_cgroup: attach_cgroup.to_owned(),
+        pin_dir: args.bpffs.clone(),
+        agent: listen,
+        protected: args.protected.clone(),
+        default_verdict: args.default_verdict.into(),
+        exempt_cgroup,
+        kernel_log_level: kernel_log_level(log_filter),
+        origin_ttl: Duration::from_secs(args.origin_ttl),
+        node_backstop: args.node_backstop,
+        nat64_prefixes: args.nat64_prefixes.clone(),
+    }
 }
 
 fn workload_settings(args: &RunArgs) -> WorkloadSettings {
@@ -602,14 +614,19 @@ async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> 
 
 /// Kernel verdicts come only from a synced snapshot: the API source publishes its first one
 /// after the initial lists, and until then every pod keeps the default (REDIRECT).
-fn start_verdict_sync(sync: VerdictSync, updates: watch::Receiver<Arc<Snapshot>>, synced: bool) -> anyhow::Result<()> {
+fn start_verdict_sync(
+    sync: VerdictSync,
+    updates: watch::Receiver<Arc<Snapshot>>,
+    synced: bool,
+    source: Arc<SourceStatus>,
+) -> anyhow::Result<()> {
     if synced {
-        return spawn_verdict_sync(sync, updates);
+        return spawn_verdict_sync(sync, updates, source);
     }
     let mut first = updates;
     tokio::spawn(async move {
         if first.changed().await.is_ok() {
-            if let Err(e) = spawn_verdict_sync(sync, first) {
+            if let Err(e) = spawn_verdict_sync(sync, first, source) {
                 tracing::error!(error = %format!("{e:#}"), "starting the kernel verdict sync");
             }
         }
@@ -668,9 +685,22 @@ fn listen_address(given: Option<SocketAddrV4>) -> anyhow::Result<SocketAddrV4> {
 
 /// Syncs the kernel verdicts now, then on every policy change and every second (new pod
 /// cgroups appear without a policy change). Runs on its own thread: it walks cgroupfs.
-fn spawn_verdict_sync(mut sync: VerdictSync, mut updates: watch::Receiver<Arc<Snapshot>>) -> anyhow::Result<()> {
+/// The first sync also removes what the pinned map held that the policy no longer wants; the
+/// agent reports ready only after it ([`SourceStatus::reconciled`]).
+fn spawn_verdict_sync(
+    mut sync: VerdictSync,
+    mut updates: watch::Receiver<Arc<Snapshot>>,
+    source: Arc<SourceStatus>,
+) -> anyhow::Result<()> {
     let report = sync.sync(&updates.borrow_and_update())?;
-    tracing::info!(pod_cgroups = report.pod_cgroups, set = report.set, "kernel verdicts in place");
+    source.reconciled();
+    tracing::info!(
+        pod_cgroups = report.pod_cgroups,
+        set = report.set,
+        cleared = report.cleared,
+        pass_sources_removed = report.sources_removed,
+        "kernel verdicts in place"
+    );
     let runtime = tokio::runtime::Handle::current();
     std::thread::Builder::new().name("verdict-sync".into()).spawn(move || {
         let mut last_error = None;
@@ -685,6 +715,7 @@ fn spawn_verdict_sync(mut sync: VerdictSync, mut updates: watch::Receiver<Arc<Sn
             match sync.sync(&snapshot) {
                 Ok(r) => {
                     last_error = None;
+                    source.reconciled();
                     if r.set + r.cleared + r.sources_added + r.sources_removed > 0 {
                         tracing::info!(
                             pod_cgroups = r.pod_cgroups,

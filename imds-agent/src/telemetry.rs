@@ -53,6 +53,8 @@ pub struct RequestLabels {
 #[derive(Debug, Default)]
 pub struct SourceStatus {
     synced: AtomicBool,
+    /// The kernel's verdicts have been made to match a loaded policy at least once.
+    reconciled: AtomicBool,
     last_sync_unix: AtomicU64,
     failing: Mutex<Option<String>>,
 }
@@ -74,6 +76,11 @@ impl SourceStatus {
     /// A reload failed; the previous policy stays in force.
     pub fn failed(&self, error: String) {
         *self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
+    }
+
+    /// The kernel's verdicts match a loaded policy.
+    pub fn reconciled(&self) {
+        self.reconciled.store(true, Ordering::Relaxed);
     }
 
     /// Whether the source has loaded at least once.
@@ -230,9 +237,14 @@ impl Telemetry {
 
     /// Whether the agent is ready, and `/readyz`'s sentence saying so.
     fn readiness(&self) -> (bool, String) {
+        let reconciled = self.source.reconciled.load(Ordering::Relaxed);
         match (self.unhealthy(), self.source.synced.load(Ordering::Relaxed)) {
             (Some(why), _) => (false, format!("not ready: {why}")),
             (None, false) => (false, "not ready: policy not loaded yet".into()),
+            // Entries an earlier agent wrote may not apply any more (a revoked exception).
+            (None, true) if !reconciled => {
+                (false, "not ready: kernel verdicts not reconciled with the policy yet".into())
+            }
             (None, true) => match self.source.failing() {
                 None => (true, "ready".into()),
                 Some(e) => {

@@ -4,8 +4,9 @@
 //! cgroup gets the verdict the policy gives its pod (the kernel applies it to every
 //! container below). Only PASS (exceptions) and DENY (unbound pods with `--deny-unbound`)
 //! are written: REDIRECT is the default, so pods the policy does not single out — and pods
-//! it does not know yet — need no entry. Entries written earlier that no longer apply are
-//! removed.
+//! it does not know yet — need no entry. Entries that no longer apply are removed, whoever
+//! wrote them: the first sync starts from what the pinned map holds, so an exception revoked
+//! while no agent ran loses its PASS entry before the agent reports ready.
 //!
 //! The node backstop's exceptions follow the same verdicts: the addresses of PASS pods that
 //! have their own network namespace may send to protected addresses from there.
@@ -27,12 +28,13 @@ use crate::{
 /// How deep below the attach cgroup pod cgroups are looked for (kubepods/qos/pod = 2).
 const MAX_DEPTH: usize = 4;
 
-/// Owns the filter's verdict map and what was written to it.
+/// Owns the filter's verdict map and what it holds.
 pub struct VerdictSync {
     filter: Filter,
     attach_root: PathBuf,
     deny_unbound: bool,
-    written: HashMap<u64, Verdict>,
+    /// Every entry the map holds (`None`: a raw value no version writes).
+    written: HashMap<u64, Option<Verdict>>,
 }
 
 /// What one sync changed.
@@ -47,9 +49,11 @@ pub struct SyncReport {
 }
 
 impl VerdictSync {
-    #[must_use]
-    pub fn new(filter: Filter, attach_root: PathBuf, deny_unbound: bool) -> VerdictSync {
-        VerdictSync { filter, attach_root, deny_unbound, written: HashMap::new() }
+    /// Takes over `filter`, whose verdict map may hold entries an earlier agent wrote: the
+    /// first [`VerdictSync::sync`] removes those the policy no longer wants.
+    pub fn new(filter: Filter, attach_root: PathBuf, deny_unbound: bool) -> Result<VerdictSync, FilterError> {
+        let written = filter.verdicts()?.into_iter().collect();
+        Ok(VerdictSync { filter, attach_root, deny_unbound, written })
     }
 
     /// Brings the kernel verdicts in line with `snapshot` and the pod cgroups that exist now.
@@ -68,7 +72,7 @@ impl VerdictSync {
             .collect();
         let mut report = SyncReport { pod_cgroups: pods.len(), ..SyncReport::default() };
         for (id, verdict) in &want {
-            if self.written.get(id) != Some(verdict) {
+            if self.written.get(id) != Some(&Some(*verdict)) {
                 self.filter.set_verdict(*id, *verdict)?;
                 report.set += 1;
             }
@@ -77,7 +81,7 @@ impl VerdictSync {
             self.filter.clear_verdict(*id)?;
             report.cleared += 1;
         }
-        self.written = want;
+        self.written = want.into_iter().map(|(id, v)| (id, Some(v))).collect();
         (report.sources_added, report.sources_removed) =
             self.filter.set_pass_sources(&pass_sources(snapshot, self.deny_unbound))?;
         Ok(report)
