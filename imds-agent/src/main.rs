@@ -242,7 +242,8 @@ struct RunArgs {
     /// path but the token endpoint is served.
     #[arg(long = "allow-path", value_name = "PREFIX")]
     allow_paths: Vec<String>,
-    /// Forward every metadata path, as NMI did (token-path variants are still refused).
+    /// Forward every metadata path, as NMI did (paths under /metadata/identity other than the
+    /// exact token endpoint are still refused).
     #[arg(long, conflicts_with = "allow_paths")]
     forward_all_paths: bool,
     /// Serve /healthz, /readyz and /metrics (Prometheus) on this address [default: off].

@@ -274,6 +274,35 @@ fn token_path_spellings_are_refused_and_never_forwarded() {
     s.assert_upstream_only(&[]);
 }
 
+// 7b. The same with every metadata path forwarded (`--forward-all-paths`, NMI's mode): nothing
+// under /metadata/identity but the exact token endpoint is forwarded, however lenient IMDS
+// might be about `;parameters`, trailing dots or blanks (issue #14).
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn identity_paths_are_never_forwarded_even_when_every_path_is() {
+    let s = Scene::new("byp-paths-all", &["--forward-all-paths"]);
+    for path in [
+        "/metadata/identity/oauth2/token;x",
+        "/metadata/identity/oauth2/token.",
+        "/metadata/identity/oauth2/token..",
+        "/metadata/identity/oauth2/token%20",
+        "/metadata/identity/oauth2/token%2e",
+        "/metadata/identity;v=1/oauth2/token",
+        "/metadata;x/identity/oauth2/token",
+        "/metadata./identity/oauth2/token",
+        "/metadata/identity./oauth2/token",
+        "/metadata/identity/oauth2/token/x",
+        "/metadata/identity/info",
+    ] {
+        let query = format!("{QUERY}&client_id={}", s.table.client_id);
+        let report = s.send(&s.web, METADATA, &get(&format!("{path}?{query}"), ""), &Exchange::default());
+        let (status, body) = parse_reply(report.reply.as_deref().unwrap_or_default());
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(!body.contains("access_token"), "{path}: {body}");
+    }
+    s.assert_upstream_only(&[]);
+}
+
 // 8. Methods other than GET on the token path.
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]

@@ -6,7 +6,9 @@
 //! (percent-decoding until stable, backslashes as slashes, repeated slashes collapsed, dot
 //! segments resolved, trailing slashes dropped, lower case) and then:
 //! - the token path spelled exactly as IMDS documents it is the token endpoint;
-//! - any *other* spelling of the token path is refused (400) and never forwarded;
+//! - any *other* path under `/metadata/identity` is refused (400) and never forwarded, in
+//!   every path mode: another spelling of the token path, and anything a server might read as
+//!   one (`token;x`, `token.`, `identity;x/…`), or an identity path IMDS may add later;
 //! - other paths are allowed or refused by the configured rules, and only their exact
 //!   canonical spelling is ever forwarded.
 
@@ -18,7 +20,8 @@ pub const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
 pub enum PathClass {
     /// The token endpoint, spelled exactly.
     Token,
-    /// Another spelling of the token endpoint: refused, never forwarded.
+    /// Another path under `/metadata/identity` (a spelling of the token endpoint, or any
+    /// other identity path): refused, never forwarded.
     TokenVariant,
     /// Any other path, in canonical form; `exact` when the request spelled it canonically.
     Other { canonical: String, exact: bool },
@@ -35,8 +38,22 @@ pub fn classify(raw: &str) -> PathClass {
     if canonical == TOKEN_PATH {
         return if raw == TOKEN_PATH { PathClass::Token } else { PathClass::TokenVariant };
     }
+    if under_identity(&canonical) {
+        return PathClass::TokenVariant;
+    }
     let exact = raw == canonical;
     PathClass::Other { canonical, exact }
+}
+
+/// Whether a canonical path is under `/metadata/identity`, as a lenient server could read its
+/// first two segments: path parameters (`;…`) and trailing dots and blanks dropped.
+fn under_identity(canonical: &str) -> bool {
+    let bare = |segment: &str| {
+        let segment = segment.split(';').next().unwrap_or_default();
+        segment.trim_end_matches(['.', ' ', '\t', '\0']).to_owned()
+    };
+    let mut segments = canonical.trim_start_matches('/').split('/').map(bare);
+    segments.next().as_deref() == Some("metadata") && segments.next().as_deref() == Some("identity")
 }
 
 /// Most rounds of percent-decoding a path gets. Real clients encode once; the rounds after
@@ -147,9 +164,22 @@ mod tests {
             classify("/metadata//instance"),
             PathClass::Other { canonical: "/metadata/instance".into(), exact: false }
         );
+        // Under /metadata/identity, only the token endpoint exists for pods.
+        for identity in [
+            "/metadata/identity/oauth2/tokenx",
+            "/metadata/identity/oauth2/token;x",
+            "/metadata/identity/oauth2/token.",
+            "/metadata/identity/oauth2/token%20",
+            "/metadata/identity;v=1/oauth2/token",
+            "/metadata./identity/oauth2/token",
+            "/metadata/identity/info",
+            "/metadata/identity",
+        ] {
+            assert_eq!(classify(identity), PathClass::TokenVariant, "{identity}");
+        }
         assert_eq!(
-            classify("/metadata/identity/oauth2/tokenx"),
-            PathClass::Other { canonical: "/metadata/identity/oauth2/tokenx".into(), exact: true }
+            classify("/metadata/identityx/oauth2/token"),
+            PathClass::Other { canonical: "/metadata/identityx/oauth2/token".into(), exact: true }
         );
         assert_eq!(classify("/host/token"), PathClass::Other { canonical: "/host/token".into(), exact: true });
         assert_eq!(classify("/../../"), PathClass::Other { canonical: "/".into(), exact: false });
@@ -246,7 +276,42 @@ mod tests {
             out
         }
 
+        /// A path under `/metadata/identity` with what lenient servers drop or ignore:
+        /// parameters, trailing dots and blanks, more segments.
+        fn identity_path() -> impl Strategy<Value = String> {
+            let junk = prop_oneof![
+                Just(""),
+                Just(";"),
+                Just(";x=1"),
+                Just("."),
+                Just(".."),
+                Just(" "),
+                Just("%20"),
+                Just("%00")
+            ];
+            (junk.clone(), junk.clone(), junk, prop::collection::vec("[a-z0-9_.;-]{0,8}", 0..3)).prop_map(
+                |(j1, j2, j3, rest)| format!("/metadata{j1}/identity{j2}/oauth2/token{j3}/{}", rest.join("/")),
+            )
+        }
+
         proptest! {
+            #[test]
+            fn nothing_under_identity_is_ever_forwarded(
+                path in identity_path(),
+                choices in prop::collection::vec(any::<u8>(), 1..32),
+            ) {
+                // However it is spelt (re-cased, encoded, slashes doubled or turned around),
+                // it is the token endpoint exactly, or refused: never `Other`, so no path
+                // rule, `ForwardAll` included, can forward it.
+                for spelled in [path.clone(), respell(&path, &choices)] {
+                    match classify(&spelled) {
+                        PathClass::Token => prop_assert_eq!(spelled.as_str(), TOKEN_PATH),
+                        PathClass::TokenVariant | PathClass::Malformed => {}
+                        other @ PathClass::Other { .. } => prop_assert!(false, "{} → {:?}", spelled, other),
+                    }
+                }
+            }
+
             #[test]
             fn never_panics_and_is_idempotent(raw in any::<String>()) {
                 if let Some(once) = canonicalize(&raw) {
@@ -275,6 +340,8 @@ mod tests {
                 if canonical == TOKEN_PATH {
                     let want = if spelled == TOKEN_PATH { PathClass::Token } else { PathClass::TokenVariant };
                     prop_assert_eq!(class, want, "{}", spelled);
+                } else if under_identity(&canonical) {
+                    prop_assert_eq!(class, PathClass::TokenVariant, "{}", spelled);
                 } else {
                     let exact = spelled == canonical;
                     prop_assert_eq!(class, PathClass::Other { canonical, exact }, "{}", spelled);
