@@ -402,8 +402,23 @@ impl Fetched {
 
 /// `curl` from inside a pod: `GET http://<addr><path_and_query>` with `headers`.
 pub fn curl(node: &Node, pod: &TestPod, addr: SocketAddr, path_and_query: &str, headers: &[&str]) -> Fetched {
+    curl_within(node, pod, addr, path_and_query, headers, 15)
+}
+
+/// [`curl`], giving up after `seconds` (what a request that should be dropped waits for).
+pub fn curl_within(
+    node: &Node,
+    pod: &TestPod,
+    addr: SocketAddr,
+    path_and_query: &str,
+    headers: &[&str],
+    seconds: u32,
+) -> Fetched {
     let url = format!("http://{addr}{path_and_query}");
-    let mut cmd: Vec<&str> = vec!["curl", "-sS", "-m", "15", "--path-as-is", "-o", "-", "-w", "\n%{http_code}"];
+    let seconds = seconds.to_string();
+    // -g: an IPv6 literal in brackets is an address, not a glob.
+    let mut cmd: Vec<&str> =
+        vec!["curl", "-sS", "-g", "-m", &seconds, "--path-as-is", "-o", "-", "-w", "\n%{http_code}"];
     for h in headers {
         cmd.extend(["-H", h]);
     }

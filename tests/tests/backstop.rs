@@ -18,7 +18,7 @@ use std::{
 use imds_tests::{
     fake_imds::{token_for, FakeIdentity},
     frame::Carrying,
-    node::{curl, pod_uid, status_yaml, Fetched, Node, TestPod, Topology, IMDS_NAT64},
+    node::{curl, curl_within, pod_uid, status_yaml, Fetched, Node, TestPod, Topology, IMDS_NAT64},
     udp_received, udp_sink, Probe, Relay, Server, TcpTap, IMDS_IP,
 };
 
@@ -167,20 +167,7 @@ fn gateway(pod: &TestPod) -> String {
 
 /// curl with a short timeout: a dropped connection is what most of these expect.
 fn curl_fast(node: &Node, pod: &TestPod, to: SocketAddr, path_and_query: &str) -> Fetched {
-    let url = format!("http://{to}{path_and_query}");
-    let out = imds_tests::node::run_in_pod(
-        node,
-        pod,
-        &["curl", "-sS", "-g", "-m", "3", "-o", "-", "-w", "\n%{http_code}", "-H", "Metadata: true", &url],
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", stdout.as_str()));
-    Fetched {
-        status: code.trim().parse().unwrap_or(0),
-        body: body.to_owned(),
-        curl_exit: out.status.code().unwrap_or(-1),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    curl_within(node, pod, to, path_and_query, &["Metadata: true"], 3)
 }
 
 /// What each attack achieved: `true` is an attack that worked.

@@ -193,6 +193,9 @@ pub enum Attachment {
 pub struct Filter {
     verdicts: HashMap<MapData, u64, u32>,
     pass_sources: HashMap<MapData, PodAddr, u32>,
+    /// What `pass_sources` holds: read from the pinned map once (it may hold an earlier
+    /// agent's entries), kept in step by [`Filter::set_pass_sources`] after that.
+    pass_sources_held: Option<BTreeSet<PodAddr>>,
     counters: PerCpuArray<MapData, u64>,
     origins: Arc<OriginTable>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
@@ -281,6 +284,7 @@ impl Filter {
         let filter = Filter {
             verdicts: take_map(&mut ebpf, maps::VERDICTS)?,
             pass_sources: take_map(&mut ebpf, maps::PASS_SOURCES)?,
+            pass_sources_held: None,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             origins: Arc::new(OriginTable::new(take_map(&mut ebpf, maps::ORIGINS)?, opts.origin_ttl)),
             logger,
@@ -308,16 +312,21 @@ impl Filter {
     /// Makes the node backstop let packets from exactly `wanted` (PASS pods' addresses) reach
     /// protected addresses. Returns how many entries it added and removed.
     pub fn set_pass_sources(&mut self, wanted: &BTreeSet<PodAddr>) -> Result<(usize, usize), FilterError> {
-        let present: BTreeSet<PodAddr> =
-            self.pass_sources.keys().collect::<Result<_, _>>().map_err(map_err(maps::PASS_SOURCES))?;
+        let present = match self.pass_sources_held.take() {
+            Some(held) => held,
+            None => self.pass_sources.keys().collect::<Result<_, _>>().map_err(map_err(maps::PASS_SOURCES))?,
+        };
         // Removals first: a full map must not keep a stale address because a new one failed.
+        // Until every change is through, the map is read again next time.
         for addr in present.difference(wanted) {
             self.pass_sources.remove(addr).map_err(map_err(maps::PASS_SOURCES))?;
         }
         for addr in wanted.difference(&present) {
             self.pass_sources.insert(addr, 1, 0).map_err(map_err(maps::PASS_SOURCES))?;
         }
-        Ok((wanted.difference(&present).count(), present.difference(wanted).count()))
+        let changed = (wanted.difference(&present).count(), present.difference(wanted).count());
+        self.pass_sources_held = Some(wanted.clone());
+        Ok(changed)
     }
 
     /// How each hook was put in place by [`Filter::install`].

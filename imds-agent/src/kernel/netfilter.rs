@@ -148,7 +148,10 @@ pub fn probe_attach() -> Result<(), NetfilterError> {
             .map_err(|source| NetfilterError::Attach { place: "ipv4/prerouting".into(), source })
     })
     .join()
-    .unwrap_or_else(|_| Err(NetfilterError::NoProgram))
+    .unwrap_or_else(|_| {
+        let source = io::Error::other("the probe's thread panicked");
+        Err(NetfilterError::Attach { place: "(the scratch-namespace probe)".into(), source })
+    })
 }
 
 /// One instruction with no registers but r0 and an immediate.
@@ -258,14 +261,13 @@ pub fn load(ebpf: &Ebpf, object: &[u8]) -> Result<OwnedFd, NetfilterError> {
     let relocate = |e: Box<dyn std::error::Error + Send + Sync>| NetfilterError::Relocate(e);
     let mut obj = aya_obj::Object::parse(object).map_err(|e| relocate(e.into()))?;
     let text_sections: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
-    let fds: Vec<(String, i32)> =
-        ebpf.maps().filter_map(|(name, map)| map_fd(map).map(|fd| (name.to_owned(), fd.as_raw_fd()))).collect();
-    let maps: Vec<(&str, i32, &aya_obj::Map)> =
-        fds.iter().filter_map(|(name, fd)| obj.maps.get(name).map(|m| (name.as_str(), *fd, m))).collect();
-    // `relocate_maps` needs the object mutably and its maps immutably: work on a copy.
-    let object_maps: Vec<(String, i32, aya_obj::Map)> =
-        maps.into_iter().map(|(n, fd, m)| (n.to_owned(), fd, m.clone())).collect();
-    obj.relocate_maps(object_maps.iter().map(|(n, fd, m)| (n.as_str(), *fd, m)), &text_sections)
+    // `relocate_maps` matches maps by their place in this parse, so it takes this parse's own
+    // map definitions (cloned: it borrows the object mutably) with the fds aya created.
+    let maps: Vec<(String, i32, aya_obj::Map)> = ebpf
+        .maps()
+        .filter_map(|(name, map)| Some((name.to_owned(), map_fd(map)?.as_raw_fd(), obj.maps.get(name)?.clone())))
+        .collect();
+    obj.relocate_maps(maps.iter().map(|(n, fd, m)| (n.as_str(), *fd, m)), &text_sections)
         .map_err(|e| relocate(e.into()))?;
     obj.relocate_calls(&text_sections).map_err(|e| relocate(e.into()))?;
     obj.sanitize_functions(aya::features());
@@ -306,12 +308,7 @@ pub fn attach(prog: BorrowedFd<'_>, pin_dir: &Path) -> Result<Attachment, Netfil
     let mut how = Attachment::Attached;
     for place in Place::ALL {
         let pin = pin_dir.join(place.link_pin());
-        let pin_err = |what: &'static str, path: &Path| {
-            let path = path.to_owned();
-            move |source| NetfilterError::Pin { what, path, source }
-        };
-        let old =
-            if pin.exists() { Some(sys::obj_get(&pin).map_err(pin_err("opening pinned link", &pin))?) } else { None };
+        let old = open_pin(&pin)?;
         let taken = match &old {
             Some(link) => sys::netfilter_link_target(link.as_fd())
                 .map_err(pin_err("reading pinned link", &pin))?
@@ -346,21 +343,38 @@ fn detach(link: BorrowedFd<'_>) -> io::Result<()> {
 /// Detaches and unpins the links under `pin_dir`; returns the pins removed.
 pub fn uninstall(pin_dir: &Path) -> Result<Vec<String>, NetfilterError> {
     let mut removed = Vec::new();
-    for place in Place::ALL {
-        let pin = pin_dir.join(place.link_pin());
-        if !pin.exists() {
-            continue;
-        }
-        let pin_err = |what: &'static str| {
-            let path = pin.clone();
-            move |source| NetfilterError::Pin { what, path, source }
-        };
-        let link = sys::obj_get(&pin).map_err(pin_err("opening pinned link"))?;
-        detach(link.as_fd()).map_err(pin_err("detaching link"))?;
-        fs::remove_file(&pin).map_err(pin_err("removing pin"))?;
+    for (place, pin, link) in pinned_places(pin_dir)? {
+        detach(link.as_fd()).map_err(pin_err("detaching link", &pin))?;
+        fs::remove_file(&pin).map_err(pin_err("removing pin", &pin))?;
         removed.push(place.link_pin());
     }
     Ok(removed)
+}
+
+/// Each place with a pinned link under `pin_dir`: its pin, and the link opened.
+fn pinned_places(pin_dir: &Path) -> Result<Vec<(Place, PathBuf, OwnedFd)>, NetfilterError> {
+    let mut found = Vec::new();
+    for place in Place::ALL {
+        let pin = pin_dir.join(place.link_pin());
+        if let Some(link) = open_pin(&pin)? {
+            found.push((place, pin, link));
+        }
+    }
+    Ok(found)
+}
+
+/// The link pinned at `pin`, if there is one.
+fn open_pin(pin: &Path) -> Result<Option<OwnedFd>, NetfilterError> {
+    if !pin.exists() {
+        return Ok(None);
+    }
+    sys::obj_get(pin).map(Some).map_err(pin_err("opening pinned link", pin))
+}
+
+/// An error about the pin at `path`, from what was done to it.
+fn pin_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> NetfilterError {
+    let path = path.to_owned();
+    move |source| NetfilterError::Pin { what, path, source }
 }
 
 /// A pinned link of the node backstop, as the kernel describes it.
@@ -375,18 +389,8 @@ pub struct PinnedNetfilterLink {
 /// The node backstop's links pinned under `pin_dir` (a place without a pin is absent).
 pub fn pinned(pin_dir: &Path) -> Result<Vec<PinnedNetfilterLink>, NetfilterError> {
     let mut links = Vec::new();
-    for place in Place::ALL {
-        let pin = pin_dir.join(place.link_pin());
-        if !pin.exists() {
-            continue;
-        }
-        let pin_err = |what: &'static str| {
-            let path = pin.clone();
-            move |source| NetfilterError::Pin { what, path, source }
-        };
-        let link = sys::obj_get(&pin).map_err(pin_err("opening pinned link"))?;
-        let target = sys::netfilter_link_target(link.as_fd()).map_err(pin_err("reading pinned link"))?;
-        match target {
+    for (place, pin, link) in pinned_places(pin_dir)? {
+        match sys::netfilter_link_target(link.as_fd()).map_err(pin_err("reading pinned link", &pin))? {
             Some(t) if place.is(t.pf, t.hooknum) => {
                 links.push(PinnedNetfilterLink { place, link_id: t.link_id, prog_id: t.prog_id, priority: t.priority });
             }

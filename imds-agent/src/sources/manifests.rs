@@ -109,33 +109,11 @@ struct Spec {
     service_account_name: String,
     #[serde(rename = "hostNetwork")]
     host_network: bool,
-    containers: Vec<Container>,
+    containers: Vec<super::Container>,
     #[serde(rename = "initContainers")]
-    init_containers: Vec<Container>,
+    init_containers: Vec<super::Container>,
     #[serde(rename = "ephemeralContainers")]
-    ephemeral_containers: Vec<Container>,
-}
-
-/// Of a container, only what its security context grants.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct Container {
-    #[serde(rename = "securityContext")]
-    security_context: SecurityContext,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct SecurityContext {
-    privileged: bool,
-    capabilities: Capabilities,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-struct Capabilities {
-    add: Vec<String>,
-    drop: Vec<String>,
+    ephemeral_containers: Vec<super::Container>,
 }
 
 /// A pod's `status`: its addresses, as the API server reports them.
@@ -318,19 +296,16 @@ impl Parts {
                 if doc.metadata.uid.is_empty() {
                     return Err("metadata.uid is required (there is no API server to assign one)".into());
                 }
+                let spec = &doc.spec;
+                let powers = super::powers(
+                    spec.containers.iter().chain(&spec.init_containers).chain(&spec.ephemeral_containers),
+                );
                 let service_account = if doc.spec.service_account_name.is_empty() {
                     "default".into()
                 } else {
                     doc.spec.service_account_name
                 };
                 let ips = doc.status.ips()?;
-                let mut powers = crate::policy::Powers::default();
-                for c in
-                    doc.spec.containers.iter().chain(&doc.spec.init_containers).chain(&doc.spec.ephemeral_containers)
-                {
-                    let sc = &c.security_context;
-                    powers.add_container(sc.privileged, &sc.capabilities.add, &sc.capabilities.drop);
-                }
                 self.pods.push(Pod {
                     uid: doc.metadata.uid,
                     namespace,

@@ -196,43 +196,16 @@ impl<'de> Deserialize<'de> for Unread {
 pub struct PodSpec {
     pub service_account_name: Option<String>,
     pub host_network: Option<bool>,
-    pub containers: Vec<Container>,
-    pub init_containers: Vec<Container>,
-    pub ephemeral_containers: Vec<Container>,
-}
-
-/// Of a container, only its security context: what it is granted.
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Container {
-    pub security_context: Option<SecurityContext>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct SecurityContext {
-    pub privileged: Option<bool>,
-    pub capabilities: Option<Capabilities>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-pub struct Capabilities {
-    #[serde(default)]
-    pub add: Vec<String>,
-    #[serde(default)]
-    pub drop: Vec<String>,
+    pub containers: Vec<crate::sources::Container>,
+    pub init_containers: Vec<crate::sources::Container>,
+    pub ephemeral_containers: Vec<crate::sources::Container>,
 }
 
 impl PodSpec {
     /// What its containers are granted.
     #[must_use]
     pub fn powers(&self) -> crate::policy::Powers {
-        let mut powers = crate::policy::Powers::default();
-        for c in self.containers.iter().chain(&self.init_containers).chain(&self.ephemeral_containers) {
-            let sc = c.security_context.clone().unwrap_or_default();
-            let caps = sc.capabilities.unwrap_or_default();
-            powers.add_container(sc.privileged.unwrap_or(false), &caps.add, &caps.drop);
-        }
-        powers
+        crate::sources::powers(self.containers.iter().chain(&self.init_containers).chain(&self.ephemeral_containers))
     }
 }
 
