@@ -335,6 +335,12 @@ fn check_listen(listen: Option<SocketAddrV4>) -> Check {
         return Check::skip("listen", "no --listen and no HOST_IP");
     };
     match UdpSocket::bind(SocketAddrV4::new(*listen.ip(), 0)) {
+        Ok(_) if crate::server::listener::ephemeral(listen.port()) == Some(true) => Check::warn(
+            "listen",
+            format!("port {} is in net.ipv4.ip_local_port_range", listen.port()),
+            "pick a port outside the range, or add it to net.ipv4.ip_local_reserved_ports: while no agent runs, \
+             the kernel could hand it to any unbound socket, past the bind guard",
+        ),
         Ok(_) => Check::pass("listen", format!("{} is an address of this node", listen.ip())),
         Err(e) => Check::fail(
             "listen",

@@ -14,12 +14,15 @@ use imds_agent::{
     control, doctor, events, explain,
     imds::PathRules,
     kernel::{
-        self, bpffs::DEFAULT_PIN_DIR, cgroup, origin::DEFAULT_ORIGIN_TTL, Filter, FilterOptions, NodeBackstop,
-        IMDS_ENDPOINT,
+        self,
+        bpffs::{self, DEFAULT_PIN_DIR},
+        cgroup,
+        origin::DEFAULT_ORIGIN_TTL,
+        Filter, FilterOptions, NodeBackstop, Redirects, IMDS_ENDPOINT,
     },
     policy::{Snapshot, WorkloadMode, WorkloadSettings},
     secrets::SecretReader,
-    server::{self, limits::ConnectionLimits, AgentState, Mode},
+    server::{self, limits::ConnectionLimits, listener, AgentState, Mode},
     sources::{kube as kube_source, manifests},
     status,
     telemetry::{self, SourceStatus, Telemetry},
@@ -365,21 +368,14 @@ fn init_logging(cli: &Cli) -> anyhow::Result<()> {
     .map_err(|e| anyhow::anyhow!("installing the logger: {e}"))
 }
 
-/// The listener, with a deep accept queue: a node's pods can connect by the thousand at once
-/// (a rollout, or a flood), and connections the queue cannot take wait in the kernel for SYN-ACK
-/// retransmits, seconds apart. The kernel caps the depth at `net.core.somaxconn`.
-fn bind(listen: SocketAddrV4) -> std::io::Result<TcpListener> {
-    const ACCEPT_QUEUE: u32 = 4096;
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(SocketAddr::V4(listen))?;
-    socket.listen(ACCEPT_QUEUE)
-}
-
+/// Kernels before 5.11 charge BPF maps against `RLIMIT_MEMLOCK` (later ones ignore it).
 /// Every held connection is a descriptor: lift the soft limit to the hard one, and say so if
 /// even that cannot hold `max_connections` and the agent's own files.
-fn raise_open_files_limit(max_connections: u32) {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+fn raise_limits(max_connections: u32) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+    if let Err(e) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
+        tracing::debug!(error = %e, "could not lift RLIMIT_MEMLOCK (only matters before Linux 5.11)");
+    }
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
     if soft < hard {
         if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
@@ -401,28 +397,15 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         return Err(kernel::FilterError::NotBuilt.into());
     }
     let listen = listen_address(args.listen)?;
-    // Kernels before 5.11 charge BPF maps against RLIMIT_MEMLOCK; later ones ignore it.
-    if let Err(e) = nix::sys::resource::setrlimit(
-        nix::sys::resource::Resource::RLIMIT_MEMLOCK,
-        nix::sys::resource::RLIM_INFINITY,
-        nix::sys::resource::RLIM_INFINITY,
-    ) {
-        tracing::debug!(error = %e, "could not lift RLIMIT_MEMLOCK (only matters before Linux 5.11)");
-    }
-    raise_open_files_limit(args.max_connections);
+    raise_limits(args.max_connections);
     let root = cgroup::cgroup2_root()?;
     let attach_cgroup = match args.attach_cgroup.clone() {
         Some(path) => path,
         None => cgroup::default_attach_cgroup(&root)?,
     };
-    let (exempt_cgroup, own) = cgroup::own_cgroup_id()?;
     let policy = PolicySource::check(&args).await?;
-
-    // Bind before touching the kernel: a bad --listen must not leave a half-installed filter.
-    let listener = bind(listen).with_context(|| format!("listening on {listen}"))?;
-    let control = claim_control(&args.control_socket).await?;
-
-    let mut filter = Filter::install(&filter_options(&args, &attach_cgroup, listen, exempt_cgroup, log_filter))?;
+    let Installed { _lock, control, listener, mut filter, mut redirects, own } =
+        install(&args, listen, &attach_cgroup, log_filter).await?;
     if let Some(logger) = filter.take_kernel_logger() {
         tokio::spawn(drain_kernel_logs(logger));
     }
@@ -482,32 +465,134 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         events,
         limits,
     });
-    tracing::info!(listen = %listen, agent_cgroup = %own, "filter installed; serving redirected connections");
+    let serving = async {
+        let listener = match listener {
+            Some(listener) => listener,
+            None => claim_port(listen, &mut redirects, &state.telemetry).await?,
+        };
+        tracing::info!(listen = %listen, agent_cgroup = %own, "filter installed; serving redirected connections");
+        server::serve(listener, Arc::clone(&state)).await;
+        anyhow::Ok(())
+    };
 
     let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
     tokio::select! {
-        () = server::serve(listener, state) => {}
+        served = serving => served?,
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    tracing::info!("exiting; the kernel filter stays attached (`imds-agent uninstall` removes it)");
+    match redirects.refuse_on_exit() {
+        Ok(true) => tracing::info!(
+            "exiting; the kernel filter stays attached and refuses what it would redirect until the next agent \
+             listens (`imds-agent uninstall` removes it)"
+        ),
+        Ok(false) => tracing::info!("exiting; another agent has taken over the kernel filter"),
+        Err(e) => {
+            tracing::warn!(error = %anyhow::Error::from(e), "exiting; could not set the filter to refuse redirects");
+        }
+    }
     Ok(())
 }
 
-fn filter_options(
+/// What [`install`] holds for the agent's life.
+struct Installed {
+    /// One agent at a time owns the node's filter.
+    _lock: bpffs::PinDirLock,
+    control: Option<tokio::net::UnixListener>,
+    /// `None`: another process held the port (redirects are refused until it is claimed).
+    listener: Option<TcpListener>,
+    filter: Filter,
+    redirects: Redirects,
+    /// The agent's cgroup, as its log names it.
+    own: String,
+}
+
+/// Takes the node's filter: waits for an earlier agent to let go of it, binds the listener,
+/// then installs the kernel programs.
+async fn install(
     args: &RunArgs,
-    attach_cgroup: &Path,
     listen: SocketAddrV4,
-    exempt_cgroup: u64,
+    attach_cgroup: &Path,
     log_filter: &str,
-) -> FilterOptions {
+) -> anyhow::Result<Installed> {
+    let (agent_cgroup, own) = cgroup::own_cgroup_id()?;
+    let lock = lock_pin_dir(&args.bpffs).await?;
+    // Another agent answering here is an error: only one may serve the node.
+    let control = claim_control(&args.control_socket).await?;
+    // Bind before attaching anything: a bad --listen must not leave a half-installed filter.
+    // A bind guard an earlier agent left admits only the agents it knows: become one first.
+    kernel::admit_agent(&args.bpffs, agent_cgroup)?;
+    let listener = listener::try_bind(listen).with_context(|| format!("listening on {listen}"))?;
+    if listener.is_none() {
+        tracing::error!(%listen, holder = %listener::held_by(listen), "the agent's port is held by another process");
+    }
+    warn_if_ephemeral(listen);
+    let agent_netns_cookie = listener::netns_cookie().context("reading the network namespace's cookie")?;
+    let options = FilterOptions {
+        agent_cgroup,
+        listening: listener.is_some(),
+        agent_netns_cookie,
+        ..filter_options(args, attach_cgroup, listen, log_filter)
+    };
+    let mut filter = Filter::install(&options)?;
+    let redirects = filter.take_redirects().context("the filter's redirect switch was taken")?;
+    Ok(Installed { _lock: lock, control, listener, filter, redirects, own })
+}
+
+/// The pin directory's lock, waiting (and saying so every 30 s) while another agent holds it.
+async fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<bpffs::PinDirLock> {
+    for waited in 0u64.. {
+        if let Some(lock) = bpffs::try_lock_pin_dir(pin_dir)? {
+            return Ok(lock);
+        }
+        if waited % 30 == 0 {
+            tracing::warn!(
+                pin_dir = %pin_dir.display(),
+                "another agent holds this node's filter (its pin directory is locked); waiting for it to exit"
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    unreachable!("a u64 of seconds does not run out")
+}
+
+/// The port someone else held at start, once the agent holds it: redirects resume.
+async fn claim_port(
+    listen: SocketAddrV4,
+    redirects: &mut Redirects,
+    telemetry: &Telemetry,
+) -> anyhow::Result<TcpListener> {
+    let listener = listener::claim(listen, |why| telemetry.port_held(Some(why.to_owned()))).await;
+    redirects.resume().context("letting the kernel redirect to the agent again")?;
+    telemetry.port_held(None);
+    tracing::info!(%listen, "the agent's port is free again and now the agent's; redirecting resumes");
+    Ok(listener)
+}
+
+/// An unbound socket can be given an ephemeral port with no `bind()` the guard sees.
+fn warn_if_ephemeral(listen: SocketAddrV4) {
+    if listener::ephemeral(listen.port()) == Some(true) {
+        tracing::warn!(
+            port = listen.port(),
+            "the agent's port is in net.ipv4.ip_local_port_range: while no agent runs, any process \
+             could be handed it without a bind the kernel guard sees; pick a port outside the range \
+             or add it to net.ipv4.ip_local_reserved_ports"
+        );
+    }
+}
+
+/// The filter as the arguments describe it, for an agent outside the hierarchy that holds
+/// its port in every namespace (`install` fills in the agent's own).
+fn filter_options(args: &RunArgs, attach_cgroup: &Path, listen: SocketAddrV4, log_filter: &str) -> FilterOptions {
     FilterOptions {
         attach_cgroup: attach_cgroup.to_owned(),
         pin_dir: args.bpffs.clone(),
         agent: listen,
         protected: args.protected.clone(),
         default_verdict: args.default_verdict.into(),
-        exempt_cgroup,
+        agent_cgroup: 0,
+        listening: true,
+        agent_netns_cookie: 0,
         kernel_log_level: kernel_log_level(log_filter),
         origin_ttl: Duration::from_secs(args.origin_ttl),
         node_backstop: args.node_backstop,

@@ -111,8 +111,9 @@ pub struct NodeStatus {
     pub agent_error: Option<String>,
 }
 
-/// The hooks without which a pod could reach the metadata service unfiltered or unattributed.
-const REQUIRED: [Hook; 4] = [Hook::SockOps, Hook::Connect4, Hook::Connect6, Hook::Egress];
+/// The hooks without which a pod could reach the metadata service unfiltered or unattributed,
+/// or take the agent's port.
+const REQUIRED: [Hook; 6] = [Hook::SockOps, Hook::Connect4, Hook::Connect6, Hook::Egress, Hook::Bind4, Hook::Bind6];
 
 /// Everything the status is made from.
 pub struct Inputs<'a> {
@@ -183,6 +184,14 @@ pub fn assess(inputs: Inputs<'_>) -> NodeStatus {
     }
     if state.config.is_some() && state.protected.is_empty() {
         problems.push("no protected endpoints are configured; restart the agent".into());
+    }
+    if let (Some(config), Some(agent)) = (state.config, state.agent()) {
+        if config.refuse_redirects != 0 {
+            problems.push(format!(
+                "another process held {agent} when the agent started: connections that would be redirected \
+                 are refused until the agent can listen there (its log names the holder)"
+            ));
+        }
     }
     let backstop_missing =
         !state.links.is_empty() && backstop_problem(&backstop).inspect(|p| problems.push(p.clone())).is_some();

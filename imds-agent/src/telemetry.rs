@@ -1,6 +1,6 @@
 //! Health, readiness and Prometheus metrics (`--metrics ADDR:PORT`).
 //!
-//! - `/healthz`: 200 when the process runs **and** each of the four hooks of the attach
+//! - `/healthz`: 200 when the process runs **and** each of the eight hooks of the attach
 //!   cgroup has our program — asked of the kernel on every probe, never assumed.
 //! - `/readyz`: healthy, and the policy source has loaded at least once. When its latest
 //!   reload failed, the agent is still ready and enforcing the last good policy
@@ -114,6 +114,8 @@ pub struct Telemetry {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     tokens: Arc<OnceLock<Arc<TokenService>>>,
     pub source: Arc<SourceStatus>,
+    /// Why the agent cannot listen on its port yet (another process holds it).
+    port_held: Mutex<Option<String>>,
     registry: Registry,
     attach_cgroup: PathBuf,
 }
@@ -176,6 +178,7 @@ impl Telemetry {
             snapshot,
             tokens,
             source,
+            port_held: Mutex::new(None),
             registry,
             attach_cgroup,
         })
@@ -235,11 +238,24 @@ impl Telemetry {
         status
     }
 
+    /// Another process holds the agent's port (`why` says which), or, with `None`, no longer.
+    pub fn port_held(&self, why: Option<String>) {
+        *self.port_held.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+    }
+
     /// Whether the agent is ready, and `/readyz`'s sentence saying so.
     fn readiness(&self) -> (bool, String) {
         let reconciled = self.source.reconciled.load(Ordering::Relaxed);
+        let port_held = self.port_held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         match (self.unhealthy(), self.source.synced.load(Ordering::Relaxed)) {
             (Some(why), _) => (false, format!("not ready: {why}")),
+            (None, _) if port_held.is_some() => (
+                false,
+                format!(
+                    "not ready: {}; redirected connections are refused until the agent can listen",
+                    port_held.unwrap_or_default()
+                ),
+            ),
             (None, false) => (false, "not ready: policy not loaded yet".into()),
             // Entries an earlier agent wrote may not apply any more (a revoked exception).
             (None, true) if !reconciled => {

@@ -89,6 +89,8 @@ pub mod programs {
     pub const EGRESS: &str = "imds_egress";
     pub const PEER4: &str = "imds_peer4";
     pub const PEER6: &str = "imds_peer6";
+    pub const BIND4: &str = "imds_bind4";
+    pub const BIND6: &str = "imds_bind6";
     /// The node backstop at the node namespace's netfilter `PRE_ROUTING` hook (Linux ≥ 6.4).
     pub const NODE_NETFILTER: &str = "imds_node_nf";
     /// The node backstop at tc ingress of each interface of the node namespace.
@@ -129,11 +131,13 @@ pub enum Counter {
     /// Packets to a protected address dropped as they entered the node's namespace from
     /// another one (a pod's rewritten, hand-made or forwarded packets).
     NodeDrop = 6,
+    /// `bind()`s of the agent's port by anyone but the agent, refused.
+    BindRefused = 7,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 8] = [
         Counter::ConnectPass,
         Counter::ConnectDeny,
         Counter::ConnectRedirect,
@@ -141,6 +145,7 @@ impl Counter {
         Counter::OriginRecorded,
         Counter::OriginLost,
         Counter::NodeDrop,
+        Counter::BindRefused,
     ];
     /// Number of slots in the counter map.
     pub const LEN: u32 = Self::ALL.len() as u32;
@@ -156,6 +161,7 @@ impl Counter {
             Counter::OriginRecorded => "origin_recorded",
             Counter::OriginLost => "origin_lost",
             Counter::NodeDrop => "node_drop",
+            Counter::BindRefused => "bind_refused",
         }
     }
 }
@@ -164,9 +170,10 @@ impl Counter {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    /// cgroup id of the agent itself; its own upstream connections are never redirected.
-    /// 0 = none.
-    pub exempt_cgroup: u64,
+    /// cgroup ids of the agent: the one running now, and the one it took over from (which may
+    /// still be finishing its requests during an upgrade). Their own connections are never
+    /// redirected, and only they may bind the agent's port. 0 = none.
+    pub agent_cgroups: [u64; 2],
     /// Where redirected connections go (the agent's listen address), network order.
     pub agent_ip4_be: u32,
     /// Verdict for cgroups with no entry in `VERDICTS` (and no ancestor with one).
@@ -174,8 +181,38 @@ pub struct Config {
     pub default_verdict: u32,
     /// The agent's listen port, network order.
     pub agent_port_be: u16,
+    /// Nonzero while the agent does not hold its port (something else held it at start, or the
+    /// agent stopped): a connection that would be redirected is refused instead, so nothing
+    /// but the agent ever receives one.
+    pub refuse_redirects: u16,
     /// Explicit padding, always zero.
-    pub pad: [u8; 6],
+    pub pad: [u8; 4],
+    /// Network-namespace cookie of the agent's namespace (the node's), the only one where a
+    /// listener can receive redirected connections; 0 guards the port in every namespace.
+    pub agent_netns_cookie: u64,
+}
+
+impl Config {
+    /// The settings with `own` as the running agent: the agent it replaces (if another) stays
+    /// exempt as the predecessor until the next one takes over. Idempotent. `own == 0` (an
+    /// agent outside the filtered hierarchy) exempts nobody.
+    #[must_use]
+    pub const fn with_agent(self, own: u64) -> Config {
+        let agent_cgroups = match (own, self.agent_cgroups[0]) {
+            (0, _) => [0, 0],
+            (own, current) if own == current => self.agent_cgroups,
+            (own, current) => [own, current],
+        };
+        Config { agent_cgroups, ..self }
+    }
+
+    /// Whether `cgroup` is one of the agent's.
+    #[inline(always)]
+    #[expect(clippy::inline_always, reason = "called from BPF programs, where calls cost verifier complexity")]
+    #[must_use]
+    pub fn is_agent(&self, cgroup: u64) -> bool {
+        cgroup != 0 && (cgroup == self.agent_cgroups[0] || cgroup == self.agent_cgroups[1])
+    }
 }
 
 /// Value of the `PROTECTED` map: the redirectable ports of one protected IPv4 address.
@@ -378,6 +415,21 @@ pub fn embedded_v4(words: [u32; 4], prefix: impl Fn(u32) -> Option<Nat64Prefix>)
     None
 }
 
+/// The IPv4 address a `bind()` of the IPv6 address `words` takes connections for: `0` for the
+/// wildcards (`::`, which takes IPv4 connections too unless `IPV6_V6ONLY`, and
+/// `::ffff:0.0.0.0`), the embedded address of a v4-mapped one, `None` for any other IPv6
+/// address (which never receives a connection to an IPv4 address).
+#[inline(always)]
+#[expect(clippy::inline_always, reason = "called from BPF programs, where calls cost verifier complexity")]
+#[must_use]
+pub fn bind_target_v4(words: [u32; 4]) -> Option<u32> {
+    match words {
+        [0, 0, 0, 0] => Some(0),
+        [0, 0, V4_MAPPED_WORD2, ip4_be] => Some(ip4_be),
+        _ => None,
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY (all five): `#[repr(C)]`, `Copy`, only integer fields, no implicit padding (the
@@ -405,7 +457,7 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<Config>(), 8 + 4 + 4 + 2 + 6);
+        assert_eq!(size_of::<Config>(), 2 * 8 + 4 + 4 + 2 + 2 + 4 + 8);
         assert_eq!(size_of::<ProtectedAddr>(), 2 * MAX_PORTS_PER_ADDR);
         assert_eq!(size_of::<Origin>(), 8 * 4 + 4 + 2 + 2);
         assert_eq!(size_of::<OriginKey>(), 4 + 4 + 2 + 2);
@@ -482,6 +534,30 @@ mod tests {
     fn counter_indexes_are_dense() {
         for (i, c) in Counter::ALL.iter().enumerate() {
             assert_eq!(*c as usize, i);
+        }
+    }
+
+    #[test]
+    fn a_new_agent_keeps_its_predecessor_exempt_until_the_next_one() {
+        let fresh = Config::default().with_agent(7);
+        assert_eq!(fresh.agent_cgroups, [7, 0]);
+        assert_eq!(fresh.with_agent(7), fresh, "a restart in the same cgroup changes nothing");
+        let upgraded = fresh.with_agent(9);
+        assert_eq!(upgraded.agent_cgroups, [9, 7]);
+        assert!(upgraded.is_agent(9) && upgraded.is_agent(7));
+        assert_eq!(upgraded.with_agent(11).agent_cgroups, [11, 9], "two upgrades on, the first is gone");
+        assert!(!upgraded.with_agent(11).is_agent(7));
+        assert!(!Config::default().is_agent(0), "0 is nobody, not the empty slot");
+        assert_eq!(upgraded.with_agent(0).agent_cgroups, [0, 0], "an agent outside the hierarchy exempts nobody");
+    }
+
+    #[test]
+    fn ipv6_binds_take_ipv4_connections_only_as_wildcards_or_v4_mapped() {
+        assert_eq!(bind_target_v4(v6("::")), Some(0));
+        assert_eq!(bind_target_v4(v6("::ffff:0.0.0.0")), Some(0));
+        assert_eq!(bind_target_v4(v6("::ffff:10.0.0.4")), Some(u32::from_ne_bytes([10, 0, 0, 4])));
+        for other in ["::1", "fd00::4", "::10.0.0.4", "64:ff9b::a00:4"] {
+            assert_eq!(bind_target_v4(v6(other)), None, "{other}");
         }
     }
 

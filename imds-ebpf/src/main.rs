@@ -11,6 +11,9 @@
 //!   tuple, which the agent can compute from its accepted socket.
 //! - `imds_peer4` / `imds_peer6`: `getpeername()` on a redirected socket reports the address
 //!   the caller asked for, not the agent's: what the application connected to is what it sees.
+//! - `imds_bind4` / `imds_bind6`: the agent's TCP port (on its address or the wildcard, in
+//!   its network namespace) can be bound by the agent alone, so no other process can receive
+//!   redirected connections, even while the agent restarts.
 //! - `imds_egress`: a backstop that drops any packet to a protected address from a cgroup
 //!   that is not PASS (raw sockets, unconnected UDP, anything that skips `connect()`).
 //! - `imds_node_nf` / `imds_node_tc` (in `node.rs`): the node backstop, in the node's network
@@ -37,8 +40,8 @@ use aya_ebpf::{
     bindings::{BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_skb_ancestor_cgroup_id,
-        bpf_skb_cgroup_id,
+        bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
+        bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id,
     },
     macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -47,8 +50,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use imds_common::{
-    capacity, embedded_v4, Config, Counter, Embedded, Nat64Prefix, Origin, OriginKey, Peer, PodAddr, ProtectedAddr,
-    MAX_CGROUP_DEPTH, V4_MAPPED_WORD2, VERDICT_PASS, VERDICT_REDIRECT,
+    bind_target_v4, capacity, embedded_v4, Config, Counter, Embedded, Nat64Prefix, Origin, OriginKey, Peer, PodAddr,
+    ProtectedAddr, MAX_CGROUP_DEPTH, V4_MAPPED_WORD2, VERDICT_PASS, VERDICT_REDIRECT,
 };
 
 // ---- maps (pinned by name, so they outlive the agent process) ------------------------------
@@ -82,6 +85,7 @@ const REFUSE: i32 = 0;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const IPPROTO_TCP: u32 = 6;
+const SOCK_STREAM: u32 = 1;
 /// `ETH_P_IP` and `ETH_P_IPV6` as `skb->protocol` holds them (network order, low 16 bits).
 const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
 const ETH_P_IPV6_BE: u32 = 0x86ddu16.to_be() as u32;
@@ -183,9 +187,9 @@ fn try_connect(ip4_be: u32, port_be: u16, protocol: u32) -> Connect {
     let redirectable = protocol == IPPROTO_TCP && protected.has_port(port_be);
     match verdict {
         VERDICT_PASS => Connect::Pass,
-        VERDICT_REDIRECT if redirectable => Connect::Redirect(cfg),
-        // DENY, REDIRECT of something we cannot redirect (UDP, another port), or a value we
-        // do not know: refuse.
+        VERDICT_REDIRECT if redirectable && cfg.refuse_redirects == 0 => Connect::Redirect(cfg),
+        // DENY, REDIRECT of something we cannot redirect (UDP, another port), REDIRECT while
+        // something else holds the agent's port, or a value we do not know: refuse.
         _ => Connect::Deny,
     }
 }
@@ -328,6 +332,66 @@ fn asked_for(ctx: &SockAddrContext, ip4_be: u32, port_be: u16) -> Option<Peer> {
     unsafe { PEERS.get(bpf_get_socket_cookie(ctx.as_ptr())) }.copied()
 }
 
+// ---- bind4 / bind6 ---------------------------------------------------------------------------
+
+#[cgroup_sock_addr(bind4)]
+pub fn imds_bind4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in connect4.
+    let sa = unsafe { &*ctx.sock_addr };
+    bind_verdict(try_bind(&ctx, Some(sa.user_ip4), sa.user_port as u16, sa.type_))
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn imds_bind6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in connect4.
+    let sa = unsafe { &*ctx.sock_addr };
+    let words = [sa.user_ip6[0], sa.user_ip6[1], sa.user_ip6[2], sa.user_ip6[3]];
+    bind_verdict(try_bind(&ctx, bind_target_v4(words), sa.user_port as u16, sa.type_))
+}
+
+/// What a `bind()` gets.
+enum Bind {
+    Allow,
+    /// Someone other than the agent asked for the agent's port: a squatter would receive the
+    /// connections the kernel redirects.
+    Refuse,
+}
+
+#[inline(always)]
+fn bind_verdict(decision: Bind) -> i32 {
+    match decision {
+        Bind::Allow => ALLOW,
+        Bind::Refuse => count(Counter::BindRefused, REFUSE),
+    }
+}
+
+/// The one place a `bind()` is judged: a stream socket (TCP, MPTCP) asking for the agent's
+/// port on its address or the wildcard (`ip4_be` 0; `None`: an IPv6 address that takes no
+/// IPv4 connection), in the agent's network namespace, is the agent's alone.
+#[inline(always)]
+fn try_bind(ctx: &SockAddrContext, ip4_be: Option<u32>, port_be: u16, sock_type: u32) -> Bind {
+    let cfg = config();
+    let Some(ip4_be) = ip4_be else { return Bind::Allow };
+    if sock_type != SOCK_STREAM
+        || cfg.agent_port_be == 0
+        || port_be != cfg.agent_port_be
+        || (ip4_be != 0 && ip4_be != cfg.agent_ip4_be)
+    {
+        return Bind::Allow;
+    }
+    // SAFETY: the helper accepts this context type.
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if cfg.agent_netns_cookie != 0 && netns != cfg.agent_netns_cookie {
+        return Bind::Allow; // another namespace: redirected connections never arrive there
+    }
+    // SAFETY: helper without preconditions.
+    if cfg.is_agent(unsafe { bpf_get_current_cgroup_id() }) {
+        Bind::Allow
+    } else {
+        Bind::Refuse
+    }
+}
+
 // ---- egress backstop -------------------------------------------------------------------------
 
 #[cgroup_skb(egress)]
@@ -390,10 +454,10 @@ fn nat64_prefix(slot: u32) -> Option<Nat64Prefix> {
 
 /// Verdict of the cgroup `leaf`: the entry of the deepest cgroup on its path from the root
 /// that has one (so a pod's entry covers all its containers), else the configured default.
-/// The agent's own cgroup always passes.
+/// The agent's own cgroups always pass.
 #[inline(always)]
 fn cgroup_verdict(cfg: &Config, leaf: u64, ancestor: impl Fn(i32) -> u64) -> u32 {
-    if cfg.exempt_cgroup != 0 && leaf == cfg.exempt_cgroup {
+    if cfg.is_agent(leaf) {
         return VERDICT_PASS;
     }
     let mut verdict = match cfg.default_verdict {

@@ -638,6 +638,20 @@ impl Probe {
         self.spawn()
     }
 
+    /// `bind()` a TCP socket (`udp`: a UDP one) to `addr` and listen, optionally with
+    /// `SO_REUSEPORT`; `outcome` is `bound` or `error` (with `errno`).
+    #[must_use]
+    pub fn bind(mut self, addr: SocketAddr, reuseport: bool, udp: bool) -> RunningProbe {
+        self.cmd.args(["bind", &addr.to_string()]);
+        if reuseport {
+            self.cmd.arg("--reuseport");
+        }
+        if udp {
+            self.cmd.arg("--udp");
+        }
+        self.spawn()
+    }
+
     #[must_use]
     pub fn udp(mut self, addr: impl Into<std::net::IpAddr>, port: u16) -> RunningProbe {
         self.cmd.args(["udp", &addr.into().to_string(), &port.to_string()]);
@@ -863,7 +877,12 @@ impl Sandbox {
         let pins = PinDir::new(tag);
         let listener = Server::bind(&ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
         let agent_addr = v4_addr(&listener);
-        let mut filter = Filter::install(&filter_options(&root, &pins, agent_addr)).expect("install filter");
+        let options = FilterOptions {
+            // The bind guard covers the namespace the agent listens in.
+            agent_netns_cookie: ns.enter(|| imds_agent::server::listener::netns_cookie().expect("netns cookie")),
+            ..filter_options(&root, &pins, agent_addr)
+        };
+        let mut filter = Filter::install(&options).expect("install filter");
         filter.set_verdict(pass.id(), Verdict::Pass).unwrap();
         filter.set_verdict(deny.id(), Verdict::Deny).unwrap();
         // `redirect` has no entry: it gets the default, REDIRECT.
@@ -891,7 +910,9 @@ pub fn filter_options(root: &Cgroup, pins: &PinDir, agent: SocketAddrV4) -> Filt
         agent,
         protected: vec![IMDS_ENDPOINT],
         default_verdict: Verdict::Redirect,
-        exempt_cgroup: 0,
+        agent_cgroup: 0,
+        listening: true,
+        agent_netns_cookie: 0,
         kernel_log_level: log::LevelFilter::Info,
         origin_ttl: Duration::from_mins(1),
         node_backstop: NodeBackstop::Off,
@@ -978,6 +999,13 @@ impl AgentProcess {
     /// Like [`AgentProcess::start`], with the agent moved into `cgroup` and given a private
     /// cgroup namespace first — as a container runtime runs it when it is a pod.
     pub fn start_in(ns: &NetNs, cgroup: Option<&Cgroup>, args: &[String]) -> AgentProcess {
+        let agent = AgentProcess::launch_in(ns, cgroup, args);
+        agent.wait_for_log(AGENT_READY, Duration::from_secs(30));
+        agent
+    }
+
+    /// Like [`AgentProcess::start_in`], without waiting for it to serve.
+    pub fn launch_in(ns: &NetNs, cgroup: Option<&Cgroup>, args: &[String]) -> AgentProcess {
         use std::os::unix::ffi::OsStrExt as _;
         let log_path = std::env::temp_dir().join(format!("{}.log", unique("agent")));
         let decisions_path = log_path.with_extension("decisions");
@@ -1020,9 +1048,12 @@ impl AgentProcess {
             });
         }
         let child = cmd.spawn().expect("spawn imds-agent");
-        let agent = AgentProcess { child: Some(child), log_path, decisions_path, control_socket };
-        agent.wait_for_log(AGENT_READY, Duration::from_secs(30));
-        agent
+        AgentProcess { child: Some(child), log_path, decisions_path, control_socket }
+    }
+
+    /// Whether the process still runs (it has not exited, or been killed).
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// The agent's JSON log lines so far.

@@ -115,6 +115,18 @@ impl Node {
         self.agent.insert(AgentProcess::start(&self.ns, &args))
     }
 
+    /// Starts `imds-agent run` like [`Node::start_agent`], without waiting for it to serve.
+    pub fn launch_agent(&mut self, extra: &[&str]) -> &mut AgentProcess {
+        let agent = self.spawn_agent(extra);
+        self.agent.insert(agent)
+    }
+
+    /// Another `imds-agent run` for this node (its own control socket), not waited for and
+    /// not kept in [`Node::agent`].
+    pub fn spawn_agent(&self, extra: &[&str]) -> AgentProcess {
+        AgentProcess::launch_in(&self.ns, None, &self.agent_args(&self.manifests_source(), extra))
+    }
+
     /// Starts `imds-agent run --kube` against the API server in `kubeconfig`, as node `node-1`.
     pub fn start_agent_kube(&mut self, kubeconfig: &Path, extra: &[&str]) -> &AgentProcess {
         let source = ["--kube", "--node-name", KUBE_NODE, "--kubeconfig"].map(str::to_owned);

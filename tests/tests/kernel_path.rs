@@ -199,6 +199,46 @@ fn other_destinations_and_processes_outside_the_hierarchy_are_untouched() {
     }
 }
 
+// 7b. The agent's port belongs to the agent: every cgroup in the hierarchy, exceptions too,
+// is refused a bind of it (its address or the wildcards, `SO_REUSEPORT` or not), and only of it.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn only_the_agent_may_bind_its_port() {
+    let sb = Sandbox::new("bind");
+    let agent = sb.agent.server.addr;
+    let port = agent.port();
+    let refused: [std::net::SocketAddr; 4] = [
+        agent.into(),
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into(),
+        (std::net::Ipv6Addr::UNSPECIFIED, port).into(),
+        (agent.ip().to_ipv6_mapped(), port).into(),
+    ];
+    let mut tries = 0;
+    for cg in [&sb.redirect, &sb.deny, &sb.pass_ctr] {
+        for addr in refused {
+            for reuseport in [false, true] {
+                let report = Probe::new(&sb.ns, cg).bind(addr, reuseport, false).wait();
+                assert_eq!(report.errno, Some(libc::EPERM), "{} bind {addr}: {report:?}", cg.path.display());
+                tries += 1;
+            }
+        }
+    }
+    assert_eq!(sb.counter(Counter::BindRefused), tries);
+    let udp = Probe::new(&sb.ns, &sb.redirect).bind(agent.into(), false, true).wait();
+    assert_eq!(udp.outcome, "bound", "only TCP is redirected, so only TCP is guarded: {udp:?}");
+    // Other ports, and the same port on another address, are nobody's business.
+    let free: [std::net::SocketAddr; 3] = [
+        SocketAddrV4::new(*agent.ip(), 0).into(),
+        SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 2), port).into(),
+        (std::net::Ipv6Addr::LOCALHOST, port).into(),
+    ];
+    for addr in free {
+        let report = Probe::new(&sb.ns, &sb.redirect).bind(addr, false, false).wait();
+        assert_eq!(report.outcome, "bound", "bind {addr}: {report:?}");
+    }
+    assert_eq!(sb.counter(Counter::BindRefused), tries);
+}
+
 /// Exactly one program attached at each hook of `cgroup`, named as ours; their ids.
 fn assert_attached_once(cgroup: &Cgroup) -> Vec<u32> {
     attached_programs(&cgroup.path)
@@ -368,6 +408,11 @@ fn forty_parallel_clients_from_several_cgroups_are_each_attributed_correctly() {
 fn origin_records_never_outlive_their_connection() {
     let ns = NetNs::new("stale");
     ns.host_metadata_address();
+    // A socket closed with FIN stays in FIN_WAIT2 (its record with it) only while
+    // `tcp_fin_timeout` exceeds the TIME_WAIT length (60 s); otherwise the kernel may move it
+    // to TIME_WAIT at once when the peer's ACK arrives after close() returned, which closes it
+    // (and drops the record) before the test can look.
+    ns.sysctl("net.ipv4.tcp_fin_timeout", "120");
     let root = Cgroup::new_top("stale");
     let redirect = root.child("redirect");
     let pins = PinDir::new("stale");
@@ -426,7 +471,7 @@ fn the_agents_own_cgroup_is_never_redirected() {
     let pins = PinDir::new("exempt");
     let listener = Server::bind(&ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
     let mut options = filter_options(&root, &pins, imds_tests::v4_addr(&listener));
-    options.exempt_cgroup = agent_cg.id();
+    options.agent_cgroup = agent_cg.id();
     let filter = Filter::install(&options).unwrap();
     let agent = AgentListener::serve(listener, filter.origins());
     let standin = Server::banner(&ns, IMDS_ENDPOINT, "standin");

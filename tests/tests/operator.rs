@@ -34,7 +34,7 @@ fn status_tells_protected_from_fail_closed_from_unprotected() {
     assert_eq!((code, s["protection"].as_str()), (Some(0), Some("protected")), "{s:#}");
     assert_eq!(s["attach_cgroup_id"], node.kubepods.id(), "{s:#}");
     let hooks = s["hooks"].as_array().expect("hooks");
-    assert_eq!(hooks.len(), 6, "{s:#}");
+    assert_eq!(hooks.len(), 8, "{s:#}");
     assert!(hooks.iter().all(|h| h["ok"] == true && h["attached"].as_array().map(Vec::len) == Some(1)), "{s:#}");
     assert_eq!(s["protected_endpoints"][0], "169.254.169.254:80", "{s:#}");
     assert_eq!(s["default_verdict"], "redirect", "{s:#}");

@@ -10,14 +10,15 @@ use std::{
 };
 
 use imds_tests::{
-    fake_imds::{http_get, FakeIdentity},
+    fake_imds::{http_get, token_for, FakeIdentity},
     fake_kube::FakeKube,
-    node::{curl, pod_uid, status_yaml, Fetched, Node, TestPod},
-    Server, IMDS_IP,
+    node::{bound_pods_manifest, curl, pod_uid, status_yaml, Fetched, Node, TestPod, AGENT_ADDR},
+    Probe, ProbeReport, Server, AGENT_READY, IMDS_IP,
 };
 use serde_json::{json, Value};
 
 const NS: &str = "app";
+const RESOURCE: &str = "https://vault.azure.net";
 const TOKEN: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
 const METRICS: ([u8; 4], u16) = ([10, 233, 0, 1], 9402);
 const API: ([u8; 4], u16) = ([10, 233, 0, 1], 6443);
@@ -125,4 +126,158 @@ fn an_exception_revoked_while_the_agent_is_down_is_gone_before_it_is_ready_kube(
     assert_eq!(pass_entries(&node), (0, 0), "reconciled before ready");
     assert_eq!(straight_to_imds(&node, &helper), (false, 400));
     drop(helper);
+}
+
+/// The kernel's counters, as `imds-agent status` reads them.
+fn kernel_counters(node: &Node) -> Value {
+    let pins = node.pins.path.display().to_string();
+    let (_, status) = node.agent_json("status", &["--bpffs", &pins, "--agent-socket", "/nonexistent"]);
+    status["counters"].clone()
+}
+
+/// What a process in `pod` gets when it binds `addr` (TCP, or UDP) and listens.
+fn bind_from(node: &Node, pod: &TestPod, addr: SocketAddr, reuseport: bool, udp: bool) -> ProbeReport {
+    Probe::new(pod.ns(node), &pod.ctr).bind(addr, reuseport, udp).wait()
+}
+
+/// Every way a process could ask for the agent's TCP port: its address or a wildcard, IPv4
+/// or IPv6 (dual-stack `::` and v4-mapped), `SO_REUSEPORT` or not.
+fn squatting_attempts() -> Vec<(SocketAddr, bool, bool)> {
+    let port = AGENT_ADDR.port();
+    let mapped = AGENT_ADDR.ip().to_ipv6_mapped();
+    let mut tries = Vec::new();
+    for addr in [
+        SocketAddr::from(AGENT_ADDR),
+        SocketAddr::from(([0, 0, 0, 0], port)),
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
+        SocketAddr::from((mapped, port)),
+        SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(), port)),
+    ] {
+        tries.extend([(addr, false, false), (addr, true, false)]);
+    }
+    tries
+}
+
+// Item 2: while no agent runs, a hostNetwork pod binds the agent's address and port to
+// receive every redirected connection and answer with forged tokens. The bind guard stays
+// pinned with the other programs and refuses it, in every spelling; the next agent, a new
+// pod in a new cgroup, binds the port and serves.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn the_agents_port_cannot_be_taken_while_the_agent_is_down() {
+    let blob = FakeIdentity::named("blob");
+    let mut node = Node::new("rs-squat", vec![blob.clone()]);
+    let web_uid = pod_uid();
+    node.write_manifest("pods.yaml", &bound_pods_manifest(NS, std::slice::from_ref(&blob), &[(web_uid.clone(), 0)]));
+    let web = node.pod(&web_uid);
+    let mallory = node.host_network_pod(&pod_uid());
+    let first = node.host_network_pod(&pod_uid());
+    node.start_agent_as_pod(&first, &[]);
+    assert_eq!(token(&node, &web).status, 200);
+    let refused_before = bind_from(&node, &mallory, SocketAddr::from(AGENT_ADDR), true, false);
+    assert_eq!(refused_before.errno, Some(libc::EPERM), "refused while the agent runs, too: {refused_before:?}");
+
+    node.agent.as_mut().expect("agent").kill();
+    for (addr, reuseport, udp) in squatting_attempts() {
+        let report = bind_from(&node, &mallory, addr, reuseport, udp);
+        assert_eq!(
+            (report.outcome.as_str(), report.errno),
+            ("error", Some(libc::EPERM)),
+            "bind {addr} (SO_REUSEPORT {reuseport}, UDP {udp}) while the agent is down: {report:?}"
+        );
+    }
+    // The guard is precise: another port, another address's same port, UDP, and the port in a
+    // pod's own network namespace (where no redirected connection arrives) are free to bind.
+    let wildcard = SocketAddr::from(([0, 0, 0, 0], AGENT_ADDR.port()));
+    for (pod, addr, udp) in [
+        (&mallory, SocketAddr::from((*AGENT_ADDR.ip(), 8183)), false),
+        (&mallory, SocketAddr::from(([127, 0, 0, 1], AGENT_ADDR.port())), false),
+        (&mallory, SocketAddr::from(AGENT_ADDR), true),
+        (&web, wildcard, false),
+    ] {
+        let report = bind_from(&node, pod, addr, false, udp);
+        assert_eq!(report.outcome, "bound", "bind {addr} (UDP {udp}) from {}: {report:?}", pod.uid);
+    }
+
+    // The next agent is a new pod: the guard must let it in.
+    let second = node.host_network_pod(&pod_uid());
+    node.start_agent_as_pod(&second, &[]);
+    let fetched = token(&node, &web);
+    assert_eq!(fetched.status, 200, "{fetched:?}");
+    assert_eq!(fetched.json()["access_token"], token_for(&blob.client_id, RESOURCE));
+    node.agent = None; // the agent lives in `second`'s cgroup: stop it before that goes
+    drop((web, mallory, first, second));
+}
+
+// Item 2: something outside the filtered hierarchy (where the guard does not reach) holds the
+// agent's port when it starts. The agent must neither exit (leaving the node without one)
+// nor let the kernel send pods to the holder: it refuses redirects, says who holds the port,
+// is not ready, and takes the port the moment it is free.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_held_port_at_start_is_waited_for_and_nothing_is_sent_to_its_holder() {
+    let blob = FakeIdentity::named("blob");
+    let mut node = Node::new("rs-held", vec![blob.clone()]);
+    let web_uid = pod_uid();
+    node.write_manifest("pods.yaml", &bound_pods_manifest(NS, std::slice::from_ref(&blob), &[(web_uid.clone(), 0)]));
+    let web = node.pod(&web_uid);
+    let squatter = Server::banner(&node.ns, AGENT_ADDR, "HTTP/1.1 200 OK\r\n\r\n{\"access_token\":\"forged\"}");
+
+    let args = agent_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    node.launch_agent(&args);
+    let started = Instant::now();
+    while !readyz(&node).1.contains("is held by") {
+        assert!(started.elapsed() < Duration::from_secs(15), "never said the port is held: {:?}", readyz(&node));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, body) = readyz(&node);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains(&format!("pid {}", std::process::id())), "names the holder: {body}");
+    let fetched = token(&node, &web);
+    assert_eq!(fetched.status, 0, "refused while the port is held: {fetched:?}");
+    assert_eq!(squatter.accepted(), 0, "nothing reached the holder");
+    let counters = kernel_counters(&node);
+    assert!(counters["connect_deny"].as_u64() >= Some(1), "refused by the kernel, not redirected: {counters}");
+    assert_eq!(counters["connect_redirect"], 0, "{counters}");
+    assert!(node.agent.as_mut().expect("agent").running(), "the agent waits; it does not exit");
+
+    drop(squatter);
+    node.agent().wait_for_log(AGENT_READY, Duration::from_secs(10));
+    wait_ready(&node);
+    let fetched = token(&node, &web);
+    assert_eq!(fetched.status, 200, "{fetched:?}");
+    assert_eq!(fetched.json()["access_token"], token_for(&blob.client_id, RESOURCE));
+    drop(web);
+}
+
+// Item 2: two agents for one node (a second started by hand, or a DaemonSet pod started while
+// the old one still terminates). The second must not take the filter from the first, nor
+// mistake the first's listener for a squatter and refuse every redirect: it waits for the
+// first to exit, then takes over.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_second_agent_waits_for_the_first_and_then_takes_over() {
+    let blob = FakeIdentity::named("blob");
+    let mut node = Node::new("rs-two", vec![blob.clone()]);
+    let web_uid = pod_uid();
+    node.write_manifest("pods.yaml", &bound_pods_manifest(NS, std::slice::from_ref(&blob), &[(web_uid.clone(), 0)]));
+    let web = node.pod(&web_uid);
+    node.start_agent(&[]);
+    let second = node.spawn_agent(&[]);
+    second.wait_for_log(
+        "another agent holds this node's filter (its pin directory is locked); waiting for it to exit",
+        Duration::from_secs(15),
+    );
+    for _ in 0..3 {
+        assert_eq!(token(&node, &web).status, 200, "the first agent still serves");
+    }
+    assert_eq!(kernel_counters(&node)["connect_deny"], 0);
+
+    node.agent.as_mut().expect("agent").kill();
+    second.wait_for_log(AGENT_READY, Duration::from_secs(15));
+    let fetched = token(&node, &web);
+    assert_eq!(fetched.status, 200, "{fetched:?}");
+    assert_eq!(fetched.json()["access_token"], token_for(&blob.client_id, RESOURCE));
+    drop((second, web));
 }

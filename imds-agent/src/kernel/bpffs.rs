@@ -49,3 +49,22 @@ pub fn ensure_pin_dir(dir: &Path) -> Result<(), BpffsError> {
         .create(dir)
         .map_err(|source| BpffsError::Io { path: dir.to_owned(), source })
 }
+
+/// An exclusive lock on the pin directory, held for the agent's life: one agent at a time
+/// owns the filter of a node. The kernel drops it when the process ends, however it ends.
+#[derive(Debug)]
+pub struct PinDirLock(
+    #[expect(dead_code, reason = "held for its drop: closing the directory unlocks it")] nix::fcntl::Flock<fs::File>,
+);
+
+/// Takes the lock on `dir` (creating the directory on bpffs first), or `Ok(None)` while
+/// another process holds it.
+pub fn try_lock_pin_dir(dir: &Path) -> Result<Option<PinDirLock>, BpffsError> {
+    ensure_pin_dir(dir)?;
+    let file = fs::File::open(dir).map_err(|source| BpffsError::Io { path: dir.to_owned(), source })?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(Some(PinDirLock(lock))),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, errno)) => Err(BpffsError::Io { path: dir.to_owned(), source: errno.into() }),
+    }
+}

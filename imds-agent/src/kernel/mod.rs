@@ -1,7 +1,7 @@
 //! Loading the kernel programs, attaching them to one cgroup and to the node's network
 //! namespace, and keeping them there.
 //!
-//! State that must outlive the agent process — the six cgroup links, the node backstop and
+//! State that must outlive the agent process — the eight cgroup links, the node backstop and
 //! the maps — is pinned under one bpffs directory (tc filters are held by the kernel). Every
 //! start loads the programs afresh with the maps reused from their pins, then for each hook
 //! either replaces the program behind the pinned link atomically (restart, upgrade: no
@@ -29,7 +29,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, MapInfo, PerCpuArray},
     programs::{
         links::FdLink, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SockOps,
     },
@@ -58,7 +58,7 @@ pub fn programs_built() -> bool {
 /// The metadata endpoint every cloud agrees on.
 pub const IMDS_ENDPOINT: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(169, 254, 169, 254), 80);
 
-/// One of the six places the programs hook into the kernel.
+/// One of the eight places the programs hook into the attach cgroup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Hook {
     SockOps,
@@ -67,12 +67,22 @@ pub enum Hook {
     Egress,
     GetPeerName4,
     GetPeerName6,
+    Bind4,
+    Bind6,
 }
 
 impl Hook {
     /// Attach order: origin tracking before anything is redirected.
-    pub const ALL: [Hook; 6] =
-        [Hook::SockOps, Hook::Connect4, Hook::Connect6, Hook::Egress, Hook::GetPeerName4, Hook::GetPeerName6];
+    pub const ALL: [Hook; 8] = [
+        Hook::SockOps,
+        Hook::Connect4,
+        Hook::Connect6,
+        Hook::Egress,
+        Hook::GetPeerName4,
+        Hook::GetPeerName6,
+        Hook::Bind4,
+        Hook::Bind6,
+    ];
 
     /// Name of the program in the object (and, truncated to 15 bytes, in the kernel).
     #[must_use]
@@ -84,6 +94,8 @@ impl Hook {
             Hook::Egress => programs::EGRESS,
             Hook::GetPeerName4 => programs::PEER4,
             Hook::GetPeerName6 => programs::PEER6,
+            Hook::Bind4 => programs::BIND4,
+            Hook::Bind6 => programs::BIND6,
         }
     }
 
@@ -97,6 +109,8 @@ impl Hook {
             Hook::Egress => bpf_attach_type::BPF_CGROUP_INET_EGRESS,
             Hook::GetPeerName4 => bpf_attach_type::BPF_CGROUP_INET4_GETPEERNAME,
             Hook::GetPeerName6 => bpf_attach_type::BPF_CGROUP_INET6_GETPEERNAME,
+            Hook::Bind4 => bpf_attach_type::BPF_CGROUP_INET4_BIND,
+            Hook::Bind6 => bpf_attach_type::BPF_CGROUP_INET6_BIND,
         }
     }
 
@@ -168,8 +182,15 @@ pub struct FilterOptions {
     pub protected: Vec<SocketAddrV4>,
     /// Verdict of cgroups without an entry.
     pub default_verdict: Verdict,
-    /// cgroup id of the agent itself (its upstream connections pass); 0 for none.
-    pub exempt_cgroup: u64,
+    /// cgroup id of the agent itself: its upstream connections pass, and it alone may bind
+    /// the agent's port (with the agent it replaces, see [`Config::with_agent`]); 0 for none.
+    pub agent_cgroup: u64,
+    /// Whether the agent holds its port. `false` (something else listens there) makes the
+    /// kernel refuse what it would redirect, until [`Redirects::resume`].
+    pub listening: bool,
+    /// The agent's network namespace ([`crate::server::listener::netns_cookie`]): the bind
+    /// guard protects its port there; 0 protects it in every namespace.
+    pub agent_netns_cookie: u64,
     /// Most verbose kernel log level compiled into the programs' checks.
     pub kernel_log_level: log::LevelFilter,
     /// Origin records older than this are ignored.
@@ -202,6 +223,37 @@ pub struct Filter {
     attachments: Vec<(Hook, Attachment)>,
     cgroup_id: u64,
     node_backstop: Option<Mechanism>,
+    redirects: Option<Redirects>,
+}
+
+/// The switch between redirecting to the agent and refusing (`CONFIG.refuse_redirects`), on
+/// the map the installed programs read.
+pub struct Redirects {
+    config: Array<MapData, Config>,
+    agent_cgroup: u64,
+}
+
+impl Redirects {
+    /// The agent holds its port: redirect to it.
+    pub fn resume(&mut self) -> Result<(), FilterError> {
+        self.set(0)
+    }
+
+    /// The agent is stopping: refuse what would be redirected until the next one listens (a
+    /// socket that bound the port before the guard existed could listen meanwhile). Not when
+    /// another agent has taken over since: the switch is its. Returns whether it refused.
+    pub fn refuse_on_exit(&mut self) -> Result<bool, FilterError> {
+        let current = self.config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        if current.agent_cgroups[0] != self.agent_cgroup {
+            return Ok(false);
+        }
+        self.set(1).map(|()| true)
+    }
+
+    fn set(&mut self, refuse: u16) -> Result<(), FilterError> {
+        let current = self.config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        self.config.set(0, Config { refuse_redirects: refuse, ..current }, 0).map_err(map_err(maps::CONFIG))
+    }
 }
 
 impl Filter {
@@ -223,7 +275,7 @@ impl Filter {
         })?;
         bpffs::ensure_pin_dir(&opts.pin_dir)?;
         let mut plan = backstop::Plan::new(opts.node_backstop)?;
-        drop_outgrown_counters(&opts.pin_dir)?;
+        drop_reshaped_maps(&opts.pin_dir)?;
 
         // log's LevelFilter and aya-log number levels alike: 0 off, 1 error … 5 trace.
         let log_level = opts.kernel_log_level as u8;
@@ -240,19 +292,18 @@ impl Filter {
 
         // Configure before anything is attached, so the first program run already sees it.
         let mut config: Array<MapData, Config> = take_map(&mut ebpf, maps::CONFIG)?;
-        config
-            .set(
-                0,
-                Config {
-                    exempt_cgroup: opts.exempt_cgroup,
-                    agent_ip4_be: u32::from(*opts.agent.ip()).to_be(),
-                    default_verdict: opts.default_verdict as u32,
-                    agent_port_be: opts.agent.port().to_be(),
-                    pad: [0; 6],
-                },
-                0,
-            )
-            .map_err(map_err(maps::CONFIG))?;
+        // The agent cgroups carry over (see `Config::with_agent`); everything else is ours.
+        let pinned = config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        let wanted = Config {
+            agent_cgroups: pinned.with_agent(opts.agent_cgroup).agent_cgroups,
+            agent_ip4_be: u32::from(*opts.agent.ip()).to_be(),
+            default_verdict: opts.default_verdict as u32,
+            agent_port_be: opts.agent.port().to_be(),
+            refuse_redirects: u16::from(!opts.listening),
+            pad: [0; 4],
+            agent_netns_cookie: opts.agent_netns_cookie,
+        };
+        config.set(0, wanted, 0).map_err(map_err(maps::CONFIG))?;
         let mut protected_map: HashMap<MapData, u32, ProtectedAddr> = take_map(&mut ebpf, maps::PROTECTED)?;
         sync_protected(&mut protected_map, &protected)?;
         let mut nat64_map: Array<MapData, Nat64Prefix> = take_map(&mut ebpf, maps::NAT64)?;
@@ -291,6 +342,7 @@ impl Filter {
             attachments,
             cgroup_id,
             node_backstop: node.mechanism,
+            redirects: Some(Redirects { config, agent_cgroup: opts.agent_cgroup }),
         };
         if let Some(watcher) = node.watcher {
             watcher.watch(ebpf).map_err(|source| FilterError::Io {
@@ -380,6 +432,11 @@ impl Filter {
         Arc::clone(&self.origins)
     }
 
+    /// The switch between redirecting and refusing (once; the agent keeps it).
+    pub fn take_redirects(&mut self) -> Option<Redirects> {
+        self.redirects.take()
+    }
+
     /// The reader of kernel-side log records (once; the caller drains it).
     pub fn take_kernel_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
         self.logger.take()
@@ -388,7 +445,7 @@ impl Filter {
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, FilterError>
 where
-    T: TryFrom<aya::maps::Map, Error = MapError>,
+    T: TryFrom<Map, Error = MapError>,
 {
     let map =
         ebpf.take_map(name).ok_or(FilterError::Map { name, source: MapError::InvalidName { name: name.into() } })?;
@@ -453,20 +510,49 @@ pub fn nat64_table(extra: &[Ipv6Addr]) -> Result<Vec<Nat64Prefix>, FilterError> 
     Ok(table)
 }
 
-/// An earlier version pinned `COUNTERS` with fewer slots than there are counters now: its
-/// pin is removed so that the load creates the map afresh (the counts start again; programs
-/// still attached keep the old map until they are replaced a moment later).
-fn drop_outgrown_counters(pin_dir: &Path) -> Result<(), FilterError> {
-    let pin = pin_dir.join(maps::COUNTERS);
+/// An earlier version pinned `COUNTERS` with fewer slots than there are counters now, or
+/// `CONFIG` with another layout: the pin is removed so that the load creates the map afresh
+/// (counts start again; programs still attached keep the old map until they are replaced a
+/// moment later, after the new one is filled).
+fn drop_reshaped_maps(pin_dir: &Path) -> Result<(), FilterError> {
+    drop_pin_unless(pin_dir, maps::COUNTERS, |info| info.max_entries() >= Counter::LEN)?;
+    drop_pin_unless(pin_dir, maps::CONFIG, |info| info.value_size() as usize == size_of::<Config>())
+}
+
+fn drop_pin_unless(pin_dir: &Path, name: &'static str, fits: impl Fn(&MapInfo) -> bool) -> Result<(), FilterError> {
+    let pin = pin_dir.join(name);
     if !pin.exists() {
         return Ok(());
     }
-    let info = MapData::from_pin(&pin).and_then(|m| m.info()).map_err(map_err(maps::COUNTERS))?;
-    if info.max_entries() < Counter::LEN {
-        tracing::info!(had = info.max_entries(), now = Counter::LEN, "counters map outgrown; starting it afresh");
+    let info = MapData::from_pin(&pin).and_then(|m| m.info()).map_err(map_err(name))?;
+    if !fits(&info) {
+        tracing::info!(map = name, "pinned map has an earlier version's shape; starting it afresh");
         fs::remove_file(&pin).map_err(|source| FilterError::Io { what: "removing pin", path: pin, source })?;
     }
     Ok(())
+}
+
+/// The pinned `CONFIG` map, if an earlier agent left one of this version's shape.
+fn pinned_config(pin_dir: &Path) -> Result<Option<Array<MapData, Config>>, FilterError> {
+    let pin = pin_dir.join(maps::CONFIG);
+    if !pin.exists() {
+        return Ok(None);
+    }
+    let data = MapData::from_pin(&pin).map_err(map_err(maps::CONFIG))?;
+    let info = data.info().map_err(map_err(maps::CONFIG))?;
+    if info.value_size() as usize != size_of::<Config>() {
+        return Ok(None); // an earlier version's: it had no bind guard either
+    }
+    Array::try_from(Map::Array(data)).map(Some).map_err(map_err(maps::CONFIG))
+}
+
+/// Makes `own` the agent's cgroup in the pinned configuration, if there is one, so that the
+/// bind guard an earlier agent left lets this agent bind its port. Called before binding;
+/// [`Filter::install`] writes the rest later.
+pub fn admit_agent(pin_dir: &Path, own: u64) -> Result<(), FilterError> {
+    let Some(mut config) = pinned_config(pin_dir)? else { return Ok(()) };
+    let current = config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+    config.set(0, current.with_agent(own), 0).map_err(map_err(maps::CONFIG))
 }
 
 /// Makes the `PROTECTED` map hold exactly `wanted`.
@@ -526,7 +612,7 @@ fn attach_or_replace(
             let id = p.attach(cgroup_dir, mode).map_err(prog_err(name))?;
             p.take_link(id).map_err(prog_err(name))?.try_into()
         }
-        Hook::Connect4 | Hook::Connect6 | Hook::GetPeerName4 | Hook::GetPeerName6 => {
+        Hook::Connect4 | Hook::Connect6 | Hook::GetPeerName4 | Hook::GetPeerName6 | Hook::Bind4 | Hook::Bind6 => {
             let p: &mut CgroupSockAddr = program.try_into().map_err(prog_err(name))?;
             let id = p.attach(cgroup_dir, mode).map_err(prog_err(name))?;
             p.take_link(id).map_err(prog_err(name))?.try_into()
@@ -553,7 +639,7 @@ fn load(program: &mut aya::programs::Program, hook: Hook) -> Result<(), FilterEr
     loop {
         let result = match hook {
             Hook::SockOps => <&mut SockOps>::try_from(&mut *program).map_err(prog_err(name))?.load(),
-            Hook::Connect4 | Hook::Connect6 | Hook::GetPeerName4 | Hook::GetPeerName6 => {
+            Hook::Connect4 | Hook::Connect6 | Hook::GetPeerName4 | Hook::GetPeerName6 | Hook::Bind4 | Hook::Bind6 => {
                 <&mut CgroupSockAddr>::try_from(&mut *program).map_err(prog_err(name))?.load()
             }
             Hook::Egress => <&mut CgroupSkb>::try_from(&mut *program).map_err(prog_err(name))?.load(),

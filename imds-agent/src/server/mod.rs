@@ -6,6 +6,7 @@
 //! header-read timeout, and limits on header size and count; request bodies are never read.
 mod handler;
 pub mod limits;
+pub mod listener;
 mod principal;
 mod workload;
 

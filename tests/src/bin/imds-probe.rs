@@ -54,6 +54,16 @@ enum Op {
         #[arg(long, value_enum, default_value_t = Then::Read)]
         then: Then,
     },
+    /// `bind()` a socket to `addr` and, for TCP, `listen()`: `bound`, or the error.
+    Bind {
+        addr: SocketAddr,
+        /// Set `SO_REUSEPORT` first (shares a port with a listener of the same uid that did).
+        #[arg(long)]
+        reuseport: bool,
+        /// A UDP socket instead of TCP.
+        #[arg(long)]
+        udp: bool,
+    },
     /// One unconnected UDP datagram (sendto, no `connect()`), over IPv4 or IPv6.
     Udp { addr: std::net::IpAddr, port: u16 },
     /// One hand-made Ethernet frame through an `AF_PACKET` socket on `iface` (no socket-layer
@@ -221,6 +231,7 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
                 Err(e) => set_error(&mut report, &e),
             }
         }
+        Op::Bind { addr, reuseport, udp } => bind(&mut report, addr, reuseport, udp)?,
         Op::RawSyn { addr, port, sport } => raw_syn(&mut report, addr, port, sport)?,
         Op::Frame { ref iface, ref gateway_mac, src, dst, dport, sport, carrying, wait_ms, vlan_tags } => {
             let frame = imds_tests::frame::Frame {
@@ -323,6 +334,29 @@ fn connect(report: &mut ProbeReport, addr: Ipv4Addr, port: u16, v6: bool, then: 
             report.reply = Some(String::from_utf8_lossy(&buf).into_owned());
         }
         Err(e) => set_error(report, &e),
+    }
+    Ok(())
+}
+
+/// `bind()` (and, for TCP, `listen()`) a new socket on `addr`.
+fn bind(report: &mut ProbeReport, addr: SocketAddr, reuseport: bool, udp: bool) -> anyhow::Result<()> {
+    use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let kind = if udp { SockType::Datagram } else { SockType::Stream };
+    let fd = socket::socket(family, kind, SockFlag::SOCK_CLOEXEC, None)?;
+    if reuseport {
+        socket::setsockopt(&fd, sockopt::ReusePort, &true)?;
+    }
+    let bound = socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).and_then(|()| {
+        if udp {
+            Ok(())
+        } else {
+            socket::listen(&fd, Backlog::new(8)?)
+        }
+    });
+    match bound {
+        Ok(()) => report.outcome = "bound".into(),
+        Err(errno) => set_error(report, &std::io::Error::from(errno)),
     }
     Ok(())
 }
