@@ -1,6 +1,8 @@
-//! Kubernetes Events for refused token requests (with `--kube`): a `Warning` on the pod, in
-//! words its developer understands, so `kubectl describe pod` says why the SDK got
-//! "Identity not found".
+//! Kubernetes Events (with `--kube`), as `Warning`s in words their readers understand:
+//! - on a pod whose token request was refused, so `kubectl describe pod` says why the SDK got
+//!   "Identity not found";
+//! - on a policy object the agent leaves out (an `AzureIdentity` without a client id, a
+//!   binding without a selector), so `kubectl describe` says why it has no effect.
 //!
 //! Requests never wait on the API server: refusals go through a bounded queue (dropped when
 //! full). Each pod and reason yields at most one Event per minute, saying how many were held
@@ -34,14 +36,97 @@ pub struct Denial {
     pub reason: String,
 }
 
-/// The sending side, shared by request handlers.
+/// A policy object the agent leaves out, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ignored {
+    pub api_version: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// What becomes an Event.
 #[derive(Clone, Debug)]
-pub struct DenialEvents(mpsc::Sender<Denial>);
+enum Notice {
+    Denial(Denial),
+    Ignored(Ignored),
+}
+
+/// The sending side, shared by request handlers and the policy source.
+#[derive(Clone, Debug)]
+pub struct DenialEvents(mpsc::Sender<Notice>);
 
 impl DenialEvents {
-    /// Queues an Event; never blocks, drops it if the queue is full.
+    /// Queues an Event on a pod; never blocks, drops it if the queue is full.
     pub fn report(&self, denial: Denial) {
-        let _ = self.0.try_send(denial);
+        let _ = self.0.try_send(Notice::Denial(denial));
+    }
+
+    /// Queues an Event on a policy object left out; never blocks, drops it if the queue is full.
+    pub fn ignored(&self, ignored: Ignored) {
+        let _ = self.0.try_send(Notice::Ignored(ignored));
+    }
+}
+
+impl Notice {
+    /// The object the Event is about, and the Event; `held` were held back before it.
+    fn into_event(self, held: u32) -> (ObjectReference, Event) {
+        let held_back = |what: &str| {
+            if held > 0 {
+                format!(" ({held} more such {what} in the last minute.)")
+            } else {
+                String::new()
+            }
+        };
+        let reference = |api_version: &str, kind: &str, namespace: String, name: String, uid: &str| ObjectReference {
+            api_version: Some(api_version.into()),
+            kind: Some(kind.into()),
+            name: Some(name),
+            namespace: Some(namespace),
+            uid: Some(uid.to_owned()),
+            ..ObjectReference::default()
+        };
+        match self {
+            Notice::Denial(d) => {
+                let text = format!(
+                    "Refused a request for an Azure managed-identity token: {}.{}",
+                    d.reason,
+                    held_back("refusals")
+                );
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "ManagedIdentityRefused".into(),
+                    note: Some(text),
+                    action: "GetToken".into(),
+                    secondary: None,
+                };
+                (reference("v1", "Pod", d.namespace, d.pod, &d.uid), event)
+            }
+            Notice::Ignored(i) => {
+                let text = format!("Ignored by imds-filter: {}.", i.problem);
+                let event = Event {
+                    type_: EventType::Warning,
+                    reason: "InvalidPolicyObject".into(),
+                    note: Some(text),
+                    action: "ReadPolicy".into(),
+                    secondary: None,
+                };
+                (reference(&i.api_version, &i.kind, i.namespace, i.name, &i.uid), event)
+            }
+        }
+    }
+
+    /// The limiter's key: one Event per object and reason per window.
+    fn key(&self) -> (String, String) {
+        match self {
+            Notice::Denial(d) => (d.uid.clone(), d.reason.clone()),
+            // The object, not the problem's words: those carry values, and each edit would pass
+            // the limit.
+            Notice::Ignored(i) => (format!("{}/{}/{}", i.kind, i.namespace, i.name), "InvalidPolicyObject".to_owned()),
+        }
     }
 }
 
@@ -77,32 +162,15 @@ impl Limiter {
 
 /// Starts the Event writer for this client.
 pub fn start(client: Client, instance: Option<String>) -> DenialEvents {
-    let (tx, mut rx) = mpsc::channel::<Denial>(QUEUE);
+    let (tx, mut rx) = mpsc::channel::<Notice>(QUEUE);
     let recorder = Recorder::new(client, Reporter { controller: "imds-filter".into(), instance });
     tokio::spawn(async move {
         let mut limiter = Limiter::default();
-        while let Some(d) = rx.recv().await {
-            let Some(held) = limiter.admit((d.uid.clone(), d.reason.clone()), Instant::now()) else {
+        while let Some(notice) = rx.recv().await {
+            let Some(held) = limiter.admit(notice.key(), Instant::now()) else {
                 continue;
             };
-            let held_back =
-                if held > 0 { format!(" ({held} more such refusals in the last minute.)") } else { String::new() };
-            let text = format!("Refused a request for an Azure managed-identity token: {}.{held_back}", d.reason);
-            let reference = ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: Some(d.pod),
-                namespace: Some(d.namespace),
-                uid: Some(d.uid),
-                ..ObjectReference::default()
-            };
-            let event = Event {
-                type_: EventType::Warning,
-                reason: "ManagedIdentityRefused".into(),
-                note: Some(text),
-                action: "GetToken".into(),
-                secondary: None,
-            };
+            let (reference, event) = notice.into_event(held);
             if let Err(e) = recorder.publish(&event, &reference).await {
                 tracing::warn!(error = %e, "could not record a Kubernetes Event");
             }

@@ -255,9 +255,16 @@ struct RunArgs {
     /// Answer `imds-agent status` and `explain` on this Unix socket (owner-only).
     #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
     control_socket: PathBuf,
-    /// Protected endpoint (repeatable).
+    /// A protected endpoint: TCP to it from pods is judged by their policy and redirected to
+    /// the agent (repeatable; at most 4 ports per address).
     #[arg(long = "protect", value_name = "ADDR:PORT", default_values_t = [IMDS_ENDPOINT])]
     protected: Vec<SocketAddrV4>,
+    /// An address to protect whole: from pods that are not exceptions, every port and
+    /// protocol to it but the --protect endpoints (which are redirected) is refused. Without
+    /// it, only TCP to the --protect ports of an address is judged, and its other ports and
+    /// UDP (the wire server's DNS, say) are left alone. Repeat for more addresses.
+    #[arg(long = "protect-address", value_name = "ADDR", default_values_t = [*IMDS_ENDPOINT.ip()])]
+    protected_addresses: Vec<std::net::Ipv4Addr>,
     /// Where the node backstop runs: it drops packets to protected addresses that enter the
     /// node's network namespace from a pod's (made below the socket layer, e.g. with
     /// AF_PACKET or the pod's own nftables). `auto`: netfilter on Linux ≥ 6.4, else tc.
@@ -418,7 +425,7 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         PolicySource::Manifests { .. } => (None, None),
     };
     let source = Arc::new(SourceStatus::default());
-    let (updates, synced, _watcher) = policy.start(workload_settings(&args), &source)?;
+    let (updates, synced, _watcher) = policy.start(workload_settings(&args), &source, events.clone())?;
     let attach_root = cgroup::validate_attach_cgroup(&root, &attach_cgroup)?;
     let telemetry = Arc::new(
         Telemetry::new(attach_root.clone(), &args.bpffs, updates.clone(), Arc::clone(&source))
@@ -527,6 +534,9 @@ async fn install(
         tracing::error!(%listen, holder = %listener::held_by(listen), "the agent's port is held by another process");
     }
     warn_if_ephemeral(listen);
+    for warning in kernel::protection_warnings(&args.protected, &args.protected_addresses) {
+        tracing::warn!("{warning}");
+    }
     let agent_netns_cookie = listener::netns_cookie().context("reading the network namespace's cookie")?;
     let options = FilterOptions {
         agent_cgroup,
@@ -589,6 +599,7 @@ fn filter_options(args: &RunArgs, attach_cgroup: &Path, listen: SocketAddrV4, lo
         pin_dir: args.bpffs.clone(),
         agent: listen,
         protected: args.protected.clone(),
+        protected_addresses: args.protected_addresses.clone(),
         default_verdict: args.default_verdict.into(),
         agent_cgroup: 0,
         listening: true,
@@ -659,6 +670,7 @@ impl PolicySource {
         self,
         workload: WorkloadSettings,
         status: &Arc<SourceStatus>,
+        events: Option<events::DenialEvents>,
     ) -> anyhow::Result<(watch::Receiver<Arc<Snapshot>>, bool, Option<notify::RecommendedWatcher>)> {
         match self {
             PolicySource::Manifests { dir, initial } => {
@@ -671,7 +683,9 @@ impl PolicySource {
             PolicySource::Kube { client, node } => {
                 let (snapshots, updates) = watch::channel(Arc::new(Snapshot::default()));
                 let status = Arc::clone(status);
-                tokio::spawn(async move { kube_source::run(client, &node, workload, snapshots, status).await });
+                tokio::spawn(async move {
+                    kube_source::run(client, &node, workload, snapshots, status, events).await;
+                });
                 Ok((updates, false, None))
             }
         }

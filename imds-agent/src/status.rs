@@ -94,6 +94,8 @@ pub struct NodeStatus {
     pub attach_cgroup: Option<String>,
     pub hooks: Vec<HookStatus>,
     pub protected_endpoints: Vec<String>,
+    /// Addresses protected on every port and protocol besides.
+    pub protected_addresses: Vec<String>,
     pub default_verdict: Option<String>,
     /// Where the kernel sends redirected connections.
     pub redirect_to: Option<String>,
@@ -182,7 +184,7 @@ pub fn assess(inputs: Inputs<'_>) -> NodeStatus {
             required_missing |= REQUIRED.contains(hook);
         }
     }
-    if state.config.is_some() && state.protected.is_empty() {
+    if state.config.is_some() && state.protected.is_empty() && state.protected_addresses.is_empty() {
         problems.push("no protected endpoints are configured; restart the agent".into());
     }
     if let (Some(config), Some(agent)) = (state.config, state.agent()) {
@@ -202,7 +204,7 @@ pub fn assess(inputs: Inputs<'_>) -> NodeStatus {
     };
     let (protection, summary) = if state.links.is_empty() {
         (Protection::Unprotected, format!("not protected: nothing is installed under {pin_dir}"))
-    } else if required_missing || state.protected.is_empty() {
+    } else if required_missing || (state.protected.is_empty() && state.protected_addresses.is_empty()) {
         (Protection::Unprotected, "not protected: the filter is only partly in place".to_owned())
     } else if backstop_missing {
         let summary = "not protected below the socket layer: the node backstop is missing or incomplete, so pods holding NET_RAW or NET_ADMIN can reach protected addresses";
@@ -236,6 +238,7 @@ pub fn assess(inputs: Inputs<'_>) -> NodeStatus {
         attach_cgroup,
         hooks,
         protected_endpoints: state.protected.iter().map(ToString::to_string).collect(),
+        protected_addresses: state.protected_addresses.iter().map(ToString::to_string).collect(),
         default_verdict: state.default_verdict().map(|v| v.name().to_owned()),
         redirect_to: state.agent().map(|a| a.to_string()),
         verdict_entries,
@@ -293,6 +296,9 @@ impl std::fmt::Display for NodeStatus {
         }
         if !self.protected_endpoints.is_empty() {
             writeln!(f, "  protected       {}", self.protected_endpoints.join(", "))?;
+        }
+        if !self.protected_addresses.is_empty() {
+            writeln!(f, "  every port of   {}", self.protected_addresses.join(", "))?;
         }
         if let (Some(v), Some(to)) = (&self.default_verdict, &self.redirect_to) {
             writeln!(f, "  default         {v} (to {to})")?;
@@ -369,6 +375,7 @@ mod tests {
             links,
             config: Some(Config { default_verdict: Verdict::Redirect as u32, ..Config::default() }),
             protected: vec!["169.254.169.254:80".parse().unwrap()],
+            protected_addresses: vec!["169.254.169.254".parse().unwrap()],
             verdicts: vec![(8, Some(Verdict::Pass)), (9, Some(Verdict::Deny))],
             counters: vec![],
             maps: vec![],
@@ -414,6 +421,7 @@ mod tests {
             links: vec![],
             config: None,
             protected: vec![],
+            protected_addresses: vec![],
             verdicts: vec![],
             counters: vec![],
             maps: vec![],

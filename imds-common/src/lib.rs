@@ -215,15 +215,30 @@ impl Config {
     }
 }
 
-/// Value of the `PROTECTED` map: the redirectable ports of one protected IPv4 address.
+/// Value of the `PROTECTED` map: what of one IPv4 address is protected.
 ///
-/// A connection from a non-PASS cgroup to a protected address on any other port, or with
-/// any protocol but TCP, is refused: there is nothing else there a pod may talk to.
+/// TCP (and UDP) to one of `ports_be` is judged by the caller's verdict (TCP is redirected
+/// to the agent); other ports are left alone, so protecting a service's HTTP port leaves its
+/// DNS alone. With `whole_address`, everything else to the address is refused from
+/// cgroups that are not PASS too: there is nothing else there a pod may talk to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProtectedAddr {
     /// Ports in network order; 0 marks an unused slot.
     pub ports_be: [u16; MAX_PORTS_PER_ADDR],
+    /// 1: the whole address is protected, every port and protocol.
+    pub whole_address: u16,
+    /// Explicit padding, always zero.
+    pub pad: u16,
+}
+
+/// IP protocol numbers the rule for a protected address tells apart.
+pub mod ipproto {
+    pub const TCP: u32 = 6;
+    pub const UDP: u32 = 17;
+    pub const UDPLITE: u32 = 136;
+    /// Multipath TCP, as a socket's protocol (on the wire it is TCP).
+    pub const MPTCP: u32 = 262;
 }
 
 impl ProtectedAddr {
@@ -241,6 +256,51 @@ impl ProtectedAddr {
         }
         false
     }
+
+    /// Whether traffic of IP `protocol` to `port_be` (`None`: not known, as for a later
+    /// fragment) is judged by the caller's verdict, rather than left alone. TCP and UDP to a
+    /// port-only address's other ports are left alone; any other protocol, and TCP whose port
+    /// cannot be read, is judged: the safe side when it cannot be told apart.
+    #[inline(always)]
+    #[expect(clippy::inline_always, reason = "called from BPF programs, where calls cost verifier complexity")]
+    #[must_use]
+    pub fn judges(&self, protocol: u32, port_be: Option<u16>) -> bool {
+        if self.whole_address != 0 {
+            return true;
+        }
+        match (protocol, port_be) {
+            // A datagram to a listed port is judged too (QUIC on a protected :443); later
+            // fragments carry no port, and without their first one they never reassemble.
+            (ipproto::UDP | ipproto::UDPLITE | ipproto::TCP | ipproto::MPTCP, Some(port_be)) => self.has_port(port_be),
+            (ipproto::UDP | ipproto::UDPLITE, None) => false,
+            _ => true,
+        }
+    }
+}
+
+/// Of an IPv4 header's first 20 bytes: its protocol, and where its transport header starts
+/// (`None` for a later fragment, which carries none).
+#[inline(always)]
+#[expect(clippy::inline_always, reason = "called from BPF programs, where calls cost verifier complexity")]
+#[must_use]
+pub fn ipv4_transport(header: &[u8; 20]) -> (u32, Option<u32>) {
+    let header_len = u32::from(header[0] & 0x0f) * 4;
+    let fragment_offset = (u16::from(header[6] & 0x1f) << 8) | u16::from(header[7]);
+    let protocol = u32::from(header[9]);
+    (protocol, (fragment_offset == 0 && header_len >= 20).then_some(header_len))
+}
+
+/// Where an IPv6 packet's transport header starts when its next header is one (no extension
+/// headers): the fixed header's length.
+pub const IPV6_HEADER_LEN: u32 = 40;
+
+/// Whether an IPv6 next-header value is a transport whose destination port the rule reads
+/// (TCP or UDP right after the fixed header); any other value leaves the port unknown.
+#[inline(always)]
+#[expect(clippy::inline_always, reason = "called from BPF programs, where calls cost verifier complexity")]
+#[must_use]
+pub const fn has_ports(next_header: u32) -> bool {
+    matches!(next_header, ipproto::TCP | ipproto::UDP | ipproto::UDPLITE)
 }
 
 /// Who made a redirected connection, recorded by the kernel at `connect()` time.
@@ -458,7 +518,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Config>(), 2 * 8 + 4 + 4 + 2 + 2 + 4 + 8);
-        assert_eq!(size_of::<ProtectedAddr>(), 2 * MAX_PORTS_PER_ADDR);
+        assert_eq!(size_of::<ProtectedAddr>(), 2 * MAX_PORTS_PER_ADDR + 2 + 2);
         assert_eq!(size_of::<Origin>(), 8 * 4 + 4 + 2 + 2);
         assert_eq!(size_of::<OriginKey>(), 4 + 4 + 2 + 2);
         assert_eq!(size_of::<Peer>(), 4 + 2 + 2);
@@ -562,8 +622,55 @@ mod tests {
     }
 
     #[test]
+    fn a_port_protected_address_leaves_udp_and_other_tcp_ports_alone() {
+        let http = ProtectedAddr { ports_be: [80u16.to_be(), 0, 0, 0], ..ProtectedAddr::default() };
+        let whole = ProtectedAddr { whole_address: 1, ..http };
+        let p = |n: u16| Some(n.to_be());
+        // (protocol, port, judged on a port-only address)
+        let table = [
+            (ipproto::TCP, p(80), true),
+            (ipproto::MPTCP, p(80), true),
+            (ipproto::TCP, p(53), false),
+            (ipproto::MPTCP, p(443), false),
+            (ipproto::UDP, p(53), false),
+            (ipproto::UDP, p(80), true),
+            (ipproto::UDPLITE, p(80), true),
+            (ipproto::UDPLITE, p(53), false),
+            (ipproto::TCP, None, true),
+            (ipproto::UDP, None, false),
+            (1, None, true),    // ICMP
+            (132, p(80), true), // SCTP
+            (44, None, true),   // an IPv6 fragment header: the transport is not known
+        ];
+        for (protocol, port, judged) in table {
+            assert_eq!(http.judges(protocol, port), judged, "port-only: {protocol} {port:?}");
+            assert!(whole.judges(protocol, port), "whole address: {protocol} {port:?}");
+        }
+    }
+
+    #[test]
+    fn ipv4_headers_give_their_protocol_and_transport_offset() {
+        let mut h = [0u8; 20];
+        h[0] = 0x45;
+        h[9] = 17;
+        assert_eq!(ipv4_transport(&h), (17, Some(20)));
+        h[0] = 0x46; // 4 bytes of options
+        assert_eq!(ipv4_transport(&h), (17, Some(24)));
+        h[6] = 0x20; // more fragments, offset 0: the first fragment
+        assert_eq!(ipv4_transport(&h), (17, Some(24)));
+        h[7] = 1; // offset 8 bytes: a later fragment
+        assert_eq!(ipv4_transport(&h), (17, None));
+        h[6] = 0x40; // don't fragment, offset 1 (impossible, but no port there either)
+        assert_eq!(ipv4_transport(&h), (17, None));
+        let mut short = [0u8; 20];
+        short[0] = 0x44; // a header length below 20 is not a header
+        assert_eq!(ipv4_transport(&short).1, None);
+        assert!(has_ports(6) && has_ports(17) && !has_ports(44) && !has_ports(0));
+    }
+
+    #[test]
     fn has_port_ignores_empty_slots() {
-        let p = ProtectedAddr { ports_be: [80u16.to_be(), 0, 0, 0] };
+        let p = ProtectedAddr { ports_be: [80u16.to_be(), 0, 0, 0], ..ProtectedAddr::default() };
         assert!(p.has_port(80u16.to_be()));
         assert!(!p.has_port(443u16.to_be()));
         assert!(!p.has_port(0));

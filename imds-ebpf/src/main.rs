@@ -50,8 +50,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use imds_common::{
-    bind_target_v4, capacity, embedded_v4, Config, Counter, Embedded, Nat64Prefix, Origin, OriginKey, Peer, PodAddr,
-    ProtectedAddr, MAX_CGROUP_DEPTH, V4_MAPPED_WORD2, VERDICT_PASS, VERDICT_REDIRECT,
+    bind_target_v4, capacity, embedded_v4, has_ports, ipproto, ipv4_transport, Config, Counter, Embedded, Nat64Prefix,
+    Origin, OriginKey, Peer, PodAddr, ProtectedAddr, IPV6_HEADER_LEN, MAX_CGROUP_DEPTH, V4_MAPPED_WORD2, VERDICT_PASS,
+    VERDICT_REDIRECT,
 };
 
 // ---- maps (pinned by name, so they outlive the agent process) ------------------------------
@@ -84,7 +85,6 @@ const REFUSE: i32 = 0;
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
-const IPPROTO_TCP: u32 = 6;
 const SOCK_STREAM: u32 = 1;
 /// `ETH_P_IP` and `ETH_P_IPV6` as `skb->protocol` holds them (network order, low 16 bits).
 const ETH_P_IP_BE: u32 = 0x0800u16.to_be() as u32;
@@ -94,6 +94,10 @@ const IPV4_SADDR_OFFSET: usize = 12;
 const IPV4_DADDR_OFFSET: usize = 16;
 const IPV6_SADDR_OFFSET: usize = 8;
 const IPV6_DADDR_OFFSET: usize = 24;
+/// Offset of the next-header field in an IPv6 header.
+const IPV6_NEXT_HEADER_OFFSET: usize = 6;
+/// Offset of the destination port in a TCP, UDP or UDP-Lite header.
+const DPORT_OFFSET: usize = 2;
 
 // ---- connect4 / connect6 ---------------------------------------------------------------------
 
@@ -179,12 +183,15 @@ fn try_connect(ip4_be: u32, port_be: u16, protocol: u32) -> Connect {
     let Some(protected) = (unsafe { PROTECTED.get(ip4_be) }).copied() else {
         return Connect::Untouched;
     };
+    if !protected.judges(protocol, Some(port_be)) {
+        return Connect::Untouched; // UDP, or TCP to a port nobody protects
+    }
     let cfg = config();
     // SAFETY: helper without preconditions.
     let leaf = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: helper without preconditions; returns 0 past the caller's own level.
     let verdict = cgroup_verdict(&cfg, leaf, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) });
-    let redirectable = protocol == IPPROTO_TCP && protected.has_port(port_be);
+    let redirectable = protocol == ipproto::TCP && protected.has_port(port_be);
     match verdict {
         VERDICT_PASS => Connect::Pass,
         VERDICT_REDIRECT if redirectable && cfg.refuse_redirects == 0 => Connect::Redirect(cfg),
@@ -407,11 +414,15 @@ pub fn imds_egress(ctx: SkBuffContext) -> i32 {
 /// carry a protected destination, so only traffic that skipped `connect()` lands here.
 #[inline(always)]
 fn try_egress_allowed(ctx: &SkBuffContext) -> bool {
-    let Some(dst_be) = egress_destination(ctx) else {
+    let Some((dst_be, v6)) = egress_destination(ctx) else {
         return true; // not a packet that can reach an IPv4 endpoint
     };
-    // SAFETY: plain lookup; presence is all we need.
-    if unsafe { PROTECTED.get(dst_be) }.is_none() {
+    // SAFETY: plain data copied out right away.
+    let Some(protected) = unsafe { PROTECTED.get(dst_be) }.copied() else {
+        return true;
+    };
+    let (protocol, port_be) = egress_transport(ctx, v6);
+    if !protected.judges(protocol, port_be) {
         return true;
     }
     let cfg = config();
@@ -424,19 +435,36 @@ fn try_egress_allowed(ctx: &SkBuffContext) -> bool {
     verdict == VERDICT_PASS
 }
 
-/// The IPv4 address a packet is headed for: an IPv4 destination, or the one a NAT64 IPv6
-/// destination embeds (v4-mapped destinations are never sent as IPv6). `None` for other
-/// packets, and for ones too short to carry an address (the stack sends those nowhere).
+/// The IPv4 address a packet is headed for, and whether it is an IPv6 packet: an IPv4
+/// destination, or the one a NAT64 IPv6 destination embeds (v4-mapped destinations are never
+/// sent as IPv6). `None` for other packets, and for ones too short to carry an address (the
+/// stack sends those nowhere).
 #[inline(always)]
-fn egress_destination(ctx: &SkBuffContext) -> Option<u32> {
+fn egress_destination(ctx: &SkBuffContext) -> Option<(u32, bool)> {
     match ctx.skb.protocol() {
-        ETH_P_IP_BE => ctx.load::<u32>(IPV4_DADDR_OFFSET).ok(),
+        ETH_P_IP_BE => ctx.load::<u32>(IPV4_DADDR_OFFSET).ok().map(|dst| (dst, false)),
         ETH_P_IPV6_BE => {
             let dst = ctx.load::<[u32; 4]>(IPV6_DADDR_OFFSET).ok()?;
-            embedded_v4(dst, nat64_prefix).map(Embedded::ip4_be)
+            embedded_v4(dst, nat64_prefix).map(|e| (e.ip4_be(), true))
         }
         _ => None,
     }
+}
+
+/// A packet's transport protocol and destination port (network order; `None` when it has
+/// none that can be read). Read only for packets to a protected address.
+#[inline(always)]
+fn egress_transport(ctx: &SkBuffContext, v6: bool) -> (u32, Option<u16>) {
+    let (protocol, transport) = if v6 {
+        let next = ctx.load::<u8>(IPV6_NEXT_HEADER_OFFSET).map_or(0, u32::from);
+        (next, has_ports(next).then_some(IPV6_HEADER_LEN))
+    } else {
+        match ctx.load::<[u8; 20]>(0) {
+            Ok(header) => ipv4_transport(&header),
+            Err(_) => (0, None),
+        }
+    };
+    (protocol, transport.and_then(|at| ctx.load::<u16>(at as usize + DPORT_OFFSET).ok()))
 }
 
 // ---- shared helpers --------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 //! socket layer: frames written to an `AF_PACKET` socket, or packets its own nftables rewrite
 //! on their way out of its namespace. Every such packet still has to enter the node's
 //! namespace to go anywhere. Here, a packet to a protected address that enters from another
-//! namespace is dropped unless its source is a PASS pod's address (`PASS_SOURCES`).
+//! namespace is dropped unless its source is a PASS pod's address (`PASS_SOURCES`), or the
+//! address's protection leaves it alone (UDP, and TCP to other ports, of a port-only one).
 //!
 //! Two attach points run the same rule ([`node_allows`]):
 //! - `imds_node_nf` at netfilter `PRE_ROUTING` (Linux ≥ 6.4): one hook for the whole
@@ -18,22 +19,41 @@ use aya_ebpf::{
     programs::TcContext,
     Global,
 };
-use imds_common::{embedded_v4, Counter, PodAddr, V4_MAPPED_WORD2};
-
-use crate::{
-    count, nat64_prefix, ETH_P_IPV6_BE, ETH_P_IP_BE, IPV4_SADDR_OFFSET, IPV6_SADDR_OFFSET, PASS_SOURCES, PROTECTED,
+use imds_common::{
+    embedded_v4, has_ports, ipv4_transport, Counter, PodAddr, ProtectedAddr, IPV6_HEADER_LEN, V4_MAPPED_WORD2,
 };
 
-/// The one rule: a packet from `src` to `dst` (both in their 16-byte form) may enter the
-/// node unless `dst` reaches a protected IPv4 address and `src` is not a PASS pod. (The
-/// netfilter program applies it in steps, to skip what the common case does not need.)
+use crate::{
+    count, nat64_prefix, DPORT_OFFSET, ETH_P_IPV6_BE, ETH_P_IP_BE, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET,
+    IPV6_NEXT_HEADER_OFFSET, IPV6_SADDR_OFFSET, PASS_SOURCES, PROTECTED,
+};
+
+/// The one rule: a packet from `src` to a protected address (`protected`, its entry) may
+/// enter the node only if `src` is a PASS pod, unless the address's protection leaves this
+/// packet's transport alone (`transport`: its protocol and destination port, read only when
+/// it matters). The netfilter program applies it in steps, to skip what the common case does
+/// not need.
 #[inline(always)]
-fn node_allows(src: &PodAddr, dst: [u32; 4]) -> bool {
-    if !embedded_v4(dst, nat64_prefix).is_some_and(|e| protected_v4(e.ip4_be())) {
+fn node_allows(
+    src: &PodAddr,
+    protected: Option<ProtectedAddr>,
+    transport: impl FnOnce() -> (u32, Option<u16>),
+) -> bool {
+    let Some(protected) = protected else {
+        return true;
+    };
+    let (protocol, port_be) = transport();
+    if !protected.judges(protocol, port_be) {
         return true;
     }
     // SAFETY: plain lookup; presence is all we need.
     unsafe { PASS_SOURCES.get(src) }.is_some()
+}
+
+/// The entry of the protected address an IPv6 destination reaches, if any.
+#[inline(always)]
+fn protected_v6(dst: [u32; 4]) -> Option<ProtectedAddr> {
+    embedded_v4(dst, nat64_prefix).and_then(|e| protected_v4(e.ip4_be()))
 }
 
 // ---- netfilter PRE_ROUTING -------------------------------------------------------------------
@@ -52,6 +72,8 @@ const LOOPBACK_IFINDEX: i32 = 1;
 static SKB_HEAD_OFFSET: Global<u32> = Global::new(u32::MAX);
 #[unsafe(no_mangle)]
 static SKB_NETWORK_HEADER_OFFSET: Global<u32> = Global::new(u32::MAX);
+#[unsafe(no_mangle)]
+static SKB_TAIL_OFFSET: Global<u32> = Global::new(u32::MAX);
 #[unsafe(no_mangle)]
 static SKB_DEV_OFFSET: Global<u32> = Global::new(u32::MAX);
 #[unsafe(no_mangle)]
@@ -94,24 +116,22 @@ fn nf_judge(skb: *const u8) -> Option<bool> {
     let network = unsafe { field::<u16>(skb, SKB_NETWORK_HEADER_OFFSET.load()) };
     let ip = head + network as usize;
     // The packet's bytes are not typed memory: read them with bpf_probe_read_kernel.
-    let first = read::<[u32; 5]>(ip)?;
-    let (src, protected) = match (first[0] as u8) >> 4 {
+    let first = read::<[u8; 20]>(ip)?;
+    let (src, protected, transport) = match first[0] >> 4 {
         4 => {
-            let (src, dst) = (first[3], first[4]);
-            (PodAddr::v4(src), protected_v4(dst))
+            let (src, dst) = (word(&first, IPV4_SADDR_OFFSET), word(&first, IPV4_DADDR_OFFSET));
+            (PodAddr::v4(src), protected_v4(dst), ipv4_transport(&first))
         }
         6 => {
             let a = read::<[u32; 8]>(ip + IPV6_SADDR_OFFSET)?;
-            let dst = [a[4], a[5], a[6], a[7]];
-            (
-                ipv6_source([a[0], a[1], a[2], a[3]]),
-                embedded_v4(dst, nat64_prefix).is_some_and(|e| protected_v4(e.ip4_be())),
-            )
+            let next = u32::from(first[IPV6_NEXT_HEADER_OFFSET]);
+            let transport = (next, has_ports(next).then_some(IPV6_HEADER_LEN));
+            (ipv6_source([a[0], a[1], a[2], a[3]]), protected_v6([a[4], a[5], a[6], a[7]]), transport)
         }
         // PRE_ROUTING of IPv4 and IPv6 only ever carries those.
         _ => return Some(true),
     };
-    if !protected {
+    if protected.is_none() {
         return Some(true);
     }
     // SAFETY: as above; `dev` is typed as the kernel's `struct net_device`.
@@ -120,15 +140,34 @@ fn nf_judge(skb: *const u8) -> Option<bool> {
     if unsafe { field::<i32>(dev, NET_DEVICE_IFINDEX_OFFSET.load()) } == LOOPBACK_IFINDEX {
         return Some(true); // the node's own packets to a local address: the cgroup programs judged them
     }
-    // SAFETY: plain lookup; presence is all we need.
-    Some(unsafe { PASS_SOURCES.get(src) }.is_some())
+    // The port only where the linear data holds it: past `tail` the transport header is in
+    // page fragments (an AF_PACKET frame with a GSO header can put it there), and the bytes
+    // there are not the packet's. An unreadable port is judged.
+    // SAFETY: as above.
+    let linear_end = unsafe { field::<u32>(skb, SKB_TAIL_OFFSET.load()) } as usize;
+    let (protocol, at) = transport;
+    let port = at.and_then(|at| {
+        let from_head = network as usize + at as usize + DPORT_OFFSET;
+        if from_head + size_of::<u16>() <= linear_end {
+            read::<u16>(head + from_head)
+        } else {
+            None
+        }
+    });
+    Some(node_allows(&src, protected, || (protocol, port)))
 }
 
-/// Whether `ip4_be` is a protected address.
+/// The protected address `ip4_be`'s entry, if it is one.
 #[inline(always)]
-fn protected_v4(ip4_be: u32) -> bool {
-    // SAFETY: plain lookup; presence is all we need.
-    unsafe { PROTECTED.get(ip4_be) }.is_some()
+fn protected_v4(ip4_be: u32) -> Option<ProtectedAddr> {
+    // SAFETY: plain data copied out right away.
+    unsafe { PROTECTED.get(ip4_be) }.copied()
+}
+
+/// Bytes `at..at + 4` of a header, as they lie in the packet (a native-endian load of them).
+#[inline(always)]
+fn word(header: &[u8; 20], at: usize) -> u32 {
+    u32::from_ne_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
 }
 
 /// The `T` at byte `offset` of the kernel object at `base`.
@@ -182,14 +221,26 @@ fn tc_packet_allowed(ctx: &TcContext) -> bool {
         };
         (proto, offset, tags) = (u32::from(inner), offset + 4, tags + 1);
     }
+    let port = |at: Option<u32>| at.and_then(|at| load_net::<u16>(ctx, offset + at + DPORT_OFFSET as u32));
     match proto {
-        ETH_P_IP_BE => match load_net::<[u32; 2]>(ctx, offset + IPV4_SADDR_OFFSET as u32) {
-            Some([src, dst]) => node_allows(&PodAddr::v4(src), PodAddr::v4(dst).words),
-            // Too short to hold the addresses: the stack drops it as a bad header.
+        ETH_P_IP_BE => match load_net::<[u8; 20]>(ctx, offset) {
+            Some(header) => {
+                let (src, dst) = (word(&header, IPV4_SADDR_OFFSET), word(&header, IPV4_DADDR_OFFSET));
+                node_allows(&PodAddr::v4(src), protected_v4(dst), || {
+                    let (protocol, at) = ipv4_transport(&header);
+                    (protocol, port(at))
+                })
+            }
+            // Too short to hold a header: the stack drops it as a bad one.
             None => true,
         },
         ETH_P_IPV6_BE => match load_net::<[u32; 8]>(ctx, offset + IPV6_SADDR_OFFSET as u32) {
-            Some(a) => node_allows(&ipv6_source([a[0], a[1], a[2], a[3]]), [a[4], a[5], a[6], a[7]]),
+            Some(a) => {
+                node_allows(&ipv6_source([a[0], a[1], a[2], a[3]]), protected_v6([a[4], a[5], a[6], a[7]]), || {
+                    let next = load_net::<u8>(ctx, offset + IPV6_NEXT_HEADER_OFFSET as u32).map_or(0, u32::from);
+                    (next, port(has_ports(next).then_some(IPV6_HEADER_LEN)))
+                })
+            }
             None => true,
         },
         ETH_P_8021Q_BE | ETH_P_8021AD_BE => false,

@@ -909,6 +909,7 @@ pub fn filter_options(root: &Cgroup, pins: &PinDir, agent: SocketAddrV4) -> Filt
         pin_dir: pins.path.clone(),
         agent,
         protected: vec![IMDS_ENDPOINT],
+        protected_addresses: vec![IMDS_IP],
         default_verdict: Verdict::Redirect,
         agent_cgroup: 0,
         listening: true,

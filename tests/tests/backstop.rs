@@ -425,3 +425,78 @@ fn netfilter_backstop_survives_restarts() {
 fn tc_backstop_survives_restarts() {
     survives_restarts("bs-tc-restart", "tc");
 }
+
+/// The wire server's address, protected on its HTTP port only.
+const WIRE: Ipv4Addr = Ipv4Addr::new(168, 63, 129, 16);
+
+/// Protection by port (issue #14, item 6): `--protect 168.63.129.16:80` protects TCP to that
+/// port, at every layer; the address's DNS (UDP 53) and other TCP ports stay reachable, by
+/// socket and by hand-made frame. The metadata address, protected whole by default, still
+/// refuses UDP. Each service runs on the node inside the test's namespace.
+fn protection_by_port(tag: &str, backstop: &str) {
+    let mut node = Node::new(tag, vec![FakeIdentity::named("blob")]);
+    node.ns.ip(&["addr", "add", &format!("{WIRE}/32"), "dev", "lo"]);
+    let pod = node.pod_on(&pod_uid(), Topology::Routed);
+    pod.ns(&node).ip(&["route", "add", &format!("{WIRE}/32"), "via", &gateway(&pod)]);
+    node.write_manifest(
+        "pod.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: app\n  namespace: {NS}\n  uid: {}\n{}",
+            pod.uid,
+            status_yaml(pod.ip)
+        ),
+    );
+    let dns = udp_sink(&node.ns, SocketAddrV4::new(WIRE, 53));
+    let _other_port = Server::banner(&node.ns, SocketAddrV4::new(WIRE, 8080), "wire-8080");
+    let http = Server::banner(&node.ns, SocketAddrV4::new(WIRE, 80), "wire-http");
+    let imds_udp = udp_sink(&node.ns, SocketAddrV4::new(IMDS_IP, UDP_PORT));
+    let wire_http = format!("{WIRE}:80");
+    node.start_agent(&["--node-backstop", backstop, "--protect", "169.254.169.254:80", "--protect", &wire_http]);
+    let probe = || Probe::new(pod.ns(&node), &pod.ctr);
+
+    // Through sockets (the cgroup programs).
+    let report = probe().udp(WIRE, 53).wait();
+    assert_eq!(report.outcome, "sent", "{report:?}");
+    assert!(udp_received(&dns), "DNS to the wire server is left alone");
+    let report = probe().connect(WIRE, 8080, false).wait();
+    assert_eq!(report.reply.as_deref(), Some("wire-8080"), "another TCP port is left alone: {report:?}");
+    let report = probe().connect_then_close(WIRE, 80, false).wait();
+    assert_eq!(report.outcome, "connected", "the protected port is redirected to the agent: {report:?}");
+    assert_eq!(http.accepted(), 0, "the protected port itself was never reached");
+    let report = probe().udp(IMDS_IP, UDP_PORT).wait();
+    assert_eq!(report.errno, Some(libc::EPERM), "the metadata address is protected whole: {report:?}");
+    assert!(!udp_received(&imds_udp));
+
+    // Below them (the node backstop): frames the pod makes itself.
+    let link = pod.link.as_ref().expect("a pod link");
+    let frame = |dst: Ipv4Addr, port: u16, carrying: Carrying| {
+        let report = probe().frame(link, (addr(&pod).into(), dst.into()), port, carrying, 0).wait();
+        assert_eq!(report.outcome, "sent", "{report:?}");
+        report.answered == Some(true)
+    };
+    let _ = frame(WIRE, 53, Carrying::Udp);
+    assert!(udp_received(&dns), "a hand-made DNS datagram to the wire server passes the node backstop");
+    assert!(frame(WIRE, 8080, Carrying::TcpSyn), "a hand-made SYN to another port is answered");
+    assert!(!frame(WIRE, 80, Carrying::TcpSyn), "a hand-made SYN to the protected port is dropped");
+    let _ = frame(IMDS_IP, UDP_PORT, Carrying::Udp);
+    assert!(!udp_received(&imds_udp), "a hand-made datagram to the metadata address is dropped");
+    assert_eq!(http.accepted(), 0);
+
+    let pins = node.pins.path.display().to_string();
+    let (_, status) = node.agent_json("status", &["--bpffs", &pins, "--agent-socket", "/nonexistent"]);
+    assert_eq!(status["protected_endpoints"], serde_json::json!(["168.63.129.16:80", "169.254.169.254:80"]));
+    assert_eq!(status["protected_addresses"], serde_json::json!(["169.254.169.254"]));
+    drop(pod);
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn protection_by_port_leaves_the_rest_of_the_address_alone_netfilter() {
+    protection_by_port("bs-port-nf", "netfilter");
+}
+
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn protection_by_port_leaves_the_rest_of_the_address_alone_tc() {
+    protection_by_port("bs-port-tc", "tc");
+}

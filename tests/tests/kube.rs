@@ -256,3 +256,49 @@ fn explain_over_the_api_agrees_with_the_agent() {
         "one pod asked for by name: {lists:?}"
     );
 }
+
+// Issue #14, item 7: the API source applies the manifests source's rules, through the same
+// conversion. An `AzureIdentity` without a client id (IMDS asked with an empty `client_id`
+// may answer with the VM's own identity) and a binding with an empty selector are left out,
+// with a Warning Event on each; the manifests source refuses both too (unit tests of
+// `sources::convert`, which both sources call).
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn objects_the_policy_could_misread_are_left_out_with_an_event() {
+    let blob = FakeIdentity::named("blob");
+    let mut node = Node::new("kube-strict", vec![blob.clone()]);
+    let api = FakeKube::serve(Server::bind(&node.ns, std::net::SocketAddrV4::new([10, 233, 0, 1].into(), API.1)));
+    let (web_uid, open_uid) = (pod_uid(), pod_uid());
+    let (web, open) = (node.pod(&web_uid), node.pod(&open_uid));
+    let mut blank = identity("blank", &blob);
+    blank["spec"]["clientID"] = json!("");
+    api.apply(blank);
+    api.apply(binding("blank-binding", "blank", "blank"));
+    api.apply(identity("blob", &blob));
+    api.apply(binding("everyone", "blob", ""));
+    api.apply(pod("web", &web_uid, KUBE_NODE, &json!({"aadpodidbinding": "blank"})));
+    api.apply(pod("open", &open_uid, KUBE_NODE, &json!({"app": "open"})));
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = SocketAddr::from(METRICS).to_string();
+    node.start_agent_kube(&api.kubeconfig(dir.path()), &["--metrics", &metrics]);
+    eventually("ready after the initial sync", || readyz(&node) == (200, "ready\n".to_owned()));
+
+    for (pod, name) in [(&web, "bound to the identity without a client id"), (&open, "matched by no selector")] {
+        let fetched = token(&node, pod, "");
+        assert_eq!(fetched.status, 400, "{name}: {fetched:?}");
+    }
+    assert!(node.fake.token_requests().is_empty(), "IMDS was never asked: {:?}", node.fake.token_requests());
+    for (kind, name) in [("AzureIdentity", "blank"), ("AzureIdentityBinding", "everyone")] {
+        eventually(&format!("an Event on {kind} {name}"), || {
+            api.events().iter().any(|e| {
+                e["regarding"]["kind"] == kind && e["regarding"]["name"] == name && e["reason"] == "InvalidPolicyObject"
+            })
+        });
+    }
+    let log = node.agent().log_lines();
+    assert!(
+        log.iter().any(|l| l["message"] == "policy object ignored" && l["name"] == "blank"),
+        "and a log line: {log:?}"
+    );
+    drop((web, open));
+}

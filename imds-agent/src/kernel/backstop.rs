@@ -189,8 +189,8 @@ pub fn probe() -> (Mechanism, Result<String, String>) {
         Ok(()) => (
             Mechanism::Netfilter,
             Ok(format!(
-                "a test link attached at PRE_ROUTING in a scratch namespace; sk_buff layout from BTF: head {}, network_header {}, dev {}; net_device.ifindex {}",
-                layout.skb_head, layout.skb_network_header, layout.skb_dev, layout.net_device_ifindex
+                "a test link attached at PRE_ROUTING in a scratch namespace; sk_buff layout from BTF: head {}, network_header {}, tail {}, dev {}; net_device.ifindex {}",
+                layout.skb_head, layout.skb_network_header, layout.skb_tail, layout.skb_dev, layout.net_device_ifindex
             )),
         ),
         Err(e) => (Mechanism::Tc, Err(format!("{:#}", anyhow::Error::from(e)))),

@@ -44,6 +44,8 @@ pub struct PinnedState {
     pub config: Option<Config>,
     /// Protected endpoints, sorted.
     pub protected: Vec<SocketAddrV4>,
+    /// Addresses protected whole (every port and protocol).
+    pub protected_addresses: Vec<Ipv4Addr>,
     /// Each cgroup's own verdict entry (`None`: a raw value no version writes).
     pub verdicts: Vec<(u64, Option<Verdict>)>,
     /// The kernel counters, summed over CPUs (empty if the map is not pinned).
@@ -86,6 +88,7 @@ pub fn inspect(pin_dir: &Path) -> Result<PinnedState, FilterError> {
         links: Vec::new(),
         config: None,
         protected: Vec::new(),
+        protected_addresses: Vec::new(),
         verdicts: Vec::new(),
         counters: Vec::new(),
         maps: Vec::new(),
@@ -117,10 +120,14 @@ pub fn inspect(pin_dir: &Path) -> Result<PinnedState, FilterError> {
         for entry in &protected {
             let (ip_be, ports) = entry.map_err(map_err(maps::PROTECTED))?;
             let ip = Ipv4Addr::from(u32::from_be(ip_be));
+            if ports.whole_address != 0 {
+                state.protected_addresses.push(ip);
+            }
             let ports = ports.ports_be.iter().filter(|p| **p != 0);
             state.protected.extend(ports.map(|p| SocketAddrV4::new(ip, u16::from_be(*p))));
         }
         state.protected.sort_unstable();
+        state.protected_addresses.sort_unstable();
         state.maps.push(MapFill {
             name: maps::PROTECTED,
             entries: protected.keys().count(),

@@ -21,7 +21,7 @@ pub mod tc;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs, io,
-    net::{Ipv6Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
     os::fd::AsFd as _,
     path::{Path, PathBuf},
     sync::Arc,
@@ -56,7 +56,7 @@ pub fn programs_built() -> bool {
 }
 
 /// The metadata endpoint every cloud agrees on.
-pub const IMDS_ENDPOINT: SocketAddrV4 = SocketAddrV4::new(std::net::Ipv4Addr::new(169, 254, 169, 254), 80);
+pub const IMDS_ENDPOINT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80);
 
 /// One of the eight places the programs hook into the attach cgroup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -152,7 +152,7 @@ pub enum FilterError {
     #[error("{what} {}", path.display())]
     Io { what: &'static str, path: PathBuf, source: io::Error },
     #[error("{addr} has more than {MAX_PORTS_PER_ADDR} protected ports")]
-    TooManyPorts { addr: std::net::Ipv4Addr },
+    TooManyPorts { addr: Ipv4Addr },
     #[error("no protected endpoints given")]
     NoProtectedEndpoints,
     #[error("at most {} NAT64 prefixes besides 64:ff9b::/96", capacity::NAT64 - 1)]
@@ -178,8 +178,12 @@ pub struct FilterOptions {
     pub pin_dir: PathBuf,
     /// Where redirected connections go: the agent's listen address.
     pub agent: SocketAddrV4,
-    /// Protected endpoints (at most [`MAX_PORTS_PER_ADDR`] ports per address).
+    /// Protected endpoints (at most [`MAX_PORTS_PER_ADDR`] ports per address): TCP to them is
+    /// judged and redirected; UDP and other ports of their addresses are left alone.
     pub protected: Vec<SocketAddrV4>,
+    /// Addresses protected whole: every port and protocol but the redirected endpoints is
+    /// refused from cgroups that are not PASS.
+    pub protected_addresses: Vec<Ipv4Addr>,
     /// Verdict of cgroups without an entry.
     pub default_verdict: Verdict,
     /// cgroup id of the agent itself: its upstream connections pass, and it alone may bind
@@ -263,7 +267,7 @@ impl Filter {
         if !programs_built() {
             return Err(FilterError::NotBuilt);
         }
-        let protected = group_endpoints(&opts.protected)?;
+        let protected = group_endpoints(&opts.protected, &opts.protected_addresses)?;
         let nat64 = nat64_table(&opts.nat64_prefixes)?;
         let root = cgroup::cgroup2_root()?;
         let cgroup_path = cgroup::validate_attach_cgroup(&root, &opts.attach_cgroup)?;
@@ -452,12 +456,19 @@ where
     T::try_from(map).map_err(map_err(name))
 }
 
-/// Groups endpoints by address, as the `PROTECTED` map stores them.
-pub fn group_endpoints(endpoints: &[SocketAddrV4]) -> Result<BTreeMap<u32, ProtectedAddr>, FilterError> {
-    if endpoints.is_empty() {
+/// Groups endpoints by address, as the `PROTECTED` map stores them; `whole` addresses are
+/// protected on every port and protocol besides.
+pub fn group_endpoints(
+    endpoints: &[SocketAddrV4],
+    whole: &[Ipv4Addr],
+) -> Result<BTreeMap<u32, ProtectedAddr>, FilterError> {
+    if endpoints.is_empty() && whole.is_empty() {
         return Err(FilterError::NoProtectedEndpoints);
     }
     let mut grouped: BTreeMap<u32, ProtectedAddr> = BTreeMap::new();
+    for addr in whole {
+        grouped.entry(u32::from(*addr).to_be()).or_default().whole_address = 1;
+    }
     for ep in endpoints {
         let entry = grouped.entry(u32::from(*ep.ip()).to_be()).or_default();
         let port_be = ep.port().to_be();
@@ -468,6 +479,28 @@ pub fn group_endpoints(endpoints: &[SocketAddrV4]) -> Result<BTreeMap<u32, Prote
         *slot = port_be;
     }
     Ok(grouped)
+}
+
+/// What an operator may not have meant by these endpoints and whole addresses: the metadata
+/// address protected by port only (its other ports and UDP then reach pods' way), or an
+/// address protected whole with no port to redirect (only exception pods reach it at all).
+#[must_use]
+pub fn protection_warnings(endpoints: &[SocketAddrV4], whole: &[Ipv4Addr]) -> Vec<String> {
+    let imds = *IMDS_ENDPOINT.ip();
+    let mut warnings = Vec::new();
+    if endpoints.iter().any(|e| *e.ip() == imds) && !whole.contains(&imds) {
+        warnings.push(format!(
+            "{imds} is protected on its --protect ports only: other ports and UDP to it are open to pods \
+             (naming --protect-address replaced the default; add --protect-address {imds} unless that is meant)"
+        ));
+    }
+    for addr in whole.iter().filter(|a| !endpoints.iter().any(|e| e.ip() == *a)) {
+        warnings.push(format!(
+            "{addr} is protected whole with no --protect port: only exception pods reach it, nothing is \
+             redirected to the agent (naming --protect replaced the default; add --protect {addr}:80 if that is meant)"
+        ));
+    }
+    warnings
 }
 
 /// A `--nat64-prefix`: an IPv6 /96 prefix (`ADDR/96`, or `ADDR` with its last 32 bits zero).
@@ -511,12 +544,13 @@ pub fn nat64_table(extra: &[Ipv6Addr]) -> Result<Vec<Nat64Prefix>, FilterError> 
 }
 
 /// An earlier version pinned `COUNTERS` with fewer slots than there are counters now, or
-/// `CONFIG` with another layout: the pin is removed so that the load creates the map afresh
+/// `CONFIG` or `PROTECTED` with another layout: the pin is removed so that the load creates the map afresh
 /// (counts start again; programs still attached keep the old map until they are replaced a
 /// moment later, after the new one is filled).
 fn drop_reshaped_maps(pin_dir: &Path) -> Result<(), FilterError> {
     drop_pin_unless(pin_dir, maps::COUNTERS, |info| info.max_entries() >= Counter::LEN)?;
-    drop_pin_unless(pin_dir, maps::CONFIG, |info| info.value_size() as usize == size_of::<Config>())
+    drop_pin_unless(pin_dir, maps::CONFIG, |info| info.value_size() as usize == size_of::<Config>())?;
+    drop_pin_unless(pin_dir, maps::PROTECTED, |info| info.value_size() as usize == size_of::<ProtectedAddr>())
 }
 
 fn drop_pin_unless(pin_dir: &Path, name: &'static str, fits: impl Fn(&MapInfo) -> bool) -> Result<(), FilterError> {
@@ -752,19 +786,37 @@ mod tests {
                 .iter()
                 .map(|s| s.parse().unwrap())
                 .collect();
-        let g = group_endpoints(&eps).unwrap();
+        let g = group_endpoints(&eps, &["169.254.169.254".parse().unwrap()]).unwrap();
         assert_eq!(g.len(), 2);
-        let wire = g[&u32::from(std::net::Ipv4Addr::new(168, 63, 129, 16)).to_be()];
-        assert_eq!(wire.ports_be, [80u16.to_be(), 32526u16.to_be(), 0, 0]);
-        let imds = g[&u32::from(std::net::Ipv4Addr::new(169, 254, 169, 254)).to_be()];
-        assert_eq!(imds.ports_be, [80u16.to_be(), 0, 0, 0]);
+        let wire = g[&u32::from(Ipv4Addr::new(168, 63, 129, 16)).to_be()];
+        assert_eq!((wire.ports_be, wire.whole_address), ([80u16.to_be(), 32526u16.to_be(), 0, 0], 0));
+        let imds = g[&u32::from(Ipv4Addr::new(169, 254, 169, 254)).to_be()];
+        assert_eq!((imds.ports_be, imds.whole_address), ([80u16.to_be(), 0, 0, 0], 1));
+        let only_whole = group_endpoints(&[], &["10.0.0.1".parse().unwrap()]).unwrap();
+        assert_eq!(only_whole.values().next().map(|p| (p.ports_be, p.whole_address)), Some(([0; 4], 1)));
+    }
+
+    #[test]
+    fn surprising_protection_is_warned_about() {
+        let ep = |s: &str| s.parse::<SocketAddrV4>().unwrap();
+        let imds = *IMDS_ENDPOINT.ip();
+        assert!(protection_warnings(&[IMDS_ENDPOINT], &[imds]).is_empty(), "the defaults");
+        let wire = [IMDS_ENDPOINT, ep("168.63.129.16:80")];
+        assert!(protection_warnings(&wire, &[imds]).is_empty(), "the wire server by port");
+        let port_only = protection_warnings(&[IMDS_ENDPOINT], &["10.0.0.1".parse().unwrap()]);
+        assert_eq!(port_only.len(), 2, "{port_only:?}");
+        assert!(port_only[0].starts_with("169.254.169.254 is protected on its --protect ports only"));
+        assert!(port_only[1].starts_with("10.0.0.1 is protected whole with no --protect port"));
+        let no_port = protection_warnings(&[ep("168.63.129.16:80")], &[imds]);
+        assert_eq!(no_port.len(), 1, "{no_port:?}");
+        assert!(no_port[0].starts_with("169.254.169.254 is protected whole with no --protect port"));
     }
 
     #[test]
     fn too_many_ports_on_one_address_is_an_error() {
         let eps: Vec<SocketAddrV4> = (1..=5).map(|p| SocketAddrV4::new([10, 0, 0, 1].into(), p)).collect();
-        assert!(matches!(group_endpoints(&eps), Err(FilterError::TooManyPorts { .. })));
-        assert!(matches!(group_endpoints(&[]), Err(FilterError::NoProtectedEndpoints)));
+        assert!(matches!(group_endpoints(&eps, &[]), Err(FilterError::TooManyPorts { .. })));
+        assert!(matches!(group_endpoints(&[], &[]), Err(FilterError::NoProtectedEndpoints)));
     }
 
     #[test]

@@ -94,6 +94,9 @@ pub struct KernelLayout {
     pub skb_head: u32,
     /// `struct sk_buff`: `network_header` (`u16`, from `head`).
     pub skb_network_header: u32,
+    /// `struct sk_buff`: `tail` (`u32` on 64-bit kernels, from `head`): where the linear
+    /// data ends. Headers past it are in page fragments, which the program cannot read.
+    pub skb_tail: u32,
     /// `struct sk_buff`: `dev` (`struct net_device *`, the device it arrived on).
     pub skb_dev: u32,
     /// `struct net_device`: `ifindex` (`int`).
@@ -116,6 +119,7 @@ impl KernelLayout {
         Ok(KernelLayout {
             skb_head: field("sk_buff", "head", "sk_buff.head")?,
             skb_network_header: field("sk_buff", "network_header", "sk_buff.network_header")?,
+            skb_tail: field("sk_buff", "tail", "sk_buff.tail")?,
             skb_dev: field("sk_buff", "dev", "sk_buff.dev")?,
             net_device_ifindex: field("net_device", "ifindex", "net_device.ifindex")?,
         })
@@ -123,10 +127,11 @@ impl KernelLayout {
 
     /// The program's globals and their values, for `EbpfLoader::override_global`.
     #[must_use]
-    pub fn globals(&self) -> [(&'static str, u32); 4] {
+    pub fn globals(&self) -> [(&'static str, u32); 5] {
         [
             ("SKB_HEAD_OFFSET", self.skb_head),
             ("SKB_NETWORK_HEADER_OFFSET", self.skb_network_header),
+            ("SKB_TAIL_OFFSET", self.skb_tail),
             ("SKB_DEV_OFFSET", self.skb_dev),
             ("NET_DEVICE_IFINDEX_OFFSET", self.net_device_ifindex),
         ]

@@ -13,7 +13,6 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -25,17 +24,13 @@ use tokio::sync::{mpsc, watch};
 
 use base64::Engine as _;
 
+use super::convert::{self, Place, OBJECT_ID_ANNOTATION};
 use crate::{
-    policy::{
-        Binding, Exception, Identity, IdentityType, Pod, SecretRef, ServiceAccount, ServicePrincipal, Snapshot,
-        WorkloadSettings, CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION,
-    },
+    policy::{Binding, Exception, Identity, Pod, SecretRef, ServiceAccount, Snapshot, WorkloadSettings},
     secrets::SecretData,
 };
 
 const AAD_POD_IDENTITY: &str = "aadpodidentity.k8s.io/v1";
-/// `AzureIdentity` annotation carrying the identity's object (principal) id.
-pub const OBJECT_ID_ANNOTATION: &str = "imds-filter.io/object-id";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -134,17 +129,13 @@ struct PodIp {
 }
 
 impl Status {
-    /// `podIPs`, else `podIP`; `Err` names an entry that is not an address.
-    fn ips(&self) -> Result<Vec<IpAddr>, String> {
-        let listed: Vec<&str> = if self.pod_ips.is_empty() {
+    /// `podIPs`, else `podIP`.
+    fn ips(&self) -> Vec<&str> {
+        if self.pod_ips.is_empty() {
             self.pod_ip.iter().map(String::as_str).collect()
         } else {
             self.pod_ips.iter().map(|p| p.ip.as_str()).collect()
-        };
-        listed
-            .into_iter()
-            .map(|ip| ip.parse().map_err(|_| format!("status.podIPs: {ip:?} is not an IP address")))
-            .collect()
+        }
     }
 }
 
@@ -284,97 +275,65 @@ impl Parts {
             }
             let namespace = doc.metadata.namespace.clone().unwrap_or_else(|| "default".into());
             let name = doc.metadata.name.clone();
-            self.add_document(doc, namespace, name).map_err(|problem| invalid(&problem))?;
+            self.add_document(&doc, namespace, name).map_err(|problem| invalid(&problem))?;
         }
         Ok(())
     }
 
     /// One known document; `Err` says what is wrong with it.
-    fn add_document(&mut self, doc: Document, namespace: String, name: String) -> Result<(), String> {
+    fn add_document(&mut self, doc: &Document, namespace: String, name: String) -> Result<(), String> {
+        let at = Place { namespace: &namespace, name: &name };
+        let spec = &doc.spec;
         match doc.kind.as_str() {
             "Pod" => {
-                if doc.metadata.uid.is_empty() {
-                    return Err("metadata.uid is required (there is no API server to assign one)".into());
-                }
-                let spec = &doc.spec;
                 let powers = super::powers(
                     spec.containers.iter().chain(&spec.init_containers).chain(&spec.ephemeral_containers),
                 );
-                let service_account = if doc.spec.service_account_name.is_empty() {
-                    "default".into()
-                } else {
-                    doc.spec.service_account_name
-                };
-                let ips = doc.status.ips()?;
-                self.pods.push(Pod {
-                    uid: doc.metadata.uid,
-                    namespace,
-                    name,
-                    labels: doc.metadata.labels,
-                    service_account,
-                    ips,
-                    host_network: doc.spec.host_network,
-                    finished: matches!(doc.status.phase.as_str(), "Succeeded" | "Failed"),
+                let fields = convert::PodFields {
+                    uid: &doc.metadata.uid,
+                    labels: Some(&doc.metadata.labels),
+                    service_account_name: Some(&spec.service_account_name),
+                    ips: doc.status.ips(),
+                    host_network: spec.host_network,
+                    phase: Some(&doc.status.phase),
                     powers,
-                });
+                };
+                self.pods.push(convert::pod(at, fields).map_err(|e| uid_hint(&e))?);
             }
-            "Secret" => self.secrets.push((SecretRef { namespace, name }, secret_data(&doc)?)),
+            "Secret" => self.secrets.push((SecretRef { namespace, name }, secret_data(doc)?)),
             "ServiceAccount" => {
-                let annotation = |key: &str| doc.metadata.annotations.get(key).filter(|v| !v.is_empty()).cloned();
-                self.service_accounts.push(ServiceAccount {
-                    namespace,
-                    name,
-                    client_id: annotation(CLIENT_ID_ANNOTATION),
-                    tenant_id: annotation(TENANT_ID_ANNOTATION),
-                });
+                self.service_accounts.extend(convert::service_account(at, Some(&doc.metadata.annotations)));
             }
-            "AzureIdentity" => self.identities.push(identity(&doc, namespace, name)?),
+            "AzureIdentity" => {
+                let identity = convert::IdentitySpec {
+                    identity_type: spec.identity_type.unwrap_or(0),
+                    client_id: &spec.client_id,
+                    resource_id: &spec.resource_id,
+                    tenant_id: &spec.tenant_id,
+                    secret_name: spec.client_password.name.as_deref(),
+                    secret_namespace: spec.client_password.namespace.as_deref(),
+                    auxiliary_tenant_ids: &spec.auxiliary_tenant_ids,
+                    ad_endpoint: &spec.ad_endpoint,
+                    object_id: doc.metadata.annotations.get(OBJECT_ID_ANNOTATION).map(String::as_str),
+                };
+                self.identities.push(convert::identity(at, &identity)?);
+            }
             "AzureIdentityBinding" => {
-                if doc.spec.azure_identity.is_empty() || doc.spec.selector.is_empty() {
-                    return Err("spec.azureIdentity and spec.selector are required".into());
-                }
-                self.bindings.push(Binding {
-                    namespace,
-                    name,
-                    identity: doc.spec.azure_identity,
-                    selector: doc.spec.selector,
-                });
+                self.bindings.push(convert::binding(at, &spec.azure_identity, &spec.selector)?);
             }
-            _ => {
-                if doc.spec.pod_labels.is_empty() {
-                    return Err("spec.podLabels must not be empty".into());
-                }
-                self.exceptions.push(Exception { namespace, name, pod_labels: doc.spec.pod_labels });
-            }
+            _ => self.exceptions.push(convert::exception(at, &spec.pod_labels)?),
         }
         Ok(())
     }
 }
 
-fn identity(doc: &Document, namespace: String, name: String) -> Result<Identity, String> {
-    let kind = IdentityType::from_spec_type(doc.spec.identity_type.unwrap_or(0))
-        .ok_or_else(|| "spec.type must be 0, 1 or 2".to_owned())?;
-    if doc.spec.client_id.is_empty() {
-        return Err("spec.clientID is required".into());
+/// A pod here has no API server to give it a uid: say so.
+fn uid_hint(problem: &str) -> String {
+    if problem == "metadata.uid is required" {
+        format!("{problem} (there is no API server to assign one)")
+    } else {
+        problem.to_owned()
     }
-    let service_principal = ServicePrincipal::from_spec(
-        kind,
-        &namespace,
-        &doc.spec.tenant_id,
-        doc.spec.client_password.name.as_deref(),
-        doc.spec.client_password.namespace.as_deref(),
-        &doc.spec.auxiliary_tenant_ids,
-        &doc.spec.ad_endpoint,
-    );
-    Ok(Identity {
-        namespace,
-        name,
-        kind,
-        client_id: doc.spec.client_id.clone(),
-        resource_id: doc.spec.resource_id.clone(),
-        object_id: doc.metadata.annotations.get(OBJECT_ID_ANNOTATION).cloned(),
-        service_principal,
-    })
 }
 
 /// A Secret's `data` (base64) and `stringData`, merged as the API server would.

@@ -26,7 +26,7 @@ use crate::{
         AzurePodIdentityExceptionSpec,
     },
     policy::{CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION},
-    sources::manifests::OBJECT_ID_ANNOTATION,
+    sources::convert::OBJECT_ID_ANNOTATION,
 };
 
 /// What is kept of one kind.
@@ -227,21 +227,14 @@ pub struct PodIp {
 }
 
 impl PodStatus {
-    /// Whether the pod has finished (`Succeeded` or `Failed`).
+    /// `podIPs`, else the older single `podIP`.
     #[must_use]
-    pub fn finished(&self) -> bool {
-        matches!(self.phase.as_deref(), Some("Succeeded" | "Failed"))
-    }
-
-    /// `podIPs`, else the older single `podIP`; entries that are not addresses are skipped.
-    #[must_use]
-    pub fn ips(&self) -> Vec<std::net::IpAddr> {
-        let listed: Vec<&str> = match (&self.pod_ips, &self.pod_ip) {
+    pub fn ips(&self) -> Vec<&str> {
+        match (&self.pod_ips, &self.pod_ip) {
             (Some(ips), _) if !ips.is_empty() => ips.iter().map(|p| p.ip.as_str()).collect(),
             (_, Some(ip)) => vec![ip.as_str()],
             _ => Vec::new(),
-        };
-        listed.into_iter().filter_map(|ip| ip.parse().ok()).collect()
+        }
     }
 }
 

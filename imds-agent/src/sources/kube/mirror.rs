@@ -25,7 +25,7 @@ impl<T> Default for Mirror<T> {
 
 impl<T> Mirror<T> {
     /// Applies one watch event, converting its object with `convert` (`None`: not kept).
-    pub fn apply<K: Resource>(&mut self, event: Event<K>, convert: impl Fn(&K) -> Option<T>) {
+    pub fn apply<K: Resource>(&mut self, event: Event<K>, mut convert: impl FnMut(&K) -> Option<T>) {
         let key = |object: &K| (object.namespace().unwrap_or_default(), object.name_any());
         match event {
             Event::Init => self.listing = Some(BTreeMap::new()),

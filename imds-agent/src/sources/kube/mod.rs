@@ -16,10 +16,11 @@
 //! - Watch errors are retried with backoff; the mirrors keep what they had, so the policy in
 //!   force is the last one seen (fail-static) and the source reports `failing`. A `410 Gone`
 //!   makes the watcher list again.
+mod ignored;
 mod lean;
 mod mirror;
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use futures::{stream::BoxStream, FutureExt as _, StreamExt as _};
 use kube::{
@@ -34,9 +35,14 @@ use lean::{Lean, LeanAccount, LeanBinding, LeanException, LeanIdentity, LeanPod}
 use mirror::Mirror;
 use tokio::sync::watch;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use ignored::{IgnoredObjects, Reach};
+
 use crate::{
-    policy::{self, IdentityType, Snapshot, WorkloadSettings, CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION},
-    sources::manifests::OBJECT_ID_ANNOTATION,
+    events::DenialEvents,
+    policy::{self, Snapshot, WorkloadSettings},
+    sources::convert::{self, Place, OBJECT_ID_ANNOTATION},
     telemetry::SourceStatus,
 };
 
@@ -64,16 +70,44 @@ struct Mirrors {
     exceptions: Mirror<policy::Exception>,
     /// Only ServiceAccounts naming a client id.
     service_accounts: Mirror<policy::ServiceAccount>,
+    /// Objects the conversion left out.
+    ignored: IgnoredObjects,
+    /// Where Events on ignored objects go.
+    events: Option<DenialEvents>,
 }
 
 impl Mirrors {
     fn apply(&mut self, change: Change) {
+        let ignored = &mut self.ignored;
         match change {
-            Change::Pod(event) => self.pods.apply(event, pod),
-            Change::Identity(event) => self.identities.apply(event, identity),
-            Change::Binding(event) => self.bindings.apply(event, |b| Some(binding(b))),
-            Change::Exception(event) => self.exceptions.apply(event, |e| Some(exception(e))),
+            Change::Pod(event) => {
+                track(ignored, &event);
+                self.pods.apply(event, |p| ignored.note(p, || Reach::Pod, pod(p)));
+            }
+            Change::Identity(event) => {
+                track(ignored, &event);
+                self.identities.apply(event, |i| ignored.note(i, || Reach::Identity, identity(i)));
+            }
+            Change::Binding(event) => {
+                track(ignored, &event);
+                let reach = |b: &LeanBinding| Reach::Binding { selector: b.spec.selector.clone() };
+                self.bindings.apply(event, |b| ignored.note(b, || reach(b), binding(b)));
+            }
+            Change::Exception(event) => {
+                track(ignored, &event);
+                self.exceptions.apply(event, |e| ignored.note(e, || Reach::Exception, exception(e)));
+            }
             Change::Account(event) => self.service_accounts.apply(event, service_account),
+        }
+    }
+
+    /// Records Events on the ignored objects that concern this node's pods, when due.
+    fn tell_ignored(&mut self) {
+        let Some(events) = &self.events else { return };
+        let pods: Vec<&policy::Pod> = self.pods.values().collect();
+        let bindings: Vec<&policy::Binding> = self.bindings.values().collect();
+        for object in self.ignored.due(&pods, &bindings, std::time::Instant::now()) {
+            events.ignored(object);
         }
     }
 
@@ -106,6 +140,7 @@ pub async fn run(
     workload: WorkloadSettings,
     tx: watch::Sender<Arc<Snapshot>>,
     status: Arc<SourceStatus>,
+    events: Option<DenialEvents>,
 ) {
     let node_pods = all().fields(&format!("spec.nodeName={node}"));
     let probe = client.clone();
@@ -117,7 +152,7 @@ pub async fn run(
         watch_kind(Api::all(client), all(), Change::Account),
     ];
     let mut merged = futures::stream::select_all(streams);
-    let mut mirrors = Mirrors::default();
+    let mut mirrors = Mirrors { events, ..Mirrors::default() };
 
     let mut synced = false;
     let mut probes = tokio::time::interval(RECOVERY_PROBE);
@@ -164,6 +199,7 @@ pub async fn run(
             tracing::debug!(pods = p, identities = i, bindings = b, exceptions = e, "policy updated from the API");
             tx.send_replace(Arc::new(snapshot));
             status.loaded();
+            mirrors.tell_ignored();
         } // else never publish a half-listed policy
         if let Some(e) = failure {
             watch_failed(&status, e);
@@ -210,84 +246,79 @@ pub async fn snapshot_for_pod(
     let bindings = Api::<LeanBinding>::all(client.clone()).list(&every).await?;
     let exceptions = Api::<LeanException>::all(client.clone()).list(&every).await?;
     let accounts = Api::<LeanAccount>::namespaced(client, namespace).list(&every).await?;
+    // The agent's own rules: what it would leave out is left out here too.
     Ok(Snapshot::new(
-        pods.items.iter().filter_map(pod),
-        identities.items.iter().filter_map(identity),
-        bindings.items.iter().map(binding),
-        exceptions.items.iter().map(exception),
+        pods.items.iter().filter_map(|p| converted(pod(p))),
+        identities.items.iter().filter_map(|i| converted(identity(i))),
+        bindings.items.iter().filter_map(|b| converted(binding(b))),
+        exceptions.items.iter().filter_map(|e| converted(exception(e))),
     )
     .with_service_accounts(accounts.items.iter().filter_map(service_account))
     .with_workload(workload))
 }
 
-/// A ServiceAccount workload identity can use (one naming a client id), else `None`.
+/// Where an object lives, as the conversion reads it.
+fn place(meta: &ObjectMeta) -> Place<'_> {
+    Place { namespace: meta.namespace.as_deref().unwrap_or_default(), name: meta.name.as_deref().unwrap_or_default() }
+}
+
 fn service_account(a: &LeanAccount) -> Option<policy::ServiceAccount> {
-    let annotations = a.metadata.annotations.as_ref()?;
-    let annotation = |key: &str| annotations.get(key).filter(|v| !v.is_empty()).cloned();
-    Some(policy::ServiceAccount {
-        namespace: a.metadata.namespace.clone()?,
-        name: a.metadata.name.clone()?,
-        client_id: Some(annotation(CLIENT_ID_ANNOTATION)?),
-        tenant_id: annotation(TENANT_ID_ANNOTATION),
-    })
+    convert::service_account(place(&a.metadata), a.metadata.annotations.as_ref())
 }
 
-fn pod(p: &LeanPod) -> Option<policy::Pod> {
-    Some(policy::Pod {
-        uid: p.metadata.uid.clone()?,
-        namespace: p.namespace()?,
-        name: p.name_any(),
-        labels: p.metadata.labels.clone().unwrap_or_default(),
-        service_account: p.spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
-        ips: p.status.ips(),
+fn pod(p: &LeanPod) -> Result<policy::Pod, String> {
+    let status = &p.status;
+    let ips = status.ips();
+    let fields = convert::PodFields {
+        uid: p.metadata.uid.as_deref().unwrap_or_default(),
+        labels: p.metadata.labels.as_ref(),
+        service_account_name: p.spec.service_account_name.as_deref(),
+        ips,
         host_network: p.spec.host_network.unwrap_or(false),
-        finished: p.status.finished(),
+        phase: status.phase.as_deref(),
         powers: p.spec.powers(),
-    })
-}
-
-fn identity(i: &LeanIdentity) -> Option<policy::Identity> {
-    let Some(kind) = IdentityType::from_spec_type(i.spec.identity_type) else {
-        tracing::warn!(identity = %i.name_any(), r#type = i.spec.identity_type, "AzureIdentity with an unknown spec.type ignored");
-        return None;
     };
-    let namespace = i.namespace().unwrap_or_default();
+    convert::pod(place(&p.metadata), fields)
+}
+
+fn identity(i: &LeanIdentity) -> Result<policy::Identity, String> {
     let password = i.spec.client_password.as_ref();
-    let service_principal = policy::ServicePrincipal::from_spec(
-        kind,
-        &namespace,
-        &i.spec.tenant_id,
-        password.and_then(|p| p.name.as_deref()),
-        password.and_then(|p| p.namespace.as_deref()),
-        &i.spec.auxiliary_tenant_ids,
-        &i.spec.ad_endpoint,
-    );
-    Some(policy::Identity {
-        namespace,
-        name: i.name_any(),
-        kind,
-        client_id: i.spec.client_id.clone(),
-        resource_id: i.spec.resource_id.clone(),
-        object_id: i.annotations().get(OBJECT_ID_ANNOTATION).cloned(),
-        service_principal,
-    })
+    let spec = convert::IdentitySpec {
+        identity_type: i.spec.identity_type,
+        client_id: &i.spec.client_id,
+        resource_id: &i.spec.resource_id,
+        tenant_id: &i.spec.tenant_id,
+        secret_name: password.and_then(|p| p.name.as_deref()),
+        secret_namespace: password.and_then(|p| p.namespace.as_deref()),
+        auxiliary_tenant_ids: &i.spec.auxiliary_tenant_ids,
+        ad_endpoint: &i.spec.ad_endpoint,
+        object_id: i.annotations().get(OBJECT_ID_ANNOTATION).map(String::as_str),
+    };
+    convert::identity(place(&i.metadata), &spec)
 }
 
-fn binding(b: &LeanBinding) -> policy::Binding {
-    policy::Binding {
-        namespace: b.namespace().unwrap_or_default(),
-        name: b.name_any(),
-        identity: b.spec.azure_identity.clone(),
-        selector: b.spec.selector.clone(),
+fn binding(b: &LeanBinding) -> Result<policy::Binding, String> {
+    convert::binding(place(&b.metadata), &b.spec.azure_identity, &b.spec.selector)
+}
+
+fn exception(e: &LeanException) -> Result<policy::Exception, String> {
+    convert::exception(place(&e.metadata), &e.spec.pod_labels)
+}
+
+/// Before an event reaches a mirror: a deleted object, or a kind listed afresh, is no longer
+/// ignored (what the list brings is noted again).
+fn track<K: kube::Resource<DynamicType = ()>>(ignored: &mut IgnoredObjects, event: &Event<K>) {
+    match event {
+        Event::Delete(object) => ignored.forget(object),
+        Event::Init => ignored.forget_kind::<K>(),
+        Event::InitApply(_) | Event::InitDone | Event::Apply(_) => {}
     }
 }
 
-fn exception(e: &LeanException) -> policy::Exception {
-    policy::Exception {
-        namespace: e.namespace().unwrap_or_default(),
-        name: e.name_any(),
-        pod_labels: e.spec.pod_labels.clone().into_iter().collect::<BTreeMap<_, _>>(),
-    }
+/// What the conversion made of an object, for a one-off read (`explain`): ignored objects
+/// are left out quietly (the agent logs them).
+fn converted<T>(result: Result<T, String>) -> Option<T> {
+    result.inspect_err(|problem| tracing::debug!(%problem, "policy object ignored")).ok()
 }
 
 #[cfg(test)]
@@ -463,7 +494,9 @@ mod tests {
         let status = Arc::new(SourceStatus::default());
         tokio::spawn({
             let status = Arc::clone(&status);
-            async move { run(Client::new(service, "default"), "node-1", WorkloadSettings::default(), tx, status).await }
+            async move {
+                run(Client::new(service, "default"), "node-1", WorkloadSettings::default(), tx, status, None).await;
+            }
         });
 
         // Initial sync: the pod is bound; only this node's pods were asked for.
