@@ -8,7 +8,6 @@
 //! - `GET /status`: [`AgentStatus`];
 //! - `GET /explain?pod=NS/NAME&request=PATH` (or `uid=UID`): [`crate::explain::Explanation`].
 use std::{
-    convert::Infallible,
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::Arc,
@@ -18,7 +17,6 @@ use std::{
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt as _, Empty, Full};
-use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::{UnixListener, UnixStream};
 
@@ -54,21 +52,13 @@ pub async fn claim(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Serves the control socket until the agent exits.
+/// Serves the control socket until the agent exits, bounded like every listener
+/// (`server::admin`).
 pub fn serve(listener: UnixListener, telemetry: Arc<Telemetry>) {
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            let telemetry = Arc::clone(&telemetry);
-            tokio::spawn(async move {
-                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let answer = answer(req.uri().path(), req.uri().query(), &telemetry);
-                    async move { Ok::<_, Infallible>(answer) }
-                });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-            });
-        }
-    });
+    crate::server::admin::serve_unix(
+        listener,
+        Arc::new(move |req| answer(req.uri().path(), req.uri().query(), &telemetry)),
+    );
 }
 
 fn answer(path: &str, query: Option<&str>, telemetry: &Telemetry) -> Response<Full<Bytes>> {

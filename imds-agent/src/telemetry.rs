@@ -7,7 +7,6 @@
 //!   (fail-static); the body says so.
 //! - `/metrics`: Prometheus text format; names are listed in `docs/agent.md`.
 use std::{
-    convert::Infallible,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
@@ -21,8 +20,6 @@ use aya::maps::{Map, MapData, PerCpuArray};
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
 use http_body_util::Full;
-use hyper::{server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
 use imds_common::{maps, Counter as KernelCounter};
 use prometheus_client::{
     collector::Collector,
@@ -416,21 +413,10 @@ impl Collector for StateCollector {
 }
 
 /// Serves `/healthz`, `/readyz` and `/metrics` on `addr` until the agent exits.
+/// The listener is bounded like every other (`server::admin`).
 pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            let telemetry = Arc::clone(&telemetry);
-            tokio::spawn(async move {
-                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let telemetry = Arc::clone(&telemetry);
-                    async move { Ok::<_, Infallible>(answer(req.uri().path(), &telemetry)) }
-                });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-            });
-        }
-    });
+    crate::server::admin::serve_tcp(listener, Arc::new(move |req| answer(req.uri().path(), &telemetry)));
     Ok(())
 }
 

@@ -95,6 +95,9 @@ pub struct HoldReport {
     pub closed_by_peer: usize,
     /// Seconds from the start until the last of those was seen closed.
     pub last_closed_s: f64,
+    /// Of those, how many were closed within 2 s of the start (turned away at once, not
+    /// timed out).
+    pub closed_at_once: usize,
 }
 
 /// What `imds-probe burst` saw: many token requests, retried the way the Azure SDKs retry.
@@ -721,6 +724,14 @@ impl Probe {
         if slowloris {
             self.cmd.arg("--slowloris");
         }
+        self.spawn()
+    }
+
+    /// One connection that pipelines requests to `addr` and never reads an answer, for
+    /// `time`; the report says whether and when the peer closed it.
+    #[must_use]
+    pub fn unread(mut self, addr: SocketAddrV4, time: Duration) -> RunningProbe {
+        self.cmd.args(["unread", &addr.to_string(), "--seconds", &time.as_secs().to_string()]);
         self.spawn()
     }
 

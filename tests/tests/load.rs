@@ -147,3 +147,40 @@ fn a_pod_over_its_share_is_told_to_retry_and_then_served() {
     assert_eq!(report.statuses.get(&200), Some(&(2 * PER_CGROUP)), "all served in the end: {report:?}");
     drop(web);
 }
+
+// Issue #14, item 4: the metrics port is on the node's address, which every pod reaches. 200
+// idle connections from one pod: the agent holds at most its per-address share, each only for
+// the header-read timeout, and turns the rest away at once; the kubelet's probe (from the
+// node's address) is answered throughout.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn idle_connections_to_the_metrics_port_are_capped_and_closed() {
+    let mut node = Node::new("metrics-idle", vec![]);
+    let pod = node.pod(&pod_uid());
+    node.start_agent(&["--metrics", &METRICS.to_string()]);
+    let held = Probe::new(pod.ns(&node), &pod.ctr).hold(METRICS, 200, Duration::from_secs(10), false);
+    std::thread::sleep(Duration::from_secs(2));
+    let probe = node.ns.enter(|| imds_tests::fake_imds::http_get(std::net::SocketAddr::V4(METRICS), "/readyz", &[]));
+    assert_eq!(probe.map(|(status, _)| status).ok(), Some(200), "the kubelet's probe is answered meanwhile");
+    let report = held.wait().hold.expect("a hold report");
+    assert_eq!((report.opened, report.closed_by_peer), (200, 200), "{report:?}");
+    assert!(report.closed_at_once >= 200 - 16, "all but the pod's share of 16 turned away at once: {report:?}");
+    assert!(report.last_closed_s <= 7.5, "the header-read timeout (5 s) closed the last: {report:?}");
+    drop(pod);
+}
+
+// Issue #14, item 4: a pod that pipelines requests and never reads the answers fills the
+// socket buffers, and a write of the agent's blocks: the write timeout ends the connection.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_client_that_never_reads_is_cut_off() {
+    let mut node = Node::new("unread", vec![]);
+    let pod = node.pod(&pod_uid());
+    node.start_agent(&[]);
+    let report =
+        Probe::new(pod.ns(&node), &pod.ctr).unread(METADATA, Duration::from_secs(25)).wait().hold.expect("a report");
+    assert_eq!(report.closed_by_peer, 1, "the agent ended the connection: {report:?}");
+    // Filling the buffers takes a moment; the write timeout is 10 s.
+    assert!(report.last_closed_s <= 20.0, "{report:?}");
+    drop(pod);
+}

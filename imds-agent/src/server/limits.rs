@@ -1,28 +1,30 @@
-//! How many connections the agent holds at once: in all, and per caller cgroup. A pod that
-//! opens thousands of connections (idle, or sending its headers a byte at a time) gets its
-//! share and no more; the rest are told to retry (a 429, as IMDS throttles) and closed at
-//! once, so it cannot take the agent's memory, file descriptors or attention from other pods.
+//! How many connections the agent holds at once: in all, and per caller (a cgroup on the
+//! agent port, a peer address on the metrics port). A pod that opens thousands of
+//! connections (idle, or sending its headers a byte at a time) gets its share and no more;
+//! the rest are told to retry (a 429, as IMDS throttles) or closed at once, so it cannot take
+//! the agent's memory, file descriptors or attention from other pods.
 use std::{
     collections::HashMap,
+    hash::Hash,
     sync::{Arc, Mutex},
 };
 
 use prometheus_client::metrics::gauge::Gauge;
 
-/// The limits, and the connections held now.
+/// The limits, and the connections held now, by caller `K` (a cgroup id by default).
 #[derive(Debug)]
-pub struct ConnectionLimits {
+pub struct ConnectionLimits<K = u64> {
     total: usize,
-    per_cgroup: usize,
-    held: Mutex<Held>,
+    per_caller: usize,
+    held: Mutex<Held<K>>,
     /// `imds_filter_connections_open`: the held total, as a metric.
     open: Gauge,
 }
 
-#[derive(Debug, Default)]
-struct Held {
+#[derive(Debug)]
+struct Held<K> {
     total: usize,
-    by_cgroup: HashMap<u64, usize>,
+    by_caller: HashMap<K, usize>,
 }
 
 /// Why a connection was not admitted.
@@ -30,8 +32,8 @@ struct Held {
 pub enum Shed {
     /// The agent holds its maximum of connections.
     Total,
-    /// The caller's cgroup holds its maximum.
-    PerCgroup,
+    /// The caller (its cgroup, or its address) holds its maximum.
+    PerCaller,
 }
 
 impl Shed {
@@ -39,44 +41,45 @@ impl Shed {
     pub fn as_str(self) -> &'static str {
         match self {
             Shed::Total => "total",
-            Shed::PerCgroup => "per_cgroup",
+            // The agent port's callers are cgroups; the label predates other callers.
+            Shed::PerCaller => "per_cgroup",
         }
     }
 }
 
 /// A held connection; released when dropped.
 #[derive(Debug)]
-pub struct Admitted {
-    limits: Arc<ConnectionLimits>,
-    cgroup: u64,
+pub struct Admitted<K: Hash + Eq + Clone = u64> {
+    limits: Arc<ConnectionLimits<K>>,
+    caller: K,
 }
 
-impl ConnectionLimits {
-    /// At most `total` connections, and `per_cgroup` from any one cgroup (both at least 1);
+impl<K: Hash + Eq + Clone> ConnectionLimits<K> {
+    /// At most `total` connections, and `per_caller` from any one caller (both at least 1);
     /// the number held is reported in `open`.
-    pub fn new(total: usize, per_cgroup: usize, open: Gauge) -> Arc<ConnectionLimits> {
+    pub fn new(total: usize, per_caller: usize, open: Gauge) -> Arc<ConnectionLimits<K>> {
         Arc::new(ConnectionLimits {
             total: total.max(1),
-            per_cgroup: per_cgroup.max(1),
-            held: Mutex::new(Held::default()),
+            per_caller: per_caller.max(1),
+            held: Mutex::new(Held { total: 0, by_caller: HashMap::new() }),
             open,
         })
     }
 
-    /// Admits a connection from `cgroup`, or says why not.
-    pub fn admit(self: &Arc<Self>, cgroup: u64) -> Result<Admitted, Shed> {
+    /// Admits a connection from `caller`, or says why not.
+    pub fn admit(self: &Arc<Self>, caller: K) -> Result<Admitted<K>, Shed> {
         let mut held = self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if held.total >= self.total {
             return Err(Shed::Total);
         }
-        let mine = held.by_cgroup.entry(cgroup).or_default();
-        if *mine >= self.per_cgroup {
-            return Err(Shed::PerCgroup);
+        let mine = held.by_caller.entry(caller.clone()).or_default();
+        if *mine >= self.per_caller {
+            return Err(Shed::PerCaller);
         }
         *mine += 1;
         held.total += 1;
         self.open.set(held.total as i64);
-        Ok(Admitted { limits: Arc::clone(self), cgroup })
+        Ok(Admitted { limits: Arc::clone(self), caller })
     }
 
     /// Connections held now.
@@ -85,15 +88,15 @@ impl ConnectionLimits {
     }
 }
 
-impl Drop for Admitted {
+impl<K: Hash + Eq + Clone> Drop for Admitted<K> {
     fn drop(&mut self) {
         let mut held = self.limits.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         held.total -= 1;
         self.limits.open.set(held.total as i64);
-        if let Some(mine) = held.by_cgroup.get_mut(&self.cgroup) {
+        if let Some(mine) = held.by_caller.get_mut(&self.caller) {
             *mine -= 1;
             if *mine == 0 {
-                held.by_cgroup.remove(&self.cgroup); // no entry per cgroup ever seen
+                held.by_caller.remove(&self.caller); // no entry per caller ever seen
             }
         }
     }
@@ -105,10 +108,10 @@ mod tests {
 
     #[test]
     fn each_cgroup_gets_its_share_and_the_total_caps_all() {
-        let limits = ConnectionLimits::new(5, 2, Gauge::default());
+        let limits: Arc<ConnectionLimits> = ConnectionLimits::new(5, 2, Gauge::default());
         let a1 = limits.admit(1).expect("first of cgroup 1");
         let _a2 = limits.admit(1).expect("second of cgroup 1");
-        assert_eq!(limits.admit(1).unwrap_err(), Shed::PerCgroup);
+        assert_eq!(limits.admit(1).unwrap_err(), Shed::PerCaller);
         let _b = [limits.admit(2).unwrap(), limits.admit(2).unwrap(), limits.admit(3).unwrap()];
         assert_eq!((limits.held(), limits.open.get()), (5, 5));
         assert_eq!(limits.admit(4).unwrap_err(), Shed::Total);
@@ -119,11 +122,11 @@ mod tests {
 
     #[test]
     fn released_cgroups_leave_no_entry() {
-        let limits = ConnectionLimits::new(10, 10, Gauge::default());
+        let limits: Arc<ConnectionLimits> = ConnectionLimits::new(10, 10, Gauge::default());
         for cgroup in 0..100 {
             drop(limits.admit(cgroup).unwrap());
         }
-        assert!(limits.held.lock().unwrap().by_cgroup.is_empty());
+        assert!(limits.held.lock().unwrap().by_caller.is_empty());
         assert_eq!(limits.held(), 0);
     }
 }

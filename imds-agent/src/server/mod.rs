@@ -4,6 +4,7 @@
 //! connection to the agent's port, or one from outside the filtered hierarchy — and is
 //! closed without a byte of HTTP. Everything else is served as HTTP/1.1 with keep-alive, a
 //! header-read timeout, and limits on header size and count; request bodies are never read.
+pub mod admin;
 mod handler;
 pub mod limits;
 pub mod listener;
@@ -29,8 +30,12 @@ use crate::{
     upstream::Upstream,
 };
 
-/// A client has this long to send its request headers.
+/// A client has this long to send its request headers; hyper also closes a kept-alive
+/// connection that stays silent this long after an answer.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client that does not read its answers (its receive window stays shut) has this long
+/// before a blocked write ends its connection.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most bytes of request head buffered (hyper's floor is 8 KiB).
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Most request headers.
@@ -106,7 +111,10 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
                 let (state, caller) = (Arc::clone(&state), Arc::clone(&caller));
                 async move { Ok::<_, std::convert::Infallible>(handler::handle(req, &caller, &state).await) }
             });
-            let result = http1_limits().keep_alive(true).serve_connection(TokioIo::new(stream), service).await;
+            let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+            stream.set_write_timeout(Some(WRITE_TIMEOUT));
+            let io = TokioIo::new(Box::pin(stream));
+            let result = http1_limits().keep_alive(true).serve_connection(io, service).await;
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }

@@ -167,6 +167,14 @@ enum Op {
         #[arg(long)]
         slowloris: bool,
     },
+    /// One connection to `addr` that sends requests (`Metadata: true`, a path the agent
+    /// answers at once) as fast as the peer takes them and never reads an answer, for
+    /// `seconds`. Reports whether, and how soon, the peer closed it.
+    Unread {
+        addr: SocketAddrV4,
+        #[arg(long)]
+        seconds: u64,
+    },
     /// Pod cgroups created below `parent` at `rate` a second for `seconds`, each (with one
     /// container cgroup inside, as the kubelet makes them) removed `live_ms` after it was
     /// made. Pod UIDs come from the `plan` file in turn, one `UID EXPECT` a line; for every
@@ -286,6 +294,10 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
         }
         Op::Hold { addr, count, seconds, slowloris } => {
             report.hold = Some(hold(addr, count, Duration::from_secs(seconds), slowloris));
+            report.outcome = "held".into();
+        }
+        Op::Unread { addr, seconds } => {
+            report.hold = Some(unread(addr, Duration::from_secs(seconds))?);
             report.outcome = "held".into();
         }
         Op::Churn { addr, ref parent, ref plan, rate, seconds, live_ms, ask_every } => {
@@ -419,6 +431,8 @@ fn hold(addr: SocketAddrV4, count: usize, time: Duration, slowloris: bool) -> im
             *sent += 1;
             if gone {
                 *closed = Some(started.elapsed());
+                // Well before any timeout of the peer's could have closed it.
+                report.closed_at_once += usize::from(started.elapsed() < Duration::from_secs(2));
             }
         }
         std::thread::sleep(Duration::from_secs(1));
@@ -427,6 +441,30 @@ fn hold(addr: SocketAddrV4, count: usize, time: Duration, slowloris: bool) -> im
     report.closed_by_peer = closed.len();
     report.last_closed_s = closed.iter().max().map_or(0.0, Duration::as_secs_f64);
     report
+}
+
+/// Pipelines requests on one connection without ever reading (see `Op::Unread`).
+fn unread(addr: SocketAddrV4, time: Duration) -> anyhow::Result<imds_tests::HoldReport> {
+    const REQUEST: &[u8] = b"GET /metadata/instance HTTP/1.1\r\nHost: x\r\nMetadata: true\r\n\r\n";
+    let mut stream = TcpStream::connect_timeout(&SocketAddr::V4(addr), Duration::from_secs(3))?;
+    stream.set_nonblocking(true)?;
+    let mut report = imds_tests::HoldReport { opened: 1, ..imds_tests::HoldReport::default() };
+    let started = std::time::Instant::now();
+    let batch = REQUEST.repeat(64);
+    while started.elapsed() < time {
+        match stream.write(&batch) {
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => {
+                // Reset or shut by the peer.
+                report.closed_by_peer = 1;
+                report.last_closed_s = started.elapsed().as_secs_f64();
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(report)
 }
 
 /// `SO_LINGER` with a zero timeout: `close()` sends RST and the socket goes to `TCP_CLOSE`.
