@@ -95,8 +95,8 @@ pub struct HoldReport {
     pub closed_by_peer: usize,
     /// Seconds from the start until the last of those was seen closed.
     pub last_closed_s: f64,
-    /// Of those, how many were closed within 2 s of the start (turned away at once, not
-    /// timed out).
+    /// Of those, how many were closed within 4 s of the start: turned away at once, not
+    /// timed out (a 5 s header timeout).
     pub closed_at_once: usize,
 }
 

@@ -21,6 +21,11 @@ use tokio::{
 /// `per_second` in IMDS's own one-second window.
 const WINDOW: Duration = Duration::from_millis(1250);
 
+/// The longest a call waits in the queue. Past it, the caller is told to retry (a 429 with
+/// `Retry-After`) rather than kept waiting beyond its client's patience, with its connection
+/// and its pod's share held all the while.
+pub const MAX_WAIT: Duration = Duration::from_secs(8);
+
 #[derive(Clone, Copy, Debug)]
 pub struct BudgetConfig {
     pub per_second: usize,
@@ -99,12 +104,19 @@ impl Budget {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits for a slot for `requester`'s call. Refused at once when the queue is full.
+    /// Waits for a slot for `requester`'s call, at most [`MAX_WAIT`]. Refused at once when
+    /// the queue is full.
     pub async fn acquire(self: &Arc<Self>, requester: &str) -> Result<Permit, Overloaded> {
         let rx = {
             let mut s = self.lock();
-            let mine = s.waiting.get(requester).map_or(0, VecDeque::len);
-            if s.queued >= self.config.queue || mine >= self.config.queue_per_requester {
+            let full = |s: &State| {
+                s.queued >= self.config.queue
+                    || s.waiting.get(requester).map_or(0, VecDeque::len) >= self.config.queue_per_requester
+            };
+            if full(&s) {
+                forget_gone(&mut s); // calls whose callers gave up hold no place
+            }
+            if full(&s) {
                 return Err(Overloaded { retry_after: self.drain_time(s.queued) });
             }
             let (tx, rx) = oneshot::channel();
@@ -117,8 +129,13 @@ impl Budget {
             rx
         };
         self.wake.notify_one();
-        // The dispatcher never drops a sender without sending, while the budget lives.
-        rx.await.map_err(|_| Overloaded { retry_after: Duration::from_secs(1) })
+        match tokio::time::timeout(MAX_WAIT, rx).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // The dispatcher never drops a sender without sending, while the budget lives.
+            Ok(Err(_)) => Err(Overloaded { retry_after: Duration::from_secs(1) }),
+            // Dropping the receiver gives the place up: the dispatcher skips it.
+            Err(_) => Err(Overloaded { retry_after: self.drain_time(self.lock().queued) }),
+        }
     }
 
     /// Roughly how long a queue of `queued` takes to drain: what `Retry-After` says.
@@ -169,6 +186,19 @@ impl Budget {
             }
         }
     }
+}
+
+/// Drops the waiting calls whose callers gave up (timed out, or their connection went).
+fn forget_gone(s: &mut State) {
+    let mut queued = 0;
+    s.waiting.retain(|_, calls| {
+        calls.retain(|tx| !tx.is_closed());
+        queued += calls.len();
+        !calls.is_empty()
+    });
+    let waiting = &s.waiting;
+    s.turn.retain(|requester| waiting.contains_key(requester));
+    s.queued = queued;
 }
 
 /// Hands out slots whenever something changes or the rate window moves on. Holds the budget
@@ -241,6 +271,26 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_call_waits_at_most_max_wait_then_is_told_to_retry() {
+        let budget = Budget::start(BudgetConfig { per_second: 1, in_flight: 1, queue: 2, queue_per_requester: 2 });
+        let held = budget.acquire("a").await.expect("a free slot");
+        let t0 = Instant::now();
+        let refused = budget.acquire("b").await.err().expect("no slot within MAX_WAIT");
+        assert!(t0.elapsed() >= MAX_WAIT && t0.elapsed() < MAX_WAIT + Duration::from_secs(1), "{:?}", t0.elapsed());
+        assert!(refused.retry_after >= Duration::from_secs(1));
+        // Callers that gave up hold no place: the queue of 2 takes two more.
+        let b = Arc::clone(&budget);
+        let waiting = tokio::spawn(async move { b.acquire("b").await.is_ok() });
+        tokio::task::yield_now().await;
+        let c = Arc::clone(&budget);
+        let also = tokio::spawn(async move { c.acquire("c").await.is_ok() });
+        tokio::task::yield_now().await;
+        assert_eq!(budget.load().0, 2, "the one that gave up was forgotten, not counted");
+        drop(held);
+        assert!(waiting.await.unwrap() || also.await.unwrap(), "a freed slot goes to a live waiter");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn slow_calls_are_bounded_by_concurrency() {
         let calls = vec![("pod", Duration::from_secs(2)); 10];
         let (starts, peak) = run(BudgetConfig::default(), calls).await;
@@ -250,14 +300,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_noisy_requester_does_not_starve_a_quiet_one() {
-        let mut calls = vec![("noisy", Duration::from_millis(10)); 60];
+        // 30 calls at 5 a second all start within MAX_WAIT (the last after 7.5 s).
+        let mut calls = vec![("noisy", Duration::from_millis(10)); 30];
         calls.push(("quiet", Duration::from_millis(10)));
         let config = BudgetConfig { per_second: 5, ..BudgetConfig::default() };
         let (starts, _) = run(config, calls).await;
         let quiet = starts.iter().position(|(who, _)| *who == "quiet").unwrap();
         // The first few noisy calls may be granted before the quiet one is even queued;
         // after that it is the next turn.
-        assert!(quiet <= 6, "the quiet pod's one call goes within the first turns, not after 60: {quiet}");
+        assert!(quiet <= 6, "the quiet pod's one call goes within the first turns, not after 30: {quiet}");
     }
 
     #[tokio::test(start_paused = true)]
