@@ -6,7 +6,8 @@
 //! agent's own container, can ask. HTTP/1.1 on it, JSON answers:
 //!
 //! - `GET /status`: [`AgentStatus`];
-//! - `GET /explain?pod=NS/NAME&request=PATH` (or `uid=UID`): [`crate::explain::Explanation`].
+//! - `GET /explain?pod=NS/NAME&request=PATH` (or `uid=UID`): [`crate::explain::Explanation`];
+//! - `GET /healthz`, `GET /readyz`: as on the metrics port, as text (`imds-agent health`).
 use std::{
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
@@ -34,18 +35,19 @@ pub enum ControlError {
 }
 
 /// Binds the control socket, replacing one a dead agent left. Refuses when a live agent
-/// answers there: called before the agent touches the kernel, so a second agent stops
-/// before it takes over the first one's filter.
-pub async fn claim(path: &Path) -> Result<UnixListener, ControlError> {
+/// answers there, unless it handed the node over to this one (`replace_live`): called
+/// before the agent touches the kernel, so a second agent stops before it takes over the
+/// first one's filter.
+pub async fn claim(path: &Path, replace_live: bool) -> Result<UnixListener, ControlError> {
     let io = |what: &'static str| move |source| ControlError::Io { what, path: path.to_owned(), source };
     if let Some(dir) = path.parent().filter(|d| !d.exists()) {
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io("creating the directory of"))?;
     }
     if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
+        if !replace_live && UnixStream::connect(path).await.is_ok() {
             return Err(ControlError::InUse(path.to_owned()));
         }
-        std::fs::remove_file(path).map_err(io("removing the stale control socket"))?;
+        std::fs::remove_file(path).map_err(io("removing the earlier control socket"))?;
     }
     let listener = UnixListener::bind(path).map_err(io("binding the control socket"))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io("restricting"))?;
@@ -73,18 +75,37 @@ fn answer(path: &str, query: Option<&str>, telemetry: &Telemetry) -> Response<Fu
         r
     };
     match path {
+        // The kubelet's exec probes ask here: on the metrics port, a replaced agent's probes
+        // could be answered by its successor, which serves the same socket.
+        "/healthz" | "/readyz" => crate::telemetry::answer(path, telemetry),
         "/status" => json(serde_json::to_string(&telemetry.status()).unwrap_or_default()),
         "/explain" => match telemetry.explain(query) {
             Ok(explanation) => json(serde_json::to_string(&explanation).unwrap_or_default()),
             Err(e) => refuse(StatusCode::BAD_REQUEST, format!("{e}\n")),
         },
-        _ => refuse(StatusCode::NOT_FOUND, "not found: try /status or /explain\n".into()),
+        _ => refuse(StatusCode::NOT_FOUND, "not found: try /status, /explain, /healthz or /readyz\n".into()),
     }
 }
 
 /// Asks the agent on `socket` for `path_and_query` and reads the JSON answer, within 2 s.
 /// The error says, in words, why there is no answer.
 pub async fn ask<T: serde::de::DeserializeOwned>(socket: &Path, path_and_query: &str) -> Result<T, String> {
+    let (status, body) = request(socket, path_and_query).await?;
+    if !status.is_success() {
+        return Err(format!("the agent answered {status}: {}", String::from_utf8_lossy(&body).trim()));
+    }
+    serde_json::from_slice(&body).map_err(|e| format!("the agent's answer is not what was asked for: {e}"))
+}
+
+/// Asks the agent on `socket` whether it is healthy (`ready`: ready); its sentence saying so.
+/// For the kubelet's exec probes (`imds-agent health`).
+pub async fn health(socket: &Path, ready: bool) -> Result<(bool, String), String> {
+    let (status, body) = request(socket, if ready { "/readyz" } else { "/healthz" }).await?;
+    Ok((status.is_success(), String::from_utf8_lossy(&body).trim().to_owned()))
+}
+
+/// One request on the control socket, within 2 s: the status and the body.
+async fn request(socket: &Path, path_and_query: &str) -> Result<(StatusCode, Bytes), String> {
     let asked = async {
         let stream = UnixStream::connect(socket).await.map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => format!("no agent is running (no control socket at {})", socket.display()),
@@ -103,11 +124,7 @@ pub async fn ask<T: serde::de::DeserializeOwned>(socket: &Path, path_and_query: 
         let response = sender.send_request(request).await.map_err(|e| format!("asking the agent: {e}"))?;
         let status = response.status();
         let body = response.into_body().collect().await.map_err(|e| format!("reading the agent's answer: {e}"))?;
-        let body = body.to_bytes();
-        if !status.is_success() {
-            return Err(format!("the agent answered {status}: {}", String::from_utf8_lossy(&body).trim()));
-        }
-        serde_json::from_slice(&body).map_err(|e| format!("the agent's answer is not what was asked for: {e}"))
+        Ok((status, body.to_bytes()))
     };
     tokio::time::timeout(Duration::from_secs(2), asked)
         .await

@@ -2,8 +2,9 @@
 #![allow(clippy::doc_markdown, reason = "doc comments on the CLI types are --help text, where backticks show")]
 use std::{
     net::{SocketAddr, SocketAddrV4},
+    os::fd::{AsFd as _, OwnedFd},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -11,20 +12,21 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use imds_agent::{
     caller::CgroupResolver,
-    control, doctor, events, explain,
+    control, doctor, events, explain, handover,
     imds::PathRules,
     kernel::{
         self,
         bpffs::{self, DEFAULT_PIN_DIR},
         cgroup,
         origin::DEFAULT_ORIGIN_TTL,
-        Filter, FilterOptions, NodeBackstop, Redirects, IMDS_ENDPOINT,
+        Duty, Filter, FilterOptions, NodeBackstop, Redirects, IMDS_ENDPOINT,
     },
     policy::{Snapshot, WorkloadMode, WorkloadSettings},
     secrets::SecretReader,
     server::{self, limits::ConnectionLimits, listener, AgentState, Mode},
     sources::{kube as kube_source, manifests},
     status,
+    succession::{self, AgentDuties, Start},
     telemetry::{self, SourceStatus, Telemetry},
     tokens::{
         budget::BudgetConfig,
@@ -157,6 +159,18 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Output::Text)]
         output: Output,
     },
+    /// Is the agent on this node healthy (or, with --ready, ready)? For the kubelet's exec
+    /// probes: asks the agent's own control socket, so that a replaced agent's probe is never
+    /// answered by its successor. Prints the agent's sentence; exit status 0 yes, 1 no.
+    Health {
+        /// Ask whether it is ready (serving, policy loaded, verdicts reconciled) rather than
+        /// alive.
+        #[arg(long)]
+        ready: bool,
+        /// The running agent's control socket.
+        #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
+        agent_socket: PathBuf,
+    },
     /// Writes the man pages (`man/`) and shell completions (`completions/`) into a directory,
     /// for packaging. `cargo xtask man` runs it; the image installs what it writes.
     #[command(hide = true)]
@@ -252,9 +266,14 @@ struct RunArgs {
     /// Serve /healthz, /readyz and /metrics (Prometheus) on this address [default: off].
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<SocketAddr>,
-    /// Answer `imds-agent status` and `explain` on this Unix socket (owner-only).
+    /// Answer `imds-agent status`, `explain` and `health` on this Unix socket (owner-only).
     #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET)]
     control_socket: PathBuf,
+    /// Where the agent serving the node hands it over to the next one (owner-only). An
+    /// upgrade refuses nothing when both agents reach this path: on Kubernetes, a directory
+    /// of the node mounted into every agent pod.
+    #[arg(long, value_name = "PATH", default_value = handover::DEFAULT_SOCKET)]
+    handover_socket: PathBuf,
     /// A protected endpoint: TCP to it from pods is judged by their policy and redirected to
     /// the agent (repeatable; at most 4 ports per address).
     #[arg(long = "protect", value_name = "ADDR:PORT", default_values_t = [IMDS_ENDPOINT])]
@@ -340,6 +359,21 @@ fn main() -> anyhow::Result<()> {
             let report = doctor::run(&doctor::Setup { pin_dir: bpffs, attach_cgroup, listen, upstream });
             operator::answer(output, Ok(report), doctor::Report::exit_code)
         }
+        Command::Health { ready, agent_socket } => {
+            // A probe runs every few seconds: one thread is plenty.
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let answer = runtime.block_on(control::health(&agent_socket, ready));
+            match answer {
+                Ok((healthy, sentence)) => {
+                    println!("{sentence}");
+                    std::process::exit(i32::from(!healthy));
+                }
+                Err(why) => {
+                    println!("{why}");
+                    std::process::exit(1);
+                }
+            }
+        }
         Command::GenerateDocs { out } => operator::generate_docs(&out),
         Command::Uninstall { bpffs, wait } => {
             let done = kernel::uninstall(&bpffs)?;
@@ -411,74 +445,81 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         None => cgroup::default_attach_cgroup(&root)?,
     };
     let policy = PolicySource::check(&args).await?;
-    let Installed { _lock, control, listener, mut filter, mut redirects, own } =
-        install(&args, listen, &attach_cgroup, log_filter).await?;
-    if let Some(logger) = filter.take_kernel_logger() {
-        tokio::spawn(drain_kernel_logs(logger));
-    }
-    let origins = filter.origins();
-
     let (events, secrets_client) = match &policy {
         PolicySource::Kube { client, node } => {
             (Some(events::start(client.clone(), Some(node.clone()))), Some(client.clone()))
         }
         PolicySource::Manifests { .. } => (None, None),
     };
+    // The policy loads while the agent waits for the node's filter: a successor takes over
+    // only once it can decide.
     let source = Arc::new(SourceStatus::default());
     let (updates, synced, _watcher) = policy.start(workload_settings(&args), &source, events.clone())?;
+    let Installed { lock, control, listener, metrics, mut filter, mut redirects, own, taken } =
+        install(&args, listen, &attach_cgroup, log_filter, &source).await?;
+    if let Some(logger) = filter.take_kernel_logger() {
+        tokio::spawn(drain_kernel_logs(logger));
+    }
+    let origins = filter.origins();
     let attach_root = cgroup::validate_attach_cgroup(&root, &attach_cgroup)?;
     let telemetry = Arc::new(
         Telemetry::new(attach_root.clone(), &args.bpffs, updates.clone(), Arc::clone(&source))
             .context("setting up metrics")?,
     );
-    let rules = if args.forward_all_paths { PathRules::ForwardAll } else { PathRules::Allow(args.allow_paths.clone()) };
-    let decides = explain::Settings { rules: rules.clone(), deny_unbound: args.deny_unbound };
+    let decides = explain::Settings { rules: path_rules(&args), deny_unbound: args.deny_unbound };
     telemetry.describe_agent(agent_facts(&args, listen), decides);
+    // Not ready until it accepts: the DaemonSet controller stops the old pod once this is.
+    telemetry.taking_over(taken.is_some());
     if let Some(control) = control {
         control::serve(control, Arc::clone(&telemetry));
     }
-    if let Some(addr) = args.metrics {
-        telemetry::serve(addr, Arc::clone(&telemetry)).await.with_context(|| format!("serving metrics on {addr}"))?;
-    }
+    // Kept here as well as in the duties: without a sender, the accept loops would take the
+    // channel's closing for a drain.
+    let drain = Arc::new(watch::Sender::new(false));
+    let draining = drain.subscribe();
+    let metrics = match metrics {
+        Some(metrics) => {
+            let handed = metrics.as_fd().try_clone_to_owned().context("holding the metrics socket")?;
+            telemetry::serve(metrics, Arc::clone(&telemetry), draining.clone());
+            Some(handed)
+        }
+        None => None,
+    };
+    let duties = AgentDuties {
+        verdicts: Duty::default(),
+        backstop: filter.backstop_duty(),
+        draining: Arc::clone(&drain),
+        telemetry: Arc::clone(&telemetry),
+        lock: Arc::new(Mutex::new(Some(lock))),
+        pin_dir: args.bpffs.clone(),
+        agent_cgroup: cgroup::own_cgroup_id()?.0,
+        retired: retired_mark(&args.control_socket),
+    };
     let verdict_sync = VerdictSync::new(filter, attach_root, args.deny_unbound)?;
-    start_verdict_sync(verdict_sync, updates.clone(), synced, Arc::clone(&source))?;
+    start_verdict_sync(verdict_sync, duties.verdicts.clone(), updates.clone(), synced, Arc::clone(&source))?;
 
-    let resolver = Arc::new(CgroupResolver::new(&root).context("opening the cgroup2 filesystem")?);
-    tokio::spawn(prune_resolver(Arc::clone(&resolver), telemetry.cgroups_cached.clone()));
-    let upstream =
-        Upstream::new(SocketAddr::V4(args.upstream), IMDS_TIMEOUT).with_latency(telemetry.upstream_seconds.clone());
-    let tokens = token_service(&args, upstream.clone())?;
-    telemetry.watch_tokens(Arc::clone(&tokens));
-    let limits = ConnectionLimits::new(
-        args.max_connections as usize,
-        args.max_connections_per_cgroup as usize,
-        telemetry.connections_open.clone(),
-    );
-    let state = Arc::new(AgentState {
-        snapshot: updates,
-        upstream,
-        tokens,
-        kubelet_dir: args.kubelet_dir.clone(),
-        secrets: SecretReader::new(secrets_client),
-        rules,
-        mode: match args.mode {
-            ModeArg::Enforce => Mode::Enforce,
-            ModeArg::Audit => Mode::Audit,
-        },
-        pod_grace: args.pod_grace,
-        origins,
-        resolver,
-        telemetry,
-        events,
-        limits,
-    });
+    let state =
+        agent_state(&args, AgentParts { root: &root, updates, secrets_client, origins, telemetry, events, draining })?;
     let serving = async {
         let listener = match listener {
             Some(listener) => listener,
             None => claim_port(listen, &mut redirects, &state.telemetry).await?,
         };
+        if let Some(taken) = taken {
+            let from = taken.from;
+            succession::reconciled(&source).await;
+            tokio::task::spawn_blocking(move || taken.serving()).await?;
+            state.telemetry.taking_over(false);
+            tracing::info!(predecessor = from, "took the node over from the earlier agent, which drains");
+        }
+        offer_handover(&args.handover_socket, &listener, metrics, duties);
         tracing::info!(listen = %listen, agent_cgroup = %own, "filter installed; serving redirected connections");
         server::serve(listener, Arc::clone(&state)).await;
+        // Handed over: the successor serves. Idle until stopped (a container that exits is
+        // restarted, for nothing).
+        let open = server::drained(&state).await;
+        tracing::info!(still_open = open, "drained; idle until stopped");
+        std::future::pending::<()>().await;
         anyhow::Ok(())
     };
 
@@ -487,6 +528,17 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         served = serving => served?,
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+    stop(&state, &mut redirects).await;
+    Ok(())
+}
+
+/// On `SIGTERM`: a handed-over agent finishes draining and leaves the filter to its
+/// successor; the node's agent leaves it refusing what it would redirect.
+async fn stop(state: &AgentState, redirects: &mut Redirects) {
+    if *state.draining.borrow() {
+        let open = server::drained(state).await;
+        return tracing::info!(still_open = open, "exiting; the next agent serves this node");
     }
     match redirects.refuse_on_exit() {
         Ok(true) => tracing::info!(
@@ -498,41 +550,148 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
             tracing::warn!(error = %anyhow::Error::from(e), "exiting; could not set the filter to refuse redirects");
         }
     }
-    Ok(())
+}
+
+/// What [`agent_state`] is made of besides the arguments.
+struct AgentParts<'a> {
+    root: &'a Path,
+    updates: watch::Receiver<Arc<Snapshot>>,
+    secrets_client: Option<kube::Client>,
+    origins: Arc<kernel::OriginTable>,
+    telemetry: Arc<Telemetry>,
+    events: Option<events::DenialEvents>,
+    draining: watch::Receiver<bool>,
+}
+
+/// What serving a connection needs: the caller resolver, the token path, the limits.
+fn agent_state(args: &RunArgs, parts: AgentParts<'_>) -> anyhow::Result<Arc<AgentState>> {
+    let AgentParts { root, updates, secrets_client, origins, telemetry, events, draining } = parts;
+    let resolver = Arc::new(CgroupResolver::new(root).context("opening the cgroup2 filesystem")?);
+    tokio::spawn(prune_resolver(Arc::clone(&resolver), telemetry.cgroups_cached.clone()));
+    let upstream =
+        Upstream::new(SocketAddr::V4(args.upstream), IMDS_TIMEOUT).with_latency(telemetry.upstream_seconds.clone());
+    let tokens = token_service(args, upstream.clone())?;
+    telemetry.watch_tokens(Arc::clone(&tokens));
+    let limits = ConnectionLimits::new(
+        args.max_connections as usize,
+        args.max_connections_per_cgroup as usize,
+        telemetry.connections_open.clone(),
+    );
+    Ok(Arc::new(AgentState {
+        snapshot: updates,
+        upstream,
+        tokens,
+        kubelet_dir: args.kubelet_dir.clone(),
+        secrets: SecretReader::new(secrets_client),
+        rules: path_rules(args),
+        mode: match args.mode {
+            ModeArg::Enforce => Mode::Enforce,
+            ModeArg::Audit => Mode::Audit,
+        },
+        pod_grace: args.pod_grace,
+        origins,
+        resolver,
+        telemetry,
+        events,
+        limits,
+        draining,
+    }))
+}
+
+fn path_rules(args: &RunArgs) -> PathRules {
+    if args.forward_all_paths {
+        PathRules::ForwardAll
+    } else {
+        PathRules::Allow(args.allow_paths.clone())
+    }
+}
+
+/// Lets the next agent take over from this one ([`handover`]). Without it, the next agent
+/// waits for this one to exit (a rolling update with `maxUnavailable: 0` waits with it):
+/// said, not fatal.
+fn offer_handover(socket: &Path, listener: &TcpListener, metrics: Option<OwnedFd>, duties: AgentDuties) {
+    let offered = (|| {
+        let lock = duties.lock.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(bpffs::PinDirLock::share);
+        let lock = lock.context("the pin directory's lock is held")?.context("sharing the pin directory's lock")?;
+        let listener = listener.as_fd().try_clone_to_owned().context("sharing the listening socket")?;
+        handover::offer(socket, handover::Offer { lock, listener, metrics }, duties).map_err(anyhow::Error::from)
+    })();
+    if let Err(e) = offered {
+        tracing::error!(
+            error = %format!("{e:#}"),
+            "no handover: the next agent will wait for this one to exit, and connections are refused between the two"
+        );
+    }
+}
+
+/// The mark an agent that handed its node over leaves next to its control socket (in its
+/// pod's own directory on Kubernetes).
+fn retired_mark(control_socket: &Path) -> PathBuf {
+    control_socket.with_extension("retired")
 }
 
 /// What [`install`] holds for the agent's life.
 struct Installed {
     /// One agent at a time owns the node's filter.
-    _lock: bpffs::PinDirLock,
+    lock: bpffs::PinDirLock,
     control: Option<tokio::net::UnixListener>,
     /// `None`: another process held the port (redirects are refused until it is claimed).
     listener: Option<TcpListener>,
+    /// The metrics port (`--metrics`).
+    metrics: Option<TcpListener>,
     filter: Filter,
     redirects: Redirects,
     /// The agent's cgroup, as its log names it.
     own: String,
+    /// The handover from the agent this one replaces, until this one serves.
+    taken: Option<handover::Taken>,
 }
 
-/// Takes the node's filter: waits for an earlier agent to let go of it, binds the listener,
-/// then installs the kernel programs.
+/// Takes the node's filter: the lock, or a handover from the agent holding it; binds the
+/// listener (unless handed over), then installs the kernel programs.
 async fn install(
     args: &RunArgs,
     listen: SocketAddrV4,
     attach_cgroup: &Path,
     log_filter: &str,
+    source: &SourceStatus,
 ) -> anyhow::Result<Installed> {
     let (agent_cgroup, own) = cgroup::own_cgroup_id()?;
-    let lock = lock_pin_dir(&args.bpffs).await?;
-    // Another agent answering here is an error: only one may serve the node.
-    let control = claim_control(&args.control_socket).await?;
+    let retired = retired_mark(&args.control_socket);
+    let (lock, mut taken) = match succession::claim_node(&args.bpffs, &args.handover_socket, &retired, source).await? {
+        Start::Fresh(lock) => (lock, None),
+        Start::TakenOver(lock, taken) => {
+            tracing::info!(predecessor = taken.from, "the agent serving this node hands it over");
+            (lock, Some(taken))
+        }
+    };
+    // Another agent answering here is an error, unless it handed over (on a node where both
+    // use one path; pods have their own).
+    let control = claim_control(&args.control_socket, taken.is_some()).await?;
+    // From here on this agent writes the kernel's state: the one handing over must have
+    // let it (it may have taken its duties back instead).
+    if let Some(mut handing) = taken.take() {
+        let asked = tokio::task::spawn_blocking(move || handing.installing().map(|()| handing)).await?;
+        taken = Some(asked.context("taking the node over")?);
+    }
     // Bind before attaching anything: a bad --listen must not leave a half-installed filter.
     // A bind guard an earlier agent left admits only the agents it knows: become one first.
     kernel::admit_agent(&args.bpffs, agent_cgroup)?;
-    let listener = listener::try_bind(listen).with_context(|| format!("listening on {listen}"))?;
-    if listener.is_none() {
-        tracing::error!(%listen, holder = %listener::held_by(listen), "the agent's port is held by another process");
+    let listener = match taken.as_mut().and_then(|t| handed(t.listener.take(), SocketAddr::V4(listen))) {
+        Some(listener) => Some(listener),
+        None => listener::try_bind(listen).with_context(|| format!("listening on {listen}"))?,
+    };
+    if taken.is_some() && listener.is_none() {
+        // Installing with redirects refused would refuse what the earlier agent served.
+        bail!("{listen} is held by another process: cannot take the node over");
     }
+    let metrics = match args.metrics {
+        None => None,
+        Some(addr) => Some(match taken.as_mut().and_then(|t| handed(t.metrics.take(), addr)) {
+            Some(metrics) => metrics,
+            None => TcpListener::bind(addr).await.with_context(|| format!("serving metrics on {addr}"))?,
+        }),
+    };
     warn_if_ephemeral(listen);
     for warning in kernel::protection_warnings(&args.protected, &args.protected_addresses) {
         tracing::warn!("{warning}");
@@ -546,24 +705,20 @@ async fn install(
     };
     let mut filter = Filter::install(&options)?;
     let redirects = filter.take_redirects().context("the filter's redirect switch was taken")?;
-    Ok(Installed { _lock: lock, control, listener, filter, redirects, own })
+    Ok(Installed { lock, control, listener, metrics, filter, redirects, own, taken })
 }
 
-/// The pin directory's lock, waiting (and saying so every 30 s) while another agent holds it.
-async fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<bpffs::PinDirLock> {
-    for waited in 0u64.. {
-        if let Some(lock) = bpffs::try_lock_pin_dir(pin_dir)? {
-            return Ok(lock);
-        }
-        if waited % 30 == 0 {
-            tracing::warn!(
-                pin_dir = %pin_dir.display(),
-                "another agent holds this node's filter (its pin directory is locked); waiting for it to exit"
-            );
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+/// A socket the earlier agent handed over, if it listens on `addr` (the address may have
+/// changed with the upgrade: then this agent binds its own).
+fn handed(socket: Option<std::net::TcpListener>, addr: SocketAddr) -> Option<TcpListener> {
+    let socket = socket?;
+    let local = socket.local_addr().ok()?;
+    if local != addr {
+        tracing::info!(handed = %local, wanted = %addr, "the earlier agent listened elsewhere; binding anew");
+        return None;
     }
-    unreachable!("a u64 of seconds does not run out")
+    socket.set_nonblocking(true).ok()?;
+    TcpListener::from_std(socket).ok()
 }
 
 /// The port someone else held at start, once the agent holds it: redirects resume.
@@ -716,17 +871,18 @@ async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Client> 
 /// after the initial lists, and until then every pod keeps the default (REDIRECT).
 fn start_verdict_sync(
     sync: VerdictSync,
+    duty: Duty,
     updates: watch::Receiver<Arc<Snapshot>>,
     synced: bool,
     source: Arc<SourceStatus>,
 ) -> anyhow::Result<()> {
     if synced {
-        return spawn_verdict_sync(sync, updates, source);
+        return spawn_verdict_sync(sync, duty, updates, source);
     }
     let mut first = updates;
     tokio::spawn(async move {
         if first.changed().await.is_ok() {
-            if let Err(e) = spawn_verdict_sync(sync, first, source) {
+            if let Err(e) = spawn_verdict_sync(sync, duty, first, source) {
                 tracing::error!(error = %format!("{e:#}"), "starting the kernel verdict sync");
             }
         }
@@ -753,9 +909,9 @@ fn agent_facts(args: &RunArgs, listen: SocketAddrV4) -> status::AgentStatus {
 }
 
 /// The control socket, or `None` (logged) when it cannot be made: filtering does not depend
-/// on it. Another agent answering there is an error.
-async fn claim_control(path: &Path) -> anyhow::Result<Option<tokio::net::UnixListener>> {
-    match control::claim(path).await {
+/// on it. Another agent answering there is an error, unless it `handed_over` to this one.
+async fn claim_control(path: &Path, handed_over: bool) -> anyhow::Result<Option<tokio::net::UnixListener>> {
+    match control::claim(path, handed_over).await {
         Ok(listener) => Ok(Some(listener)),
         Err(e @ control::ControlError::InUse(_)) => Err(e.into()),
         Err(e) => {
@@ -789,6 +945,7 @@ fn listen_address(given: Option<SocketAddrV4>) -> anyhow::Result<SocketAddrV4> {
 /// agent reports ready only after it ([`SourceStatus::reconciled`]).
 fn spawn_verdict_sync(
     mut sync: VerdictSync,
+    duty: Duty,
     mut updates: watch::Receiver<Arc<Snapshot>>,
     source: Arc<SourceStatus>,
 ) -> anyhow::Result<()> {
@@ -812,7 +969,17 @@ fn spawn_verdict_sync(
                 return; // the policy source is gone: the agent is shutting down
             }
             let snapshot = Arc::clone(&updates.borrow_and_update());
-            match sync.sync(&snapshot) {
+            // Paused while another agent takes over; after a pause, what the maps hold may
+            // be that agent's writing: read again.
+            let Some(synced) = duty.perform(|reread| {
+                if reread {
+                    sync.reread()?;
+                }
+                sync.sync(&snapshot)
+            }) else {
+                continue;
+            };
+            match synced {
                 Ok(r) => {
                     last_error = None;
                     source.reconciled();

@@ -7,7 +7,6 @@
 //!   (fail-static); the body says so.
 //! - `/metrics`: Prometheus text format; names are listed in `docs/agent.md`.
 use std::{
-    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -80,6 +79,11 @@ impl SourceStatus {
         self.reconciled.store(true, Ordering::Relaxed);
     }
 
+    /// Whether the kernel's verdicts have matched a loaded policy at least once.
+    pub fn is_reconciled(&self) -> bool {
+        self.reconciled.load(Ordering::Relaxed)
+    }
+
     /// Whether the source has loaded at least once.
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Relaxed)
@@ -111,8 +115,8 @@ pub struct Telemetry {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     tokens: Arc<OnceLock<Arc<TokenService>>>,
     pub source: Arc<SourceStatus>,
-    /// Why the agent cannot listen on its port yet (another process holds it).
-    port_held: Mutex<Option<String>>,
+    /// Why the agent does not serve: another process holds its port, or it handed over.
+    not_serving: Mutex<Option<String>>,
     registry: Registry,
     attach_cgroup: PathBuf,
 }
@@ -175,7 +179,7 @@ impl Telemetry {
             snapshot,
             tokens,
             source,
-            port_held: Mutex::new(None),
+            not_serving: Mutex::new(None),
             registry,
             attach_cgroup,
         })
@@ -237,22 +241,30 @@ impl Telemetry {
 
     /// Another process holds the agent's port (`why` says which), or, with `None`, no longer.
     pub fn port_held(&self, why: Option<String>) {
-        *self.port_held.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+        let why = why.map(|why| format!("{why}; redirected connections are refused until the agent can listen"));
+        *self.not_serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+    }
+
+    /// The agent handed the node over to the next agent.
+    pub fn handed_over(&self) {
+        let why = "handed over to the next agent, which serves the node now";
+        *self.not_serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why.into());
+    }
+
+    /// The agent takes the node over from the one serving it (`true`), or has (`false`):
+    /// not ready until it accepts connections.
+    pub fn taking_over(&self, taking: bool) {
+        let why = taking.then(|| "taking the node over from the agent serving it".to_owned());
+        *self.not_serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = why;
     }
 
     /// Whether the agent is ready, and `/readyz`'s sentence saying so.
-    fn readiness(&self) -> (bool, String) {
+    pub fn readiness(&self) -> (bool, String) {
         let reconciled = self.source.reconciled.load(Ordering::Relaxed);
-        let port_held = self.port_held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let not_serving = self.not_serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         match (self.unhealthy(), self.source.synced.load(Ordering::Relaxed)) {
             (Some(why), _) => (false, format!("not ready: {why}")),
-            (None, _) if port_held.is_some() => (
-                false,
-                format!(
-                    "not ready: {}; redirected connections are refused until the agent can listen",
-                    port_held.unwrap_or_default()
-                ),
-            ),
+            (None, _) if not_serving.is_some() => (false, format!("not ready: {}", not_serving.unwrap_or_default())),
             (None, false) => (false, "not ready: policy not loaded yet".into()),
             // Entries an earlier agent wrote may not apply any more (a revoked exception).
             (None, true) if !reconciled => {
@@ -412,15 +424,15 @@ impl Collector for StateCollector {
     }
 }
 
-/// Serves `/healthz`, `/readyz` and `/metrics` on `addr` until the agent exits.
-/// The listener is bounded like every other (`server::admin`).
-pub async fn serve(addr: SocketAddr, telemetry: Arc<Telemetry>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    crate::server::admin::serve_tcp(listener, Arc::new(move |req| answer(req.uri().path(), &telemetry)));
-    Ok(())
+/// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until the agent exits, or
+/// until `stop` is set. The listener is bounded like every other (`server::admin`).
+pub fn serve(listener: tokio::net::TcpListener, telemetry: Arc<Telemetry>, stop: watch::Receiver<bool>) {
+    crate::server::admin::serve_tcp(listener, Arc::new(move |req| answer(req.uri().path(), &telemetry)), stop);
 }
 
-fn answer(path: &str, telemetry: &Telemetry) -> Response<Full<Bytes>> {
+/// The answer to `path` on the metrics port; the control socket answers `/healthz` and
+/// `/readyz` the same way.
+pub(crate) fn answer(path: &str, telemetry: &Telemetry) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;

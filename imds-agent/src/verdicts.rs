@@ -56,6 +56,14 @@ impl VerdictSync {
         Ok(VerdictSync { filter, attach_root, deny_unbound, written })
     }
 
+    /// Reads the maps again before the next sync: another agent may have written them while
+    /// this one's duty was paused ([`crate::kernel::Duty`]).
+    pub fn reread(&mut self) -> Result<(), FilterError> {
+        self.written = self.filter.verdicts()?.into_iter().collect();
+        self.filter.forget_pass_sources();
+        Ok(())
+    }
+
     /// Brings the kernel verdicts in line with `snapshot` and the pod cgroups that exist now.
     pub fn sync(&mut self, snapshot: &Snapshot) -> Result<SyncReport, FilterError> {
         let pods = pod_cgroups(&self.attach_root);

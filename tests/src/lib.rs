@@ -565,6 +565,9 @@ pub struct Burst {
     pub concurrency: usize,
     /// Start requests at this rate; `None`: as fast as `concurrency` allows.
     pub per_second: Option<f64>,
+    /// Keep connections open between requests, as a long-lived SDK client does; `false`:
+    /// a new connection per request, as curl or a new SDK process makes.
+    pub keep_alive: bool,
 }
 
 /// Pod cgroups coming and going (`imds-probe churn`).
@@ -698,7 +701,7 @@ impl Probe {
     /// `addr` with the `queries` in turn; retried like the SDKs do.
     #[must_use]
     pub fn burst(self, addr: SocketAddrV4, count: usize, concurrency: usize, queries: &[String]) -> RunningProbe {
-        self.paced_burst(addr, Burst { count, concurrency, per_second: None }, queries)
+        self.paced_burst(addr, Burst { count, concurrency, per_second: None, keep_alive: false }, queries)
     }
 
     /// A burst whose requests start at `burst.per_second` (when set).
@@ -708,6 +711,9 @@ impl Probe {
         self.cmd.args(["--concurrency", &burst.concurrency.to_string()]);
         if let Some(rate) = burst.per_second {
             self.cmd.args(["--rate", &rate.to_string()]);
+        }
+        if burst.keep_alive {
+            self.cmd.arg("--keep-alive");
         }
         for q in queries {
             self.cmd.args(["--query", q]);
@@ -1123,6 +1129,24 @@ impl AgentProcess {
             let _ = c.wait();
         }
     }
+
+    /// SIGTERM, as the kubelet stops a pod, and waits for the exit (`SIGKILL` after
+    /// `grace`, as the kubelet does too); returns the exit status, `None` if it had to kill.
+    pub fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("a pid"));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
 }
 
 impl Drop for AgentProcess {
@@ -1131,6 +1155,7 @@ impl Drop for AgentProcess {
         let _ = fs::remove_file(&self.log_path);
         let _ = fs::remove_file(&self.decisions_path);
         let _ = fs::remove_file(&self.control_socket);
+        let _ = fs::remove_file(self.control_socket.with_extension("retired"));
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Node {
     pub manifests: tempfile::TempDir,
     /// The kubelet's directory (`--kubelet-dir`): pods' projected tokens.
     pub kubelet: tempfile::TempDir,
+    /// The node directory every agent's `--handover-socket` is in.
+    pub run: tempfile::TempDir,
     pub kubepods: Cgroup,
     pub root: Cgroup,
     pub ns: NetNs,
@@ -103,6 +105,7 @@ impl Node {
             pins: PinDir::new(tag),
             manifests: tempfile::tempdir().expect("tempdir"),
             kubelet: tempfile::tempdir().expect("tempdir"),
+            run: tempfile::tempdir().expect("tempdir"),
             kubepods,
             root,
             ns,
@@ -125,6 +128,12 @@ impl Node {
     /// not kept in [`Node::agent`].
     pub fn spawn_agent(&self, extra: &[&str]) -> AgentProcess {
         AgentProcess::launch_in(&self.ns, None, &self.agent_args(&self.manifests_source(), extra))
+    }
+
+    /// Another agent, as a pod: in `pod`'s container cgroup, not waited for, not kept in
+    /// [`Node::agent`].
+    pub fn spawn_agent_as_pod(&self, pod: &TestPod, extra: &[&str]) -> AgentProcess {
+        AgentProcess::launch_in(&self.ns, Some(&pod.ctr), &self.agent_args(&self.manifests_source(), extra))
     }
 
     /// Starts `imds-agent run --kube` against the API server in `kubeconfig`, as node `node-1`.
@@ -158,6 +167,8 @@ impl Node {
             SocketAddrV4::new(IMDS_IP, 80).to_string(),
             "--kubelet-dir".into(),
             self.kubelet.path().display().to_string(),
+            "--handover-socket".into(),
+            self.run.path().join("handover").join("agent.sock").display().to_string(),
         ];
         args.extend_from_slice(source);
         args.extend(extra.iter().map(|a| (*a).to_owned()));

@@ -5,7 +5,7 @@
 //! API server stand in for Azure's and Kubernetes' (neither can run here). Needs root; run
 //! with `cargo xtask test`.
 use std::{
-    net::SocketAddr,
+    net::{SocketAddr, SocketAddrV4},
     time::{Duration, Instant},
 };
 
@@ -13,7 +13,7 @@ use imds_tests::{
     fake_imds::{http_get, token_for, FakeIdentity},
     fake_kube::FakeKube,
     node::{bound_pods_manifest, curl, pod_uid, status_yaml, Fetched, Node, TestPod, AGENT_ADDR},
-    Probe, ProbeReport, Server, AGENT_READY, IMDS_IP,
+    Burst, Probe, ProbeReport, RunningProbe, Server, AGENT_READY, IMDS_IP,
 };
 use serde_json::{json, Value};
 
@@ -100,7 +100,7 @@ fn an_exception_revoked_while_the_agent_is_down_is_gone_before_it_is_ready_manif
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn an_exception_revoked_while_the_agent_is_down_is_gone_before_it_is_ready_kube() {
     let mut node = Node::new("rs-rev-kube", vec![FakeIdentity::named("blob")]);
-    let api = FakeKube::serve(Server::bind(&node.ns, std::net::SocketAddrV4::new(API.0.into(), API.1)));
+    let api = FakeKube::serve(Server::bind(&node.ns, SocketAddrV4::new(API.0.into(), API.1)));
     let helper = node.pod(&pod_uid());
     let ip = helper.ip.expect("own namespace").to_string();
     let pod: Value = json!({"apiVersion": "v1", "kind": "Pod",
@@ -251,22 +251,24 @@ fn a_held_port_at_start_is_waited_for_and_nothing_is_sent_to_its_holder() {
     drop(web);
 }
 
-// Item 2: two agents for one node (a second started by hand, or a DaemonSet pod started while
-// the old one still terminates). The second must not take the filter from the first, nor
+// Item 2: two agents for one node, the first of a version that offers no handover (or one
+// whose handover socket is gone). The second must not take the filter from the first, nor
 // mistake the first's listener for a squatter and refuse every redirect: it waits for the
 // first to exit, then takes over.
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
-fn a_second_agent_waits_for_the_first_and_then_takes_over() {
+fn an_agent_that_offers_no_handover_is_waited_for() {
     let blob = FakeIdentity::named("blob");
     let mut node = Node::new("rs-two", vec![blob.clone()]);
     let web_uid = pod_uid();
     node.write_manifest("pods.yaml", &bound_pods_manifest(NS, std::slice::from_ref(&blob), &[(web_uid.clone(), 0)]));
     let web = node.pod(&web_uid);
     node.start_agent(&[]);
+    std::fs::remove_file(node.run.path().join("handover").join("agent.sock")).expect("the first agent offers");
     let second = node.spawn_agent(&[]);
     second.wait_for_log(
-        "another agent holds this node's filter (its pin directory is locked); waiting for it to exit",
+        "another agent holds this node's filter (its pin directory is locked) and offers no handover yet; waiting \
+         for it to hand over or exit",
         Duration::from_secs(15),
     );
     for _ in 0..3 {
@@ -280,4 +282,147 @@ fn a_second_agent_waits_for_the_first_and_then_takes_over() {
     assert_eq!(fetched.status, 200, "{fetched:?}");
     assert_eq!(fetched.json()["access_token"], token_for(&blob.client_id, RESOURCE));
     drop((second, web));
+}
+
+/// How long the pods below ask, at [`ASK_RATE`] a second each: longer than five
+/// replacements take.
+const ASKING: Duration = Duration::from_secs(40);
+const ASK_RATE: f64 = 25.0;
+
+// Item 3: an upgrade as the chart rolls it out (maxSurge 1, maxUnavailable 0): the new agent
+// pod starts while the old one serves, takes over, and only then is the old pod stopped.
+// Pods ask for tokens throughout (two with a new connection each time, one over kept-alive
+// connections); not one is refused, reset or answered with an error, five replacements in a
+// row.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn five_upgrades_in_a_row_refuse_nothing() {
+    let blob = FakeIdentity::named("blob");
+    let mut node = Node::new("rs-upgrade", vec![blob.clone()]);
+    let uids: Vec<String> = (0..3).map(|_| pod_uid()).collect();
+    let bound: Vec<(String, usize)> = uids.iter().map(|u| (u.clone(), 0)).collect();
+    node.write_manifest("pods.yaml", &bound_pods_manifest(NS, std::slice::from_ref(&blob), &bound));
+    let pods: Vec<TestPod> = uids.iter().map(|u| node.pod(u)).collect();
+    let metrics = SocketAddr::from(METRICS).to_string();
+    let args = ["--metrics", metrics.as_str()];
+    let mut agent_pod = node.host_network_pod(&pod_uid());
+    node.start_agent_as_pod(&agent_pod, &args);
+    let mut agent = node.agent.take().expect("agent");
+    wait_ready(&node);
+
+    let query = format!("api-version=2018-02-01&resource={}", urlencode(RESOURCE));
+    // One pod keeps its connections open, as a long-lived SDK client does: the old agent
+    // closes each after its next answer.
+    let asking: Vec<RunningProbe> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, pod)| {
+            let burst = Burst {
+                count: (ASKING.as_secs_f64() * ASK_RATE) as usize,
+                concurrency: 8,
+                per_second: Some(ASK_RATE),
+                keep_alive: i == 0,
+            };
+            Probe::new(pod.ns(&node), &pod.ctr).paced_burst(
+                SocketAddrV4::new(IMDS_IP, 80),
+                burst,
+                std::slice::from_ref(&query),
+            )
+        })
+        .collect();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    for round in 1..=5 {
+        let next_pod = node.host_network_pod(&pod_uid());
+        let next = node.spawn_agent_as_pod(&next_pod, &args);
+        next.wait_for_log(AGENT_READY, Duration::from_secs(30));
+        next.wait_for_log("took the node over from the earlier agent, which drains", Duration::from_secs(1));
+        // The kubelet's exec probes ask each pod's own agent: the old one is alive but no
+        // longer ready (were it not alive, the kubelet would restart it, and it would take
+        // the node back), the new one is ready.
+        if round == 1 {
+            let handed = health(&agent, true);
+            assert!(handed.0 == 1 && handed.1.starts_with("not ready: handed over to the next agent"), "{handed:?}");
+            assert_eq!(health(&agent, false), (0, "ok".to_owned()));
+            assert_eq!(health(&next, true), (0, "ready".to_owned()));
+        }
+        // The DaemonSet controller stops the old pod once the new one is ready.
+        let exited = agent.terminate(Duration::from_secs(40));
+        assert!(
+            exited.is_some_and(|s| s.success()),
+            "round {round}: the old agent exits cleanly on SIGTERM: {exited:?}"
+        );
+        agent.wait_for_log("exiting; the next agent serves this node", Duration::from_secs(1));
+        (agent, agent_pod) = (next, next_pod);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let replaced_in = started.elapsed();
+    assert!(replaced_in + Duration::from_secs(3) < ASKING, "the pods asked throughout ({replaced_in:?})");
+
+    let reports: Vec<_> = asking.into_iter().map(|p| p.wait().burst.expect("a burst report")).collect();
+    let asked: usize = reports.iter().map(|r| r.requests).sum();
+    let served: usize = reports.iter().map(|r| r.statuses.get(&200).copied().unwrap_or(0)).sum();
+    println!(
+        "five upgrades in {:.1} s: {asked} token requests from {} pods, {served} served, {} failed",
+        replaced_in.as_secs_f64(),
+        reports.len(),
+        asked - served
+    );
+    for report in &reports {
+        assert_eq!(report.statuses.get(&200), Some(&report.requests), "{report:?}");
+        assert!(report.retried.is_empty() && report.failures.is_empty(), "not even one retry: {report:?}");
+        assert_eq!(report.wrong_tokens, 0, "{report:?}");
+    }
+    let counters = kernel_counters(&node);
+    assert_eq!(counters["connect_deny"], 0, "nothing refused in the kernel: {counters}");
+    drop((agent, agent_pod, pods));
+}
+
+// Item 3: a retired agent's container restarts (a crash, an OOM kill) before its pod is
+// stopped. The old version must not take the node back from its successor: the rollout would
+// stall on it, and the successor would idle.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_retired_agent_restarted_in_its_pod_does_not_take_the_node_back() {
+    let blob = FakeIdentity::named("blob");
+    let mut node = Node::new("rs-retired", vec![blob.clone()]);
+    let web_uid = pod_uid();
+    node.write_manifest("pods.yaml", &bound_pods_manifest(NS, std::slice::from_ref(&blob), &[(web_uid.clone(), 0)]));
+    let web = node.pod(&web_uid);
+    let metrics = SocketAddr::from(METRICS).to_string();
+    let old_pod = node.host_network_pod(&pod_uid());
+    node.start_agent_as_pod(&old_pod, &["--metrics", &metrics]);
+    let mut old = node.agent.take().expect("agent");
+    let new_pod = node.host_network_pod(&pod_uid());
+    let new = node.spawn_agent_as_pod(&new_pod, &["--metrics", &metrics]);
+    new.wait_for_log(AGENT_READY, Duration::from_secs(30));
+    old.wait_for_log("drained; idle until stopped", Duration::from_secs(35));
+
+    old.kill();
+    let socket = old.control_socket.display().to_string();
+    let restarted = node.spawn_agent_as_pod(&old_pod, &["--metrics", &metrics, "--control-socket", &socket]);
+    restarted.wait_for_log(
+        "this agent's pod handed its node over to a newer agent: it takes the node only if that agent exits",
+        Duration::from_secs(15),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!restarted.log_lines().iter().any(|l| l["message"] == AGENT_READY), "it took nothing");
+    assert_eq!(health(&new, true), (0, "ready".to_owned()), "the successor still serves");
+    assert_eq!(token(&node, &web).status, 200);
+    drop((restarted, new, old, old_pod, new_pod, web));
+}
+
+/// `imds-agent health [--ready]` against `agent`'s control socket: exit code and sentence.
+fn health(agent: &imds_tests::AgentProcess, ready: bool) -> (i32, String) {
+    let socket = agent.control_socket.display().to_string();
+    let mut args = vec!["health", "--agent-socket", &socket];
+    if ready {
+        args.push("--ready");
+    }
+    let out = std::process::Command::new(imds_tests::agent_binary()).args(&args).output().expect("imds-agent health");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn urlencode(text: &str) -> String {
+    form_urlencoded::byte_serialize(text.as_bytes()).collect()
 }

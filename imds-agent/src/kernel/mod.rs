@@ -205,6 +205,50 @@ pub struct FilterOptions {
     pub nat64_prefixes: Vec<Ipv6Addr>,
 }
 
+/// Writing shared kernel state that outlives the agent (verdicts, the node backstop's
+/// attachments) is the duty of the node's current agent alone. While another agent takes
+/// over ([`crate::handover`]) the duty is paused; it resumes if that agent goes away first.
+#[derive(Clone, Debug, Default)]
+pub struct Duty(Arc<std::sync::Mutex<DutyState>>);
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum DutyState {
+    #[default]
+    Active,
+    Paused,
+    /// Active again after a pause: another agent may have changed the state meanwhile.
+    Resumed,
+}
+
+impl Duty {
+    /// Runs `work` unless paused, holding the duty meanwhile. `work` is told whether another
+    /// agent may have written the state since this duty's last work (then re-read it).
+    pub fn perform<T>(&self, work: impl FnOnce(bool) -> T) -> Option<T> {
+        let mut state = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *state {
+            DutyState::Paused => None,
+            DutyState::Active => Some(work(false)),
+            DutyState::Resumed => {
+                *state = DutyState::Active;
+                Some(work(true))
+            }
+        }
+    }
+
+    /// Pauses the duty; returns once no work is under way.
+    pub fn pause(&self) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = DutyState::Paused;
+    }
+
+    /// Resumes a paused duty.
+    pub fn resume(&self) {
+        let mut state = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *state == DutyState::Paused {
+            *state = DutyState::Resumed;
+        }
+    }
+}
+
 /// How a hook came to run our program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attachment {
@@ -227,6 +271,8 @@ pub struct Filter {
     attachments: Vec<(Hook, Attachment)>,
     cgroup_id: u64,
     node_backstop: Option<Mechanism>,
+    /// The tc backstop's interface watcher's duty.
+    backstop_duty: Duty,
     redirects: Option<Redirects>,
 }
 
@@ -346,10 +392,11 @@ impl Filter {
             attachments,
             cgroup_id,
             node_backstop: node.mechanism,
+            backstop_duty: Duty::default(),
             redirects: Some(Redirects { config, agent_cgroup: opts.agent_cgroup }),
         };
         if let Some(watcher) = node.watcher {
-            watcher.watch(ebpf).map_err(|source| FilterError::Io {
+            watcher.watch(ebpf, filter.backstop_duty.clone()).map_err(|source| FilterError::Io {
                 what: "starting the node backstop's interface watcher for",
                 path: opts.pin_dir.clone(),
                 source,
@@ -357,6 +404,13 @@ impl Filter {
         }
         return_freed_memory();
         Ok(filter)
+    }
+
+    /// The duty of the node backstop's interface watcher (tc): attaching to interfaces as
+    /// they appear, and repairing what was removed.
+    #[must_use]
+    pub fn backstop_duty(&self) -> Duty {
+        self.backstop_duty.clone()
     }
 
     /// The mechanism running the node backstop (`None`: `--node-backstop off`).
@@ -383,6 +437,12 @@ impl Filter {
         let changed = (wanted.difference(&present).count(), present.difference(wanted).count());
         self.pass_sources_held = Some(wanted.clone());
         Ok(changed)
+    }
+
+    /// Forgets what this agent believes `PASS_SOURCES` holds: the next
+    /// [`Filter::set_pass_sources`] reads the map again (another agent may have written it).
+    pub fn forget_pass_sources(&mut self) {
+        self.pass_sources_held = None;
     }
 
     /// How each hook was put in place by [`Filter::install`].
@@ -778,6 +838,19 @@ pub fn attached_programs(cgroup: &Path) -> Result<Vec<(Hook, Vec<AttachedProgram
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_paused_duty_does_nothing_and_says_so_when_resumed() {
+        let duty = Duty::default();
+        assert_eq!(duty.perform(|fresh| fresh), Some(false));
+        duty.pause();
+        assert_eq!(duty.perform(|fresh| fresh), None);
+        duty.resume();
+        assert_eq!(duty.perform(|fresh| fresh), Some(true), "re-read once after a pause");
+        assert_eq!(duty.perform(|fresh| fresh), Some(false));
+        duty.resume();
+        assert_eq!(duty.perform(|fresh| fresh), Some(false), "resuming an active duty changes nothing");
+    }
 
     #[test]
     fn endpoints_group_by_address_and_dedupe_ports() {

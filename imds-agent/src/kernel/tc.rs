@@ -87,31 +87,46 @@ impl TcBackstop {
     /// as they appear, for as long as the agent runs (on its own thread: netlink reads block).
     /// Every [`REPAIR_EVERY`] it also checks that each interface still has the filter, and puts
     /// back what is gone (a deleted clsact qdisc, a filter removed, an attach that failed).
-    pub fn watch(mut self, mut ebpf: Ebpf) -> io::Result<()> {
+    /// While `duty` is paused (another agent takes over), events are read and dropped: the
+    /// next agent covers those interfaces, and repairs what it missed.
+    pub fn watch(mut self, mut ebpf: Ebpf, duty: super::Duty) -> io::Result<()> {
         thread::Builder::new().name("node-backstop".into()).spawn(move || loop {
-            match self.events.next(REPAIR_EVERY) {
-                Ok(events) if events.is_empty() => self.repair(&mut ebpf),
-                Ok(events) => {
-                    for event in events {
-                        match event {
-                            LinkEvent::New(index) => self.cover_index(&mut ebpf, index),
-                            LinkEvent::Gone(index) => {
-                                self.covered.remove(&index);
-                            }
-                        }
-                    }
-                }
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    tracing::warn!("link notifications overflowed; checking every interface again");
-                    self.repair(&mut ebpf);
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "link notifications stopped: new interfaces are not covered by the node backstop");
-                    return;
-                }
+            let next = self.events.next(REPAIR_EVERY);
+            // A resumed duty repairs everything: interfaces came and went meanwhile.
+            if duty.perform(|resumed| self.handle(&mut ebpf, next, resumed)) == Some(false) {
+                return;
             }
         })?;
         Ok(())
+    }
+
+    /// Acts on what the link notifications said; `false` when they stopped for good.
+    fn handle(&mut self, ebpf: &mut Ebpf, next: io::Result<Vec<LinkEvent>>, repair_all: bool) -> bool {
+        if repair_all {
+            self.covered.clear(); // what it knew may be stale
+        }
+        match next {
+            Ok(events) if events.is_empty() || repair_all => self.repair(ebpf),
+            Ok(events) => {
+                for event in events {
+                    match event {
+                        LinkEvent::New(index) => self.cover_index(ebpf, index),
+                        LinkEvent::Gone(index) => {
+                            self.covered.remove(&index);
+                        }
+                    }
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                tracing::warn!("link notifications overflowed; checking every interface again");
+                self.repair(ebpf);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "link notifications stopped: new interfaces are not covered by the node backstop");
+                return false;
+            }
+        }
+        true
     }
 
     /// Covers every interface that lacks the filter, whatever `covered` believes.

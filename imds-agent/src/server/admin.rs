@@ -37,13 +37,18 @@ static SHED_LOG: crate::telemetry::Throttle = crate::telemetry::Throttle::new(Du
 /// Connections the control socket holds at once (only root on the node reaches it).
 const CONTROL_TOTAL: usize = 16;
 
-/// Serves the metrics port until the agent exits.
-pub fn serve_tcp(listener: TcpListener, answer: Answer) {
+/// Serves the metrics port until the agent exits, or stops accepting there once `stop` is
+/// set (the next agent serves the same socket, see [`crate::handover`]).
+pub fn serve_tcp(listener: TcpListener, answer: Answer, mut stop: tokio::sync::watch::Receiver<bool>) {
     let cap: Arc<ConnectionLimits<IpAddr>> = ConnectionLimits::new(METRICS_TOTAL, METRICS_PER_PEER, Gauge::default());
     let own = listener.local_addr().map(|a| a.ip()).ok();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, peer)) = accept(listener.accept().await).await else { continue };
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                Ok(_) = stop.wait_for(|s| *s) => return,
+            };
+            let Ok((stream, peer)) = accept(accepted).await else { continue };
             let node = peer.ip().is_loopback() || Some(peer.ip()) == own;
             let admitted = if node {
                 None

@@ -36,6 +36,20 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A client that does not read its answers (its receive window stays shut) has this long
 /// before a blocked write ends its connection.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a draining agent waits for its connections to finish: the longest request
+/// (the upstream budget's wait, then the metadata service's answer) and an idle timeout.
+pub const DRAIN_WITHIN: Duration = Duration::from_secs(30);
+
+/// Waits until the connections `state` holds have finished, at most [`DRAIN_WITHIN`];
+/// returns how many were still open.
+pub async fn drained(state: &AgentState) -> usize {
+    let deadline = tokio::time::Instant::now() + DRAIN_WITHIN;
+    while state.limits.held() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    state.limits.held()
+}
+
 /// Most bytes of request head buffered (hyper's floor is 8 KiB).
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// Most request headers.
@@ -64,17 +78,26 @@ pub struct AgentState {
     pub events: Option<crate::events::DenialEvents>,
     /// Connections held at once, in all and per cgroup.
     pub limits: Arc<limits::ConnectionLimits>,
+    /// Set once the next agent serves ([`crate::handover`]): accepting stops, and every
+    /// answer from then on closes its connection.
+    pub draining: watch::Receiver<bool>,
 }
 
 /// One warning a second at most for connections closed unserved: callers can make them at will.
 static REFUSAL_LOG: crate::telemetry::Throttle = crate::telemetry::Throttle::new(Duration::from_secs(1));
 
-/// Accepts and serves connections for as long as the agent runs. Accept errors (out of file
+/// Accepts and serves connections until the agent drains (the next one serves): then it
+/// returns, and the connections it accepted finish on their own. Accept errors (out of file
 /// descriptors under a flood, a connection aborted before it was accepted) are logged and
 /// survived: the agent must not stop answering because of them.
 pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
+    let mut draining = state.draining.clone();
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Ok(_) = draining.wait_for(|d| *d) => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed; retrying");
@@ -109,7 +132,13 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
             let caller = Arc::new(caller);
             let service = service_fn(move |req| {
                 let (state, caller) = (Arc::clone(&state), Arc::clone(&caller));
-                async move { Ok::<_, std::convert::Infallible>(handler::handle(req, &caller, &state).await) }
+                async move {
+                    let mut answer = handler::handle(req, &caller, &state).await;
+                    if *state.draining.borrow() {
+                        answer.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, std::convert::Infallible>(answer)
+                }
             });
             let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
             stream.set_write_timeout(Some(WRITE_TIMEOUT));

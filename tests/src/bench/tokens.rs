@@ -89,8 +89,8 @@ pub fn p4(effort: Effort) -> Figure {
         }
     });
 
-    let throughput = crate::Burst { count: many, concurrency: 16, per_second: None };
-    let latency = crate::Burst { count: one_by_one, concurrency: 1, per_second: None };
+    let throughput = crate::Burst { count: many, concurrency: 16, per_second: None, keep_alive: false };
+    let latency = crate::Burst { count: one_by_one, concurrency: 1, per_second: None, keep_alive: false };
     let (mut agent_rps, mut bare_rps, mut added_p50, mut added_p99) = (vec![], vec![], vec![], vec![]);
     let (mut agent_p99, mut bare_p99) = (vec![], vec![]);
     for round in 0..effort.rounds {
@@ -150,7 +150,7 @@ pub fn p5(effort: Effort) -> Figure {
     let per_pod = RATE / super::count(PODS);
     let count = (per_pod * f64::from(seconds)) as usize;
     // Open loop: the rate alone sets the pace.
-    let shape = crate::Burst { count, concurrency: count, per_second: Some(per_pod) };
+    let shape = crate::Burst { count, concurrency: count, per_second: Some(per_pod), keep_alive: false };
 
     let (mut peaks, mut in_flight, mut calls, mut offered) = (vec![], 0, 0, vec![]);
     let mut total = BurstReport::default();

@@ -119,6 +119,10 @@ enum Op {
         /// Start requests at this many per second (default: as fast as `concurrency` allows).
         #[arg(long)]
         rate: Option<f64>,
+        /// Reuse connections (a pool, as a long-lived SDK client keeps) instead of a new one
+        /// per request.
+        #[arg(long)]
+        keep_alive: bool,
     },
     /// Token requests (`query`, `Metadata: true`) in a loop, each on a new connection, until
     /// an answer carries `want` in its body or `timeout_ms` passes; reports when it first
@@ -271,9 +275,10 @@ fn run(args: &Args) -> anyhow::Result<ProbeReport> {
             report.loop_ns = Some(started.elapsed().as_secs_f64() * 1e9 / f64::from(count.max(1)));
             report.outcome = "looped".into();
         }
-        Op::Burst { addr, count, concurrency, ref queries, rate } => {
+        Op::Burst { addr, count, concurrency, ref queries, rate, keep_alive } => {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            report.burst = Some(runtime.block_on(burst::run(addr, count, concurrency, rate, queries)));
+            let shape = burst::Shape { count, concurrency, rate, keep_alive };
+            report.burst = Some(runtime.block_on(burst::run(addr, shape, queries)));
             report.outcome = "burst".into();
         }
         Op::AwaitAnswer { addr, ref query, ref want, timeout_ms } => {
@@ -622,16 +627,23 @@ mod burst {
     const ATTEMPTS: usize = 8;
     const TOKEN_PATH: &str = "/metadata/identity/oauth2/token";
 
-    pub async fn run(
-        addr: SocketAddrV4,
-        count: usize,
-        concurrency: usize,
-        rate: Option<f64>,
-        queries: &[String],
-    ) -> BurstReport {
-        // No pooling: a new connection per request, as curl and a fresh SDK process make.
-        let client: Client<_, Empty<Bytes>> =
-            Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http();
+    /// How many requests, how fast, and over which connections.
+    pub struct Shape {
+        pub count: usize,
+        pub concurrency: usize,
+        pub rate: Option<f64>,
+        pub keep_alive: bool,
+    }
+
+    pub async fn run(addr: SocketAddrV4, shape: Shape, queries: &[String]) -> BurstReport {
+        let Shape { count, concurrency, rate, keep_alive } = shape;
+        // Without keep-alive, a new connection per request, as curl and a fresh SDK process
+        // make; with it, a pool, as a long-lived SDK client keeps (its connections idle for
+        // less than the agent's 5 s idle timeout).
+        let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(if keep_alive { usize::MAX } else { 0 })
+            .pool_idle_timeout(Duration::from_secs(4))
+            .build_http();
         let report = Arc::new(Mutex::new(BurstReport { requests: count, ..BurstReport::default() }));
         let latencies = Arc::new(Mutex::new(Vec::with_capacity(count)));
         let permits = Arc::new(tokio::sync::Semaphore::new(concurrency.max(1)));
