@@ -303,10 +303,11 @@ struct RunArgs {
     /// Most redirected connections served at once; more are closed at once.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: u32,
-    /// Most redirected connections served at once from one cgroup (a container); more are
-    /// closed at once, so that one pod cannot crowd out the others.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
-    max_connections_per_cgroup: u32,
+    /// Most redirected connections served at once from one pod, its containers together (a
+    /// process outside pods: from its cgroup); more are told to retry at once, so that one
+    /// pod cannot crowd out the others.
+    #[arg(long, alias = "max-connections-per-cgroup", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_pod: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -574,7 +575,7 @@ fn agent_state(args: &RunArgs, parts: AgentParts<'_>) -> anyhow::Result<Arc<Agen
     telemetry.watch_tokens(Arc::clone(&tokens));
     let limits = ConnectionLimits::new(
         args.max_connections as usize,
-        args.max_connections_per_cgroup as usize,
+        args.max_connections_per_pod as usize,
         telemetry.connections_open.clone(),
     );
     Ok(Arc::new(AgentState {

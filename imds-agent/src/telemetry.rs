@@ -102,7 +102,7 @@ pub struct Telemetry {
     pub tokens_served: Family<FromLabel, Counter>,
     pub upstream_seconds: Histogram,
     /// Connections closed without being served, by reason (`no_origin`, `total`,
-    /// `per_cgroup`).
+    /// `per_pod`).
     pub connections_refused: Family<ReasonLabel, Counter>,
     /// Connections being served now.
     pub connections_open: Gauge,
@@ -147,7 +147,7 @@ impl Telemetry {
         let connections_refused = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "connections_refused",
-            "Connections closed without a byte of HTTP: no kernel origin record (not redirected), or over the total or per-cgroup connection limit",
+            "Connections closed without a byte of HTTP: no kernel origin record (not redirected), or over the total or per-pod connection limit",
             connections_refused.clone(),
         );
         let connections_open = Gauge::default();

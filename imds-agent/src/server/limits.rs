@@ -1,6 +1,7 @@
-//! How many connections the agent holds at once: in all, and per caller (a cgroup on the
-//! agent port, a peer address on the metrics port). A pod that opens thousands of
-//! connections (idle, or sending its headers a byte at a time) gets its share and no more;
+//! How many connections the agent holds at once: in all, and per caller (a pod on the agent
+//! port, its containers together; a peer address on the metrics port). A pod that opens
+//! thousands of connections (idle, or sending its headers a byte at a time), from one
+//! container or many, gets its share and no more;
 //! the rest are told to retry (a 429, as IMDS throttles) or closed at once, so it cannot take
 //! the agent's memory, file descriptors or attention from other pods.
 use std::{
@@ -11,9 +12,24 @@ use std::{
 
 use prometheus_client::metrics::gauge::Gauge;
 
-/// The limits, and the connections held now, by caller `K` (a cgroup id by default).
+/// Who a connection on the agent port counts against: its pod, so that a pod's containers
+/// share one limit; the cgroup when it is no pod's (a process of the node's own services).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Share {
+    Pod(String),
+    Cgroup(u64),
+}
+
+impl Share {
+    #[must_use]
+    pub fn of(pod_uid: Option<&str>, cgroup_id: u64) -> Share {
+        pod_uid.map_or(Share::Cgroup(cgroup_id), |uid| Share::Pod(uid.to_owned()))
+    }
+}
+
+/// The limits, and the connections held now, by caller `K` (a pod by default).
 #[derive(Debug)]
-pub struct ConnectionLimits<K = u64> {
+pub struct ConnectionLimits<K = Share> {
     total: usize,
     per_caller: usize,
     held: Mutex<Held<K>>,
@@ -32,7 +48,7 @@ struct Held<K> {
 pub enum Shed {
     /// The agent holds its maximum of connections.
     Total,
-    /// The caller (its cgroup, or its address) holds its maximum.
+    /// The caller (its pod, or its address) holds its maximum.
     PerCaller,
 }
 
@@ -41,15 +57,15 @@ impl Shed {
     pub fn as_str(self) -> &'static str {
         match self {
             Shed::Total => "total",
-            // The agent port's callers are cgroups; the label predates other callers.
-            Shed::PerCaller => "per_cgroup",
+            // The agent port's callers are pods (the metrics port does not count by label).
+            Shed::PerCaller => "per_pod",
         }
     }
 }
 
 /// A held connection; released when dropped.
 #[derive(Debug)]
-pub struct Admitted<K: Hash + Eq + Clone = u64> {
+pub struct Admitted<K: Hash + Eq + Clone = Share> {
     limits: Arc<ConnectionLimits<K>>,
     caller: K,
 }
@@ -107,8 +123,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_pods_containers_share_one_limit() {
+        let limits: Arc<ConnectionLimits> = ConnectionLimits::new(10, 2, Gauge::default());
+        let _a = limits.admit(Share::of(Some("pod-a"), 1)).unwrap();
+        let _b = limits.admit(Share::of(Some("pod-a"), 2)).expect("another container of the pod");
+        assert_eq!(limits.admit(Share::of(Some("pod-a"), 3)).unwrap_err(), Shed::PerCaller);
+        assert!(limits.admit(Share::of(Some("pod-b"), 4)).is_ok(), "another pod has its own share");
+        // Outside pods, each cgroup counts alone.
+        let _c = [limits.admit(Share::of(None, 5)).unwrap(), limits.admit(Share::of(None, 5)).unwrap()];
+        assert_eq!(limits.admit(Share::of(None, 5)).unwrap_err(), Shed::PerCaller);
+        assert!(limits.admit(Share::of(None, 6)).is_ok());
+    }
+
+    #[test]
     fn each_cgroup_gets_its_share_and_the_total_caps_all() {
-        let limits: Arc<ConnectionLimits> = ConnectionLimits::new(5, 2, Gauge::default());
+        let limits: Arc<ConnectionLimits<u64>> = ConnectionLimits::new(5, 2, Gauge::default());
         let a1 = limits.admit(1).expect("first of cgroup 1");
         let _a2 = limits.admit(1).expect("second of cgroup 1");
         assert_eq!(limits.admit(1).unwrap_err(), Shed::PerCaller);
@@ -122,7 +151,7 @@ mod tests {
 
     #[test]
     fn released_cgroups_leave_no_entry() {
-        let limits: Arc<ConnectionLimits> = ConnectionLimits::new(10, 10, Gauge::default());
+        let limits: Arc<ConnectionLimits<u64>> = ConnectionLimits::new(10, 10, Gauge::default());
         for cgroup in 0..100 {
             drop(limits.admit(cgroup).unwrap());
         }

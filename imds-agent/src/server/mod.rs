@@ -76,7 +76,7 @@ pub struct AgentState {
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// Kubernetes Events for refusals (with the API source).
     pub events: Option<crate::events::DenialEvents>,
-    /// Connections held at once, in all and per cgroup.
+    /// Connections held at once, in all and per pod.
     pub limits: Arc<limits::ConnectionLimits>,
     /// Set once the next agent serves ([`crate::handover`]): accepting stops, and every
     /// answer from then on closes its connection.
@@ -111,7 +111,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
             let Some(caller) = identify(&stream, &state).await else {
                 return; // refused and logged
             };
-            let _admitted = match state.limits.admit(caller.origin.cgroup_id) {
+            let pod = caller.cgroup.as_ref().and_then(|c| c.pod_uid.as_deref());
+            let _admitted = match state.limits.admit(limits::Share::of(pod, caller.origin.cgroup_id)) {
                 Ok(admitted) => admitted,
                 Err(shed) => {
                     state.telemetry.count_refused(shed.as_str());

@@ -242,7 +242,7 @@ impl TokenService {
     /// A token for `key`, on behalf of `requester` (the pod, for fair queueing). The caller
     /// has authorised the request.
     pub async fn get(self: &Arc<Self>, key: TokenKey, requester: &str, how: Fetch) -> Outcome {
-        let lookup = self.cache().lookup(&key, unix_now());
+        let lookup = self.cache().lookup(&key, unix_now(), requester);
         match lookup {
             Lookup::Fresh(token) => Outcome::Token { token, served: Served::Cache },
             Lookup::RefreshAhead(token) => {
@@ -271,7 +271,8 @@ impl TokenService {
             let outcome = service.attempts(&key, &requester, &how, &tx).await;
             // Cache first, then stop being "running": a request in between finds one or the other.
             if let Outcome::Token { token, .. } = &outcome {
-                service.cache().insert(key.clone(), Token::clone(token), unix_now(), fastrand::f64() * 2.0 - 1.0);
+                let jitter = fastrand::f64() * 2.0 - 1.0;
+                service.cache().insert(key.clone(), Token::clone(token), unix_now(), jitter, &requester);
             }
             service.running().remove(&key);
             tx.send_replace(Progress::Done(outcome));
