@@ -13,16 +13,18 @@
 //!    queued on them stay queued.
 //! 2. `installing` → `go`: the next agent is about to write kernel state, and the serving
 //!    one commits to letting it. Until `go` the serving agent can take its duties back (it
-//!    answers `resumed`, and the next agent stops); after it, never.
+//!    answers `resumed`, and the next agent stops); after it, never. A serving agent that is
+//!    stopping answers nothing, and the next agent goes on alone.
 //! 3. The next agent installs its programs (each pinned link's program is replaced
-//!    atomically), reconciles the verdicts, and says `serving`.
+//!    atomically) and says `serving` (it reconciles the verdicts meanwhile).
 //! 4. The serving agent answers `draining`, stops accepting, and lets its open connections
 //!    finish: each one's next answer says `Connection: close`, idle ones end at the idle
 //!    timeout. It then idles until it is stopped.
 //!
 //! Both agents accept from the same queue until step 4, so no connection finds nobody. If the
 //! next agent goes away after `go` and before `serving`, the serving agent cannot know what
-//! the kernel now holds: it exits, and restarts from scratch (failing closed meanwhile). A
+//! the kernel now holds: it exits, and restarts from scratch (the programs left attached
+//! refuse meanwhile: no one listens on the port they redirect to). A
 //! next agent that loses the serving one after step 1 without a `resumed` carries on alone.
 use std::{
     fs,
@@ -74,6 +76,8 @@ pub enum HandoverError {
     NoProof { path: PathBuf },
     #[error("the earlier agent took its duties back before this one touched the kernel")]
     TakenBack,
+    #[error("this agent is stopping: the next one takes the node on its own")]
+    Stopping,
 }
 
 /// What a handover carries besides the descriptors.
@@ -96,10 +100,15 @@ pub struct Offer {
 /// What the serving agent does while it hands over. Each returns once done: `pause` only
 /// once no write to shared kernel state is under way.
 pub trait Duties: Send + 'static {
-    /// Stop writing shared kernel state: the next agent may take over.
-    fn pause(&self);
+    /// Stop writing shared kernel state: the next agent may take over. `false` when this
+    /// agent is stopping: it hands nothing over then.
+    fn pause(&self) -> bool;
     /// The next agent went away before it touched the kernel: take the duties back.
     fn resume(&self);
+    /// The next agent is about to write the kernel's state: `true` lets it, and this agent
+    /// never writes it again. `false` when this agent is stopping: it then says nothing more,
+    /// and the next agent goes on alone.
+    fn commit(&self) -> bool;
     /// The next agent serves: stop accepting, drain, and idle.
     fn retire(&self);
     /// The next agent went away after it was let write the kernel's state, and before it
@@ -170,17 +179,29 @@ fn hand_over(path: &Path, stream: &UnixStream, offer: &Offer, duties: &impl Duti
         return Err(HandoverError::NoProof { path: path.to_owned() });
     }
 
-    duties.pause();
+    if !duties.pause() {
+        return Err(HandoverError::Stopping);
+    }
     let mut lines = BufReader::new(stream.try_clone().map_err(io_err("reading", path))?);
     let asked = send(stream, offer).map_err(io_err("handing over on", path)).and_then(|()| {
         timeouts(INSTALL_WITHIN)?;
         expect_line(path, &mut lines, INSTALLING)
     });
-    if let Err(e) = asked.and_then(|()| say(path, stream, GO)) {
+    if let Err(e) = asked {
         // Best effort: a next agent still there must not install.
         let _ = say(path, stream, RESUMED);
         duties.resume();
         return Err(e);
+    }
+    if !duties.commit() {
+        return Err(HandoverError::Stopping); // closed unanswered: the next agent goes on alone
+    }
+    if let Err(e) = say(path, stream, GO) {
+        duties.abandon(&format!(
+            "the next agent went away as it was let take the node over ({:#}); what the kernel holds is \
+             unknown, so this agent exits to start again from scratch",
+            anyhow::Error::from(e)
+        ));
     }
 
     // Committed: the next agent writes the kernel's state from here on.
@@ -271,14 +292,17 @@ impl Taken {
     /// means it took its duties back: this agent must not go on. If it is gone, this agent
     /// goes on alone.
     pub fn installing(&mut self) -> Result<(), HandoverError> {
-        if say(&self.path, self.lines.get_ref(), INSTALLING).is_err() {
-            self.alone = true;
-            return Ok(());
-        }
+        // A failed write is no answer: the earlier agent may have said `resumed` and closed.
+        let _ = say(&self.path, self.lines.get_ref(), INSTALLING);
         match read_line(&self.path, &mut self.lines) {
             Ok(line) if line == GO => Ok(()),
             Ok(line) if line == RESUMED => Err(HandoverError::TakenBack),
+            // Closed unanswered: the earlier agent is gone, or stopping.
             Ok(line) if line.is_empty() => {
+                self.alone = true;
+                Ok(())
+            }
+            Err(HandoverError::Io { source, .. }) if source.kind() == io::ErrorKind::ConnectionReset => {
                 self.alone = true;
                 Ok(())
             }
@@ -388,8 +412,13 @@ mod tests {
     struct Record(Arc<Mutex<Vec<&'static str>>>);
 
     impl Duties for Record {
-        fn pause(&self) {
+        fn pause(&self) -> bool {
             self.0.lock().unwrap().push("pause");
+            true
+        }
+        fn commit(&self) -> bool {
+            self.0.lock().unwrap().push("commit");
+            true
         }
         fn resume(&self) {
             self.0.lock().unwrap().push("resume");
@@ -443,7 +472,7 @@ mod tests {
         wait_for(&record, &["pause"]);
         taken.installing().unwrap();
         taken.serving();
-        wait_for(&record, &["pause", "retire"]);
+        wait_for(&record, &["pause", "commit", "retire"]);
         let mode = fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
@@ -458,7 +487,7 @@ mod tests {
         let mut again = take(&path, dir.path()).unwrap().expect("still offered");
         again.installing().unwrap();
         again.serving();
-        wait_for(&record, &["pause", "resume", "pause", "retire"]);
+        wait_for(&record, &["pause", "resume", "pause", "commit", "retire"]);
     }
 
     #[test]
@@ -468,7 +497,7 @@ mod tests {
         let mut taken = take(&path, dir.path()).unwrap().expect("an agent offers");
         taken.installing().unwrap();
         drop(taken);
-        wait_for(&record, &["pause", "abandon"]);
+        wait_for(&record, &["pause", "commit", "abandon"]);
     }
 
     #[test]
@@ -489,6 +518,25 @@ mod tests {
         serving.join().unwrap();
         taken.installing().expect("no one to take the duties back: go on");
         taken.serving();
+    }
+
+    #[test]
+    fn a_next_agent_told_that_the_duties_were_taken_back_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let serving = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let _ = receive(&stream).unwrap();
+            let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+            let lock: OwnedFd = fs::File::open(std::env::temp_dir()).unwrap().into();
+            send(&stream, &Offer { lock, listener: tcp.into(), metrics: None }).unwrap();
+            // As after INSTALL_WITHIN: it takes its duties back and closes, unasked.
+            say(Path::new("test"), &stream, RESUMED).unwrap();
+        });
+        let mut taken = take(&path, dir.path()).unwrap().expect("an agent offers");
+        serving.join().unwrap();
+        assert!(matches!(taken.installing(), Err(HandoverError::TakenBack)));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use imds_agent::{
     server::{self, limits::ConnectionLimits, listener, AgentState, Mode},
     sources::{kube as kube_source, manifests},
     status,
-    succession::{self, AgentDuties, Start},
+    succession::{self, AgentDuties, Handing, RetiredMark, Start},
     telemetry::{self, SourceStatus, Telemetry},
     tokens::{
         budget::BudgetConfig,
@@ -274,6 +274,10 @@ struct RunArgs {
     /// of the node mounted into every agent pod.
     #[arg(long, value_name = "PATH", default_value = handover::DEFAULT_SOCKET)]
     handover_socket: PathBuf,
+    /// The agent's own pod (the DaemonSet sets POD_UID from the downward API): once its agent
+    /// has handed the node over, a restart of its container does not take the node back.
+    #[arg(long, env = "POD_UID", value_name = "UID")]
+    pod_uid: Option<String>,
     /// A protected endpoint: TCP to it from pods is judged by their policy and redirected to
     /// the agent (repeatable; at most 4 ports per address).
     #[arg(long = "protect", value_name = "ADDR:PORT", default_values_t = [IMDS_ENDPOINT])]
@@ -486,15 +490,19 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Held here, shared with the handover's duties, which let it go on retiring.
+    let lock = Arc::new(Mutex::new(Some(lock)));
+    let handing = Arc::new(Handing::default());
     let duties = AgentDuties {
+        handing: Arc::clone(&handing),
         verdicts: Duty::default(),
         backstop: filter.backstop_duty(),
         draining: Arc::clone(&drain),
         telemetry: Arc::clone(&telemetry),
-        lock: Arc::new(Mutex::new(Some(lock))),
+        lock: Arc::clone(&lock),
         pin_dir: args.bpffs.clone(),
         agent_cgroup: cgroup::own_cgroup_id()?.0,
-        retired: retired_mark(&args.control_socket),
+        retired: retired_mark(&args),
     };
     let verdict_sync = VerdictSync::new(filter, attach_root, args.deny_unbound)?;
     start_verdict_sync(verdict_sync, duties.verdicts.clone(), updates.clone(), synced, Arc::clone(&source))?;
@@ -507,8 +515,9 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
             None => claim_port(listen, &mut redirects, &state.telemetry).await?,
         };
         if let Some(taken) = taken {
+            // Its programs are in and its policy loaded: it decides as it will from now on
+            // (the verdicts it reconciles meanwhile; it is ready once they are).
             let from = taken.from;
-            succession::reconciled(&source).await;
             tokio::task::spawn_blocking(move || taken.serving()).await?;
             state.telemetry.taking_over(false);
             tracing::info!(predecessor = from, "took the node over from the earlier agent, which drains");
@@ -530,18 +539,19 @@ async fn run(args: RunArgs, log_filter: &str) -> anyhow::Result<()> {
         _ = terminate.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    stop(&state, &mut redirects).await;
+    stop(&state, &handing, &mut redirects).await;
+    drop(lock);
     Ok(())
 }
 
 /// On `SIGTERM`: a handed-over agent finishes draining and leaves the filter to its
 /// successor; the node's agent leaves it refusing what it would redirect.
-async fn stop(state: &AgentState, redirects: &mut Redirects) {
-    if *state.draining.borrow() {
+async fn stop(state: &AgentState, handing: &Handing, redirects: &mut Redirects) {
+    let Some(refused) = handing.stop(|| redirects.refuse_on_exit()) else {
         let open = server::drained(state).await;
         return tracing::info!(still_open = open, "exiting; the next agent serves this node");
-    }
-    match redirects.refuse_on_exit() {
+    };
+    match refused {
         Ok(true) => tracing::info!(
             "exiting; the kernel filter stays attached and refuses what it would redirect until the next agent \
              listens (`imds-agent uninstall` removes it)"
@@ -627,8 +637,8 @@ fn offer_handover(socket: &Path, listener: &TcpListener, metrics: Option<OwnedFd
 
 /// The mark an agent that handed its node over leaves next to its control socket (in its
 /// pod's own directory on Kubernetes).
-fn retired_mark(control_socket: &Path) -> PathBuf {
-    control_socket.with_extension("retired")
+fn retired_mark(args: &RunArgs) -> RetiredMark {
+    RetiredMark { path: args.control_socket.with_extension("retired"), pod_uid: args.pod_uid.clone() }
 }
 
 /// What [`install`] holds for the agent's life.
@@ -658,7 +668,7 @@ async fn install(
     source: &SourceStatus,
 ) -> anyhow::Result<Installed> {
     let (agent_cgroup, own) = cgroup::own_cgroup_id()?;
-    let retired = retired_mark(&args.control_socket);
+    let retired = retired_mark(args);
     let (lock, mut taken) = match succession::claim_node(&args.bpffs, &args.handover_socket, &retired, source).await? {
         Start::Fresh(lock) => (lock, None),
         Start::TakenOver(lock, taken) => {
@@ -666,15 +676,15 @@ async fn install(
             (lock, Some(taken))
         }
     };
-    // Another agent answering here is an error, unless it handed over (on a node where both
-    // use one path; pods have their own).
-    let control = claim_control(&args.control_socket, taken.is_some()).await?;
     // From here on this agent writes the kernel's state: the one handing over must have
     // let it (it may have taken its duties back instead).
     if let Some(mut handing) = taken.take() {
         let asked = tokio::task::spawn_blocking(move || handing.installing().map(|()| handing)).await?;
         taken = Some(asked.context("taking the node over")?);
     }
+    // Another agent answering here is an error, unless it handed over (on a node where both
+    // use one path; pods have their own).
+    let control = claim_control(&args.control_socket, taken.is_some()).await?;
     // Bind before attaching anything: a bad --listen must not leave a half-installed filter.
     // A bind guard an earlier agent left admits only the agents it knows: become one first.
     kernel::admit_agent(&args.bpffs, agent_cgroup)?;
@@ -950,50 +960,46 @@ fn spawn_verdict_sync(
     mut updates: watch::Receiver<Arc<Snapshot>>,
     source: Arc<SourceStatus>,
 ) -> anyhow::Result<()> {
-    let report = sync.sync(&updates.borrow_and_update())?;
-    source.reconciled();
-    tracing::info!(
-        pod_cgroups = report.pod_cgroups,
-        set = report.set,
-        cleared = report.cleared,
-        pass_sources_removed = report.sources_removed,
-        "kernel verdicts in place"
-    );
     let runtime = tokio::runtime::Handle::current();
     std::thread::Builder::new().name("verdict-sync".into()).spawn(move || {
-        let mut last_error = None;
+        let (mut last_error, mut in_place) = (None, false);
         loop {
-            // The timer must be created inside the runtime, hence the async block.
-            let changed =
-                runtime.block_on(async { tokio::time::timeout(Duration::from_secs(1), updates.changed()).await });
-            if matches!(changed, Ok(Err(_))) {
-                return; // the policy source is gone: the agent is shutting down
+            if in_place || last_error.is_some() {
+                // The timer must be created inside the runtime, hence the async block.
+                let changed =
+                    runtime.block_on(async { tokio::time::timeout(Duration::from_secs(1), updates.changed()).await });
+                if matches!(changed, Ok(Err(_))) {
+                    return; // the policy source is gone: the agent is shutting down
+                }
             }
             let snapshot = Arc::clone(&updates.borrow_and_update());
-            // Paused while another agent takes over; after a pause, what the maps hold may
-            // be that agent's writing: read again.
+            // Paused while another agent takes over (the first sync too); after a pause, what
+            // the maps hold may be that agent's writing: read again.
             let Some(synced) = duty.perform(|reread| {
                 if reread {
                     sync.reread()?;
                 }
                 sync.sync(&snapshot)
             }) else {
+                std::thread::sleep(Duration::from_millis(100));
                 continue;
             };
             match synced {
                 Ok(r) => {
                     last_error = None;
                     source.reconciled();
-                    if r.set + r.cleared + r.sources_added + r.sources_removed > 0 {
+                    if !in_place || r.set + r.cleared + r.sources_added + r.sources_removed > 0 {
                         tracing::info!(
                             pod_cgroups = r.pod_cgroups,
                             set = r.set,
                             cleared = r.cleared,
                             pass_sources_added = r.sources_added,
                             pass_sources_removed = r.sources_removed,
-                            "kernel verdicts updated"
+                            "{}",
+                            if in_place { "kernel verdicts updated" } else { "kernel verdicts in place" }
                         );
                     }
+                    in_place = true;
                 }
                 Err(e) => {
                     // Retried every second; said once until it changes or recovers.

@@ -147,7 +147,7 @@ impl Telemetry {
         let connections_refused = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "connections_refused",
-            "Connections closed without a byte of HTTP: no kernel origin record (not redirected), or over the total or per-pod connection limit",
+            "Connections closed unserved: no kernel origin record (not redirected), or over the total or per-pod connection limit (answered 429)",
             connections_refused.clone(),
         );
         let connections_open = Gauge::default();

@@ -122,6 +122,14 @@ pub struct BurstReport {
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+static MEASURING: Mutex<()> = Mutex::new(());
+
+/// Held by a test that measures latency, and by tests that would load the machine while it
+/// does: the test harness runs a binary's tests side by side, on a machine of two cores.
+pub fn measuring_alone() -> std::sync::MutexGuard<'static, ()> {
+    MEASURING.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A short name unique to this process and call, e.g. `it1234-3-redir`.
 pub fn unique(tag: &str) -> String {
     format!("it{}-{}-{tag}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed))

@@ -29,6 +29,7 @@ fn idle_and_slowloris_floods_are_shed_and_a_good_pod_is_served_promptly() {
     const IDLE_EACH: usize = 1_000;
     const SLOW_PODS: usize = 2;
     const SLOW_EACH: usize = 500;
+    let _alone = imds_tests::measuring_alone();
     // Long enough to open them all on a slow machine and measure the good pod while they hold.
     let held_for = Duration::from_secs(20);
 
@@ -114,6 +115,7 @@ fn idle_and_slowloris_floods_are_shed_and_a_good_pod_is_served_promptly() {
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_pods_containers_share_its_connection_limit() {
     const EACH: usize = 100;
+    let _alone = imds_tests::measuring_alone();
     let held_for = Duration::from_secs(12);
     let blob = FakeIdentity::named("blob");
     let mut node = Node::new("per-pod", vec![blob.clone()]);
@@ -156,6 +158,7 @@ fn a_pods_containers_share_its_connection_limit() {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn request_heads_sent_a_byte_a_second_are_cut_off() {
+    let _alone = imds_tests::measuring_alone();
     let mut node = Node::new("slowloris", vec![]);
     let pod = node.pod(&pod_uid());
     node.start_agent(&[]);
@@ -173,6 +176,7 @@ fn request_heads_sent_a_byte_a_second_are_cut_off() {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_pod_over_its_share_is_told_to_retry_and_then_served() {
+    let _alone = imds_tests::measuring_alone();
     let blob = FakeIdentity::named("blob");
     let mut node = Node::new("share", vec![blob.clone()]);
     let web_uid = pod_uid();
@@ -201,6 +205,7 @@ fn a_pod_over_its_share_is_told_to_retry_and_then_served() {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn idle_connections_to_the_metrics_port_are_capped_and_closed() {
+    let _alone = imds_tests::measuring_alone();
     let mut node = Node::new("metrics-idle", vec![]);
     let pod = node.pod(&pod_uid());
     node.start_agent(&["--metrics", &METRICS.to_string()]);
@@ -220,6 +225,7 @@ fn idle_connections_to_the_metrics_port_are_capped_and_closed() {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_client_that_never_reads_is_cut_off() {
+    let _alone = imds_tests::measuring_alone();
     let blob = FakeIdentity::named("blob");
     let mut node = Node::new("unread", vec![blob.clone()]);
     let web_uid = pod_uid();

@@ -391,7 +391,9 @@ fn a_retired_agent_restarted_in_its_pod_does_not_take_the_node_back() {
     let web = node.pod(&web_uid);
     let metrics = SocketAddr::from(METRICS).to_string();
     let old_pod = node.host_network_pod(&pod_uid());
-    node.start_agent_as_pod(&old_pod, &["--metrics", &metrics]);
+    // As the DaemonSet passes it (downward API).
+    let old_uid = ["--pod-uid", old_pod.uid.as_str()];
+    node.start_agent_as_pod(&old_pod, &[&["--metrics", metrics.as_str()], &old_uid[..]].concat());
     let mut old = node.agent.take().expect("agent");
     let new_pod = node.host_network_pod(&pod_uid());
     let new = node.spawn_agent_as_pod(&new_pod, &["--metrics", &metrics]);
@@ -400,9 +402,12 @@ fn a_retired_agent_restarted_in_its_pod_does_not_take_the_node_back() {
 
     old.kill();
     let socket = old.control_socket.display().to_string();
-    let restarted = node.spawn_agent_as_pod(&old_pod, &["--metrics", &metrics, "--control-socket", &socket]);
+    let restarted = node.spawn_agent_as_pod(
+        &old_pod,
+        &[&["--metrics", metrics.as_str(), "--control-socket", &socket], &old_uid[..]].concat(),
+    );
     restarted.wait_for_log(
-        "this agent's pod handed its node over to a newer agent: it takes the node only if that agent exits",
+        "this pod's agent handed its node over to a newer agent: it takes the node only if that agent exits",
         Duration::from_secs(15),
     );
     std::thread::sleep(Duration::from_secs(3));

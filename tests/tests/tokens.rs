@@ -51,6 +51,7 @@ fn token_from(node: &Node) -> Vec<String> {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_pod_asking_for_many_resources_does_not_evict_another_pods_token() {
+    let _alone = imds_tests::measuring_alone();
     let id = FakeIdentity::named("blob");
     let mut node = Node::new("cache-share", vec![id.clone()]);
     let (web_uid, greedy_uid) = (pod_uid(), pod_uid());
@@ -152,6 +153,7 @@ fn a_burst_from_many_pods_stays_within_the_imds_budget() {
     const PODS: usize = 50;
     const PER_POD: usize = 40;
     const RESOURCES: usize = 20;
+    let _alone = imds_tests::measuring_alone();
     let ids: Vec<FakeIdentity> = (0..5).map(|i| FakeIdentity::named(&format!("id{i}"))).collect();
     let mut node = Node::new("burst", ids.clone());
     let assignments: Vec<(String, usize)> = (0..PODS).map(|n| (pod_uid(), n % ids.len())).collect();

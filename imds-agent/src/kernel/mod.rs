@@ -222,15 +222,19 @@ enum DutyState {
 
 impl Duty {
     /// Runs `work` unless paused, holding the duty meanwhile. `work` is told whether another
-    /// agent may have written the state since this duty's last work (then re-read it).
-    pub fn perform<T>(&self, work: impl FnOnce(bool) -> T) -> Option<T> {
+    /// agent may have written the state since this duty's last work (then re-read it); it is
+    /// told so again until it succeeds.
+    pub fn perform<T, E>(&self, work: impl FnOnce(bool) -> Result<T, E>) -> Option<Result<T, E>> {
         let mut state = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match *state {
             DutyState::Paused => None,
             DutyState::Active => Some(work(false)),
             DutyState::Resumed => {
-                *state = DutyState::Active;
-                Some(work(true))
+                let done = work(true);
+                if done.is_ok() {
+                    *state = DutyState::Active;
+                }
+                Some(done)
             }
         }
     }
@@ -842,14 +846,16 @@ mod tests {
     #[test]
     fn a_paused_duty_does_nothing_and_says_so_when_resumed() {
         let duty = Duty::default();
-        assert_eq!(duty.perform(|fresh| fresh), Some(false));
+        let fresh = |fresh: bool| Ok::<_, ()>(fresh);
+        assert_eq!(duty.perform(fresh), Some(Ok(false)));
         duty.pause();
-        assert_eq!(duty.perform(|fresh| fresh), None);
+        assert_eq!(duty.perform(fresh), None);
         duty.resume();
-        assert_eq!(duty.perform(|fresh| fresh), Some(true), "re-read once after a pause");
-        assert_eq!(duty.perform(|fresh| fresh), Some(false));
+        assert_eq!(duty.perform(|_| Err::<bool, _>(())), Some(Err(())), "a failed re-read…");
+        assert_eq!(duty.perform(fresh), Some(Ok(true)), "…is asked for again");
+        assert_eq!(duty.perform(fresh), Some(Ok(false)));
         duty.resume();
-        assert_eq!(duty.perform(|fresh| fresh), Some(false), "resuming an active duty changes nothing");
+        assert_eq!(duty.perform(fresh), Some(Ok(false)), "resuming an active duty changes nothing");
     }
 
     #[test]

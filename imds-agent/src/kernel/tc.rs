@@ -93,7 +93,9 @@ impl TcBackstop {
         thread::Builder::new().name("node-backstop".into()).spawn(move || loop {
             let next = self.events.next(REPAIR_EVERY);
             // A resumed duty repairs everything: interfaces came and went meanwhile.
-            if duty.perform(|resumed| self.handle(&mut ebpf, next, resumed)) == Some(false) {
+            let handled =
+                duty.perform(|resumed| Ok::<_, std::convert::Infallible>(self.handle(&mut ebpf, next, resumed)));
+            if matches!(handled, Some(Ok(false))) {
                 return;
             }
         })?;

@@ -13,17 +13,18 @@ use std::{
 use prometheus_client::metrics::gauge::Gauge;
 
 /// Who a connection on the agent port counts against: its pod, so that a pod's containers
-/// share one limit; the cgroup when it is no pod's (a process of the node's own services).
+/// share one limit; callers in no pod's cgroup (in the filtered hierarchy, but outside the
+/// kubelet's pods) share one.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Share {
     Pod(String),
-    Cgroup(u64),
+    NoPod,
 }
 
 impl Share {
     #[must_use]
-    pub fn of(pod_uid: Option<&str>, cgroup_id: u64) -> Share {
-        pod_uid.map_or(Share::Cgroup(cgroup_id), |uid| Share::Pod(uid.to_owned()))
+    pub fn of(pod_uid: Option<&str>) -> Share {
+        pod_uid.map_or(Share::NoPod, |uid| Share::Pod(uid.to_owned()))
     }
 }
 
@@ -125,14 +126,12 @@ mod tests {
     #[test]
     fn a_pods_containers_share_one_limit() {
         let limits: Arc<ConnectionLimits> = ConnectionLimits::new(10, 2, Gauge::default());
-        let _a = limits.admit(Share::of(Some("pod-a"), 1)).unwrap();
-        let _b = limits.admit(Share::of(Some("pod-a"), 2)).expect("another container of the pod");
-        assert_eq!(limits.admit(Share::of(Some("pod-a"), 3)).unwrap_err(), Shed::PerCaller);
-        assert!(limits.admit(Share::of(Some("pod-b"), 4)).is_ok(), "another pod has its own share");
-        // Outside pods, each cgroup counts alone.
-        let _c = [limits.admit(Share::of(None, 5)).unwrap(), limits.admit(Share::of(None, 5)).unwrap()];
-        assert_eq!(limits.admit(Share::of(None, 5)).unwrap_err(), Shed::PerCaller);
-        assert!(limits.admit(Share::of(None, 6)).is_ok());
+        let _a = [limits.admit(Share::of(Some("pod-a"))).unwrap(), limits.admit(Share::of(Some("pod-a"))).unwrap()];
+        assert_eq!(limits.admit(Share::of(Some("pod-a"))).unwrap_err(), Shed::PerCaller);
+        assert!(limits.admit(Share::of(Some("pod-b"))).is_ok(), "another pod has its own share");
+        // Outside pods, all count together.
+        let _c = [limits.admit(Share::of(None)).unwrap(), limits.admit(Share::of(None)).unwrap()];
+        assert_eq!(limits.admit(Share::of(None)).unwrap_err(), Shed::PerCaller);
     }
 
     #[test]

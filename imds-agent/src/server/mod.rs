@@ -112,7 +112,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
                 return; // refused and logged
             };
             let pod = caller.cgroup.as_ref().and_then(|c| c.pod_uid.as_deref());
-            let _admitted = match state.limits.admit(limits::Share::of(pod, caller.origin.cgroup_id)) {
+            let _admitted = match state.limits.admit(limits::Share::of(pod)) {
                 Ok(admitted) => admitted,
                 Err(shed) => {
                     state.telemetry.count_refused(shed.as_str());
@@ -212,7 +212,7 @@ async fn turn_away(stream: TcpStream) {
         return; // dropped: closed
     };
     let throttled = crate::tokens::retryable(
-        &crate::imds::ImdsError::too_many_requests("Too many connections from this container; retry"),
+        &crate::imds::ImdsError::too_many_requests("Too many connections from this pod; retry"),
         Duration::from_secs(1),
         "over the connection limit".into(),
     );

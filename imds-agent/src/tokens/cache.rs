@@ -6,10 +6,10 @@
 //!   tokens that were all fetched together are not all renewed together.
 //! - Past `min_remaining` the caller must fetch; if that fails, the old token is still
 //!   good until it expires ([`Lookup::Expiring`]).
-//! - Entries unused for `idle` are swept. At `max_entries`, room is made fairly: the pod
-//!   holding the most entries that only it uses gives up its least recently used one, so a
-//!   pod asking for thousands of resources evicts its own tokens, not everyone else's. Only
-//!   when no pod holds an entry of its own does the least recently used shared entry go.
+//! - Entries unused for `idle` are swept. At `max_entries`, room is made fairly: each entry
+//!   is charged to the pod whose request fetched it, and the pod charged with the most (the
+//!   pod inserting, if it is one of those) gives up its least recently used one. A pod asking for thousands of resources evicts its own
+//!   tokens, not everyone else's (using others' tokens, or sharing its own, changes nothing).
 use std::{collections::HashMap, hash::Hash, sync::Arc, time::Duration};
 
 use super::token::Token;
@@ -57,26 +57,24 @@ struct Entry {
     token: Arc<Token>,
     refresh_at: u64,
     last_used: u64,
-    /// The one pod that used it, or `None` once several have.
-    user: Option<Arc<str>>,
+    /// The pod whose request fetched it first.
+    owner: Arc<str>,
 }
 
 #[derive(Debug)]
 pub struct Cache<K> {
     entries: HashMap<K, Entry>,
-    /// Entries only one pod uses, by pod.
+    /// Entries charged to each pod.
     own: HashMap<Arc<str>, usize>,
     config: CacheConfig,
 }
 
-/// Counts `entry` out of its pod's own entries, if it is one.
+/// Counts `entry` out of its owner's entries.
 fn disown(own: &mut HashMap<Arc<str>, usize>, entry: &Entry) {
-    if let Some(user) = &entry.user {
-        if let Some(n) = own.get_mut(user) {
-            *n -= 1;
-            if *n == 0 {
-                own.remove(user);
-            }
+    if let Some(n) = own.get_mut(&entry.owner) {
+        *n -= 1;
+        if *n == 0 {
+            own.remove(&entry.owner);
         }
     }
 }
@@ -94,8 +92,8 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         self.entries.is_empty()
     }
 
-    /// Looks `key` up at `now` (Unix seconds) for pod `user`, marking it used.
-    pub fn lookup(&mut self, key: &K, now: u64, user: &str) -> Lookup {
+    /// Looks `key` up at `now` (Unix seconds), marking it used.
+    pub fn lookup(&mut self, key: &K, now: u64) -> Lookup {
         let floor = self.min_remaining_for(key);
         let Some(entry) = self.entries.get_mut(key) else { return Lookup::Miss };
         let token = Arc::clone(&entry.token);
@@ -105,10 +103,6 @@ impl<K: Hash + Eq + Clone> Cache<K> {
             return Lookup::Miss;
         }
         entry.last_used = now;
-        if entry.user.as_deref().is_some_and(|u| u != user) {
-            disown(&mut self.own, entry);
-            entry.user = None; // shared from now on
-        }
         if remaining <= floor.unwrap_or_default() {
             Lookup::Expiring(token)
         } else if now >= entry.refresh_at {
@@ -123,25 +117,20 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         Some(self.config.min_remaining.min(lifetime / 10))
     }
 
-    /// Stores a token fetched for `key` on behalf of pod `user`. `jitter` is a random
+    /// Stores a token fetched for `key` on behalf of pod `owner`. `jitter` is a random
     /// sample in [-1, 1].
-    pub fn insert(&mut self, key: K, token: Token, now: u64, jitter: f64, user: &str) {
-        // A renewal keeps the entry's users: a token several pods use stays shared.
-        let user = match self.entries.get(&key) {
-            Some(old) => old.user.clone().filter(|u| &**u == user),
-            None => Some(Arc::from(user)),
-        };
+    pub fn insert(&mut self, key: K, token: Token, now: u64, jitter: f64, owner: &str) {
+        // A renewal stays charged to whoever fetched the token first.
+        let owner = self.entries.get(&key).map_or_else(|| Arc::from(owner), |old| Arc::clone(&old.owner));
         self.remove(&key);
         if self.entries.len() >= self.config.max_entries {
-            self.make_room();
+            self.make_room(&owner);
         }
         let lifetime = token.lifetime().as_secs_f64();
         let fraction = (self.config.refresh_at + self.config.jitter * jitter.clamp(-1.0, 1.0)).clamp(0.05, 0.95);
         let refresh_at = token.obtained_at + (lifetime * fraction) as u64;
-        if let Some(user) = &user {
-            *self.own.entry(Arc::clone(user)).or_default() += 1;
-        }
-        self.entries.insert(key, Entry { token: Arc::new(token), refresh_at, last_used: now, user });
+        *self.own.entry(Arc::clone(&owner)).or_default() += 1;
+        self.entries.insert(key, Entry { token: Arc::new(token), refresh_at, last_used: now, owner });
     }
 
     /// Drops a key's entry (a fetch found the identity gone, say).
@@ -166,14 +155,22 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         before - self.entries.len()
     }
 
-    /// Evicts one entry: the least recently used of those the pod with the most entries of
-    /// its own holds, else the least recently used of all.
-    fn make_room(&mut self) {
-        let greediest = self.own.iter().max_by_key(|(_, n)| **n).map(|(user, _)| Arc::clone(user));
+    /// Evicts one entry for pod `inserting`: the least recently used of those charged to the
+    /// pod charged with the most, `inserting` itself when it is one of those.
+    fn make_room(&mut self, inserting: &Arc<str>) {
+        let most = self.own.values().copied().max().unwrap_or(0);
+        let greediest = if self.own.get(inserting).is_some_and(|n| *n >= most) {
+            Arc::clone(inserting)
+        } else {
+            match self.own.iter().find(|(_, n)| **n == most) {
+                Some((owner, _)) => Arc::clone(owner),
+                None => return,
+            }
+        };
         let victim = self
             .entries
             .iter()
-            .filter(|(_, e)| greediest.is_none() || e.user == greediest)
+            .filter(|(_, e)| e.owner == greediest)
             .min_by_key(|(_, e)| e.last_used)
             .map(|(k, _)| k.clone());
         if let Some(key) = victim {
@@ -221,7 +218,7 @@ mod tests {
             (86_400, "miss"),
         ];
         for (at, want) in table {
-            assert_eq!(kind(&c.lookup(&"k", T0 + at, "pod")), want, "at +{at}s");
+            assert_eq!(kind(&c.lookup(&"k", T0 + at)), want, "at +{at}s");
         }
         assert!(c.is_empty(), "an expired entry is dropped");
     }
@@ -230,8 +227,8 @@ mod tests {
     fn short_lived_tokens_keep_a_tenth_of_their_life_in_reserve() {
         let mut c = Cache::new(CacheConfig::default());
         c.insert("k", token(600), T0, 0.0, "pod");
-        assert_eq!(kind(&c.lookup(&"k", T0 + 539, "pod")), "refresh-ahead");
-        assert_eq!(kind(&c.lookup(&"k", T0 + 540, "pod")), "expiring");
+        assert_eq!(kind(&c.lookup(&"k", T0 + 539)), "refresh-ahead");
+        assert_eq!(kind(&c.lookup(&"k", T0 + 540)), "expiring");
     }
 
     #[test]
@@ -239,9 +236,9 @@ mod tests {
         let mut c = Cache::new(CacheConfig::default());
         c.insert("early", token(1000), T0, -1.0, "pod");
         c.insert("late", token(1000), T0, 1.0, "pod");
-        assert_eq!(kind(&c.lookup(&"early", T0 + 400, "pod")), "refresh-ahead");
-        assert_eq!(kind(&c.lookup(&"late", T0 + 599, "pod")), "fresh");
-        assert_eq!(kind(&c.lookup(&"late", T0 + 600, "pod")), "refresh-ahead");
+        assert_eq!(kind(&c.lookup(&"early", T0 + 400)), "refresh-ahead");
+        assert_eq!(kind(&c.lookup(&"late", T0 + 599)), "fresh");
+        assert_eq!(kind(&c.lookup(&"late", T0 + 600)), "refresh-ahead");
     }
 
     #[test]
@@ -249,35 +246,36 @@ mod tests {
         let mut c = Cache::new(CacheConfig { max_entries: 2, ..CacheConfig::default() });
         c.insert("a", token(86_400), T0, 0.0, "pod");
         c.insert("b", token(86_400), T0 + 1, 0.0, "pod");
-        let _ = c.lookup(&"a", T0 + 2, "pod"); // b is now the least recently used
+        let _ = c.lookup(&"a", T0 + 2); // b is now the least recently used
         c.insert("c", token(86_400), T0 + 3, 0.0, "pod");
-        assert_eq!((kind(&c.lookup(&"a", T0 + 4, "pod")), kind(&c.lookup(&"b", T0 + 4, "pod"))), ("fresh", "miss"));
+        assert_eq!((kind(&c.lookup(&"a", T0 + 4)), kind(&c.lookup(&"b", T0 + 4))), ("fresh", "miss"));
         assert_eq!(c.len(), 2);
-        let _ = c.lookup(&"c", T0 + 3_000, "pod");
+        let _ = c.lookup(&"c", T0 + 3_000);
         assert_eq!(c.sweep(T0 + 4 + 3_599), 0);
         assert_eq!(c.sweep(T0 + 4 + 3_600), 1, "a was idle for an hour");
-        assert_eq!(kind(&c.lookup(&"c", T0 + 4 + 3_600, "pod")), "fresh");
+        assert_eq!(kind(&c.lookup(&"c", T0 + 4 + 3_600)), "fresh");
     }
 
     #[test]
     fn a_pod_asking_for_many_resources_evicts_its_own_tokens_not_others() {
         let mut c = Cache::new(CacheConfig { max_entries: 4, ..CacheConfig::default() });
         c.insert("web", token(86_400), T0, 0.0, "web");
-        c.insert("shared", token(86_400), T0, 0.0, "web");
-        let _ = c.lookup(&"shared", T0 + 1, "api"); // used by two pods now
+        c.insert("api", token(86_400), T0, 0.0, "api");
         for (i, key) in ["f1", "f2", "f3", "f4", "f5", "f6"].into_iter().enumerate() {
-            c.insert(key, token(86_400), T0 + 2 + i as u64, 0.0, "flood");
+            let now = T0 + 2 + i as u64;
+            c.insert(key, token(86_400), now, 0.0, if i % 2 == 0 { "flood-a" } else { "flood-b" });
+            // Flooding pods using each other's tokens, and the others': no matter.
+            let _ = (c.lookup(&key, now), c.lookup(&"web", now));
         }
-        // The flooding pod's oldest went each time; web's token, older than all, stayed.
-        assert_eq!(kind(&c.lookup(&"web", T0 + 10, "web")), "fresh");
-        assert_eq!(kind(&c.lookup(&"shared", T0 + 10, "api")), "fresh");
-        assert_eq!(kind(&c.lookup(&"f6", T0 + 10, "flood")), "fresh");
-        assert_eq!(kind(&c.lookup(&"f4", T0 + 10, "flood")), "miss");
+        // The flooding pods' oldest went each time; web's and api's, older than all, stayed.
+        for (key, want) in [("web", "fresh"), ("api", "fresh"), ("f6", "fresh"), ("f5", "fresh"), ("f4", "miss")] {
+            assert_eq!(kind(&c.lookup(&key, T0 + 10)), want, "{key}");
+        }
         assert_eq!(c.len(), 4);
-        // Every insert takes from whoever holds the most entries of its own.
-        c.insert("api", token(86_400), T0 + 11, 0.0, "api");
-        assert_eq!(c.len(), 4);
-        assert_eq!(c.own.values().sum::<usize>(), 3, "counts follow the entries: {:?}", c.own);
+        assert_eq!(c.own.values().sum::<usize>(), 4, "counts follow the entries: {:?}", c.own);
+        // A renewal stays charged to the first fetcher.
+        c.insert("web", token(86_400), T0 + 11, 0.0, "flood-a");
+        assert_eq!(c.own.get("web"), Some(&1));
     }
 
     #[test]
@@ -285,7 +283,7 @@ mod tests {
         let mut c = Cache::new(CacheConfig { max_entries: 8, ..CacheConfig::default() });
         c.insert("a", token(100), T0, 0.0, "p");
         c.insert("b", token(86_400), T0, 0.0, "p");
-        c.insert("b", token(86_400), T0 + 1, 0.0, "p"); // a renewal
+        c.insert("b", token(86_400), T0 + 1, 0.0, "q"); // a renewal, asked by another pod
         assert_eq!(c.own.get("p"), Some(&2));
         c.remove(&"b");
         assert_eq!(c.own.get("p"), Some(&1));

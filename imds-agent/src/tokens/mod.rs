@@ -242,7 +242,7 @@ impl TokenService {
     /// A token for `key`, on behalf of `requester` (the pod, for fair queueing). The caller
     /// has authorised the request.
     pub async fn get(self: &Arc<Self>, key: TokenKey, requester: &str, how: Fetch) -> Outcome {
-        let lookup = self.cache().lookup(&key, unix_now(), requester);
+        let lookup = self.cache().lookup(&key, unix_now());
         match lookup {
             Lookup::Fresh(token) => Outcome::Token { token, served: Served::Cache },
             Lookup::RefreshAhead(token) => {
