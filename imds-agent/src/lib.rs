@@ -1,5 +1,8 @@
 //! The IMDS filter agent as a library: the binary (`main.rs`) and the privileged tests use it.
 //!
+//! [`cli`] is the command line; [`agent`] the agent's start-up and life, over the modules
+//! below ([`succession`] and [`handover`]: how an agent takes a node and gives it up).
+//!
 //! Data flows top to bottom:
 //! - [`kernel`]: load, attach and keep the eBPF programs; steer them through their maps;
 //!   find out who made an accepted connection (cgroup, pid, uid, original destination).
@@ -19,7 +22,9 @@
 //!   [`doctor`] whether the node can run the filter at all.
 //! - [`verdicts`]: the policy's per-pod kernel verdicts (PASS for exceptions, DENY for unbound
 //!   pods with `--deny-unbound`), kept in sync with the pod cgroups.
+pub mod agent;
 pub mod caller;
+pub mod cli;
 pub mod control;
 pub mod crds;
 pub mod decisions;

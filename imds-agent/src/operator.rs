@@ -13,7 +13,7 @@ use imds_agent::{
     status,
 };
 
-use super::{ExplainArgs, Output};
+use imds_agent::cli::{ExplainArgs, Output};
 
 /// Prints `result` as `output` asks and exits: with `exit` of the answer, or 3 (and the
 /// error on stderr) when there is none.
@@ -95,7 +95,7 @@ pub async fn explain(args: &ExplainArgs) -> anyhow::Result<explain::Explanation>
         let explain::PodRef::Named { namespace, name } = &pod else {
             bail!("--kubeconfig needs --pod NAMESPACE/NAME");
         };
-        let client = super::kube_client(Some(kubeconfig)).await?;
+        let client = imds_agent::sources::kube_client(Some(kubeconfig)).await?;
         let snapshot = kube_source::snapshot_for_pod(client, namespace, name, WorkloadSettings::default())
             .await
             .context("listing the pod and the aad-pod-identity objects")?;

@@ -37,8 +37,8 @@ pub const WORKLOAD_LABEL: &str = "azure.workload.identity/use";
 pub const CLIENT_ID_ANNOTATION: &str = "azure.workload.identity/client-id";
 pub const TENANT_ID_ANNOTATION: &str = "azure.workload.identity/tenant-id";
 
-/// Which pods the workload-identity bridge serves.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which pods the workload-identity bridge serves (`--workload-identity`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum WorkloadMode {
     /// Pods labelled `azure.workload.identity/use: "true"` (the webhook's own opt-in).
     #[default]

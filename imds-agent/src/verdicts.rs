@@ -15,14 +15,19 @@ use std::{
     fs,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
 };
 
 use imds_common::{PodAddr, Verdict};
 
+use tokio::sync::watch;
+
 use crate::{
     caller::podpath,
-    kernel::{Filter, FilterError},
+    kernel::{Duty, Filter, FilterError},
     policy::{PodVerdict, Snapshot},
+    telemetry::SourceStatus,
 };
 
 /// How deep below the attach cgroup pod cgroups are looked for (kubepods/qos/pod = 2).
@@ -133,6 +138,94 @@ pub fn pod_cgroups(root: &Path) -> Vec<(u64, String)> {
         level = next;
     }
     found
+}
+
+/// Kernel verdicts come only from a synced snapshot: the API source publishes its first one
+/// after the initial lists, and until then every pod keeps the default (REDIRECT).
+pub fn start_sync(
+    sync: VerdictSync,
+    duty: Duty,
+    updates: watch::Receiver<Arc<Snapshot>>,
+    synced: bool,
+    source: Arc<SourceStatus>,
+) -> anyhow::Result<()> {
+    if synced {
+        return spawn_sync(sync, duty, updates, source);
+    }
+    let mut first = updates;
+    tokio::spawn(async move {
+        if first.changed().await.is_ok() {
+            if let Err(e) = spawn_sync(sync, duty, first, source) {
+                tracing::error!(error = %format!("{e:#}"), "starting the kernel verdict sync");
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Syncs the kernel verdicts now, then on every policy change and every second (new pod
+/// cgroups appear without a policy change). Runs on its own thread: it walks cgroupfs.
+/// The first sync also removes what the pinned map held that the policy no longer wants; the
+/// agent reports ready only after it ([`SourceStatus::reconciled`]).
+fn spawn_sync(
+    mut sync: VerdictSync,
+    duty: Duty,
+    mut updates: watch::Receiver<Arc<Snapshot>>,
+    source: Arc<SourceStatus>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::Builder::new().name("verdict-sync".into()).spawn(move || {
+        let (mut last_error, mut in_place) = (None, false);
+        loop {
+            if in_place || last_error.is_some() {
+                // The timer must be created inside the runtime, hence the async block.
+                let changed =
+                    runtime.block_on(async { tokio::time::timeout(Duration::from_secs(1), updates.changed()).await });
+                if matches!(changed, Ok(Err(_))) {
+                    return; // the policy source is gone: the agent is shutting down
+                }
+            }
+            let snapshot = Arc::clone(&updates.borrow_and_update());
+            // Paused while another agent takes over (the first sync too); after a pause, what
+            // the maps hold may be that agent's writing: read again.
+            let Some(synced) = duty.perform(|reread| {
+                if reread {
+                    sync.reread()?;
+                }
+                sync.sync(&snapshot)
+            }) else {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            };
+            match synced {
+                Ok(r) => {
+                    last_error = None;
+                    source.reconciled();
+                    if !in_place || r.set + r.cleared + r.sources_added + r.sources_removed > 0 {
+                        tracing::info!(
+                            pod_cgroups = r.pod_cgroups,
+                            set = r.set,
+                            cleared = r.cleared,
+                            pass_sources_added = r.sources_added,
+                            pass_sources_removed = r.sources_removed,
+                            "{}",
+                            if in_place { "kernel verdicts updated" } else { "kernel verdicts in place" }
+                        );
+                    }
+                    in_place = true;
+                }
+                Err(e) => {
+                    // Retried every second; said once until it changes or recovers.
+                    let message = format!("{:#}", anyhow::Error::from(e));
+                    if last_error.as_ref() != Some(&message) {
+                        tracing::error!(error = %message, "updating kernel verdicts");
+                        last_error = Some(message);
+                    }
+                }
+            }
+        }
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]

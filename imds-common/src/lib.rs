@@ -6,6 +6,8 @@
 //! in `_be` say so. The `user` feature adds `aya::Pod` for the agent side.
 #![no_std]
 
+pub mod decide;
+
 /// What the kernel does with a cgroup's connections to protected endpoints.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

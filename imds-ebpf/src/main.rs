@@ -50,9 +50,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, warn};
 use imds_common::{
-    bind_target_v4, capacity, embedded_v4, has_ports, ipproto, ipv4_transport, Config, Counter, Embedded, Nat64Prefix,
-    Origin, OriginKey, Peer, PodAddr, ProtectedAddr, IPV6_HEADER_LEN, MAX_CGROUP_DEPTH, V4_MAPPED_WORD2, VERDICT_PASS,
-    VERDICT_REDIRECT,
+    bind_target_v4, capacity,
+    decide::{self, ConnectVerdict},
+    embedded_v4, has_ports, ipproto, ipv4_transport, Config, Counter, Embedded, Nat64Prefix, Origin, OriginKey, Peer,
+    PodAddr, ProtectedAddr, IPV6_HEADER_LEN, V4_MAPPED_WORD2, VERDICT_PASS,
 };
 
 // ---- maps (pinned by name, so they outlive the agent process) ------------------------------
@@ -192,12 +193,10 @@ fn try_connect(ip4_be: u32, port_be: u16, protocol: u32) -> Connect {
     // SAFETY: helper without preconditions; returns 0 past the caller's own level.
     let verdict = cgroup_verdict(&cfg, leaf, |level| unsafe { bpf_get_current_ancestor_cgroup_id(level) });
     let redirectable = protocol == ipproto::TCP && protected.has_port(port_be);
-    match verdict {
-        VERDICT_PASS => Connect::Pass,
-        VERDICT_REDIRECT if redirectable && cfg.refuse_redirects == 0 => Connect::Redirect(cfg),
-        // DENY, REDIRECT of something we cannot redirect (UDP, another port), REDIRECT while
-        // something else holds the agent's port, or a value we do not know: refuse.
-        _ => Connect::Deny,
+    match decide::connect_verdict(verdict, redirectable, cfg.refuse_redirects) {
+        ConnectVerdict::Pass => Connect::Pass,
+        ConnectVerdict::Redirect => Connect::Redirect(cfg),
+        ConnectVerdict::Deny => Connect::Deny,
     }
 }
 
@@ -480,34 +479,11 @@ fn nat64_prefix(slot: u32) -> Option<Nat64Prefix> {
     NAT64.get(slot).copied()
 }
 
-/// Verdict of the cgroup `leaf`: the entry of the deepest cgroup on its path from the root
-/// that has one (so a pod's entry covers all its containers), else the configured default.
-/// The agent's own cgroups always pass.
+/// Verdict of the cgroup `leaf` ([`decide::cgroup_verdict`]), from the `VERDICTS` map.
 #[inline(always)]
 fn cgroup_verdict(cfg: &Config, leaf: u64, ancestor: impl Fn(i32) -> u64) -> u32 {
-    if cfg.is_agent(leaf) {
-        return VERDICT_PASS;
-    }
-    let mut verdict = match cfg.default_verdict {
-        0 => VERDICT_REDIRECT, // not configured yet: fail closed
-        v => v,
-    };
-    let mut level = 0;
-    while level < MAX_CGROUP_DEPTH {
-        let id = ancestor(level);
-        if id == 0 {
-            break;
-        }
-        // SAFETY: plain data copied out right away.
-        if let Some(v) = unsafe { VERDICTS.get(id) } {
-            verdict = *v;
-        }
-        if id == leaf {
-            break;
-        }
-        level += 1;
-    }
-    verdict
+    // SAFETY: plain data copied out right away.
+    decide::cgroup_verdict(cfg, leaf, ancestor, |id| unsafe { VERDICTS.get(id) }.copied())
 }
 
 #[inline(always)]

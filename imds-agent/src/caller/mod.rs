@@ -109,3 +109,24 @@ impl CgroupResolver {
         fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).map(Some)
     }
 }
+
+/// Forgets cgroups that went away, so the cache stays the size of the node's pods (a stat
+/// per cached cgroup every 10 s), and reports what it holds.
+pub async fn prune_every_10s(
+    resolver: std::sync::Arc<CgroupResolver>,
+    cached: prometheus_client::metrics::gauge::Gauge,
+) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        every.tick().await;
+        let resolver = std::sync::Arc::clone(&resolver);
+        if let Ok(held) = tokio::task::spawn_blocking(move || {
+            resolver.prune();
+            resolver.cached()
+        })
+        .await
+        {
+            cached.set(i64::try_from(held).unwrap_or(i64::MAX));
+        }
+    }
+}

@@ -12,6 +12,7 @@ pub mod bpffs;
 mod btf;
 pub mod cgroup;
 pub mod inspect;
+pub mod logs;
 pub mod netfilter;
 pub mod origin;
 mod rtnl;
@@ -272,9 +273,6 @@ pub struct Filter {
     counters: PerCpuArray<MapData, u64>,
     origins: Arc<OriginTable>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
-    attachments: Vec<(Hook, Attachment)>,
-    cgroup_id: u64,
-    node_backstop: Option<Mechanism>,
     /// The tc backstop's interface watcher's duty.
     backstop_duty: Duty,
     redirects: Option<Redirects>,
@@ -373,12 +371,10 @@ impl Filter {
             }
         };
 
-        let mut attachments = Vec::with_capacity(Hook::ALL.len());
         for hook in Hook::ALL {
             let pin = opts.pin_dir.join(hook.link_pin());
             let how = attach_or_replace(&mut ebpf, hook, &cgroup_dir, &cgroup_path, cgroup_id, &pin)?;
             tracing::info!(hook = ?hook, how = ?how, cgroup = %cgroup_path.display(), "program in place");
-            attachments.push((hook, how));
         }
         let node = backstop::install(plan, &mut ebpf, &opts.pin_dir)?;
         if let (Some(mechanism), Some(attachment)) = (node.mechanism, node.how) {
@@ -393,9 +389,6 @@ impl Filter {
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
             origins: Arc::new(OriginTable::new(take_map(&mut ebpf, maps::ORIGINS)?, opts.origin_ttl)),
             logger,
-            attachments,
-            cgroup_id,
-            node_backstop: node.mechanism,
             backstop_duty: Duty::default(),
             redirects: Some(Redirects { config, agent_cgroup: opts.agent_cgroup }),
         };
@@ -415,12 +408,6 @@ impl Filter {
     #[must_use]
     pub fn backstop_duty(&self) -> Duty {
         self.backstop_duty.clone()
-    }
-
-    /// The mechanism running the node backstop (`None`: `--node-backstop off`).
-    #[must_use]
-    pub fn node_backstop(&self) -> Option<Mechanism> {
-        self.node_backstop
     }
 
     /// Makes the node backstop let packets from exactly `wanted` (PASS pods' addresses) reach
@@ -447,18 +434,6 @@ impl Filter {
     /// [`Filter::set_pass_sources`] reads the map again (another agent may have written it).
     pub fn forget_pass_sources(&mut self) {
         self.pass_sources_held = None;
-    }
-
-    /// How each hook was put in place by [`Filter::install`].
-    #[must_use]
-    pub fn attachments(&self) -> &[(Hook, Attachment)] {
-        &self.attachments
-    }
-
-    /// Id of the cgroup the programs are attached to.
-    #[must_use]
-    pub fn cgroup_id(&self) -> u64 {
-        self.cgroup_id
     }
 
     /// Sets the verdict of a cgroup and, unless a descendant has its own, of everything below.

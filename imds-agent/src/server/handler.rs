@@ -25,9 +25,10 @@ pub struct Caller {
     pub cgroup: Option<CgroupInfo>,
 }
 
-/// Whether refusals are enforced or only logged.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Whether refusals are enforced or only logged (`--mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
+    /// Refusals are answered as refusals.
     Enforce,
     /// Requests the policy would refuse are logged (`audit-allow`) and forwarded as asked.
     Audit,

@@ -76,6 +76,31 @@ pub async fn claim(listen: SocketAddrV4, waiting: impl Fn(&str)) -> TcpListener 
     }
 }
 
+/// A socket the earlier agent handed over, if it listens on `addr` (the address may have
+/// changed with the upgrade: then this agent binds its own).
+pub fn handed(socket: Option<std::net::TcpListener>, addr: SocketAddr) -> Option<TcpListener> {
+    let socket = socket?;
+    let local = socket.local_addr().ok()?;
+    if local != addr {
+        tracing::info!(handed = %local, wanted = %addr, "the earlier agent listened elsewhere; binding anew");
+        return None;
+    }
+    socket.set_nonblocking(true).ok()?;
+    TcpListener::from_std(socket).ok()
+}
+
+/// An unbound socket can be given an ephemeral port with no `bind()` the guard sees.
+pub fn warn_if_ephemeral(listen: SocketAddrV4) {
+    if ephemeral(listen.port()) == Some(true) {
+        tracing::warn!(
+            port = listen.port(),
+            "the agent's port is in net.ipv4.ip_local_port_range: while no agent runs, any process \
+             could be handed it without a bind the kernel guard sees; pick a port outside the range \
+             or add it to net.ipv4.ip_local_reserved_ports"
+        );
+    }
+}
+
 /// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux ≥ 5.14):
 /// where the agent listens, so the only namespace whose binds of its port matter. `Ok(0)`
 /// when the kernel cannot say: the bind guard then covers every namespace.

@@ -5,9 +5,20 @@ pub mod convert;
 pub mod kube;
 pub mod manifests;
 
-use serde::Deserialize;
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
-use crate::policy::Powers;
+use anyhow::Context as _;
+use serde::Deserialize;
+use tokio::sync::watch;
+
+use crate::{
+    events,
+    policy::{Powers, Snapshot, WorkloadSettings},
+    telemetry::SourceStatus,
+};
 
 /// Of a pod's container (init and ephemeral ones too), only its security context: what it is
 /// granted. Both sources read containers through this.
@@ -40,4 +51,81 @@ pub fn powers<'a>(containers: impl IntoIterator<Item = &'a Container>) -> Powers
         powers.add_container(privileged, caps.map_or(&[], |c| &c.add), caps.map_or(&[], |c| &c.drop));
     }
     powers
+}
+
+/// Where the policy comes from, checked before anything changes.
+pub enum PolicySource {
+    /// Loaded already: a broken file is an error now, and later only keeps the previous policy.
+    Manifests {
+        dir: PathBuf,
+        initial: Snapshot,
+    },
+    Kube {
+        client: ::kube::Client,
+        node: String,
+    },
+}
+
+impl PolicySource {
+    /// `manifests` (a directory), else the Kubernetes API for node `node` (through
+    /// `kubeconfig`, or kube's defaults).
+    pub async fn check(
+        manifests: Option<&Path>,
+        node: Option<String>,
+        kubeconfig: Option<&Path>,
+    ) -> anyhow::Result<PolicySource> {
+        if let Some(dir) = manifests {
+            return Ok(PolicySource::Manifests { dir: dir.to_owned(), initial: manifests::load_dir(dir)? });
+        }
+        let node = node.context("--kube needs this node's name: set NODE_NAME or pass --node-name")?;
+        let client = kube_client(kubeconfig).await?;
+        Ok(PolicySource::Kube { client, node })
+    }
+
+    /// Starts watching; returns the snapshots, whether the first is synced already, and the
+    /// file watcher to keep alive (manifests only).
+    pub fn start(
+        self,
+        workload: WorkloadSettings,
+        status: &Arc<SourceStatus>,
+        events: Option<events::DenialEvents>,
+    ) -> anyhow::Result<(watch::Receiver<Arc<Snapshot>>, bool, Option<notify::RecommendedWatcher>)> {
+        match self {
+            PolicySource::Manifests { dir, initial } => {
+                let (snapshots, updates) = watch::channel(Arc::new(initial.with_workload(workload.clone())));
+                status.loaded();
+                let watcher = manifests::watch(&dir, workload, snapshots, Arc::clone(status))
+                    .context("watching the manifests directory")?;
+                Ok((updates, true, Some(watcher)))
+            }
+            PolicySource::Kube { client, node } => {
+                let (snapshots, updates) = watch::channel(Arc::new(Snapshot::default()));
+                let status = Arc::clone(status);
+                tokio::spawn(async move {
+                    kube::run(client, &node, workload, snapshots, status, events).await;
+                });
+                Ok((updates, false, None))
+            }
+        }
+    }
+}
+
+/// A client from `--kubeconfig`, else kube's defaults (in-cluster, then KUBECONFIG).
+pub async fn kube_client(kubeconfig: Option<&Path>) -> anyhow::Result<::kube::Client> {
+    let mut config = match kubeconfig {
+        None => ::kube::Config::infer()
+            .await
+            .context("finding the Kubernetes API (in-cluster service account, or KUBECONFIG)")?,
+        Some(path) => {
+            let file =
+                ::kube::config::Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+            ::kube::Config::from_custom_kubeconfig(file, &::kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using {}", path.display()))?
+        }
+    };
+    // kube retries 429/503 inside a request for minutes; the watchers back off on their own,
+    // and an API server in trouble must show in readiness (fail-static) at once.
+    config.default_retry = false;
+    ::kube::Client::try_from(config).context("creating the Kubernetes client")
 }

@@ -75,11 +75,6 @@ impl CertificateCredential {
         Ok(CertificateCredential { key, x5t: b64(thumbprint.as_ref()) })
     }
 
-    /// The certificate's thumbprint as the assertion names it.
-    pub fn x5t(&self) -> &str {
-        &self.x5t
-    }
-
     /// A client assertion for `client_id` at the token endpoint `audience`, at `now` (Unix s).
     pub fn assertion(&self, client_id: &str, audience: &str, now: u64) -> Result<String, CertificateError> {
         let header = serde_json::json!({"alg": "RS256", "typ": "JWT", "x5t": self.x5t});
