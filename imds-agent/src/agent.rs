@@ -5,11 +5,12 @@
 //! only once it can decide); the node's lock, or a handover, before anything is touched;
 //! the listener before the kernel programs (a bad `--listen` must not leave a half-installed
 //! filter); kernel verdicts only from a loaded policy.
+use parking_lot::Mutex;
 use std::{
     net::{SocketAddr, SocketAddrV4},
     os::fd::{AsFd as _, OwnedFd},
     path::Path,
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     time::Duration,
 };
 
@@ -240,7 +241,7 @@ fn path_rules(args: &RunArgs) -> PathRules {
 /// said, not fatal.
 fn offer_handover(socket: &Path, listener: &TcpListener, metrics: Option<OwnedFd>, duties: AgentDuties) {
     let offered = (|| {
-        let lock = duties.lock.lock().unwrap_or_else(PoisonError::into_inner).as_ref().map(bpffs::PinDirLock::share);
+        let lock = duties.lock.lock().as_ref().map(bpffs::PinDirLock::share);
         let lock = lock.context("the pin directory's lock is held")?.context("sharing the pin directory's lock")?;
         let listener = listener.as_fd().try_clone_to_owned().context("sharing the listening socket")?;
         handover::offer(socket, handover::Offer { lock, listener, metrics }, duties).map_err(anyhow::Error::from)

@@ -7,9 +7,10 @@
 //! - With `--manifests`, Secret documents in the directory are part of the snapshot.
 //!
 //! Secret values never reach logs: [`SecretData`]'s `Debug` shows key names only.
+use parking_lot::Mutex;
 use std::{
     collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -61,7 +62,7 @@ impl SecretReader {
         let Some(client) = &self.api else {
             return snapshot.secret(secret).cloned().ok_or_else(not_found);
         };
-        if let Some((at, data)) = self.cache.lock().unwrap_or_else(PoisonError::into_inner).get(secret) {
+        if let Some((at, data)) = self.cache.lock().get(secret) {
             if at.elapsed() < API_TTL {
                 return Ok(Arc::clone(data));
             }
@@ -73,7 +74,7 @@ impl SecretReader {
             .map_err(|e| SecretError::Api(secret.namespace.clone(), secret.name.clone(), e))?
             .ok_or_else(not_found)?;
         let data = Arc::new(from_api(&found));
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut cache = self.cache.lock();
         cache.retain(|_, (at, _)| at.elapsed() < API_TTL);
         cache.insert(secret.clone(), (Instant::now(), Arc::clone(&data)));
         Ok(data)

@@ -10,9 +10,10 @@
 //! successor (the rollout would stall on the old version). The mark names the pod (the
 //! DaemonSet passes its UID), so it never holds back another pod's agent, nor one outside
 //! Kubernetes; it is removed when its pod's agent next takes the node with no agent running.
+use parking_lot::Mutex;
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     time::Duration,
 };
 
@@ -133,8 +134,8 @@ enum Phase {
 }
 
 impl Handing {
-    fn phase(&self) -> std::sync::MutexGuard<'_, Phase> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    fn phase(&self) -> parking_lot::MutexGuard<'_, Phase> {
+        self.0.lock()
     }
 
     /// The agent stops: runs `refuse` (making the kernel refuse redirects) only if the node
@@ -209,7 +210,7 @@ impl Duties for AgentDuties {
     fn retire(&self) {
         self.draining.send_replace(true);
         self.telemetry.handed_over();
-        drop(self.lock.lock().unwrap_or_else(PoisonError::into_inner).take());
+        drop(self.lock.lock().take());
     }
 
     fn abandon(&self, why: &str) -> ! {

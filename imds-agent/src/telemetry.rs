@@ -6,11 +6,12 @@
 //!   reload failed, the agent is still ready and enforcing the last good policy
 //!   (fail-static); the body says so.
 //! - `/metrics`: Prometheus text format; names are listed in `docs/agent.md`.
+use parking_lot::Mutex;
 use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex, OnceLock,
+        Arc, OnceLock,
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -61,17 +62,17 @@ impl SourceStatus {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         self.last_sync_unix.store(now, Ordering::Relaxed);
         self.synced.store(true, Ordering::Relaxed);
-        *self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        *self.failing.lock() = None;
     }
 
     /// The source works again (the data it holds is current), without a new load.
     pub fn recovered(&self) {
-        *self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        *self.failing.lock() = None;
     }
 
     /// A reload failed; the previous policy stays in force.
     pub fn failed(&self, error: String) {
-        *self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(error);
+        *self.failing.lock() = Some(error);
     }
 
     /// The kernel's verdicts match a loaded policy.
@@ -91,7 +92,7 @@ impl SourceStatus {
 
     /// The latest reload's error, while it is failing.
     pub fn failing(&self) -> Option<String> {
-        self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.failing.lock().clone()
     }
 }
 
@@ -242,26 +243,26 @@ impl Telemetry {
     /// Another process holds the agent's port (`why` says which), or, with `None`, no longer.
     pub fn port_held(&self, why: Option<String>) {
         let why = why.map(|why| format!("{why}; redirected connections are refused until the agent can listen"));
-        *self.not_serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+        *self.not_serving.lock() = why;
     }
 
     /// The agent handed the node over to the next agent.
     pub fn handed_over(&self) {
         let why = "handed over to the next agent, which serves the node now";
-        *self.not_serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why.into());
+        *self.not_serving.lock() = Some(why.into());
     }
 
     /// The agent takes the node over from the one serving it (`true`), or has (`false`):
     /// not ready until it accepts connections.
     pub fn taking_over(&self, taking: bool) {
         let why = taking.then(|| "taking the node over from the agent serving it".to_owned());
-        *self.not_serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = why;
+        *self.not_serving.lock() = why;
     }
 
     /// Whether the agent is ready, and `/readyz`'s sentence saying so.
     pub fn readiness(&self) -> (bool, String) {
         let reconciled = self.source.reconciled.load(Ordering::Relaxed);
-        let not_serving = self.not_serving.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let not_serving = self.not_serving.lock().clone();
         match (self.unhealthy(), self.source.synced.load(Ordering::Relaxed)) {
             (Some(why), _) => (false, format!("not ready: {why}")),
             (None, _) if not_serving.is_some() => (false, format!("not ready: {}", not_serving.unwrap_or_default())),
@@ -359,7 +360,7 @@ struct KindLabel {
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         {
-            let kernel = self.kernel.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let kernel = self.kernel.lock();
             let mut family = encoder.encode_descriptor(
                 "kernel_events",
                 "Events counted by the kernel programs (summed over CPUs)",
@@ -481,7 +482,7 @@ impl Throttle {
     /// `Some(n)` when a line may be written now, `n` being how many were held back since the
     /// last one; `None` (and counted) otherwise.
     pub fn allow(&self) -> Option<u64> {
-        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state.lock();
         let now = Instant::now();
         match state.0 {
             Some(last) if now.duration_since(last) < self.every => {

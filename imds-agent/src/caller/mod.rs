@@ -7,12 +7,12 @@
 //! never goes wrong; entries for cgroups that have gone away are dropped by [`CgroupResolver::prune`].
 pub mod podpath;
 
+use parking_lot::Mutex;
 use std::{
     collections::HashMap,
     fs, io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
-    sync::Mutex,
 };
 
 /// A cgroup, as the agent needs it.
@@ -80,8 +80,8 @@ impl CgroupResolver {
         self.lock().len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, CgroupInfo>> {
-        self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HashMap<u64, CgroupInfo>> {
+        self.cache.lock()
     }
 
     /// Opens the cgroup directory by id and reads back its path.

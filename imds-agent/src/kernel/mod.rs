@@ -210,7 +210,7 @@ pub struct FilterOptions {
 /// attachments) is the duty of the node's current agent alone. While another agent takes
 /// over ([`crate::handover`]) the duty is paused; it resumes if that agent goes away first.
 #[derive(Clone, Debug, Default)]
-pub struct Duty(Arc<std::sync::Mutex<DutyState>>);
+pub struct Duty(Arc<parking_lot::Mutex<DutyState>>);
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum DutyState {
@@ -226,7 +226,7 @@ impl Duty {
     /// agent may have written the state since this duty's last work (then re-read it); it is
     /// told so again until it succeeds.
     pub fn perform<T, E>(&self, work: impl FnOnce(bool) -> Result<T, E>) -> Option<Result<T, E>> {
-        let mut state = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.0.lock();
         match *state {
             DutyState::Paused => None,
             DutyState::Active => Some(work(false)),
@@ -242,12 +242,12 @@ impl Duty {
 
     /// Pauses the duty; returns once no work is under way.
     pub fn pause(&self) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = DutyState::Paused;
+        *self.0.lock() = DutyState::Paused;
     }
 
     /// Resumes a paused duty.
     pub fn resume(&self) {
-        let mut state = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.0.lock();
         if *state == DutyState::Paused {
             *state = DutyState::Resumed;
         }

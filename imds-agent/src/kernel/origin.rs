@@ -5,10 +5,10 @@
 //! loopback address could steal. A record is taken (deleted) by the lookup, deleted by the
 //! kernel when the client socket closes, and ignored when older than the TTL, so no later
 //! connection can inherit an earlier caller's identity.
+use parking_lot::Mutex;
 use std::{
     io,
     net::{SocketAddr, SocketAddrV4},
-    sync::Mutex,
     time::Duration,
 };
 
@@ -139,7 +139,7 @@ impl OriginTable {
             return Ok(OriginLookup::Missing);
         };
         let raw = {
-            let mut map = self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut map = self.map.lock();
             let raw = match map.get(&key, 0) {
                 Ok(raw) => raw,
                 Err(MapError::KeyNotFound) => return Ok(OriginLookup::Missing),

@@ -4,11 +4,8 @@
 //! container or many, gets its share and no more;
 //! the rest are told to retry (a 429, as IMDS throttles) or closed at once, so it cannot take
 //! the agent's memory, file descriptors or attention from other pods.
-use std::{
-    collections::HashMap,
-    hash::Hash,
-    sync::{Arc, Mutex},
-};
+use parking_lot::Mutex;
+use std::{collections::HashMap, hash::Hash, sync::Arc};
 
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -85,7 +82,7 @@ impl<K: Hash + Eq + Clone> ConnectionLimits<K> {
 
     /// Admits a connection from `caller`, or says why not.
     pub fn admit(self: &Arc<Self>, caller: K) -> Result<Admitted<K>, Shed> {
-        let mut held = self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = self.held.lock();
         if held.total >= self.total {
             return Err(Shed::Total);
         }
@@ -101,13 +98,13 @@ impl<K: Hash + Eq + Clone> ConnectionLimits<K> {
 
     /// Connections held now.
     pub fn held(&self) -> usize {
-        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).total
+        self.held.lock().total
     }
 }
 
 impl<K: Hash + Eq + Clone> Drop for Admitted<K> {
     fn drop(&mut self) {
-        let mut held = self.limits.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = self.limits.held.lock();
         held.total -= 1;
         self.limits.open.set(held.total as i64);
         if let Some(mine) = held.by_caller.get_mut(&self.caller) {
@@ -154,7 +151,7 @@ mod tests {
         for cgroup in 0..100 {
             drop(limits.admit(cgroup).unwrap());
         }
-        assert!(limits.held.lock().unwrap().by_caller.is_empty());
+        assert!(limits.held.lock().by_caller.is_empty());
         assert_eq!(limits.held(), 0);
     }
 }

@@ -4,9 +4,10 @@
 //!
 //! IMDS allows the managed-identity category 20 requests per second and 5 concurrent per VM
 //! and answers 429 beyond that; these are the defaults.
+use parking_lot::Mutex;
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex, PoisonError},
+    sync::Arc,
     time::Duration,
 };
 
@@ -100,8 +101,8 @@ impl Budget {
         budget
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        self.state.lock()
     }
 
     /// Waits for a slot for `requester`'s call, at most [`MAX_WAIT`]. Refused at once when

@@ -22,11 +22,8 @@ pub mod entra;
 pub mod projected;
 pub mod token;
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
-};
+use parking_lot::Mutex;
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -217,12 +214,12 @@ impl TokenService {
         service
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, Cache<TokenKey>> {
-        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    fn cache(&self) -> parking_lot::MutexGuard<'_, Cache<TokenKey>> {
+        self.cache.lock()
     }
 
-    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<TokenKey, watch::Receiver<Progress>>> {
-        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    fn running(&self) -> parking_lot::MutexGuard<'_, HashMap<TokenKey, watch::Receiver<Progress>>> {
+        self.running.lock()
     }
 
     /// The budget, shared with other upstream calls (forwarded requests).
