@@ -1,5 +1,5 @@
 //! A fake Microsoft Entra ID token endpoint for tests: the real one cannot be reached here.
-//! It follows `shared/reference/imds-contract.md` §3:
+//! It follows the Microsoft identity platform's client-credentials protocol:
 //!
 //! - `POST /{tenant}/oauth2/v2.0/token`, form-encoded, client-credentials grant: it checks
 //!   `grant_type`, `client_id`, `scope` (must end in `/.default`) and the credential —

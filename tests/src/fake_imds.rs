@@ -1,5 +1,5 @@
-//! A fake Azure IMDS for tests: the real one cannot run here. It follows the contract in
-//! `shared/reference/imds-contract.md` §1 — the token endpoint's parameters, its success shape
+//! A fake Azure IMDS for tests: the real one cannot run here. It follows IMDS's documented
+//! managed-identity token protocol — the token endpoint's parameters, its success shape
 //! (every value a string) and its error shapes — records every request it receives, and can
 //! be told to answer 429/500 or to answer slowly. Its own tests check it against that table.
 use std::{
