@@ -500,20 +500,25 @@ mod tests {
         wait_for(&record, &["pause", "commit", "abandon"]);
     }
 
-    #[test]
-    fn a_next_agent_whose_predecessor_is_gone_goes_on_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        let serving = std::thread::spawn(move || {
+    /// A serving agent at `path` that hands over to the first taker, then does `then`.
+    fn predecessor(path: &Path, then: impl FnOnce(&UnixStream) + Send + 'static) -> std::thread::JoinHandle<()> {
+        let listener = UnixListener::bind(path).unwrap();
+        std::thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap();
             let (line, _proof) = receive(&stream).unwrap();
             assert_eq!(line, TAKE.as_bytes());
             let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
             let lock: OwnedFd = fs::File::open(std::env::temp_dir()).unwrap().into();
             send(&stream, &Offer { lock, listener: tcp.into(), metrics: None }).unwrap();
-            // Then it dies.
-        });
+            then(&stream);
+        })
+    }
+
+    #[test]
+    fn a_next_agent_whose_predecessor_is_gone_goes_on_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let serving = predecessor(&path, |_| {}); // it dies once it has handed over
         let mut taken = take(&path, dir.path()).unwrap().expect("an agent offers");
         serving.join().unwrap();
         taken.installing().expect("no one to take the duties back: go on");
@@ -524,16 +529,8 @@ mod tests {
     fn a_next_agent_told_that_the_duties_were_taken_back_stops() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        let serving = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            let _ = receive(&stream).unwrap();
-            let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-            let lock: OwnedFd = fs::File::open(std::env::temp_dir()).unwrap().into();
-            send(&stream, &Offer { lock, listener: tcp.into(), metrics: None }).unwrap();
-            // As after INSTALL_WITHIN: it takes its duties back and closes, unasked.
-            say(Path::new("test"), &stream, RESUMED).unwrap();
-        });
+        // As after INSTALL_WITHIN: it takes its duties back and closes, unasked.
+        let serving = predecessor(&path, |stream| say(Path::new("test"), stream, RESUMED).unwrap());
         let mut taken = take(&path, dir.path()).unwrap().expect("an agent offers");
         serving.join().unwrap();
         assert!(matches!(taken.installing(), Err(HandoverError::TakenBack)));

@@ -80,11 +80,6 @@ impl SourceStatus {
         self.reconciled.store(true, Ordering::Relaxed);
     }
 
-    /// Whether the kernel's verdicts have matched a loaded policy at least once.
-    pub fn is_reconciled(&self) -> bool {
-        self.reconciled.load(Ordering::Relaxed)
-    }
-
     /// Whether the source has loaded at least once.
     pub fn is_synced(&self) -> bool {
         self.synced.load(Ordering::Relaxed)
