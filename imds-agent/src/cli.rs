@@ -12,8 +12,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use imds_common::Verdict;
 
 use crate::{
-    control, handover,
+    handover,
     kernel::{bpffs::DEFAULT_PIN_DIR, origin::DEFAULT_ORIGIN_TTL, NodeBackstop, IMDS_ENDPOINT},
+    operator::control,
     policy::WorkloadMode,
     server::Mode,
     tokens::{cache::CacheConfig, entra},

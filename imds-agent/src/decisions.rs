@@ -7,7 +7,7 @@ use serde::Serialize;
 
 /// One decision. Fields that do not apply are left out.
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct DecisionRecord {
+pub(crate) struct DecisionRecord {
     /// RFC 3339, UTC.
     pub time: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -41,12 +41,12 @@ pub struct DecisionRecord {
 impl DecisionRecord {
     /// A record stamped now.
     #[must_use]
-    pub fn now() -> DecisionRecord {
+    pub(crate) fn now() -> DecisionRecord {
         DecisionRecord { time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(), ..Default::default() }
     }
 
     /// Writes the record as one line on stdout.
-    pub fn emit(&self) {
+    pub(crate) fn emit(&self) {
         let Ok(line) = serde_json::to_string(self) else { return };
         let mut out = std::io::stdout().lock();
         // A closed stdout must not take the agent down; the line is lost, nothing else.

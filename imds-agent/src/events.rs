@@ -20,7 +20,7 @@ use kube::{
 use tokio::sync::mpsc;
 
 /// At most one Event per pod and reason in this window.
-pub const WINDOW: Duration = Duration::from_mins(1);
+pub(crate) const WINDOW: Duration = Duration::from_mins(1);
 /// Refusals waiting to become Events; beyond this they are dropped.
 const QUEUE: usize = 256;
 /// Keys kept by the limiter before stale ones are swept.
@@ -132,13 +132,13 @@ impl Notice {
 
 /// One Event per key per [`WINDOW`]; counts what it holds back.
 #[derive(Debug, Default)]
-pub struct Limiter {
+pub(crate) struct Limiter {
     last: HashMap<(String, String), (Instant, u32)>,
 }
 
 impl Limiter {
     /// `Some(held back since the last one)` when an Event may go out now, else `None`.
-    pub fn admit(&mut self, key: (String, String), now: Instant) -> Option<u32> {
+    pub(crate) fn admit(&mut self, key: (String, String), now: Instant) -> Option<u32> {
         if self.last.len() >= MAX_KEYS {
             self.last.retain(|_, (at, _)| now.duration_since(*at) < WINDOW);
         }
@@ -161,7 +161,7 @@ impl Limiter {
 }
 
 /// Starts the Event writer for this client.
-pub fn start(client: Client, instance: Option<String>) -> DenialEvents {
+pub(crate) fn start(client: Client, instance: Option<String>) -> DenialEvents {
     let (tx, mut rx) = mpsc::channel::<Notice>(QUEUE);
     let recorder = Recorder::new(client, Reporter { controller: "imds-filter".into(), instance });
     tokio::spawn(async move {

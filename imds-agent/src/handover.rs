@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 
 /// Where agents meet to hand over, unless told otherwise: a directory on the node, which
 /// the chart mounts into every agent pod (the control socket is each pod's own).
-pub const DEFAULT_SOCKET: &str = "/run/imds-filter/handover/agent.sock";
+pub(crate) const DEFAULT_SOCKET: &str = "/run/imds-filter/handover/agent.sock";
 
 /// The first line the next agent sends; another version's line is refused.
 const TAKE: &str = "take imds-filter/1";
@@ -60,12 +60,12 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 /// How long the serving agent stays paused waiting for `installing`.
 const INSTALL_WITHIN: Duration = Duration::from_secs(10);
 /// How long the serving agent waits, after `go`, for the next one to serve.
-pub const SERVE_WITHIN: Duration = Duration::from_mins(1);
+pub(crate) const SERVE_WITHIN: Duration = Duration::from_mins(1);
 /// The most descriptors a message carries.
 const MAX_FDS: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
-pub enum HandoverError {
+pub(crate) enum HandoverError {
     #[error("{what} {}", path.display())]
     Io { what: &'static str, path: PathBuf, source: io::Error },
     #[error("the agent at {} answered what this version does not understand: {said:?}", path.display())]
@@ -90,7 +90,7 @@ struct Header {
 }
 
 /// What the serving agent hands over: holds on its own descriptors (`dup`s of them).
-pub struct Offer {
+pub(crate) struct Offer {
     /// The pin directory, locked: also what a taker's proof is checked against.
     pub lock: OwnedFd,
     pub listener: OwnedFd,
@@ -99,7 +99,7 @@ pub struct Offer {
 
 /// What the serving agent does while it hands over. Each returns once done: `pause` only
 /// once no write to shared kernel state is under way.
-pub trait Duties: Send + 'static {
+pub(crate) trait Duties: Send + 'static {
     /// Stop writing shared kernel state: the next agent may take over. `false` when this
     /// agent is stopping: it hands nothing over then.
     fn pause(&self) -> bool;
@@ -118,7 +118,7 @@ pub trait Duties: Send + 'static {
 
 /// Listens at `path`, replacing a socket an earlier agent left there, and hands over to the
 /// first agent that asks and serves; on its own thread (the exchange blocks, briefly).
-pub fn offer(path: &Path, offer: Offer, duties: impl Duties) -> Result<(), HandoverError> {
+pub(crate) fn offer(path: &Path, offer: Offer, duties: impl Duties) -> Result<(), HandoverError> {
     let listener = bind(path)?;
     let at = path.to_owned();
     std::thread::Builder::new()
@@ -273,7 +273,7 @@ fn expect_line(path: &Path, lines: &mut BufReader<UnixStream>, want: &str) -> Re
 }
 
 /// What the next agent receives.
-pub struct Taken {
+pub(crate) struct Taken {
     /// The pin directory's lock, held together with the earlier agent until it lets go.
     pub lock: OwnedFd,
     /// The earlier agent's listening socket (the same socket, with its queue).
@@ -291,7 +291,7 @@ impl Taken {
     /// Tells the earlier agent that this one is about to write the kernel's state. An error
     /// means it took its duties back: this agent must not go on. If it is gone, this agent
     /// goes on alone.
-    pub fn installing(&mut self) -> Result<(), HandoverError> {
+    pub(crate) fn installing(&mut self) -> Result<(), HandoverError> {
         // A failed write is no answer: the earlier agent may have said `resumed` and closed.
         let _ = say(&self.path, self.lines.get_ref(), INSTALLING);
         match read_line(&self.path, &mut self.lines) {
@@ -313,7 +313,7 @@ impl Taken {
 
     /// Tells the earlier agent that this one serves, and waits until it has stopped
     /// accepting. Whatever it answers, this agent serves: after `go` the node is its own.
-    pub fn serving(mut self) {
+    pub(crate) fn serving(mut self) {
         if self.alone {
             return;
         }
@@ -328,7 +328,7 @@ impl Taken {
 
 /// Asks the agent at `path` to hand over, showing it the pin directory `pin_dir`. `Ok(None)`:
 /// no agent offers there (none runs, or one of a version that does not hand over).
-pub fn take(path: &Path, pin_dir: &Path) -> Result<Option<Taken>, HandoverError> {
+pub(crate) fn take(path: &Path, pin_dir: &Path) -> Result<Option<Taken>, HandoverError> {
     let stream = match UnixStream::connect(path) {
         Ok(stream) => stream,
         Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => return Ok(None),

@@ -16,31 +16,28 @@
 //!   policy said yes (cache, coalescing, upstream budget); [`upstream`] the real metadata service;
 //!   [`decisions`] the decision log; [`events`] Kubernetes Events for refusals;
 //!   [`telemetry`] health, readiness and metrics.
-//! - [`status`]: `imds-agent status`, from the pinned kernel state and the agent's own account
-//!   on its [`control`] socket;
-//!   [`explain`] the policy simulator, the same steps as a request without the request;
-//!   [`doctor`] whether the node can run the filter at all.
+//! - [`operator`]: the operator's commands: `status` (from the pinned kernel state and the
+//!   agent's own account on its control socket), `explain` (the policy simulator, the same
+//!   steps as a request without the request), `doctor` (whether the node can run the filter
+//!   at all), `health` (the kubelet's probes).
 //! - [`verdicts`]: the policy's per-pod kernel verdicts (PASS for exceptions, DENY for unbound
 //!   pods with `--deny-unbound`), kept in sync with the pod cgroups.
 pub mod agent;
 pub mod caller;
 pub mod cli;
-pub mod control;
 pub mod crds;
-pub mod decisions;
-pub mod doctor;
-pub mod events;
-pub mod explain;
-pub mod handover;
+pub(crate) mod decisions;
+pub(crate) mod events;
+pub(crate) mod handover;
 pub mod imds;
 pub mod kernel;
+pub mod operator;
 pub mod policy;
-pub mod secrets;
+pub(crate) mod secrets;
 pub mod server;
 pub mod sources;
-pub mod status;
-pub mod succession;
-pub mod telemetry;
+pub(crate) mod succession;
+pub(crate) mod telemetry;
 pub mod tokens;
-pub mod upstream;
-pub mod verdicts;
+pub(crate) mod upstream;
+pub(crate) mod verdicts;

@@ -1,39 +1,41 @@
 //! `imds-agent`: installs the in-kernel IMDS filter and serves the connections it redirects.
 //! This file parses the command line, sets up logging and dispatches: the agent itself is
-//! `imds_agent::agent`, the operator commands `operator`.
+//! `imds_agent::agent`, the operator commands `imds_agent::operator`.
 use anyhow::Context as _;
 use clap::Parser as _;
 use imds_agent::{
     agent,
     cli::{listen_address, Cli, Command, LogFormat},
-    control, doctor, explain, kernel,
+    kernel,
+    operator::{self, control::client::Client, doctor, explain, print_and_exit, status},
 };
 use tracing_subscriber::EnvFilter;
-
-mod operator;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(&cli)?;
     match cli.command {
-        Command::Run(args) => tokio::runtime::Runtime::new()?.block_on(agent::run(*args, &cli.log)),
+        Command::Run(args) => {
+            let config = agent::Config::try_from(*args)?;
+            tokio::runtime::Runtime::new()?.block_on(agent::run(config))
+        }
         Command::Status { bpffs, agent_socket, output } => {
-            let status = tokio::runtime::Runtime::new()?.block_on(operator::node_status(&bpffs, &agent_socket));
-            operator::answer(output, status, |s| s.protection.exit_code())
+            let status = tokio::runtime::Runtime::new()?.block_on(status::gather(&bpffs, &agent_socket));
+            print_and_exit(output, status, |s| s.protection.exit_code())
         }
         Command::Explain(args) => {
-            let explanation = tokio::runtime::Runtime::new()?.block_on(operator::explain(&args));
-            operator::answer(args.output, explanation, explain::Explanation::exit_code)
+            let explanation = tokio::runtime::Runtime::new()?.block_on(explain::gather(&args));
+            print_and_exit(args.output, explanation, explain::Explanation::exit_code)
         }
         Command::Doctor { bpffs, attach_cgroup, listen, upstream, output } => {
             let listen = listen.or_else(|| listen_address(None).ok());
             let report = doctor::run(&doctor::Setup { pin_dir: bpffs, attach_cgroup, listen, upstream });
-            operator::answer(output, Ok(report), doctor::Report::exit_code)
+            print_and_exit(output, Ok(report), doctor::Report::exit_code)
         }
         Command::Health { ready, agent_socket } => {
             // A probe runs every few seconds: one thread is plenty.
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let answer = runtime.block_on(control::health(&agent_socket, ready));
+            let answer = runtime.block_on(Client::new(&agent_socket).health(ready));
             match answer {
                 Ok((healthy, sentence)) => {
                     println!("{sentence}");

@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::Secret;
 use crate::policy::{SecretRef, Snapshot};
 
 /// How long a Secret read from the API is reused.
-pub const API_TTL: Duration = Duration::from_mins(1);
+pub(crate) const API_TTL: Duration = Duration::from_mins(1);
 
 /// A Secret's data (decoded bytes by key).
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -83,7 +83,7 @@ impl SecretReader {
 
 /// A Secret object's data; `stringData` (write-only in the API, but present in manifests)
 /// wins over `data` for the same key, as the API server would merge them.
-pub fn from_api(secret: &Secret) -> SecretData {
+pub(crate) fn from_api(secret: &Secret) -> SecretData {
     let mut data: BTreeMap<String, Vec<u8>> =
         secret.data.iter().flatten().map(|(k, v)| (k.clone(), v.0.clone())).collect();
     for (k, v) in secret.string_data.iter().flatten() {

@@ -26,7 +26,7 @@ use crate::{
 };
 
 /// How this agent came to own the node's filter.
-pub enum Start {
+pub(crate) enum Start {
     /// No agent held it.
     Fresh(bpffs::PinDirLock),
     /// The agent that held it handed it over; it serves until [`Taken::serving`].
@@ -69,7 +69,7 @@ impl RetiredMark {
 /// Takes the node's filter: the pin directory's lock when it is free, else a handover from
 /// the agent holding it once `source` has loaded the policy (unless this pod handed the node
 /// over already, see [`RetiredMark`]), else it waits (saying so every 30 s).
-pub async fn claim_node(
+pub(crate) async fn claim_node(
     pin_dir: &Path,
     handover_socket: &Path,
     retired: &RetiredMark,
@@ -120,7 +120,7 @@ pub async fn claim_node(
 /// handover agree through it, so that a stopping agent neither hands over half-way nor
 /// touches kernel state its successor owns.
 #[derive(Debug, Default)]
-pub struct Handing(Mutex<Phase>);
+pub(crate) struct Handing(Mutex<Phase>);
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 enum Phase {
@@ -141,7 +141,7 @@ impl Handing {
     /// The agent stops: runs `refuse` (making the kernel refuse redirects) only if the node
     /// is still this agent's alone. With a successor under way, that successor holds the
     /// listening socket and the kernel's state, or is about to: it goes on alone.
-    pub fn stop<T>(&self, refuse: impl FnOnce() -> T) -> Option<T> {
+    pub(crate) fn stop<T>(&self, refuse: impl FnOnce() -> T) -> Option<T> {
         let mut phase = self.phase();
         let was = std::mem::replace(&mut *phase, Phase::Stopping);
         (was == Phase::Serving).then(refuse)
@@ -149,7 +149,7 @@ impl Handing {
 }
 
 /// What the serving agent pauses, resumes and gives up while it hands over.
-pub struct AgentDuties {
+pub(crate) struct AgentDuties {
     pub handing: Arc<Handing>,
     /// Writing the verdict map and the node backstop's exceptions.
     pub verdicts: Duty,

@@ -34,7 +34,7 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
-use crate::{explain, kernel, policy::Snapshot, status::AgentStatus, tokens::TokenService};
+use crate::{kernel, policy::Snapshot, tokens::TokenService};
 
 /// Labels of `imds_filter_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,6 +85,11 @@ impl SourceStatus {
         self.synced.load(Ordering::Relaxed)
     }
 
+    /// When the source last loaded (Unix time; 0: never).
+    pub fn last_sync_unix(&self) -> u64 {
+        self.last_sync_unix.load(Ordering::Relaxed)
+    }
+
     /// The latest reload's error, while it is failing.
     pub fn failing(&self) -> Option<String> {
         self.failing.lock().clone()
@@ -104,11 +109,6 @@ pub struct Telemetry {
     pub connections_open: Gauge,
     /// cgroups the caller resolver remembers (set when it forgets the gone ones).
     pub cgroups_cached: Gauge,
-    /// What `/status` says about the agent itself (version, mode, source, listen address).
-    facts: OnceLock<AgentStatus>,
-    /// How `/explain` decides, as the agent does.
-    decides: OnceLock<explain::Settings>,
-    snapshot: watch::Receiver<Arc<Snapshot>>,
     tokens: Arc<OnceLock<Arc<TokenService>>>,
     pub source: Arc<SourceStatus>,
     /// Why the agent does not serve: another process holds its port, or it handed over.
@@ -159,7 +159,7 @@ impl Telemetry {
         let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(counters))?;
         registry.register_collector(Box::new(StateCollector {
             kernel: Mutex::new(counters),
-            snapshot: snapshot.clone(),
+            snapshot,
             source: Arc::clone(&source),
             tokens: Arc::clone(&tokens),
         }));
@@ -170,69 +170,12 @@ impl Telemetry {
             connections_refused,
             connections_open,
             cgroups_cached,
-            facts: OnceLock::new(),
-            decides: OnceLock::new(),
-            snapshot,
             tokens,
             source,
             not_serving: Mutex::new(None),
             registry,
             attach_cgroup,
         })
-    }
-
-    /// Says, on the control socket's `/status`, what this agent is: `version`, `mode`, `source` and `listen` of
-    /// `facts` are kept, the rest is filled in at each request.
-    /// `settings` are how it decides, for `/explain`.
-    pub fn describe_agent(&self, facts: AgentStatus, settings: explain::Settings) {
-        let _ = self.facts.set(facts);
-        let _ = self.decides.set(settings);
-    }
-
-    /// `/explain?pod=NS/NAME&request=…` (or `uid=…`) on the control socket: the policy
-    /// simulator over the snapshot in force.
-    pub(crate) fn explain(&self, query: Option<&str>) -> Result<explain::Explanation, String> {
-        let params: std::collections::HashMap<String, String> =
-            form_urlencoded::parse(query.unwrap_or_default().as_bytes()).into_owned().collect();
-        let pod = match (params.get("pod"), params.get("uid")) {
-            (Some(pod), None) => explain::PodRef::parse(pod)?,
-            (None, Some(uid)) => explain::PodRef::Uid(uid.clone()),
-            _ => return Err("give pod=NAMESPACE/NAME or uid=UID".into()),
-        };
-        let request = params.get("request").map_or(explain::DEFAULT_REQUEST, String::as_str);
-        let settings = self.decides.get().cloned().unwrap_or_default();
-        Ok(explain::explain(&self.snapshot.borrow(), &settings, &pod, request))
-    }
-
-    /// The agent's account of itself, as `imds-agent status` reads it.
-    pub(crate) fn status(&self) -> AgentStatus {
-        let mut status = self.facts.get().cloned().unwrap_or_default();
-        let (pods, identities, bindings, exceptions) = self.snapshot.borrow().sizes();
-        status.policy =
-            [("pods", pods), ("identities", identities), ("bindings", bindings), ("exceptions", exceptions)]
-                .into_iter()
-                .map(|(k, n)| (k.to_owned(), n))
-                .collect();
-        status.unhealthy = self.unhealthy();
-        let (ready, readiness) = self.readiness();
-        (status.ready, status.readiness) = (ready, readiness);
-        status.source_synced = self.source.is_synced();
-        status.source_failing = self.source.failing();
-        status.last_sync_unix = self.source.last_sync_unix.load(Ordering::Relaxed);
-        status.connections_open = self.connections_open.get();
-        status.uncontained_pods = self
-            .snapshot
-            .borrow()
-            .pods()
-            .filter_map(|p| {
-                let why = p.uncontained();
-                (!why.is_empty()).then(|| crate::status::UncontainedPod {
-                    pod: format!("{}/{}", p.namespace, p.name),
-                    why: why.into_iter().map(str::to_owned).collect(),
-                })
-            })
-            .collect();
-        status
     }
 
     /// Another process holds the agent's port (`why` says which), or, with `None`, no longer.
@@ -307,7 +250,7 @@ impl Telemetry {
     }
 
     /// `None` when healthy, else what is wrong.
-    fn unhealthy(&self) -> Option<String> {
+    pub fn unhealthy(&self) -> Option<String> {
         match kernel::attached_programs(&self.attach_cgroup) {
             Err(e) => Some(format!("cannot ask the kernel: {:#}", anyhow::Error::from(e))),
             Ok(hooks) => hooks
@@ -422,7 +365,7 @@ impl Collector for StateCollector {
 
 /// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until the agent exits, or
 /// until `stop` is set. The listener is bounded like every other (`server::admin`).
-pub fn serve(listener: tokio::net::TcpListener, telemetry: Arc<Telemetry>, stop: watch::Receiver<bool>) {
+pub(crate) fn serve(listener: tokio::net::TcpListener, telemetry: Arc<Telemetry>, stop: watch::Receiver<bool>) {
     crate::server::admin::serve_tcp(listener, Arc::new(move |req| answer(req.uri().path(), &telemetry)), stop);
 }
 
@@ -464,19 +407,19 @@ pub(crate) fn answer(path: &str, telemetry: &Telemetry) -> Response<Full<Bytes>>
 /// Lets one log line through per interval for a kind of event that callers can repeat at
 /// will (a pod flooding the agent must not flood the node's logs too); counts the rest.
 #[derive(Debug)]
-pub struct Throttle {
+pub(crate) struct Throttle {
     every: Duration,
     state: Mutex<(Option<Instant>, u64)>,
 }
 
 impl Throttle {
-    pub const fn new(every: Duration) -> Throttle {
+    pub(crate) const fn new(every: Duration) -> Throttle {
         Throttle { every, state: Mutex::new((None, 0)) }
     }
 
     /// `Some(n)` when a line may be written now, `n` being how many were held back since the
     /// last one; `None` (and counted) otherwise.
-    pub fn allow(&self) -> Option<u64> {
+    pub(crate) fn allow(&self) -> Option<u64> {
         let mut state = self.state.lock();
         let now = Instant::now();
         match state.0 {

@@ -15,11 +15,11 @@ use hyper_util::{
 };
 
 /// IMDS's own answer-time commitment.
-pub const IMDS_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const IMDS_TIMEOUT: Duration = Duration::from_secs(10);
 /// IMDS answers are small JSON documents; anything larger is not IMDS.
 const MAX_BODY: usize = 1 << 20;
 /// Used when a client gives none (IMDS requires one).
-pub const DEFAULT_API_VERSION: &str = "2018-02-01";
+pub(crate) const DEFAULT_API_VERSION: &str = "2018-02-01";
 
 /// An answer from the metadata service.
 #[derive(Clone, Debug)]
@@ -53,12 +53,13 @@ pub struct Upstream {
 }
 
 /// A `Retry-After` in seconds (the form IMDS and Entra send), if there is one.
-pub fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
     headers.get(header::RETRY_AFTER).and_then(|v| v.to_str().ok()?.trim().parse().ok()).map(Duration::from_secs)
 }
 
 /// The selector sent upstream for the chosen identity.
 #[derive(Clone, Copy, Debug)]
+#[expect(clippy::enum_variant_names, reason = "named as IMDS names them: client_id, object_id, msi_res_id")]
 pub enum UpstreamSelector<'a> {
     ClientId(&'a str),
     ObjectId(&'a str),

@@ -34,7 +34,7 @@ use crate::{
 const MAX_DEPTH: usize = 4;
 
 /// Owns the filter's verdict map and what it holds.
-pub struct VerdictSync {
+pub(crate) struct VerdictSync {
     filter: Filter,
     attach_root: PathBuf,
     deny_unbound: bool,
@@ -44,7 +44,7 @@ pub struct VerdictSync {
 
 /// What one sync changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SyncReport {
+pub(crate) struct SyncReport {
     pub pod_cgroups: usize,
     pub set: usize,
     pub cleared: usize,
@@ -56,21 +56,21 @@ pub struct SyncReport {
 impl VerdictSync {
     /// Takes over `filter`, whose verdict map may hold entries an earlier agent wrote: the
     /// first [`VerdictSync::sync`] removes those the policy no longer wants.
-    pub fn new(filter: Filter, attach_root: PathBuf, deny_unbound: bool) -> Result<VerdictSync, FilterError> {
+    pub(crate) fn new(filter: Filter, attach_root: PathBuf, deny_unbound: bool) -> Result<VerdictSync, FilterError> {
         let written = filter.verdicts()?.into_iter().collect();
         Ok(VerdictSync { filter, attach_root, deny_unbound, written })
     }
 
     /// Reads the maps again before the next sync: another agent may have written them while
     /// this one's duty was paused ([`crate::kernel::Duty`]).
-    pub fn reread(&mut self) -> Result<(), FilterError> {
+    pub(crate) fn reread(&mut self) -> Result<(), FilterError> {
         self.written = self.filter.verdicts()?.into_iter().collect();
         self.filter.forget_pass_sources();
         Ok(())
     }
 
     /// Brings the kernel verdicts in line with `snapshot` and the pod cgroups that exist now.
-    pub fn sync(&mut self, snapshot: &Snapshot) -> Result<SyncReport, FilterError> {
+    pub(crate) fn sync(&mut self, snapshot: &Snapshot) -> Result<SyncReport, FilterError> {
         let pods = pod_cgroups(&self.attach_root);
         let want: HashMap<u64, Verdict> = pods
             .iter()
@@ -106,7 +106,7 @@ impl VerdictSync {
 /// packet entering the node from a pod may claim (its sockets are judged by the cgroup
 /// programs); a finished pod's address is free for the next pod the node starts.
 #[must_use]
-pub fn pass_sources(snapshot: &Snapshot, deny_unbound: bool) -> BTreeSet<PodAddr> {
+pub(crate) fn pass_sources(snapshot: &Snapshot, deny_unbound: bool) -> BTreeSet<PodAddr> {
     snapshot
         .pods()
         .filter(|pod| !pod.host_network && !pod.finished)
@@ -117,7 +117,7 @@ pub fn pass_sources(snapshot: &Snapshot, deny_unbound: bool) -> BTreeSet<PodAddr
 
 /// Pod-level cgroups below `root`: (cgroup id, pod UID).
 #[must_use]
-pub fn pod_cgroups(root: &Path) -> Vec<(u64, String)> {
+pub(crate) fn pod_cgroups(root: &Path) -> Vec<(u64, String)> {
     let mut found = Vec::new();
     let mut level = vec![root.to_owned()];
     for _ in 0..MAX_DEPTH {
@@ -142,7 +142,7 @@ pub fn pod_cgroups(root: &Path) -> Vec<(u64, String)> {
 
 /// Kernel verdicts come only from a synced snapshot: the API source publishes its first one
 /// after the initial lists, and until then every pod keeps the default (REDIRECT).
-pub fn start_sync(
+pub(crate) fn start_sync(
     sync: VerdictSync,
     duty: Duty,
     updates: watch::Receiver<Arc<Snapshot>>,

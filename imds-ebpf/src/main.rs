@@ -27,6 +27,10 @@
 //! the decision to the kernel's return code.
 // Built for bpfel-unknown-none by imds-agent's build script. On the host (e.g. `cargo build
 // --workspace`) it is an ordinary program that says so, so workspace-wide commands work.
+#![expect(
+    unreachable_pub,
+    reason = "the entry points are exported by their sections for the loader, not as Rust items"
+)]
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 #![expect(
     clippy::inline_always,

@@ -2,8 +2,8 @@
 //! (`/sys/kernel/btf/vmlinux`; format: the kernel's Documentation/bpf/btf.rst).
 //!
 //! The node backstop needs four offsets. The BTF crates that build a full type table cost
-//! ~60 MB of memory for a kernel's 150,000 types (measured with btfparse on 6.18), half of
-//! the agent's memory limit, and aya-obj keeps its member API private. This reader keeps the
+//! tens of megabytes for a kernel's 150,000 types, a large part of the agent's memory limit
+//! (docs/scale.md), and aya-obj keeps its member API private. This reader keeps the
 //! blob and one index entry per type, and walks only the structs it is asked about.
 use std::fmt;
 
@@ -23,7 +23,7 @@ const MAX_NESTING: usize = 8;
 
 /// Why a blob could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BtfError(&'static str);
+pub(super) struct BtfError(&'static str);
 
 impl fmt::Display for BtfError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -34,7 +34,7 @@ impl fmt::Display for BtfError {
 impl std::error::Error for BtfError {}
 
 /// A parsed blob: where each type starts, and its strings.
-pub struct StructOffsets<'a> {
+pub(super) struct StructOffsets<'a> {
     types: &'a [u8],
     strings: &'a [u8],
     /// Start of type `id` in `types` is `starts[id - 1]` (id 0 is `void`).
@@ -42,7 +42,7 @@ pub struct StructOffsets<'a> {
 }
 
 impl<'a> StructOffsets<'a> {
-    pub fn parse(blob: &'a [u8]) -> Result<StructOffsets<'a>, BtfError> {
+    pub(super) fn parse(blob: &'a [u8]) -> Result<StructOffsets<'a>, BtfError> {
         let u32_at = |at: usize| read_u32(blob, at).ok_or(BtfError("truncated header"));
         let magic = blob.get(..2).map(|b| u16::from_le_bytes([b[0], b[1]]));
         if magic != Some(MAGIC) {
@@ -76,7 +76,7 @@ impl<'a> StructOffsets<'a> {
     /// structs and unions; `None` if there is no such struct or member, or the member is a
     /// bitfield.
     #[must_use]
-    pub fn offset_of(&self, strukt: &str, member: &str) -> Option<u32> {
+    pub(super) fn offset_of(&self, strukt: &str, member: &str) -> Option<u32> {
         let id = (1..=self.starts.len() as u32).find(|id| {
             self.ty(*id)
                 .is_some_and(|t| t.kind() == KIND_STRUCT && t.vlen() > 0 && self.name(t.name_off) == Some(strukt))

@@ -65,20 +65,16 @@ pub fn cgroup2_root() -> Result<PathBuf, CgroupError> {
     mounts()?.into_iter().max_by_key(Cgroup2Mount::height).map(|m| m.mount_point).ok_or(CgroupError::NoCgroup2)
 }
 
-/// Every cgroup2 mount in a `/proc/*/mountinfo` text, in order.
+/// Every cgroup2 mount in a `/proc/*/mountinfo` text, in order. procfs splits the fields;
+/// it keeps mountinfo's `\ooo` escapes as they are, which [`unescape_octal`] undoes.
 pub fn parse_cgroup2_mounts(mountinfo: &str) -> Vec<Cgroup2Mount> {
     mountinfo
         .lines()
-        .filter_map(|line| {
-            // id parent maj:min root mountpoint options [optional…] - fstype source superopts
-            let (left, right) = line.split_once(" - ")?;
-            if right.split_whitespace().next()? != "cgroup2" {
-                return None;
-            }
-            let mut fields = left.split_whitespace().skip(3);
-            let root = unescape_octal(fields.next()?);
-            let mount_point = PathBuf::from(unescape_octal(fields.next()?));
-            Some(Cgroup2Mount { mount_point, root })
+        .filter_map(|line| procfs::process::MountInfo::from_line(line).ok())
+        .filter(|m| m.fs_type == "cgroup2")
+        .map(|m| Cgroup2Mount {
+            root: unescape_octal(&m.root),
+            mount_point: PathBuf::from(unescape_octal(&m.mount_point.to_string_lossy())),
         })
         .collect()
 }

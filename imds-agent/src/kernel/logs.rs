@@ -18,15 +18,3 @@ pub async fn drain(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
         }
     }
 }
-
-/// Kernel programs log at most as verbosely as the agent's own filter asks for.
-pub fn level(filter: &str) -> log::LevelFilter {
-    let f = filter.to_ascii_lowercase();
-    if f.contains("trace") {
-        log::LevelFilter::Trace
-    } else if f.contains("debug") {
-        log::LevelFilter::Debug
-    } else {
-        log::LevelFilter::Info
-    }
-}

@@ -34,7 +34,7 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 
 /// What a link notification says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LinkEvent {
+pub(super) enum LinkEvent {
     /// An interface appeared or changed (renamed, brought up): its index.
     New(u32),
     /// An interface went away.
@@ -42,13 +42,13 @@ pub enum LinkEvent {
 }
 
 /// A socket subscribed to this namespace's link changes.
-pub struct LinkEvents {
+pub(super) struct LinkEvents {
     fd: OwnedFd,
     buf: Vec<u8>,
 }
 
 impl LinkEvents {
-    pub fn subscribe() -> io::Result<LinkEvents> {
+    pub(super) fn subscribe() -> io::Result<LinkEvents> {
         let fd = route_socket()?;
         bind(fd.as_raw_fd(), &NetlinkAddr::new(0, RTMGRP_LINK))?;
         // Bursts of veth pairs (a node starting its pods) must not overflow it silently;
@@ -59,7 +59,7 @@ impl LinkEvents {
 
     /// Waits up to `wait` for the next batch of notifications (empty when none came). `Err`
     /// with `ENOBUFS` means some were lost.
-    pub fn next(&mut self, wait: std::time::Duration) -> io::Result<Vec<LinkEvent>> {
+    pub(super) fn next(&mut self, wait: std::time::Duration) -> io::Result<Vec<LinkEvent>> {
         setsockopt(
             &self.fd,
             sockopt::ReceiveTimeout,
@@ -87,14 +87,14 @@ impl LinkEvents {
 }
 
 /// The interfaces of this network namespace: (index, name).
-pub fn interfaces() -> io::Result<Vec<(u32, String)>> {
+pub(super) fn interfaces() -> io::Result<Vec<(u32, String)>> {
     let list = nix::net::if_::if_nameindex()?;
     Ok(list.iter().map(|i| (i.index(), i.name().to_string_lossy().into_owned())).collect())
 }
 
 /// Whether interface `ifindex` runs a tc filter whose BPF program is called `name` at its
 /// clsact ingress hook.
-pub fn has_ingress_filter(ifindex: u32, name: &str) -> io::Result<bool> {
+pub(super) fn has_ingress_filter(ifindex: u32, name: &str) -> io::Result<bool> {
     let fd = route_socket()?;
     bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0))?;
     let mut request = Vec::with_capacity(NLMSG_HDR_LEN + TCMSG_LEN);

@@ -125,7 +125,7 @@ const LINK_TYPE_CGROUP: u32 = 3;
 /// `BPF_LINK_TYPE_NETFILTER`.
 const LINK_TYPE_NETFILTER: u32 = 10;
 /// `BPF_PROG_TYPE_NETFILTER` and its one attach type, `BPF_NETFILTER` (Linux ≥ 6.4).
-pub const PROG_TYPE_NETFILTER: u32 = 32;
+pub(super) const PROG_TYPE_NETFILTER: u32 = 32;
 const ATTACH_NETFILTER: u32 = 45;
 
 /// Issues one `bpf()` command; returns the kernel's non-negative result.
@@ -141,7 +141,7 @@ fn bpf<T>(cmd: bpf_cmd, attr: &mut T) -> io::Result<libc::c_long> {
 }
 
 /// Opens a pinned bpf object (here: a link).
-pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+pub(super) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c_path = c_path(path)?;
     let mut attr = ObjGetAttr { pathname: c_path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
     let fd = bpf(bpf_cmd::BPF_OBJ_GET, &mut attr)?;
@@ -149,7 +149,7 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
 }
 
 /// Pins a bpf object (here: a link) at `path`, which must not exist yet.
-pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+pub(super) fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     let c_path = c_path(path)?;
     let mut attr = ObjPinAttr { pathname: c_path.as_ptr() as u64, bpf_fd: raw(fd), file_flags: 0 };
     bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr).map(drop)
@@ -169,7 +169,7 @@ fn new_fd(fd: libc::c_long) -> io::Result<OwnedFd> {
 
 /// Loads a program of a type aya cannot load. `log`, when given, receives the verifier's
 /// log (level 1) if the load fails.
-pub fn prog_load(
+pub(super) fn prog_load(
     prog_type: u32,
     name: &str,
     insns: &[bpf_insn],
@@ -204,7 +204,7 @@ pub fn prog_load(
 
 /// Attaches a netfilter program to hook `hooknum` of protocol family `pf` in the caller's
 /// network namespace, at `priority`.
-pub fn netfilter_link_create(prog: BorrowedFd<'_>, pf: u32, hooknum: u32, priority: i32) -> io::Result<OwnedFd> {
+pub(super) fn netfilter_link_create(prog: BorrowedFd<'_>, pf: u32, hooknum: u32, priority: i32) -> io::Result<OwnedFd> {
     let mut attr = NetfilterLinkCreateAttr {
         prog_fd: raw(prog),
         target_fd: 0,
@@ -225,20 +225,20 @@ fn raw(fd: BorrowedFd<'_>) -> u32 {
 
 /// Atomically makes `link` run `new_prog` instead of its current program: no moment with
 /// neither, never both.
-pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
+pub(super) fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
     let mut attr = LinkUpdateAttr { link_fd: raw(link), new_prog_fd: raw(new_prog), flags: 0, old_prog_fd: 0 };
     bpf(bpf_cmd::BPF_LINK_UPDATE, &mut attr).map(drop)
 }
 
 /// Detaches `link` from its target now, even if other processes hold it open.
-pub fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
+pub(super) fn link_detach(link: BorrowedFd<'_>) -> io::Result<()> {
     let mut attr = LinkDetachAttr { link_fd: raw(link) };
     bpf(bpf_cmd::BPF_LINK_DETACH, &mut attr).map(drop)
 }
 
 /// Where a cgroup link is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CgroupLinkTarget {
+pub(super) struct CgroupLinkTarget {
     pub link_id: u32,
     pub prog_id: u32,
     /// 0 once the link has been detached.
@@ -260,7 +260,7 @@ fn link_info<T: Default>(link: BorrowedFd<'_>) -> io::Result<T> {
 
 /// Where a netfilter link is attached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct NetfilterLinkTarget {
+pub(super) struct NetfilterLinkTarget {
     pub link_id: u32,
     pub prog_id: u32,
     pub pf: u32,
@@ -270,7 +270,7 @@ pub struct NetfilterLinkTarget {
 
 /// The hook a netfilter link is attached to; `None` if it is not a netfilter link. A link
 /// detached underneath its pin still reports its hook.
-pub fn netfilter_link_target(link: BorrowedFd<'_>) -> io::Result<Option<NetfilterLinkTarget>> {
+pub(super) fn netfilter_link_target(link: BorrowedFd<'_>) -> io::Result<Option<NetfilterLinkTarget>> {
     let info: NetfilterLinkInfo = link_info(link)?;
     Ok((info.type_ == LINK_TYPE_NETFILTER).then_some(NetfilterLinkTarget {
         link_id: info.id,
@@ -282,7 +282,7 @@ pub fn netfilter_link_target(link: BorrowedFd<'_>) -> io::Result<Option<Netfilte
 }
 
 /// The cgroup and hook a link is attached to; `None` if it is not a cgroup link.
-pub fn cgroup_link_target(link: BorrowedFd<'_>) -> io::Result<Option<CgroupLinkTarget>> {
+pub(super) fn cgroup_link_target(link: BorrowedFd<'_>) -> io::Result<Option<CgroupLinkTarget>> {
     let info: CgroupLinkInfo = link_info(link)?;
     if info.type_ != LINK_TYPE_CGROUP {
         return Ok(None);
@@ -293,7 +293,7 @@ pub fn cgroup_link_target(link: BorrowedFd<'_>) -> io::Result<Option<CgroupLinkT
 }
 
 /// Ids of the programs attached directly to `cgroup` at `attach_type` (not inherited ones).
-pub fn attached_prog_ids(cgroup: BorrowedFd<'_>, attach_type: bpf_attach_type) -> io::Result<Vec<u32>> {
+pub(super) fn attached_prog_ids(cgroup: BorrowedFd<'_>, attach_type: bpf_attach_type) -> io::Result<Vec<u32>> {
     let mut ids = vec![0u32; 16];
     loop {
         let mut attr = QueryAttr {

@@ -37,7 +37,7 @@ pub enum Mode {
 type Answer = Response<Full<Bytes>>;
 
 /// Answers one request and writes its decision record. The body is never read.
-pub async fn handle<B>(req: Request<B>, caller: &Caller, state: &AgentState) -> Answer {
+pub(super) async fn handle<B>(req: Request<B>, caller: &Caller, state: &AgentState) -> Answer {
     let started = Instant::now();
     let (req, _unread_body) = req.into_parts();
     let mut record = DecisionRecord::now();

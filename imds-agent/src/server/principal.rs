@@ -24,7 +24,7 @@ type Answer = Response<Full<Bytes>>;
 /// value whatever its key, which we also accept.
 const CLIENT_SECRET_KEY: &str = "clientSecret";
 
-pub async fn answer(
+pub(super) async fn answer(
     identity: &Identity,
     principal: &ServicePrincipal,
     resource: &str,

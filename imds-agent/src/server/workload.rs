@@ -16,14 +16,14 @@ use crate::{
 };
 
 /// The policy's decision for the pod.
-pub struct Workload<'a> {
+pub(super) struct Workload<'a> {
     pub namespace: String,
     pub service_account: &'a str,
     pub client_id: &'a str,
     pub tenant_id: &'a str,
 }
 
-pub async fn answer(
+pub(super) async fn answer(
     who: &Workload<'_>,
     resource: &str,
     uid: &str,

@@ -18,8 +18,7 @@ use tokio::{
 
 /// The window `per_second` applies to. A quarter second over a second, so that calls that
 /// reach IMDS later than they started (a busy node can delay a connection by a tenth of a
-/// second or more; CI saw 22 in one second with a 1.1 s window) are still never more than
-/// `per_second` in IMDS's own one-second window.
+/// second or more) are still never more than `per_second` in IMDS's own one-second window.
 const WINDOW: Duration = Duration::from_millis(1250);
 
 /// The longest a call waits in the queue. Past it, the caller is told to retry (a 429 with

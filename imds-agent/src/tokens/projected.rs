@@ -153,7 +153,7 @@ mod tests {
     const UID: &str = "3c9e1a7b-1111-4222-8333-444455556666";
     const NOW: u64 = 1_800_000_000;
 
-    pub fn jwt(claims: &serde_json::Value) -> String {
+    pub(super) fn jwt(claims: &serde_json::Value) -> String {
         let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
         format!("{}.{}.{}", b64(br#"{"alg":"RS256","kid":"k"}"#), b64(claims.to_string().as_bytes()), b64(b"sig"))
     }

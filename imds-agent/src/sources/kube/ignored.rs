@@ -19,7 +19,7 @@ use crate::{
 
 /// Which pods an ignored object would have applied to.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Reach {
+pub(super) enum Reach {
     /// The pod itself (pods are this node's).
     Pod,
     /// Pods bound to the identity: through a binding of its namespace that names it.
@@ -44,14 +44,14 @@ struct Entry {
 
 /// The objects left out, by (kind, namespace, name).
 #[derive(Debug, Default)]
-pub struct IgnoredObjects {
+pub(super) struct IgnoredObjects {
     objects: BTreeMap<(String, String, String), Entry>,
 }
 
 impl IgnoredObjects {
     /// What the conversion made of `object`: kept (and no longer ignored), or ignored, which
     /// is logged (once per change of the object: a conversion runs once per change).
-    pub fn note<K: Resource<DynamicType = ()>, T>(
+    pub(super) fn note<K: Resource<DynamicType = ()>, T>(
         &mut self,
         object: &K,
         reach: impl FnOnce() -> Reach,
@@ -80,12 +80,12 @@ impl IgnoredObjects {
     }
 
     /// `object` is gone.
-    pub fn forget<K: Resource<DynamicType = ()>>(&mut self, object: &K) {
+    pub(super) fn forget<K: Resource<DynamicType = ()>>(&mut self, object: &K) {
         self.objects.remove(&key(object));
     }
 
     /// Its kind is being listed afresh: what the list brings is noted again.
-    pub fn forget_kind<K: Resource<DynamicType = ()>>(&mut self) {
+    pub(super) fn forget_kind<K: Resource<DynamicType = ()>>(&mut self) {
         let kind = K::kind(&());
         self.objects.retain(|(k, _, _), _| *k != kind);
     }
@@ -93,7 +93,7 @@ impl IgnoredObjects {
     /// The ignored objects to tell about now: those that would have applied to one of `pods`
     /// (this node's), given the `bindings` in force, and were not told about in the last
     /// [`RETELL`] (a change of the object tells again).
-    pub fn due(&mut self, pods: &[&policy::Pod], bindings: &[&policy::Binding], now: Instant) -> Vec<Ignored> {
+    pub(super) fn due(&mut self, pods: &[&policy::Pod], bindings: &[&policy::Binding], now: Instant) -> Vec<Ignored> {
         let mut due = Vec::new();
         for entry in self.objects.values_mut() {
             let recent = entry.told.is_some_and(|at| now.duration_since(at) < RETELL);

@@ -3,11 +3,10 @@
 //! Lists are served from the API server's watch cache, which answers with the whole
 //! collection at once whatever `limit` asks. Every object in them carries what the agent
 //! never reads: `managedFields` (often larger than the object), kubectl's last-applied copy
-//! in an annotation, a pod's containers and most of its status. Deserialized into the full types and
-//! trimmed afterwards, the node of docs/scale.md (12,000 aad-pod-identity objects and
-//! 20,000 ServiceAccounts) measured 202 MiB, over the DaemonSet's limit. Here the parser
-//! skips those fields (`IgnoredAny` allocates nothing), so a list costs what is kept: 78 MiB
-//! (and about 65 MiB once [`super::mirror`] keeps only the policy's copy).
+//! in an annotation, a pod's containers and most of its status. Deserialized into the full
+//! types and trimmed afterwards, a large cluster's lists outgrow the DaemonSet's memory limit
+//! (docs/scale.md has the figures). Here the parser skips those fields (`IgnoredAny`
+//! allocates nothing), so a list costs what is kept.
 use std::{borrow::Cow, collections::BTreeMap, fmt, marker::PhantomData};
 
 use k8s_openapi::{
@@ -30,7 +29,7 @@ use crate::{
 };
 
 /// What is kept of one kind.
-pub trait Shape: 'static {
+pub(super) trait Shape: 'static {
     /// The kind, as the API serves it.
     type Kind: Resource<DynamicType = ()>;
     /// What is kept of its `spec`.
@@ -49,7 +48,7 @@ pub trait Shape: 'static {
 /// labels and annotations `S` names, and `S::Spec`.
 #[derive(Deserialize)]
 #[serde(bound = "")]
-pub struct Lean<S: Shape> {
+pub(super) struct Lean<S: Shape> {
     #[serde(deserialize_with = "lean_meta::<S, _>")]
     pub metadata: ObjectMeta,
     #[serde(default)]
@@ -182,7 +181,7 @@ const KEPT_ANNOTATIONS: &[&str] = &[OBJECT_ID_ANNOTATION, CLIENT_ID_ANNOTATION, 
 
 /// A spec nothing is read of.
 #[derive(Clone, Debug, Default)]
-pub struct Unread;
+pub(super) struct Unread;
 
 impl<'de> Deserialize<'de> for Unread {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -193,7 +192,7 @@ impl<'de> Deserialize<'de> for Unread {
 /// What the policy reads of a pod's spec.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
-pub struct PodSpec {
+pub(super) struct PodSpec {
     pub service_account_name: Option<String>,
     pub host_network: Option<bool>,
     pub containers: Vec<crate::sources::Container>,
@@ -204,7 +203,7 @@ pub struct PodSpec {
 impl PodSpec {
     /// What its containers are granted.
     #[must_use]
-    pub fn powers(&self) -> crate::policy::Powers {
+    pub(super) fn powers(&self) -> crate::policy::Powers {
         crate::sources::powers(self.containers.iter().chain(&self.init_containers).chain(&self.ephemeral_containers))
     }
 }
@@ -212,7 +211,7 @@ impl PodSpec {
 /// What the node backstop reads of a pod's status: its addresses.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct PodStatus {
+pub(super) struct PodStatus {
     #[serde(rename = "podIPs")]
     pub pod_ips: Option<Vec<PodIp>>,
     #[serde(rename = "podIP")]
@@ -222,14 +221,14 @@ pub struct PodStatus {
 
 /// One entry of `status.podIPs`.
 #[derive(Clone, Debug, Default, Deserialize)]
-pub struct PodIp {
+pub(super) struct PodIp {
     pub ip: String,
 }
 
 impl PodStatus {
     /// `podIPs`, else the older single `podIP`.
     #[must_use]
-    pub fn ips(&self) -> Vec<&str> {
+    pub(super) fn ips(&self) -> Vec<&str> {
         match (&self.pod_ips, &self.pod_ip) {
             (Some(ips), _) if !ips.is_empty() => ips.iter().map(|p| p.ip.as_str()).collect(),
             (_, Some(ip)) => vec![ip.as_str()],
@@ -238,7 +237,7 @@ impl PodStatus {
     }
 }
 
-pub struct PodShape;
+pub(super) struct PodShape;
 impl Shape for PodShape {
     type Kind = Pod;
     type Spec = PodSpec;
@@ -247,7 +246,7 @@ impl Shape for PodShape {
     const ANNOTATIONS: &'static [&'static str] = &[];
 }
 
-pub struct IdentityShape;
+pub(super) struct IdentityShape;
 impl Shape for IdentityShape {
     type Status = Unread;
     type Kind = AzureIdentity;
@@ -256,7 +255,7 @@ impl Shape for IdentityShape {
     const ANNOTATIONS: &'static [&'static str] = &[OBJECT_ID_ANNOTATION];
 }
 
-pub struct BindingShape;
+pub(super) struct BindingShape;
 impl Shape for BindingShape {
     type Status = Unread;
     type Kind = AzureIdentityBinding;
@@ -265,7 +264,7 @@ impl Shape for BindingShape {
     const ANNOTATIONS: &'static [&'static str] = &[];
 }
 
-pub struct ExceptionShape;
+pub(super) struct ExceptionShape;
 impl Shape for ExceptionShape {
     type Status = Unread;
     type Kind = AzurePodIdentityException;
@@ -275,7 +274,7 @@ impl Shape for ExceptionShape {
 }
 
 /// ServiceAccounts, metadata only: workload identity's annotations.
-pub struct AccountShape;
+pub(super) struct AccountShape;
 impl Shape for AccountShape {
     type Kind = ServiceAccount;
     type Spec = Unread;
@@ -285,11 +284,11 @@ impl Shape for AccountShape {
     const ANNOTATIONS: &'static [&'static str] = &[CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION];
 }
 
-pub type LeanPod = Lean<PodShape>;
-pub type LeanIdentity = Lean<IdentityShape>;
-pub type LeanBinding = Lean<BindingShape>;
-pub type LeanException = Lean<ExceptionShape>;
-pub type LeanAccount = Lean<AccountShape>;
+pub(super) type LeanPod = Lean<PodShape>;
+pub(super) type LeanIdentity = Lean<IdentityShape>;
+pub(super) type LeanBinding = Lean<BindingShape>;
+pub(super) type LeanException = Lean<ExceptionShape>;
+pub(super) type LeanAccount = Lean<AccountShape>;
 
 #[cfg(test)]
 mod tests {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use kube::{runtime::watcher::Event, Resource, ResourceExt as _};
 
-pub struct Mirror<T> {
+pub(super) struct Mirror<T> {
     items: BTreeMap<(String, String), T>,
     /// While a list arrives: what it brought so far.
     listing: Option<BTreeMap<(String, String), T>>,
@@ -25,7 +25,7 @@ impl<T> Default for Mirror<T> {
 
 impl<T> Mirror<T> {
     /// Applies one watch event, converting its object with `convert` (`None`: not kept).
-    pub fn apply<K: Resource>(&mut self, event: Event<K>, mut convert: impl FnMut(&K) -> Option<T>) {
+    pub(super) fn apply<K: Resource>(&mut self, event: Event<K>, mut convert: impl FnMut(&K) -> Option<T>) {
         let key = |object: &K| (object.namespace().unwrap_or_default(), object.name_any());
         match event {
             Event::Init => self.listing = Some(BTreeMap::new()),
@@ -55,11 +55,11 @@ impl<T> Mirror<T> {
     }
 
     /// Whether a complete list has arrived at least once.
-    pub fn listed(&self) -> bool {
+    pub(super) fn listed(&self) -> bool {
         self.listed
     }
 
-    pub fn values(&self) -> impl Iterator<Item = &T> {
+    pub(super) fn values(&self) -> impl Iterator<Item = &T> {
         self.items.values()
     }
 }

@@ -5,13 +5,23 @@
 //! found, so a "no" comes with the rule that said it. The decision's verdict and reason are
 //! the decision log's own ([`Decision::verdict`], [`Decision::reason`]), so `explain` and the
 //! log never disagree in words. Pure: the snapshot comes from the caller (a manifests
-//! directory, or the running agent, which answers `/explain` with this function).
+//! directory, or the running agent, which answers `/explain` with this function); [`gather`]
+//! finds it for `imds-agent explain`.
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
+use std::path::Path;
+
+use anyhow::{bail, Context as _};
+
 use crate::{
+    caller::CgroupResolver,
+    cli::ExplainArgs,
     imds::{self, PathRules, Route, TokenRequest},
-    policy::{Decision, Pod, PodVerdict, Selector, Snapshot, BINDING_LABEL},
+    kernel::cgroup,
+    operator::control::client::Client,
+    policy::{Decision, Pod, PodVerdict, Selector, Snapshot, WorkloadSettings, BINDING_LABEL},
+    sources::{kube as kube_source, manifests},
 };
 
 /// The request `explain` asks about when no `--path` is given.
@@ -268,6 +278,70 @@ impl std::fmt::Display for Explanation {
         }
         Ok(())
     }
+}
+
+/// `imds-agent explain`.
+pub async fn gather(args: &ExplainArgs) -> anyhow::Result<Explanation> {
+    let mut request = args.path.clone().unwrap_or_else(|| DEFAULT_REQUEST.to_owned());
+    for (name, value) in
+        [("client_id", &args.client_id), ("object_id", &args.object_id), ("mi_res_id", &args.mi_res_id)]
+    {
+        if let Some(value) = value {
+            let sep = if request.contains('?') { '&' } else { '?' };
+            let value: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
+            request = format!("{request}{sep}{name}={value}");
+        }
+    }
+    let (pod, cgroup_step) = match (&args.pod, &args.cgroup) {
+        (Some(pod), _) => (PodRef::parse(pod).map_err(anyhow::Error::msg)?, None),
+        (None, Some(cgroup)) => {
+            let (uid, step) = pod_of_cgroup(cgroup)?;
+            (PodRef::Uid(uid), Some(step))
+        }
+        (None, None) => bail!("give --pod NAMESPACE/NAME or --cgroup PATH|ID"),
+    };
+    let settings = Settings { deny_unbound: args.deny_unbound, ..Settings::default() };
+    let mut explanation = if let Some(dir) = &args.manifests {
+        let snapshot = manifests::load_dir(dir).with_context(|| format!("loading {}", dir.display()))?;
+        explain(&snapshot, &settings, &pod, &request)
+    } else if let Some(kubeconfig) = &args.kubeconfig {
+        let PodRef::Named { namespace, name } = &pod else {
+            bail!("--kubeconfig needs --pod NAMESPACE/NAME");
+        };
+        let client = crate::sources::kube_client(Some(kubeconfig)).await?;
+        let snapshot = kube_source::snapshot_for_pod(client, namespace, name, WorkloadSettings::default())
+            .await
+            .context("listing the pod and the aad-pod-identity objects")?;
+        explain(&snapshot, &settings, &pod, &request)
+    } else {
+        Client::new(&args.agent_socket)
+            .explain(pod, request)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e} (or decide over a directory with --manifests DIR)"))?
+    };
+    if let Some(step) = cgroup_step {
+        explanation.steps.insert(0, step);
+    }
+    Ok(explanation)
+}
+
+/// The pod UID a cgroup (path or id) belongs to, and the step that says so.
+fn pod_of_cgroup(cgroup: &str) -> anyhow::Result<(String, Step)> {
+    let root = cgroup::cgroup2_root()?;
+    let resolver = CgroupResolver::new(&root).context("opening the cgroup2 filesystem")?;
+    let id = if let Ok(id) = cgroup.parse::<u64>() {
+        id
+    } else {
+        let path = Path::new(cgroup);
+        let full = if path.starts_with(&root) { path.to_owned() } else { root.join(cgroup.trim_start_matches('/')) };
+        cgroup::cgroup_id(&full)?
+    };
+    let info = resolver.resolve(id)?.ok_or_else(|| anyhow::anyhow!("no cgroup with id {id}"))?;
+    let uid = info.pod_uid.clone().ok_or_else(|| {
+        anyhow::anyhow!("cgroup {} (id {id}) is not a pod's: the kubelet names pod cgroups pod<UID>", info.path)
+    })?;
+    let finding = format!("{} (id {id}) belongs to pod {uid}", info.path);
+    Ok((uid, Step { step: "cgroup".into(), finding }))
 }
 
 #[cfg(test)]

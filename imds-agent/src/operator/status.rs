@@ -2,13 +2,19 @@
 //!
 //! Two sources, either of which may be missing: the pinned kernel state (read with
 //! [`crate::kernel::inspect`], whether or not an agent runs) and the running agent's own
-//! account of itself (`/status` on its [`crate::control`] socket). [`assess`] turns them into one
+//! account of itself (`/status` on its [`crate::operator::control`] socket). [`assess`] turns them into one
 //! answer; it is pure, so every combination is table-tested below.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, path::Path};
 
 use serde::{Deserialize, Serialize};
 
-use crate::kernel::{backstop::BackstopState, inspect::PinnedState, AttachedProgram, Hook};
+use anyhow::Context as _;
+
+use crate::{
+    caller::CgroupResolver,
+    kernel::{self, backstop::BackstopState, cgroup, inspect::PinnedState, AttachedProgram, Hook},
+    operator::control::client::Client,
+};
 
 /// What the running agent says about itself (`GET /status` on the control socket).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -358,6 +364,32 @@ impl std::fmt::Display for NodeStatus {
     }
 }
 
+/// Everything `imds-agent status` reports.
+pub async fn gather(pin_dir: &Path, agent_socket: &Path) -> anyhow::Result<NodeStatus> {
+    let state = kernel::inspect::inspect(pin_dir).with_context(|| format!("reading {}", pin_dir.display()))?;
+    let root = cgroup::cgroup2_root().ok();
+    let attach_cgroup = match (state.attach_cgroup_id(), &root) {
+        (Some(id), Some(root)) => CgroupResolver::new(root).ok().and_then(|r| r.resolve(id).ok().flatten()),
+        _ => None,
+    };
+    let attached = match (&attach_cgroup, &root) {
+        (Some(cg), Some(root)) => kernel::attached_programs(&root.join(cg.path.trim_start_matches('/')))
+            .map_err(|e| format!("{:#}", anyhow::Error::from(e))),
+        _ => Err("the attach cgroup was not found".to_owned()),
+    };
+    let agent = Client::new(agent_socket).status().await;
+    let backstop = kernel::backstop::inspect(pin_dir).map_err(|e| format!("{:#}", anyhow::Error::from(e)));
+    Ok(assess(Inputs {
+        pin_dir: &pin_dir.display().to_string(),
+        state: &state,
+        attach_cgroup: attach_cgroup.map(|c| c.path),
+        attached,
+        backstop,
+        agent_asked: Some(agent_socket.display().to_string()),
+        agent,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use imds_common::{Config, Verdict};
@@ -407,7 +439,7 @@ mod tests {
     }
 
     fn netfilter_backstop() -> BackstopState {
-        let links = crate::kernel::netfilter::Place::ALL.iter().map(|p| p.name()).collect();
+        let links = kernel::netfilter::Place::ALL.iter().map(|p| p.name()).collect();
         BackstopState { mechanism: Some("netfilter"), links, ..BackstopState::default() }
     }
 

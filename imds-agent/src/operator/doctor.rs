@@ -13,6 +13,8 @@ use std::{
 
 use serde::Serialize;
 
+use aya::util::KernelVersion;
+
 use crate::kernel::{self, bpffs, cgroup, Hook};
 
 /// How a check came out.
@@ -112,9 +114,8 @@ pub fn run(setup: &Setup) -> Report {
         }),
         Err(_) => None,
     };
-    let release = release();
-    let kernel = kernel_version(&release);
-    let mut checks = vec![check_kernel(&release, kernel), check_btf()];
+    let kernel = KernelVersion::current().map_err(|e| e.to_string());
+    let mut checks = vec![check_kernel(&kernel), check_btf()];
     checks.push(match &root {
         Ok(root) => Check::pass("cgroup v2", format!("mounted at {}", root.display())),
         Err(e) => Check::fail(
@@ -146,29 +147,18 @@ pub fn run(setup: &Setup) -> Report {
     Report { checks }
 }
 
-/// `major.minor` of a kernel release string (`6.1.0-13-amd64` → (6, 1)).
-#[must_use]
-pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
-}
-
 /// The oldest kernel with every hook the filter uses (`cgroup/getpeername*` came in 5.8).
-const MIN_KERNEL: (u32, u32) = (5, 8);
+const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 8, 0);
 
-fn release() -> String {
-    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
-}
-
-fn check_kernel(release: &str, version: Option<(u32, u32)>) -> Check {
+fn check_kernel(version: &Result<KernelVersion, String>) -> Check {
     match version {
-        Some(v) if v >= MIN_KERNEL => Check::pass("kernel", format!("Linux {release}")),
-        Some(_) => Check::fail(
+        Ok(v) if *v >= MIN_KERNEL => Check::pass("kernel", format!("Linux {v}")),
+        Ok(v) => Check::fail(
             "kernel",
-            format!("Linux {release} is older than {}.{}", MIN_KERNEL.0, MIN_KERNEL.1),
+            format!("Linux {v} is older than {MIN_KERNEL}"),
             "run a node image with Linux 5.8 or later",
         ),
-        None => Check::warn("kernel", format!("cannot read the version of {release:?}"), "check `uname -r`"),
+        Err(e) => Check::warn("kernel", format!("cannot read the kernel's version: {e}"), "check `uname -r`"),
     }
 }
 
@@ -230,7 +220,7 @@ const NEEDED: [(u32, &str, &str); 6] = [
 ];
 
 /// From 5.11 the kernel charges BPF maps to the memory cgroup, not `RLIMIT_MEMLOCK`.
-const MEMCG_ACCOUNTING: (u32, u32) = (5, 11);
+const MEMCG_ACCOUNTING: KernelVersion = KernelVersion::new(5, 11, 0);
 
 /// Effective capabilities from `/proc/self/status`.
 #[must_use]
@@ -240,7 +230,7 @@ pub fn effective_caps(status: &str) -> Option<u64> {
 
 /// The capabilities the agent needs on `kernel`, from `/proc/self/status`.
 #[must_use]
-pub fn check_capabilities(status: &str, kernel: (u32, u32)) -> Check {
+pub fn check_capabilities(status: &str, kernel: KernelVersion) -> Check {
     let Some(caps) = effective_caps(status) else {
         return Check::skip("capabilities", "cannot read CapEff");
     };
@@ -367,29 +357,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kernel_versions() {
-        assert_eq!(kernel_version("6.1.0-13-amd64"), Some((6, 1)));
-        assert_eq!(kernel_version("5.4.0-1109-azure"), Some((5, 4)));
-        assert_eq!(kernel_version("6.18.44-fc-v657"), Some((6, 18)));
-        assert_eq!(kernel_version("garbage"), None);
-        assert!(kernel_version("5.4.0").unwrap() < MIN_KERNEL && kernel_version("5.15.0").unwrap() >= MIN_KERNEL);
+    fn kernels_older_than_5_8_fail() {
+        assert_eq!(check_kernel(&Ok(KernelVersion::new(5, 4, 0))).outcome, Outcome::Fail);
+        assert_eq!(check_kernel(&Ok(KernelVersion::new(5, 8, 0))).outcome, Outcome::Pass);
+        assert_eq!(check_kernel(&Ok(KernelVersion::new(6, 18, 44))).outcome, Outcome::Pass);
+        assert_eq!(check_kernel(&Err("unreadable".into())).outcome, Outcome::Warn);
     }
 
     #[test]
     fn capabilities() {
         let caps = |bits: &[u32]| format!("CapEff:\t{:016x}\n", bits.iter().fold(0u64, |a, b| a | (1 << b)));
         let all = "Name:\tx\nCapEff:\t000001ffffffffff\n";
-        assert_eq!(check_capabilities(all, (6, 1)).outcome, Outcome::Pass);
+        assert_eq!(check_capabilities(all, KernelVersion::new(6, 1, 0)).outcome, Outcome::Pass);
         // CAP_SYS_ADMIN stands in for CAP_BPF and CAP_PERFMON on older kernels.
-        assert_eq!(check_capabilities(&caps(&[21, 12, 2, 24]), (5, 10)).outcome, Outcome::Pass);
-        let c = check_capabilities(&caps(&[21, 2, 24]), (6, 1));
+        assert_eq!(check_capabilities(&caps(&[21, 12, 2, 24]), KernelVersion::new(5, 10, 0)).outcome, Outcome::Pass);
+        let c = check_capabilities(&caps(&[21, 2, 24]), KernelVersion::new(6, 1, 0));
         assert_eq!(c.outcome, Outcome::Fail);
         assert!(c.detail.contains("CAP_NET_ADMIN"), "{c:?}");
         // CAP_SYS_RESOURCE only matters where maps count against RLIMIT_MEMLOCK.
-        assert_eq!(check_capabilities(&caps(&[39, 38, 21, 12, 2]), (6, 1)).outcome, Outcome::Pass);
-        let c = check_capabilities(&caps(&[39, 38, 21, 12, 2]), (5, 10));
+        assert_eq!(check_capabilities(&caps(&[39, 38, 21, 12, 2]), KernelVersion::new(6, 1, 0)).outcome, Outcome::Pass);
+        let c = check_capabilities(&caps(&[39, 38, 21, 12, 2]), KernelVersion::new(5, 10, 0));
         assert!(c.outcome == Outcome::Fail && c.detail.contains("CAP_SYS_RESOURCE"), "{c:?}");
-        assert_eq!(check_capabilities("nothing", (6, 1)).outcome, Outcome::Skip);
+        assert_eq!(check_capabilities("nothing", KernelVersion::new(6, 1, 0)).outcome, Outcome::Skip);
     }
 
     #[test]
