@@ -1,28 +1,22 @@
 # syntax=docker/dockerfile:1
-# The imds-agent image: build with the same toolchain recipe as development
-# (`cargo xtask setup`), run from a minimal base. Build from the repository root:
-#   docker build -t imds-agent:0.1.0 .
-
-FROM rust:1.95-bookworm AS build
-# Nightly with rust-src builds the kernel programs; setup adds bpf-linker built against the
-# nightly's LLVM.
-RUN rustup toolchain install nightly --profile minimal --component rust-src
-WORKDIR /src
-COPY . .
-RUN cargo xtask setup --no-test-tools \
- && IMDS_REQUIRE_EBPF=1 cargo build --release --locked --package imds-agent --bin imds-agent \
- && target/release/imds-agent generate-docs --out /src/target/dist
-
-# glibc, libgcc and CA certificates (for Entra) only; the agent needs nothing else at run
-# time. It runs as root with the capabilities the DaemonSet grants
-# (deploy/kubernetes/imds-filter.yaml).
-FROM gcr.io/distroless/cc-debian12
-COPY --from=build /src/target/release/imds-agent /usr/local/bin/imds-agent
+# The imds-agent image. Build it with `cargo xtask image [--tag TAG]`: that builds a static
+# imds-agent (glibc, crt-static; the kernel programs are built into it), stages it under
+# target/image/ with its man pages, completions and a CA bundle, and builds this file with
+# target/image/ as the context (podman, or docker):
+#   podman build --pull=never --file Dockerfile --tag imds-agent:0.1.0 target/image
+#
+# FROM scratch, so the image builds with no registry and holds nothing but the agent: no
+# shell, no loader, no libraries. The agent runs as root with the capabilities the DaemonSet
+# grants (deploy/kubernetes/imds-filter.yaml); tests/tests/image.rs runs this image with them.
+FROM scratch
+COPY imds-agent /usr/local/bin/imds-agent
+# Entra (workload identity, service principals) is reached over TLS.
+COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 # Man pages and completions, generated from the binary's own clap definitions: `man
-# imds-agent-status` and tab completion for anyone who `kubectl exec`s in with a shell image.
-COPY --from=build /src/target/dist/man/ /usr/local/share/man/man1/
-COPY --from=build /src/target/dist/completions/imds-agent.bash /usr/share/bash-completion/completions/imds-agent
-COPY --from=build /src/target/dist/completions/_imds-agent /usr/local/share/zsh/site-functions/_imds-agent
-COPY --from=build /src/target/dist/completions/imds-agent.fish /usr/share/fish/vendor_completions.d/imds-agent.fish
+# imds-agent-status` and tab completion for anyone who mounts them into a debug container.
+COPY man/ /usr/local/share/man/man1/
+COPY completions/imds-agent.bash /usr/share/bash-completion/completions/imds-agent
+COPY completions/_imds-agent /usr/local/share/zsh/site-functions/_imds-agent
+COPY completions/imds-agent.fish /usr/share/fish/vendor_completions.d/imds-agent.fish
 ENTRYPOINT ["/usr/local/bin/imds-agent"]
 CMD ["run", "--kube"]

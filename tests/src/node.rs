@@ -19,7 +19,10 @@ use std::{
 
 use crate::{
     fake_imds::{FakeIdentity, FakeImds},
-    next_index, sh, veth, AgentProcess, Cgroup, NetNs, PinDir, PodLink, Server, IMDS_IP,
+    fixtures::{self, Manifest},
+    next_index,
+    sandbox::sh,
+    veth, AgentProcess, Cgroup, NetNs, PinDir, PodLink, Server, IMDS_IP,
 };
 
 /// How a pod's namespace is joined to the node's.
@@ -351,36 +354,15 @@ impl Node {
 /// Manifests: identities `id0…` bound to selectors `sel0…` in `namespace`, and pods
 /// `(uid, i)` labelled with selector `sel<i>`.
 pub fn bound_pods_manifest(namespace: &str, ids: &[FakeIdentity], pods: &[(String, usize)]) -> String {
-    use std::fmt::Write as _;
-    let mut yaml = String::new();
+    let mut manifest = Manifest::new();
     for (i, id) in ids.iter().enumerate() {
-        write!(
-            yaml,
-            "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentity\nmetadata:\n  name: id{i}\n  namespace: {namespace}\nspec:\n  type: 0\n  resourceID: {}\n  clientID: {}\n---\n",
-            id.resource_id, id.client_id
-        )
-        .expect("writing to a String");
-        write!(
-            yaml,
-            "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentityBinding\nmetadata:\n  name: b{i}\n  namespace: {namespace}\nspec:\n  azureIdentity: id{i}\n  selector: sel{i}\n---\n"
-        )
-        .expect("writing to a String");
+        manifest.push(&fixtures::identity(namespace, &format!("id{i}"), id));
+        manifest.push(&fixtures::binding(namespace, &format!("b{i}"), &format!("id{i}"), &format!("sel{i}")));
     }
     for (n, (uid, i)) in pods.iter().enumerate() {
-        write!(
-            yaml,
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: pod{n}\n  namespace: {namespace}\n  uid: {uid}\n  labels:\n    aadpodidbinding: sel{i}\n---\n"
-        )
-        .expect("writing to a String");
+        manifest.push(&fixtures::pod(namespace, &format!("pod{n}"), uid).bound_to(&format!("sel{i}")));
     }
-    yaml
-}
-
-/// `status:` with `podIPs` as the API server reports a running pod's address, for a pod
-/// manifest (nothing for a pod without an address of its own).
-#[must_use]
-pub fn status_yaml(ip: Option<IpAddr>) -> String {
-    ip.map(|ip| format!("status:\n  podIPs:\n  - ip: {ip}\n")).unwrap_or_default()
+    manifest.into_string()
 }
 
 /// `manifests` (YAML documents) with `status.podIPs` set on the pods whose uid is listed,

@@ -9,7 +9,8 @@ use std::{
 
 use imds_tests::{
     fake_imds::{token_for, FakeIdentity},
-    node::{curl, pod_uid, sdk, status_yaml, Fetched, Node, TestPod},
+    fixtures::{self, Manifest},
+    node::{curl, pod_uid, sdk, Fetched, Node, TestPod},
     Probe, IMDS_IP,
 };
 
@@ -23,16 +24,11 @@ fn imds() -> SocketAddr {
 }
 
 fn identity_yaml(name: &str, id: &FakeIdentity) -> String {
-    format!(
-        "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentity\nmetadata:\n  name: {name}\n  namespace: {NS}\n  annotations:\n    imds-filter.io/object-id: {}\nspec:\n  type: 0\n  resourceID: {}\n  clientID: {}\n---\n",
-        id.object_id, id.resource_id, id.client_id
-    )
+    Manifest::new().with(&fixtures::identity_with_object_id(NS, name, id)).into_string()
 }
 
 fn binding_yaml(name: &str, identity: &str, selector: &str) -> String {
-    format!(
-        "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentityBinding\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  azureIdentity: {identity}\n  selector: {selector}\n---\n"
-    )
+    Manifest::new().with(&fixtures::binding(NS, name, identity, selector)).into_string()
 }
 
 fn pod_yaml(name: &str, uid: &str, labels: &[(&str, &str)]) -> String {
@@ -41,18 +37,12 @@ fn pod_yaml(name: &str, uid: &str, labels: &[(&str, &str)]) -> String {
 
 /// A pod manifest with the pod's address in `status.podIPs`.
 fn pod_yaml_at(name: &str, uid: &str, labels: &[(&str, &str)], ip: Option<std::net::IpAddr>) -> String {
-    let labels: String = labels.iter().flat_map(|(k, v)| ["    ", k, ": ", v, "\n"]).collect();
-    let labels = if labels.is_empty() { "  labels: {}\n".to_owned() } else { format!("  labels:\n{labels}") };
-    let status = status_yaml(ip);
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  uid: {uid}\n{labels}{status}---\n"
-    )
+    let pod = labels.iter().fold(fixtures::pod(NS, name, uid), |pod, &(key, value)| pod.label(key, value));
+    Manifest::new().with(&pod.ip(ip)).into_string()
 }
 
 fn exception_yaml(name: &str, key: &str, value: &str) -> String {
-    format!(
-        "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzurePodIdentityException\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  podLabels:\n    {key}: {value}\n---\n"
-    )
+    Manifest::new().with(&fixtures::exception(NS, name, &[(key, value)])).into_string()
 }
 
 /// A node with identities "blob", "table" and "kv" assigned; "blob" bound to selector

@@ -17,8 +17,9 @@ use std::{
 
 use imds_tests::{
     fake_imds::{token_for, FakeIdentity},
+    fixtures::{self, Manifest},
     frame::Carrying,
-    node::{curl, curl_within, pod_uid, status_yaml, Fetched, Node, TestPod, Topology, IMDS_NAT64},
+    node::{curl, curl_within, pod_uid, Fetched, Node, TestPod, Topology, IMDS_NAT64},
     udp_received, udp_sink, Probe, Relay, Server, TcpTap, IMDS_IP,
 };
 
@@ -54,37 +55,29 @@ impl Scene {
         node.ns.sysctl("net.ipv4.ip_forward", "1");
         let [web, mallory, helper, done, peer] = [(); 5].map(|()| node.pod_on(&pod_uid(), topology));
         let hostnet = node.host_network_pod(&pod_uid());
-        let pod = |name: &str, p: &TestPod, labels: &str| {
-            format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  uid: {}\n  labels: {labels}\n{}---\n",
-                p.uid,
-                status_yaml(p.ip)
+        let pod = |name: &str, p: &TestPod| fixtures::pod(NS, name, &p.uid).ip(p.ip);
+        let policy = Manifest::new()
+            .with(&fixtures::identity(NS, "blob", &blob))
+            .with(&fixtures::binding(NS, "blob-binding", "blob", "blob"))
+            .with(&fixtures::exception(NS, "helpers", &[("role", "helper")]))
+            .with(&pod("web", &web).bound_to("blob"))
+            .with(&pod("mallory", &mallory))
+            .with(&pod("helper", &helper).label("role", "helper"))
+            .with(&pod("peer", &peer))
+            .with(&pod("done", &done).label("role", "helper").phase("Succeeded"))
+            .with(
+                &fixtures::pod(NS, "hostnet", &hostnet.uid)
+                    .bound_to("blob")
+                    .host_network()
+                    .container(fixtures::container_dropping_all("app", "app:1")),
             )
-        };
-        node.write_manifest(
-            "policy.yaml",
-            &(format!(
-                "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentity\nmetadata:\n  name: blob\n  namespace: {NS}\nspec:\n  type: 0\n  resourceID: {}\n  clientID: {}\n---\n",
-                blob.resource_id, blob.client_id
-            ) + &format!(
-                "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentityBinding\nmetadata:\n  name: blob-binding\n  namespace: {NS}\nspec:\n  azureIdentity: blob\n  selector: blob\n---\n"
-            ) + &format!(
-                "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzurePodIdentityException\nmetadata:\n  name: helpers\n  namespace: {NS}\nspec:\n  podLabels:\n    role: helper\n---\n"
-            ) + &pod("web", &web, "{aadpodidbinding: blob}")
-                + &pod("mallory", &mallory, "{}")
-                + &pod("helper", &helper, "{role: helper}")
-                + &pod("peer", &peer, "{}")
-                + &pod("done", &done, "{role: helper}").replace("---\n", "  phase: Succeeded\n---\n")
-                + &format!(
-                    "apiVersion: v1\nkind: Pod\nmetadata:\n  name: hostnet\n  namespace: {NS}\n  uid: {}\n  labels: {{aadpodidbinding: blob}}\nspec:\n  hostNetwork: true\n  containers: [{{name: app, image: app:1, securityContext: {{capabilities: {{drop: [ALL]}}}}}}]\n---\n",
-                    hostnet.uid
-                )
-                // A hostNetwork pod keeping NET_RAW: no layer contains it, and status says so.
-                + &format!(
-                    "apiVersion: v1\nkind: Pod\nmetadata:\n  name: node-tool\n  namespace: {NS}\n  uid: {}\nspec:\n  hostNetwork: true\n  containers: [{{name: tool, image: tool:1}}]\n---\n",
-                    pod_uid()
-                )),
-        );
+            // A hostNetwork pod keeping NET_RAW: no layer contains it, and status says so.
+            .with(
+                &fixtures::pod(NS, "node-tool", &pod_uid())
+                    .host_network()
+                    .container(fixtures::container("tool", "tool:1")),
+            );
+        node.write_manifest("policy.yaml", policy.as_str());
         // mallory reaches the decoy and the peer through the node, as any pod network would.
         let (m, p) = (addr(&mallory), addr(&peer));
         mallory.ns(&node).ip(&["route", "add", &format!("{DECOY}/32"), "via", &gateway(&mallory)]);
@@ -438,14 +431,7 @@ fn protection_by_port(tag: &str, backstop: &str) {
     node.ns.ip(&["addr", "add", &format!("{WIRE}/32"), "dev", "lo"]);
     let pod = node.pod_on(&pod_uid(), Topology::Routed);
     pod.ns(&node).ip(&["route", "add", &format!("{WIRE}/32"), "via", &gateway(&pod)]);
-    node.write_manifest(
-        "pod.yaml",
-        &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: app\n  namespace: {NS}\n  uid: {}\n{}",
-            pod.uid,
-            status_yaml(pod.ip)
-        ),
-    );
+    node.write_manifest("pod.yaml", Manifest::new().with(&fixtures::pod(NS, "app", &pod.uid).ip(pod.ip)).as_str());
     let dns = udp_sink(&node.ns, SocketAddrV4::new(WIRE, 53));
     let _other_port = Server::banner(&node.ns, SocketAddrV4::new(WIRE, 8080), "wire-8080");
     let http = Server::banner(&node.ns, SocketAddrV4::new(WIRE, 80), "wire-http");

@@ -12,7 +12,8 @@ use std::{
 use imds_tests::{
     fake_imds::{http_get, token_for, FakeIdentity},
     fake_kube::FakeKube,
-    node::{bound_pods_manifest, curl, pod_uid, status_yaml, Fetched, Node, TestPod, AGENT_ADDR},
+    fixtures::{self, Manifest},
+    node::{bound_pods_manifest, curl, pod_uid, Fetched, Node, TestPod, AGENT_ADDR},
     Burst, Probe, ProbeReport, RunningProbe, Server, AGENT_READY, IMDS_IP,
 };
 use serde_json::{json, Value};
@@ -67,16 +68,10 @@ fn agent_args() -> Vec<String> {
 fn an_exception_revoked_while_the_agent_is_down_is_gone_before_it_is_ready_manifests() {
     let mut node = Node::new("rs-rev-man", vec![FakeIdentity::named("blob")]);
     let helper = node.pod(&pod_uid());
-    let pod = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: helper\n  namespace: {NS}\n  uid: {}\n  labels: {{role: helper}}\n{}",
-        helper.uid,
-        status_yaml(helper.ip)
-    );
-    let exception = format!(
-        "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzurePodIdentityException\nmetadata:\n  name: helpers\n  namespace: {NS}\nspec:\n  podLabels:\n    role: helper\n"
-    );
-    node.write_manifest("pod.yaml", &pod);
-    node.write_manifest("exception.yaml", &exception);
+    let pod = Manifest::new().with(&fixtures::pod(NS, "helper", &helper.uid).label("role", "helper").ip(helper.ip));
+    let exception = Manifest::new().with(&fixtures::exception(NS, "helpers", &[("role", "helper")]));
+    node.write_manifest("pod.yaml", pod.as_str());
+    node.write_manifest("exception.yaml", exception.as_str());
     let args = agent_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     node.start_agent(&args);

@@ -6,6 +6,7 @@ use std::net::{SocketAddr, SocketAddrV4};
 
 use imds_tests::{
     fake_entra::{entra_token_for, App, AppCredential, FakeEntra},
+    fixtures::{self, Manifest},
     node::{curl, pod_uid, sdk, Fetched, Node, TestPod},
     Server, IMDS_IP,
 };
@@ -18,15 +19,13 @@ const VAULT: &str = "https://vault.azure.net";
 const TOKEN: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
 
 fn service_account(name: &str, client_id: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: {name}\n  namespace: {NS}\n  annotations:\n    azure.workload.identity/client-id: {client_id}\n    azure.workload.identity/tenant-id: {TENANT}\n---\n"
-    )
+    Manifest::new().with(&fixtures::workload_service_account(NS, name, client_id, TENANT)).into_string()
 }
 
 fn wi_pod(name: &str, uid: &str, service_account: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  uid: {uid}\n  labels:\n    azure.workload.identity/use: \"true\"\nspec:\n  serviceAccountName: {service_account}\n---\n"
-    )
+    let pod =
+        fixtures::pod(NS, name, uid).label("azure.workload.identity/use", "true").service_account(service_account);
+    Manifest::new().with(&pod).into_string()
 }
 
 fn token(node: &Node, pod: &TestPod, selector: &str) -> Fetched {

@@ -8,7 +8,6 @@
 //!   client in the pod asks for a token on a new connection in a loop and says when it first
 //!   got the new identity's token.
 use std::{
-    fmt::Write as _,
     net::SocketAddrV4,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -19,6 +18,7 @@ use imds_common::{maps, VERDICT_DENY, VERDICT_PASS};
 use super::{Effort, Figure, Measured};
 use crate::{
     fake_imds::{token_for, FakeIdentity},
+    fixtures::{self, Manifest},
     node::{bound_pods_manifest, pod_uid, Node},
     Probe, IMDS_IP,
 };
@@ -29,14 +29,11 @@ const RESOURCE: &str = "https://vault.azure.net";
 /// The policy: identities `id0` and `id1`, the web pod bound to `web_to`'s, and the helper
 /// pod matching the exception or not.
 fn manifest(ids: &[FakeIdentity], web: &str, web_to: usize, helper: &str, exception: bool) -> String {
-    let mut yaml = bound_pods_manifest(NS, ids, &[(web.to_owned(), web_to)]);
     let label = if exception { "node-helper" } else { "other" };
-    let _ = write!(
-        yaml,
-        "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzurePodIdentityException\nmetadata:\n  name: helpers\n  namespace: {NS}\nspec:\n  podLabels:\n    role: node-helper\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata:\n  name: helper\n  namespace: {NS}\n  uid: {helper}\n  labels:\n    role: {label}\n"
-    );
-    yaml
+    let helpers = Manifest::new()
+        .with(&fixtures::exception(NS, "helpers", &[("role", "node-helper")]))
+        .with(&fixtures::pod(NS, "helper", helper).label("role", label));
+    bound_pods_manifest(NS, ids, &[(web.to_owned(), web_to)]) + helpers.as_str()
 }
 
 fn unix_us() -> u64 {
