@@ -50,7 +50,7 @@ fn find_built_binary(name: &str, env_override: &str) -> Result<PathBuf, String> 
     })
 }
 
-/// What `imds-agent run` logs once it serves (see `imds-agent/src/agent.rs`).
+/// What `imds-agent run` logs once it serves (see `imds-agent/src/agent/mod.rs`).
 pub const AGENT_READY: &str = "filter installed; serving redirected connections";
 
 /// An `imds-agent run` process (ours), `SIGKILLed` on drop if still running; its JSON log goes

@@ -17,7 +17,10 @@ use std::{
     process::Command,
 };
 
-use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Container as PodContainer};
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{Container as PodContainer, SecurityContext},
+};
 
 /// The image the tests run: `IMDS_TEST_IMAGE`, else what `cargo xtask test` builds.
 #[must_use]
@@ -89,8 +92,36 @@ impl DaemonSetRun {
         let daemonset: DaemonSet = serde_json::from_value(daemonset).expect("a DaemonSet Kubernetes accepts");
         let pod = daemonset.spec.template.spec.expect("a pod spec");
         let container: &PodContainer = &pod.containers[0];
+        assert!(pod.security_context.is_none(), "a pod-level securityContext: express it here first");
         let security = container.security_context.clone().expect("a securityContext");
-        let capabilities = security.capabilities.clone().expect("capabilities");
+        // Every setting the run cannot express must be absent, so that "exactly" holds.
+        let SecurityContext {
+            allow_privilege_escalation,
+            app_armor_profile,
+            capabilities,
+            privileged,
+            proc_mount,
+            read_only_root_filesystem,
+            run_as_group,
+            run_as_non_root,
+            run_as_user,
+            se_linux_options,
+            seccomp_profile,
+            windows_options,
+        } = security;
+        assert!(
+            privileged != Some(true)
+                && app_armor_profile.is_none()
+                && proc_mount.is_none()
+                && run_as_group.is_none()
+                && run_as_non_root.is_none()
+                && run_as_user.is_none()
+                && se_linux_options.is_none()
+                && windows_options.is_none(),
+            "a securityContext setting the container run does not express"
+        );
+        let capabilities = capabilities.expect("capabilities");
+        let seccomp = seccomp_profile.expect("the DaemonSet names its seccomp profile (the kubelet's default varies)");
         let volumes: BTreeMap<String, Source> = pod
             .volumes
             .unwrap_or_default()
@@ -113,10 +144,14 @@ impl DaemonSetRun {
             .into_iter()
             .map(|m| Mount {
                 source: volumes.get(&m.name).unwrap_or_else(|| panic!("no volume {}", m.name)).clone(),
+                host_to_container: match m.mount_propagation.as_deref() {
+                    None | Some("None") => false,
+                    Some("HostToContainer") => true,
+                    Some(other) => panic!("mount {}: propagation {other} is not expressed here", m.name),
+                },
                 volume: m.name,
                 container_path: m.mount_path,
                 read_only: m.read_only.unwrap_or(false),
-                host_to_container: m.mount_propagation.as_deref() == Some("HostToContainer"),
             })
             .collect();
         let exec = |probe: Option<&k8s_openapi::api::core::v1::Probe>| {
@@ -125,9 +160,9 @@ impl DaemonSetRun {
         DaemonSetRun {
             capabilities_add: capabilities.add.unwrap_or_default(),
             capabilities_drop: capabilities.drop.unwrap_or_default(),
-            seccomp: security.seccomp_profile.map_or_else(|| "RuntimeDefault".to_owned(), |p| p.type_),
-            read_only_root: security.read_only_root_filesystem.unwrap_or(false),
-            allow_privilege_escalation: security.allow_privilege_escalation.unwrap_or(true),
+            seccomp: seccomp.type_,
+            read_only_root: read_only_root_filesystem.unwrap_or(false),
+            allow_privilege_escalation: allow_privilege_escalation.unwrap_or(true),
             host_network: pod.host_network.unwrap_or(false),
             mounts,
             memory_limit: container
@@ -204,14 +239,37 @@ impl DaemonSetRun {
     }
 }
 
-/// A container the test started (by name), removed with its cgroup leftovers on drop.
+/// A container the test starts (by name), removed with its cgroup leftovers on drop.
 pub struct Container {
     pub name: String,
-    /// The cgroup path (from the hierarchy's root) the container's cgroup was made under.
-    pub cgroup_parent: Option<String>,
+    /// Directories runc will make in cgroup v1 hierarchies that did not exist before.
+    leftovers: Vec<PathBuf>,
 }
 
 impl Container {
+    /// A guard for the container `name`, to be made below `cgroup_parent` (a path from the
+    /// hierarchy's root whose top directory the test made). Call it before `podman run`:
+    /// only the v1 directories that do not exist yet are removed on drop.
+    ///
+    /// # Panics
+    /// `cgroup_parent` is not a plain path below the root.
+    #[must_use]
+    pub fn new(name: &str, cgroup_parent: Option<&str>) -> Container {
+        let leftovers = cgroup_parent.map_or_else(Vec::new, |parent| {
+            let parent = Path::new(parent);
+            assert!(
+                parent.has_root()
+                    && parent.components().skip(1).all(|c| matches!(c, std::path::Component::Normal(_)))
+                    && parent.components().count() > 1,
+                "{}: a cgroup below the root, made by the test",
+                parent.display()
+            );
+            let top = parent.components().nth(1).expect("a top directory");
+            v1_hierarchies().into_iter().map(|h| h.join(top)).filter(|dir| !dir.exists()).collect()
+        });
+        Container { name: name.to_owned(), leftovers }
+    }
+
     /// The container's main process, as the host sees it.
     #[must_use]
     pub fn pid(&self) -> Option<u32> {
@@ -231,10 +289,8 @@ impl Drop for Container {
     fn drop(&mut self) {
         let _ = Command::new("podman").args(["rm", "--force", "--time", "0", &self.name]).output();
         // runc makes the parent in every cgroup v1 hierarchy of a hybrid layout and leaves it.
-        let Some(parent) = &self.cgroup_parent else { return };
-        let Some(top) = parent.trim_start_matches('/').split('/').next().filter(|t| !t.is_empty()) else { return };
-        for hierarchy in v1_hierarchies() {
-            remove_tree(&hierarchy.join(top));
+        for dir in &self.leftovers {
+            remove_tree(dir);
         }
     }
 }
@@ -244,11 +300,9 @@ fn v1_hierarchies() -> Vec<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     mountinfo
         .lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mount_point = left.split_whitespace().nth(4)?;
-            (right.split_whitespace().next()? == "cgroup").then(|| PathBuf::from(mount_point))
-        })
+        .filter_map(|line| procfs::process::MountInfo::from_line(line).ok())
+        .filter(|m| m.fs_type == "cgroup")
+        .map(|m| m.mount_point)
         .collect()
 }
 

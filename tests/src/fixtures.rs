@@ -2,7 +2,7 @@
 //! into — aad-pod-identity's custom resources ([`imds_agent::crds`]) and `k8s-openapi`'s
 //! `Pod` and `ServiceAccount` — and written out as YAML by [`Manifest`].
 //!
-//! ```ignore
+//! ```text
 //! let text = Manifest::new()
 //!     .with(&fixtures::identity("app", "blob", &blob))
 //!     .with(&fixtures::binding("app", "blob-binding", "blob", "blob"))
@@ -14,13 +14,14 @@ use std::{collections::BTreeMap, net::IpAddr};
 use imds_agent::{
     crds::{
         AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec, AzurePodIdentityException,
-        AzurePodIdentityExceptionSpec,
+        AzurePodIdentityExceptionSpec, SecretReference,
     },
     sources::convert::OBJECT_ID_ANNOTATION,
 };
 use k8s_openapi::{
-    api::core::v1::{Capabilities, Container, Pod, PodIP, PodSpec, PodStatus, SecurityContext, ServiceAccount},
+    api::core::v1::{Capabilities, Container, Pod, PodIP, PodSpec, PodStatus, Secret, SecurityContext, ServiceAccount},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ByteString,
 };
 
 use crate::fake_imds::FakeIdentity;
@@ -100,6 +101,39 @@ pub fn identity_with_object_id(namespace: &str, name: &str, id: &FakeIdentity) -
     let mut identity = identity(namespace, name, id);
     identity.metadata.annotations = Some(string_map(&[(OBJECT_ID_ANNOTATION, &id.object_id)]));
     identity
+}
+
+/// `AzureIdentity` `name`: a service principal (`kind` 1, a client secret, or 2, a
+/// certificate) of `tenant_id` (and `auxiliary` tenants), its credential in the Secret
+/// `secret` = (namespace, name).
+#[must_use]
+pub fn service_principal(
+    namespace: &str,
+    name: &str,
+    kind: i64,
+    (client_id, tenant_id): (&str, &str),
+    (secret_namespace, secret_name): (&str, &str),
+    auxiliary: &[&str],
+) -> AzureIdentity {
+    let spec = AzureIdentitySpec {
+        identity_type: kind,
+        client_id: client_id.to_owned(),
+        tenant_id: tenant_id.to_owned(),
+        client_password: Some(SecretReference {
+            name: Some(secret_name.to_owned()),
+            namespace: Some(secret_namespace.to_owned()),
+        }),
+        auxiliary_tenant_ids: auxiliary.iter().map(|t| (*t).to_owned()).collect(),
+        ..AzureIdentitySpec::default()
+    };
+    AzureIdentity { metadata: meta(namespace, name), spec, status: None }
+}
+
+/// An `Opaque` Secret holding `data`.
+#[must_use]
+pub fn secret(namespace: &str, name: &str, data: &[(&str, &[u8])]) -> Secret {
+    let data = data.iter().map(|(k, v)| ((*k).to_owned(), ByteString(v.to_vec()))).collect();
+    Secret { metadata: meta(namespace, name), type_: Some("Opaque".to_owned()), data: Some(data), ..Secret::default() }
 }
 
 /// `AzureIdentityBinding` `name`: identity `identity` for pods labelled `aadpodidbinding:

@@ -13,6 +13,7 @@ use std::{
 
 use imds_tests::{
     fake_imds::{token_for, FakeIdentity},
+    fixtures::{self, Manifest},
     node::{bound_pods_manifest, pod_uid, Node, TestPod, AGENT_ADDR},
     parse_reply, udp_received, udp_sink, Exchange, Probe, ProbeReport, TcpTap, IMDS_IP,
 };
@@ -46,9 +47,7 @@ impl Scene {
         let (web_uid, other_uid, mallory_uid) = (pod_uid(), pod_uid(), pod_uid());
         let policy =
             bound_pods_manifest(NS, &[blob.clone(), table.clone()], &[(web_uid.clone(), 0), (other_uid.clone(), 1)])
-                + &format!(
-                    "apiVersion: v1\nkind: Pod\nmetadata:\n  name: mallory\n  namespace: {NS}\n  uid: {mallory_uid}\n  labels: {{}}\n"
-                );
+                + Manifest::new().with(&fixtures::pod(NS, "mallory", &mallory_uid)).as_str();
         node.write_manifest("policy.yaml", &policy);
         let (web, other, mallory) = (node.pod(&web_uid), node.pod(&other_uid), make(&node, &mallory_uid));
         node.start_agent(agent_args);
@@ -161,9 +160,7 @@ fn a_victims_source_port_from_another_address_gets_nothing() {
     // The victim: a hostNetwork pod bound to blob, from a known source port, which waits
     // before sending so that its connection is open while the thief tries.
     let victim_uid = pod_uid();
-    let victim_policy = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: victim\n  namespace: {NS}\n  uid: {victim_uid}\n  labels:\n    aadpodidbinding: sel0\n"
-    );
+    let victim_policy = Manifest::new().with(&fixtures::pod(NS, "victim", &victim_uid).bound_to("sel0")).into_string();
     s.node.write_manifest("victim.yaml", &victim_policy);
     let victim = s.node.host_network_pod(&victim_uid);
     let source = SocketAddrV4::new(*AGENT_ADDR.ip(), 40_321);

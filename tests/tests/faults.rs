@@ -14,6 +14,7 @@ use imds_agent::kernel::{attached_programs, inspect::inspect};
 use imds_tests::{
     agent_binary,
     fake_imds::{Behaviour, FakeIdentity},
+    fixtures::{self, Manifest},
     node::{bound_pods_manifest, curl, pod_uid, Fetched, Node, TestPod, AGENT_ADDR},
     Churn, Probe, IMDS_IP,
 };
@@ -26,9 +27,7 @@ fn scene(tag: &str) -> (Node, TestPod, TestPod) {
     let mut node = Node::new(tag, vec![blob.clone()]);
     let (web_uid, mallory_uid) = (pod_uid(), pod_uid());
     let policy = bound_pods_manifest("app", &[blob], &[(web_uid.clone(), 0)])
-        + &format!(
-            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: mallory\n  namespace: app\n  uid: {mallory_uid}\n  labels: {{}}\n"
-        );
+        + Manifest::new().with(&fixtures::pod("app", "mallory", &mallory_uid)).as_str();
     node.write_manifest("policy.yaml", &policy);
     let (web, mallory) = (node.pod(&web_uid), node.pod(&mallory_uid));
     node.start_agent(&[]);
@@ -118,23 +117,23 @@ fn churning_pod_cgroups_leave_nothing_behind_and_every_answer_is_right() {
     // Kinds in turn: bound to blob, known but unbound, an exception.
     let bound: Vec<(String, usize)> = uids.iter().step_by(3).map(|u| (u.clone(), 0)).collect();
     let mut policy = bound_pods_manifest("app", &[blob], &[bound.as_slice(), &[(home_uid.clone(), 0)]].concat());
-    policy.push_str(
-        "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzurePodIdentityException\nmetadata:\n  name: helpers\n  namespace: app\nspec:\n  podLabels:\n    component: helper\n---\n",
-    );
+    policy.push_str(Manifest::new().with(&fixtures::exception("app", "helpers", &[("component", "helper")])).as_str());
     node.write_manifest("policy.yaml", &policy);
     // The other pods in files of 500 documents (a manifest file holds at most 1,024).
-    let (mut plan, mut pods) = (String::new(), String::new());
+    let (mut plan, mut pods) = (String::new(), Manifest::new());
     for (i, uid) in uids.iter().enumerate() {
-        let (labels, expect) = match i % 3 {
-            0 => ("", "200:client-blob"),
-            1 => ("{}", "400"),
-            _ => ("{component: helper}", "-"),
+        let pod = fixtures::pod("app", &format!("churn{i}"), uid);
+        let (pod, expect) = match i % 3 {
+            // Bound: in the policy above.
+            0 => (None, "200:client-blob"),
+            1 => (Some(pod), "400"),
+            _ => (Some(pod.label("component", "helper")), "-"),
         };
-        if !labels.is_empty() {
-            writeln!(pods, "apiVersion: v1\nkind: Pod\nmetadata:\n  name: churn{i}\n  namespace: app\n  uid: {uid}\n  labels: {labels}\n---").expect("to a String");
+        if let Some(pod) = pod {
+            pods.push(&pod);
         }
         if i % 750 == 749 {
-            node.write_manifest(&format!("pods-{i}.yaml"), &std::mem::take(&mut pods));
+            node.write_manifest(&format!("pods-{i}.yaml"), std::mem::take(&mut pods).as_str());
         }
         writeln!(plan, "{uid} {expect}").expect("to a String");
     }

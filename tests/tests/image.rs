@@ -9,8 +9,9 @@
 //! - the policy comes from a manifests directory (one extra read-only mount) instead of the
 //!   API server, and the sandbox's cgroup, pins and listen address are passed as arguments;
 //! - the kubelet's pods directory and the handover directory are the sandbox node's;
-//! - a capability this machine's root lacks itself (`CAP_SYS_RESOURCE` here) cannot be granted;
-//!   the agent only needs it before Linux 5.11.
+//! - `CAP_SYS_RESOURCE` cannot be granted where the test's own root lacks it (some CI
+//!   sandboxes); the agent needs it only before Linux 5.11, so only it may be missing, and
+//!   only on such a kernel. Every other capability the DaemonSet adds must be held.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -129,18 +130,29 @@ fn the_shipped_image_serves_a_pod_with_exactly_the_daemonsets_privileges() {
         .arg(&image)
         .args(&args)
         .stdin(Stdio::null());
-    let container = Container { name: name.clone(), cgroup_parent: Some(parent.clone()) };
-    let mut agent = AgentProcess::launch_command(podman, PathBuf::from("/run/imds-filter/agent.sock"));
+    let container = Container::new(&name, Some(&parent));
+    // The container's control socket is on its own tmpfs; this sandbox path is only what the
+    // guard cleans up (never the host's /run/imds-filter).
+    let mut agent = AgentProcess::launch_command(podman, node.run.path().join("container-agent.sock"));
     agent.wait_for_log(AGENT_READY, Duration::from_mins(1));
 
-    // Exactly the DaemonSet's capabilities, as far as this machine's root can grant them.
+    // Exactly the DaemonSet's capabilities: only CAP_SYS_RESOURCE may be missing, where the
+    // test's own root lacks it, and only on a kernel that no longer needs it.
     let pid = container.pid().expect("the container's process");
     let bounding = bounding_set();
-    let grantable: Vec<String> =
-        daemonset.granted().into_iter().filter(|c| bounding & (1 << capability_bit(c)) != 0).collect();
+    let (mut expected, ungrantable): (Vec<String>, Vec<String>) =
+        daemonset.granted().into_iter().partition(|c| bounding & (1 << capability_bit(c)) != 0);
+    let memcg_accounting =
+        aya::util::KernelVersion::current().is_ok_and(|k| k >= aya::util::KernelVersion::new(5, 11, 0));
+    assert!(
+        ungrantable.iter().all(|c| c == "CAP_SYS_RESOURCE") && (ungrantable.is_empty() || memcg_accounting),
+        "this machine cannot grant {ungrantable:?}: the test cannot show the DaemonSet's set is enough"
+    );
+    if !ungrantable.is_empty() {
+        eprintln!("not granted here (the test's root lacks it; unneeded from Linux 5.11): {ungrantable:?}");
+    }
     let mut held = effective_capabilities(pid);
     held.sort();
-    let mut expected = grantable;
     expected.sort();
     assert_eq!(held, expected, "the agent holds what the DaemonSet grants, nothing more");
 

@@ -6,9 +6,9 @@
 //! root; run with `cargo xtask test`.
 use std::net::{SocketAddr, SocketAddrV4};
 
-use base64::Engine as _;
 use imds_tests::{
     fake_entra::{entra_token_for, verify_assertion, App, AppCredential, FakeEntra},
+    fixtures::{self, Manifest},
     node::{curl, pod_uid, Fetched, Node, TestPod},
     Server, IMDS_IP,
 };
@@ -25,29 +25,20 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(format!("{}/../imds-agent/testdata/{name}", env!("CARGO_MANIFEST_DIR"))).expect("fixture")
 }
 
-fn b64(bytes: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
 fn secret(name: &str, data: &[(&str, &[u8])]) -> String {
-    let data: Vec<String> = data.iter().map(|(k, v)| format!("  {k}: {}", b64(v))).collect();
-    let data = data.join("\n") + "\n";
-    format!(
-        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {NS}\ntype: Opaque\ndata:\n{data}---\n"
-    )
+    Manifest::new().with(&fixtures::secret(NS, name, data)).into_string()
 }
 
 /// An `AzureIdentity` of `kind` with its binding (selector = name).
-fn identity(name: &str, kind: u8, client_id: &str, secret_ns: &str, secret: &str, aux: &[&str]) -> String {
-    let aux = if aux.is_empty() { String::new() } else { format!("  auxiliaryTenantIDs: [{}]\n", aux.join(", ")) };
-    format!(
-        "apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentity\nmetadata:\n  name: {name}\n  namespace: {NS}\nspec:\n  type: {kind}\n  clientID: {client_id}\n  tenantID: {T1}\n  clientPassword:\n    name: {secret}\n    namespace: {secret_ns}\n{aux}---\n\
-         apiVersion: aadpodidentity.k8s.io/v1\nkind: AzureIdentityBinding\nmetadata:\n  name: {name}-binding\n  namespace: {NS}\nspec:\n  azureIdentity: {name}\n  selector: {name}\n---\n"
-    )
+fn identity(name: &str, kind: i64, client_id: &str, secret_ns: &str, secret: &str, aux: &[&str]) -> String {
+    Manifest::new()
+        .with(&fixtures::service_principal(NS, name, kind, (client_id, T1), (secret_ns, secret), aux))
+        .with(&fixtures::binding(NS, &format!("{name}-binding"), name, name))
+        .into_string()
 }
 
 fn pod(name: &str, uid: &str, selector: &str) -> String {
-    format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {NS}\n  uid: {uid}\n  labels:\n    aadpodidbinding: {selector}\n---\n")
+    Manifest::new().with(&fixtures::pod(NS, name, uid).bound_to(selector)).into_string()
 }
 
 fn token(node: &Node, pod: &TestPod) -> Fetched {

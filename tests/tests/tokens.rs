@@ -9,6 +9,7 @@ use std::{
 
 use imds_tests::{
     fake_imds::{token_for, Behaviour, FakeIdentity},
+    fixtures::{self, Manifest},
     node::{bound_pods_manifest, curl, pod_uid, run_in_pod, Fetched, Node, TestPod},
     Probe, IMDS_IP,
 };
@@ -104,9 +105,8 @@ fn the_cache_serves_repeats_and_never_outlives_a_binding() {
     assert_eq!(token_from(&node), ["upstream", "cache", "cache"]);
 
     // The binding goes; the token is still cached, and is not served.
-    let only_pod = policy(&[], &[]) + &format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: pod0\n  namespace: {NS}\n  uid: {}\n  labels:\n    aadpodidbinding: sel0\n", web.uid
-    );
+    let only_pod =
+        policy(&[], &[]) + Manifest::new().with(&fixtures::pod(NS, "pod0", &web.uid).bound_to("sel0")).as_str();
     node.write_manifest("policy.yaml", &only_pod);
     let started = Instant::now();
     loop {

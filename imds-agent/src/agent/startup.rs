@@ -6,7 +6,7 @@
 //! - the agent handing over says go before this one writes kernel state;
 //! - another agent on the control socket stops this one before the kernel is touched;
 //! - the listener before the kernel programs: a bad `--listen` leaves no half-installed
-//!   filter;
+//!   filter (only this agent's admission to the bind guard, which it needs to bind);
 //! - an agent taking over installs nothing unless it holds the port it takes over.
 use std::{net::SocketAddr, path::Path};
 
@@ -50,6 +50,8 @@ pub(crate) trait Steps {
     async fn metrics(&mut self, handover: Option<&mut Self::Handover>) -> anyhow::Result<Option<Self::Listener>>;
     /// Installs the kernel programs; `listening`: whether the agent holds its port.
     fn install(&mut self, listening: bool) -> anyhow::Result<Self::Filter>;
+    /// The agent's address, for errors.
+    fn address(&self) -> String;
 }
 
 /// What [`take_node`] took, held for the agent's life.
@@ -80,7 +82,7 @@ pub(crate) async fn take_node<S: Steps>(steps: &mut S) -> anyhow::Result<Taken<S
     let listener = steps.listen(handover.as_mut()).await?;
     if handover.is_some() && listener.is_none() {
         // Installing with redirects refused would refuse what the earlier agent served.
-        bail!("the agent's port is held by another process: cannot take the node over");
+        bail!("{} is held by another process: cannot take the node over", steps.address());
     }
     let metrics = steps.metrics(handover.as_mut()).await?;
     let filter = steps.install(listener.is_some())?;
@@ -158,6 +160,10 @@ impl Steps for OnNode<'_> {
             FilterOptions { agent_cgroup: self.agent_cgroup, listening, agent_netns_cookie, ..filter.clone() };
         Ok(Filter::install(&options)?)
     }
+
+    fn address(&self) -> String {
+        self.config.listen.to_string()
+    }
 }
 
 /// The control socket, or `None` (logged) when it cannot be made: filtering does not depend
@@ -191,6 +197,8 @@ mod tests {
         port_held: bool,
         /// What `install` was told.
         installed_listening: Option<bool>,
+        /// What `control` was told: whether another agent handed over.
+        control_handed_over: Option<bool>,
     }
 
     /// A handover's listening socket, until taken.
@@ -223,7 +231,8 @@ mod tests {
         async fn installing(&mut self, handover: Handover) -> anyhow::Result<Handover> {
             self.step("installing").map(|()| handover)
         }
-        async fn control(&mut self, _: bool) -> anyhow::Result<Option<()>> {
+        async fn control(&mut self, handed_over: bool) -> anyhow::Result<Option<()>> {
+            self.control_handed_over = Some(handed_over);
             self.step("control").map(Some)
         }
         fn admit(&mut self) -> anyhow::Result<()> {
@@ -241,6 +250,9 @@ mod tests {
             self.installed_listening = Some(listening);
             self.step("install")
         }
+        fn address(&self) -> String {
+            "10.0.0.4:8182".to_owned()
+        }
     }
 
     fn take(mut node: Recorder) -> (Recorder, anyhow::Result<Option<&'static str>>) {
@@ -255,6 +267,7 @@ mod tests {
         assert_eq!(taken.unwrap(), Some("bound"));
         assert_eq!(node.steps, ["claim", "control", "admit", "listen", "metrics", "install"]);
         assert_eq!(node.installed_listening, Some(true));
+        assert_eq!(node.control_handed_over, Some(false), "another agent on the control socket is refused");
     }
 
     #[test]
@@ -262,10 +275,11 @@ mod tests {
         let (node, taken) = take(Recorder { handing_over: true, ..Recorder::default() });
         assert_eq!(taken.unwrap(), Some("handed"));
         assert_eq!(node.steps, ["claim", "installing", "control", "admit", "listen", "metrics", "install"]);
+        assert_eq!(node.control_handed_over, Some(true), "the predecessor's control socket is replaced");
     }
 
     #[test]
-    fn each_failure_stops_before_the_kernel_is_touched() {
+    fn each_failure_stops_before_the_filter_is_installed() {
         for (fail_at, handing_over, touched) in [
             ("claim", false, vec!["claim"]),
             // The agent handing over took its duties back.
@@ -275,11 +289,14 @@ mod tests {
             // A bad --listen: admitted to the bind guard, but nothing installed.
             ("listen", false, vec!["claim", "control", "admit", "listen"]),
             ("metrics", false, vec!["claim", "control", "admit", "listen", "metrics"]),
+            ("install", true, vec!["claim", "installing", "control", "admit", "listen", "metrics", "install"]),
         ] {
             let (node, taken) = take(Recorder { fail_at: Some(fail_at), handing_over, ..Recorder::default() });
             assert!(taken.is_err(), "{fail_at}");
             assert_eq!(node.steps, touched, "{fail_at}");
-            assert_eq!(node.installed_listening, None, "{fail_at}: nothing may be installed");
+            if fail_at != "install" {
+                assert_eq!(node.installed_listening, None, "{fail_at}: nothing may be installed");
+            }
         }
     }
 
@@ -293,7 +310,8 @@ mod tests {
         // port: installing would refuse what the earlier agent served.
         let (node, taken) =
             take(Recorder { handing_over: true, no_socket_handed: true, port_held: true, ..Recorder::default() });
-        assert!(taken.is_err());
+        let error = taken.expect_err("not taken over");
+        assert!(error.to_string().starts_with("10.0.0.4:8182 is held by another process"), "{error}");
         assert_eq!(node.steps, ["claim", "installing", "control", "admit", "listen"]);
         assert_eq!(node.installed_listening, None);
     }

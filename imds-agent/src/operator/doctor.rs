@@ -115,7 +115,7 @@ pub fn run(setup: &Setup) -> Report {
         Err(_) => None,
     };
     let kernel = KernelVersion::current().map_err(|e| e.to_string());
-    let mut checks = vec![check_kernel(&kernel), check_btf()];
+    let mut checks = vec![check_kernel(&release(), &kernel), check_btf()];
     checks.push(match &root {
         Ok(root) => Check::pass("cgroup v2", format!("mounted at {}", root.display())),
         Err(e) => Check::fail(
@@ -150,12 +150,19 @@ pub fn run(setup: &Setup) -> Report {
 /// The oldest kernel with every hook the filter uses (`cgroup/getpeername*` came in 5.8).
 const MIN_KERNEL: KernelVersion = KernelVersion::new(5, 8, 0);
 
-fn check_kernel(version: &Result<KernelVersion, String>) -> Check {
+/// The kernel's release as `uname -r` prints it.
+fn release() -> String {
+    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// `release` as `uname -r` says it; `version` as aya reads it (on Ubuntu, the upstream
+/// version behind the distribution's release).
+fn check_kernel(release: &str, version: &Result<KernelVersion, String>) -> Check {
     match version {
-        Ok(v) if *v >= MIN_KERNEL => Check::pass("kernel", format!("Linux {v}")),
+        Ok(v) if *v >= MIN_KERNEL => Check::pass("kernel", format!("Linux {release} ({v})")),
         Ok(v) => Check::fail(
             "kernel",
-            format!("Linux {v} is older than {MIN_KERNEL}"),
+            format!("Linux {release} ({v}) is older than {MIN_KERNEL}"),
             "run a node image with Linux 5.8 or later",
         ),
         Err(e) => Check::warn("kernel", format!("cannot read the kernel's version: {e}"), "check `uname -r`"),
@@ -358,10 +365,10 @@ mod tests {
 
     #[test]
     fn kernels_older_than_5_8_fail() {
-        assert_eq!(check_kernel(&Ok(KernelVersion::new(5, 4, 0))).outcome, Outcome::Fail);
-        assert_eq!(check_kernel(&Ok(KernelVersion::new(5, 8, 0))).outcome, Outcome::Pass);
-        assert_eq!(check_kernel(&Ok(KernelVersion::new(6, 18, 44))).outcome, Outcome::Pass);
-        assert_eq!(check_kernel(&Err("unreadable".into())).outcome, Outcome::Warn);
+        assert_eq!(check_kernel("x", &Ok(KernelVersion::new(5, 4, 0))).outcome, Outcome::Fail);
+        assert_eq!(check_kernel("x", &Ok(KernelVersion::new(5, 8, 0))).outcome, Outcome::Pass);
+        assert_eq!(check_kernel("x", &Ok(KernelVersion::new(6, 18, 44))).outcome, Outcome::Pass);
+        assert_eq!(check_kernel("x", &Err("unreadable".into())).outcome, Outcome::Warn);
     }
 
     #[test]

@@ -71,8 +71,22 @@ pub struct Account {
 impl Account {
     /// The agent's account of itself now.
     fn status(&self) -> AgentStatus {
-        let snapshot = self.snapshot.borrow();
-        let (pods, identities, bindings, exceptions) = snapshot.sizes();
+        // The policy's part first, its lock released before the kernel is asked.
+        let (sizes, uncontained_pods) = {
+            let snapshot = self.snapshot.borrow();
+            let uncontained: Vec<UncontainedPod> = snapshot
+                .pods()
+                .filter_map(|p| {
+                    let why = p.uncontained();
+                    (!why.is_empty()).then(|| UncontainedPod {
+                        pod: format!("{}/{}", p.namespace, p.name),
+                        why: why.into_iter().map(str::to_owned).collect(),
+                    })
+                })
+                .collect();
+            (snapshot.sizes(), uncontained)
+        };
+        let (pods, identities, bindings, exceptions) = sizes;
         let (ready, readiness) = self.telemetry.readiness();
         let source = &self.telemetry.source;
         AgentStatus {
@@ -87,16 +101,7 @@ impl Account {
             source_failing: source.failing(),
             last_sync_unix: source.last_sync_unix(),
             connections_open: self.telemetry.connections_open.get(),
-            uncontained_pods: snapshot
-                .pods()
-                .filter_map(|p| {
-                    let why = p.uncontained();
-                    (!why.is_empty()).then(|| UncontainedPod {
-                        pod: format!("{}/{}", p.namespace, p.name),
-                        why: why.into_iter().map(str::to_owned).collect(),
-                    })
-                })
-                .collect(),
+            uncontained_pods,
             ..self.facts.clone()
         }
     }
