@@ -17,6 +17,7 @@ use crate::{
     operator::control,
     policy::WorkloadMode,
     server::Mode,
+    taint,
     tokens::{cache::CacheConfig, entra},
 };
 
@@ -156,18 +157,45 @@ pub enum Command {
         out: PathBuf,
     },
     /// Detach the kernel filter and remove its pinned state.
-    Uninstall {
-        /// bpffs directory holding the pins.
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        bpffs: PathBuf,
-        /// Then stay idle until terminated (to run as a DaemonSet that uninstalls every node).
-        #[arg(long)]
-        wait: bool,
-    },
+    Uninstall(UninstallArgs),
+    /// Install the kernel filter failing closed (every redirect refused) and exit: for a
+    /// node's boot, before the kubelet starts pods and before the agent runs (a systemd unit
+    /// ordered before kubelet.service; docs/deploy.md). Creates the attach cgroup if the
+    /// kubelet has not yet. The agent takes the same links over when it starts. Does nothing
+    /// while an agent holds the node.
+    Guard(GuardArgs),
+    /// Install the early guard on this node: this binary at /opt/imds-filter/bin, the systemd
+    /// unit imds-filter-guard.service (enabled, wanted by kubelet.service) and its settings
+    /// at /etc/imds-filter/guard.env, all below --root (the DaemonSet's init container sees
+    /// the node's / there). Arguments after `--` are the guard's.
+    InstallGuard(InstallGuardArgs),
 }
 
 #[derive(clap::Args)]
-pub struct RunArgs {
+pub struct UninstallArgs {
+    /// bpffs directory holding the pins.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pub bpffs: PathBuf,
+    /// Then stay idle until terminated (to run as a DaemonSet that uninstalls every node).
+    #[arg(long)]
+    pub wait: bool,
+    /// Put this startup taint (`KEY:NoSchedule`) back on the node once the filter is gone, so
+    /// that new pods wait for the next agent (needs --node-name; the Kubernetes API as for
+    /// `run --kube`).
+    #[arg(long, value_name = "KEY", requires = "node_name")]
+    pub restore_taint: Option<String>,
+    /// This node's name, for --restore-taint.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// kubeconfig file for --restore-taint [default: in-cluster service account, else
+    /// $KUBECONFIG or ~/.kube/config].
+    #[arg(long, value_name = "PATH", requires = "restore_taint")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// Where the kernel filter goes and what it protects: `run` and `guard` alike.
+#[derive(clap::Args, Clone, Debug)]
+pub struct FilterArgs {
     /// cgroup whose processes are filtered [default: kubepods.slice or kubepods under the
     /// cgroup2 mount]. Never the root cgroup.
     #[arg(long)]
@@ -175,6 +203,55 @@ pub struct RunArgs {
     /// bpffs directory for pinned links and maps (mounted at /sys/fs/bpf if needed).
     #[arg(long, default_value = DEFAULT_PIN_DIR)]
     pub bpffs: PathBuf,
+    /// A protected endpoint: TCP to it from pods is judged by their policy and redirected to
+    /// the agent (repeatable; at most 4 ports per address).
+    #[arg(long = "protect", value_name = "ADDR:PORT", default_values_t = [IMDS_ENDPOINT])]
+    pub protected: Vec<SocketAddrV4>,
+    /// An address to protect whole: from pods that are not exceptions, every port and
+    /// protocol to it but the --protect endpoints (which are redirected) is refused. Without
+    /// it, only TCP to the --protect ports of an address is judged, and its other ports and
+    /// UDP (the wire server's DNS, say) are left alone. Repeat for more addresses.
+    #[arg(long = "protect-address", value_name = "ADDR", default_values_t = [*IMDS_ENDPOINT.ip()])]
+    pub protected_addresses: Vec<std::net::Ipv4Addr>,
+    /// Where the node backstop runs: it drops packets to protected addresses that enter the
+    /// node's network namespace from a pod's (made below the socket layer, e.g. with
+    /// AF_PACKET or the pod's own nftables). `auto`: netfilter on Linux ≥ 6.4, else tc.
+    #[arg(long, value_enum, default_value_t = NodeBackstop::Auto)]
+    pub node_backstop: NodeBackstop,
+    /// A NAT64 prefix (a /96, e.g. `2001:db8:64::/96`) whose addresses embedding a protected
+    /// IPv4 address are judged like it (repeatable, at most 3). The well-known `64:ff9b::/96`
+    /// always is.
+    #[arg(long = "nat64-prefix", value_name = "PREFIX/96", value_parser = crate::kernel::parse_nat64_prefix)]
+    pub nat64_prefixes: Vec<std::net::Ipv6Addr>,
+}
+
+/// `imds-agent guard`: the filter, failing closed, before the kubelet starts pods.
+#[derive(clap::Args)]
+pub struct GuardArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// The agent's address, whose port the filter keeps for the agent [default: $HOST_IP:8182].
+    #[arg(long, env = "IMDS_AGENT_LISTEN")]
+    pub listen: Option<SocketAddrV4>,
+}
+
+#[derive(clap::Args)]
+pub struct InstallGuardArgs {
+    /// The node's root directory, as this process sees it.
+    #[arg(long, value_name = "DIR", default_value = "/host")]
+    pub root: PathBuf,
+    /// The node's address (the agent's listen address's), for the guard's settings.
+    #[arg(long, env = "HOST_IP")]
+    pub host_ip: std::net::Ipv4Addr,
+    /// The guard's own arguments (`imds-agent guard --help`).
+    #[arg(last = true, value_name = "GUARD ARGS")]
+    pub guard_args: Vec<String>,
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
     /// Address the agent listens on; redirected connections are rewritten to it, so it must
     /// be reachable from the pods' network namespaces [default: $HOST_IP:8182, the node's
     /// address from the downward API].
@@ -195,6 +272,11 @@ pub struct RunArgs {
     /// This node's name, for --kube (the DaemonSet sets NODE_NAME from the downward API).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// With --kube, once ready (programs attached, policy synced, serving), remove this
+    /// taint from the node, which is registered with it so that pods wait for the filter
+    /// (docs/deploy.md). Empty: leave the node's taints alone.
+    #[arg(long, value_name = "KEY", default_value = taint::DEFAULT_KEY)]
+    pub startup_taint: String,
     /// The real metadata service, called only after a request is authorised.
     #[arg(long, default_value_t = IMDS_ENDPOINT)]
     pub upstream: SocketAddrV4,
@@ -255,26 +337,6 @@ pub struct RunArgs {
     /// has handed the node over, a restart of its container does not take the node back.
     #[arg(long, env = "POD_UID", value_name = "UID")]
     pub pod_uid: Option<String>,
-    /// A protected endpoint: TCP to it from pods is judged by their policy and redirected to
-    /// the agent (repeatable; at most 4 ports per address).
-    #[arg(long = "protect", value_name = "ADDR:PORT", default_values_t = [IMDS_ENDPOINT])]
-    pub protected: Vec<SocketAddrV4>,
-    /// An address to protect whole: from pods that are not exceptions, every port and
-    /// protocol to it but the --protect endpoints (which are redirected) is refused. Without
-    /// it, only TCP to the --protect ports of an address is judged, and its other ports and
-    /// UDP (the wire server's DNS, say) are left alone. Repeat for more addresses.
-    #[arg(long = "protect-address", value_name = "ADDR", default_values_t = [*IMDS_ENDPOINT.ip()])]
-    pub protected_addresses: Vec<std::net::Ipv4Addr>,
-    /// Where the node backstop runs: it drops packets to protected addresses that enter the
-    /// node's network namespace from a pod's (made below the socket layer, e.g. with
-    /// AF_PACKET or the pod's own nftables). `auto`: netfilter on Linux ≥ 6.4, else tc.
-    #[arg(long, value_enum, default_value_t = NodeBackstop::Auto)]
-    pub node_backstop: NodeBackstop,
-    /// A NAT64 prefix (a /96, e.g. `2001:db8:64::/96`) whose addresses embedding a protected
-    /// IPv4 address are judged like it (repeatable, at most 3). The well-known `64:ff9b::/96`
-    /// always is.
-    #[arg(long = "nat64-prefix", value_name = "PREFIX/96", value_parser = crate::kernel::parse_nat64_prefix)]
-    pub nat64_prefixes: Vec<std::net::Ipv6Addr>,
     /// Verdict for cgroups the agent has no entry for.
     #[arg(long, value_enum, default_value_t = DefaultVerdict::Redirect)]
     pub default_verdict: DefaultVerdict,
@@ -387,7 +449,7 @@ mod tests {
         );
         assert_eq!(every.pod_grace, Duration::from_millis(500));
         assert_eq!(every.allow_paths.len(), 2);
-        assert_eq!((every.max_connections, every.protected.len()), (8192, 1));
+        assert_eq!((every.max_connections, every.filter.protected.len()), (8192, 1));
 
         // Every variable the container sets is one the agent reads.
         let run = Cli::command().find_subcommand("run").unwrap().clone();
@@ -402,5 +464,28 @@ mod tests {
         for name in set {
             assert!(read.iter().any(|r| r == name), "the DaemonSet sets {name}, which the agent never reads");
         }
+    }
+
+    #[test]
+    fn the_early_guards_installer_passes_arguments_the_guard_accepts() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/helm/every-option.yaml");
+        let documents: Vec<Value> = serde_saphyr::from_multiple(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let daemonset = documents.into_iter().find(|d| d["kind"] == "DaemonSet").expect("a DaemonSet");
+        let installer = &daemonset["spec"]["template"]["spec"]["initContainers"][0];
+        let mut args = kubelet_args(installer);
+        // HOST_IP comes from the downward API, as the container's env says.
+        assert_eq!(installer["env"][0]["name"], "HOST_IP");
+        args.insert(1, "--host-ip=10.0.0.4".to_owned());
+        let cli = Cli::try_parse_from(std::iter::once("imds-agent".to_owned()).chain(args.iter().cloned()))
+            .unwrap_or_else(|e| panic!("{args:?} do not parse: {e}"));
+        let Command::InstallGuard(install) = cli.command else { panic!("not `install-guard`: {args:?}") };
+        assert_eq!(install.root, PathBuf::from("/host"));
+        let guard = ["imds-agent", "guard"].into_iter().map(str::to_owned).chain(install.guard_args.iter().cloned());
+        let Command::Guard(guard) = Cli::try_parse_from(guard).expect("the guard's arguments parse").command else {
+            panic!("not `guard`")
+        };
+        assert_eq!(guard.listen, Some("10.0.0.4:18182".parse().unwrap()));
+        assert!(matches!(guard.filter.node_backstop, NodeBackstop::Tc));
+        assert_eq!(guard.filter.nat64_prefixes.len(), 1);
     }
 }

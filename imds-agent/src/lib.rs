@@ -1,7 +1,9 @@
 //! The IMDS filter agent as a library: the binary (`main.rs`) and the privileged tests use it.
 //!
 //! [`cli`] is the command line; [`agent`] the agent's start-up and life, over the modules
-//! below ([`succession`] and [`handover`]: how an agent takes a node and gives it up).
+//! below ([`succession`] and [`handover`]: how an agent takes a node and gives it up;
+//! [`taint`]: the node's startup taint, removed once the agent is ready; [`guard`]: the
+//! filter, failing closed, before the kubelet starts pods on a booting node).
 //!
 //! Data flows top to bottom:
 //! - [`kernel`]: load, attach and keep the eBPF programs; steer them through their maps;
@@ -28,6 +30,7 @@ pub mod cli;
 pub mod crds;
 pub(crate) mod decisions;
 pub(crate) mod events;
+pub mod guard;
 pub(crate) mod handover;
 pub mod imds;
 pub mod kernel;
@@ -37,6 +40,7 @@ pub(crate) mod secrets;
 pub mod server;
 pub mod sources;
 pub(crate) mod succession;
+pub(crate) mod taint;
 pub(crate) mod telemetry;
 pub mod tokens;
 pub(crate) mod upstream;

@@ -6,8 +6,8 @@ use clap::Parser as _;
 use imds_agent::{
     agent,
     cli::{listen_address, Cli, Command, LogFormat},
-    kernel,
-    operator::{self, control::client::Client, doctor, explain, print_and_exit, status},
+    guard,
+    operator::{self, control::client::Client, doctor, explain, print_and_exit, status, uninstall},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -48,20 +48,27 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::GenerateDocs { out } => operator::generate_docs(&out),
-        Command::Uninstall { bpffs, wait } => {
-            let done = kernel::uninstall(&bpffs)?;
-            if done.links.is_empty() && done.maps.is_empty() && done.backstop.is_empty() {
-                println!("nothing installed under {}", bpffs.display());
-            } else {
-                println!(
-                    "detached {} link(s) and removed {} map pin(s) from {}; node backstop removed: {}",
-                    done.links.len(),
-                    done.maps.len(),
-                    bpffs.display(),
-                    if done.backstop.is_empty() { "none found".to_owned() } else { done.backstop.join(", ") }
-                );
+        Command::Guard(args) => {
+            match guard::run(&args)? {
+                guard::Guarded::Installed { cgroup, created } => println!(
+                    "filter in place on {}{}, refusing every redirect until the agent listens",
+                    cgroup.display(),
+                    if created { " (created it)" } else { "" }
+                ),
+                guard::Guarded::AgentServing => println!("an agent holds this node's filter: nothing to guard"),
             }
-            if wait {
+            Ok(())
+        }
+        Command::InstallGuard(args) => {
+            let paths = guard::InstallPaths { root: args.root };
+            for file in guard::install(&paths, args.host_ip, &args.guard_args)? {
+                println!("wrote {}", file.display());
+            }
+            Ok(())
+        }
+        Command::Uninstall(args) => {
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(uninstall::run(&args))?;
+            if args.wait {
                 println!("uninstalled; idle until terminated");
                 loop {
                     std::thread::park();

@@ -10,6 +10,9 @@
 //!   `ERROR` event with a `410 Expired` Status, after which clients list again;
 //! - metadata-only requests (`Accept: …;as=PartialObjectMetadataList…`) answered with
 //!   `PartialObjectMetadata` objects, as kube's metadata watches ask;
+//! - `PATCH` of one object with a JSON merge patch (`application/merge-patch+json`), which a
+//!   `metadata.resourceVersion` in the patch makes conditional: another version gets the API
+//!   server's `409 Conflict`;
 //! - `GET /version`; `POST`/`PATCH` of `events.k8s.io/v1` Events, recorded for the test;
 //! - while "down", every request gets a `503` Status and open watches end.
 use std::{
@@ -31,6 +34,7 @@ use crate::http_server::HttpServer;
 
 /// The kinds the fake stores: (apiVersion, kind, collection path).
 const KINDS: &[(&str, &str, &str)] = &[
+    ("v1", "Node", "/api/v1/nodes"),
     ("v1", "Pod", "/api/v1/pods"),
     ("v1", "ServiceAccount", "/api/v1/serviceaccounts"),
     ("v1", "Secret", "/api/v1/secrets"),
@@ -63,6 +67,8 @@ struct State {
     /// Watches from a resourceVersion below this get 410.
     compacted_to: u64,
     down: bool,
+    /// Patches to refuse with 409 before applying any, as if the object changed meanwhile.
+    conflicts: usize,
     requests: Vec<String>,
     events: Vec<Value>,
 }
@@ -135,6 +141,21 @@ impl FakeKube {
     pub fn set_down(&self, down: bool) {
         self.state.lock().unwrap().down = down;
         self.changed.send_modify(|_| {});
+    }
+
+    /// Refuses the next `n` patches with `409 Conflict`, as the API server does when the
+    /// object changed after the client read it.
+    pub fn conflict_next_patches(&self, n: usize) {
+        self.state.lock().unwrap().conflicts = n;
+    }
+
+    /// The stored object `name` of `api_version` `kind` in `namespace` ("" for cluster-scoped
+    /// kinds), if there is one.
+    pub fn get(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        let probe =
+            json!({"apiVersion": api_version, "kind": kind, "metadata": {"namespace": namespace, "name": name}});
+        let s = self.state.lock().unwrap();
+        s.objects.get(collection_of(&probe)).and_then(|c| c.get(&key_of(&probe))).cloned()
     }
 
     /// Every request so far, as `METHOD path?query`.
@@ -265,6 +286,16 @@ async fn answer(state: Arc<Mutex<State>>, changed: &watch::Sender<u64>, req: Req
         state.lock().unwrap().events.push(event.clone());
         return json_response(StatusCode::CREATED, &event);
     }
+    if req.method() == Method::PATCH {
+        if let Some(target) = target(&path).filter(|t| t.name.is_some()) {
+            let merge = req
+                .headers()
+                .get(http::header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/merge-patch+json"));
+            let body = req.into_body().collect().await.map(http_body_util::Collected::to_bytes).unwrap_or_default();
+            return patch(&state, changed, &target, merge, &body);
+        }
+    }
     let Some(target) = target(&path).filter(|_| req.method() == Method::GET) else {
         let code = StatusCode::NOT_FOUND;
         return json_response(code, &status(code, "NotFound", &format!("the server could not find {path}")));
@@ -305,6 +336,65 @@ async fn answer(state: Arc<Mutex<State>>, changed: &watch::Sender<u64>, req: Req
         &json!({"apiVersion": api_version, "kind": format!("{kind}List"),
                 "metadata": {"resourceVersion": s.rv.to_string()}, "items": items}),
     )
+}
+
+/// A merge patch of one stored object: conditional on a `metadata.resourceVersion` in it.
+fn patch(
+    state: &Mutex<State>,
+    changed: &watch::Sender<u64>,
+    target: &Target,
+    merge: bool,
+    body: &[u8],
+) -> Response<Body> {
+    let unsupported = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+    if !merge {
+        return json_response(unsupported, &status(unsupported, "UnsupportedMediaType", "only merge patches here"));
+    }
+    let Ok(patch) = serde_json::from_slice::<Value>(body) else {
+        let bad = StatusCode::BAD_REQUEST;
+        return json_response(bad, &status(bad, "BadRequest", "the patch is not JSON"));
+    };
+    let key = (target.namespace.clone().unwrap_or_default(), target.name.clone().unwrap_or_default());
+    let mut s = state.lock().unwrap();
+    let Some(mut object) = s.objects.get(target.collection).and_then(|c| c.get(&key)).cloned() else {
+        let code = StatusCode::NOT_FOUND;
+        return json_response(code, &status(code, "NotFound", &format!("{} {:?} not found", target.kind, key.1)));
+    };
+    let wanted = patch.pointer("/metadata/resourceVersion").and_then(Value::as_str);
+    let outdated = wanted.is_some_and(|v| Some(v) != object["metadata"]["resourceVersion"].as_str());
+    if s.conflicts > 0 || outdated {
+        s.conflicts = s.conflicts.saturating_sub(1);
+        let code = StatusCode::CONFLICT;
+        let message = "the object has been modified; please apply your changes to the latest version and try again";
+        return json_response(code, &status(code, "Conflict", message));
+    }
+    merge_patch(&mut object, &patch);
+    s.rv += 1;
+    object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+    s.objects.entry(target.collection).or_default().insert(key, object.clone());
+    let rv = s.rv;
+    s.history.push(Change { rv, collection: target.collection, kind: "MODIFIED", object: object.clone() });
+    drop(s);
+    changed.send_replace(rv);
+    json_response(StatusCode::OK, &object)
+}
+
+/// RFC 7386: objects merge member by member, `null` removes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(members) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    for (name, value) in members {
+        if value.is_null() {
+            target.as_object_mut().map(|o| o.remove(name));
+        } else {
+            merge_patch(&mut target[name], value);
+        }
+    }
 }
 
 /// An object as a metadata-only request sees it.

@@ -11,12 +11,12 @@ use anyhow::Context as _;
 use crate::{
     cli::{listen_address, RunArgs},
     imds::PathRules,
-    kernel::{cgroup, FilterOptions},
+    kernel::{self, cgroup, FilterOptions},
     operator::{explain, status::AgentStatus},
     policy::WorkloadSettings,
     server::Mode,
     succession::RetiredMark,
-    tokens::{budget::BudgetConfig, cache::CacheConfig, TokenConfig},
+    tokens::{budget::BudgetConfig, cache::CacheConfig, entra::Entra, TokenConfig},
 };
 
 /// Everything the agent's start-up needs to know, resolved: where it listens, which cgroup
@@ -41,6 +41,8 @@ pub struct Config {
     pub manifests: Option<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
     pub node_name: Option<String>,
+    /// The taint removed from the node once the agent is ready (`--kube` only).
+    pub startup_taint: Option<String>,
     pub workload: WorkloadSettings,
     /// The metadata service the agent asks.
     pub upstream: SocketAddrV4,
@@ -65,26 +67,31 @@ impl TryFrom<RunArgs> for Config {
     fn try_from(args: RunArgs) -> anyhow::Result<Config> {
         let listen = listen_address(args.listen)?;
         let cgroup_root = cgroup::cgroup2_root()?;
-        let attach_cgroup = match &args.attach_cgroup {
+        let attach_cgroup = match &args.filter.attach_cgroup {
             Some(path) => path.clone(),
             None => cgroup::default_attach_cgroup(&cgroup_root)?,
         };
         let attach_cgroup = cgroup::validate_attach_cgroup(&cgroup_root, &attach_cgroup)
             .with_context(|| format!("--attach-cgroup {}", attach_cgroup.display()))?;
+        // Checked now, before the node is claimed: what install and the token path would
+        // refuse later.
+        kernel::group_endpoints(&args.filter.protected, &args.filter.protected_addresses)?;
+        kernel::nat64_table(&args.filter.nat64_prefixes)?;
+        Entra::new(&args.authority_host).with_context(|| format!("--authority-host {}", args.authority_host))?;
         let filter = FilterOptions {
             attach_cgroup,
-            pin_dir: args.bpffs.clone(),
+            pin_dir: args.filter.bpffs.clone(),
             agent: listen,
-            protected: args.protected,
-            protected_addresses: args.protected_addresses,
+            protected: args.filter.protected,
+            protected_addresses: args.filter.protected_addresses,
             default_verdict: args.default_verdict.into(),
             agent_cgroup: 0,
             listening: true,
             agent_netns_cookie: 0,
             kernel_log_level: log::max_level(),
             origin_ttl: Duration::from_secs(args.origin_ttl),
-            node_backstop: args.node_backstop,
-            nat64_prefixes: args.nat64_prefixes,
+            node_backstop: args.filter.node_backstop,
+            nat64_prefixes: args.filter.nat64_prefixes,
         };
         Ok(Config {
             listen,
@@ -97,6 +104,7 @@ impl TryFrom<RunArgs> for Config {
             manifests: args.manifests,
             kubeconfig: args.kubeconfig,
             node_name: args.node_name,
+            startup_taint: Some(args.startup_taint).filter(|key| !key.is_empty()),
             workload: WorkloadSettings { mode: args.workload_identity, default_tenant: args.tenant_id },
             upstream: args.upstream,
             authority_host: args.authority_host,

@@ -27,6 +27,7 @@ use crate::{
     server::{self, limits::ConnectionLimits, listener, AgentState},
     sources::PolicySource,
     succession::{AgentDuties, Handing},
+    taint,
     telemetry::{self, SourceStatus, Telemetry},
     tokens::{entra::Entra, TokenService},
     upstream::{Upstream, IMDS_TIMEOUT},
@@ -74,11 +75,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let policy =
         PolicySource::check(config.manifests.as_deref(), config.node_name.clone(), config.kubeconfig.as_deref())
             .await?;
-    let (events, secrets_client) = match &policy {
-        PolicySource::Kube { client, node } => {
-            (Some(events::start(client.clone(), Some(node.clone()))), Some(client.clone()))
-        }
-        PolicySource::Manifests { .. } => (None, None),
+    let (events, secrets_client, node) = match &policy {
+        PolicySource::Kube { client, node } => (
+            Some(events::start(client.clone(), Some(node.clone()))),
+            Some(client.clone()),
+            Some((client.clone(), node.clone())),
+        ),
+        PolicySource::Manifests { .. } => (None, None, None),
     };
     // The policy loads while the agent waits for the node's filter: a successor takes over
     // only once it can decide.
@@ -100,27 +103,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     // Not ready until it accepts: the DaemonSet controller stops the old pod once this is.
     telemetry.taking_over(taken.is_some());
-    if let Some(control) = control {
-        let account = control::server::Account {
-            facts: config.facts(),
-            settings: config.explain_settings(),
-            snapshot: updates.clone(),
-            telemetry: Arc::clone(&telemetry),
-        };
-        control::server::serve(control, account);
-    }
     // Kept here as well as in the duties: without a sender, the accept loops would take the
     // channel's closing for a drain.
     let drain = Arc::new(watch::Sender::new(false));
     let draining = drain.subscribe();
-    let metrics = match metrics {
-        Some(metrics) => {
-            let handed = metrics.as_fd().try_clone_to_owned().context("holding the metrics socket")?;
-            telemetry::serve(metrics, Arc::clone(&telemetry), draining.clone());
-            Some(handed)
-        }
-        None => None,
-    };
+    let metrics = serve_operators(&config, control, metrics, &telemetry, &updates, &draining)?;
     // Held here, shared with the handover's duties, which let it go on retiring.
     let lock = Arc::new(Mutex::new(Some(lock)));
     let handing = Arc::new(Handing::default());
@@ -140,6 +127,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let parts = AgentParts { updates, secrets_client, origins, telemetry, events, draining };
     let state = agent_state(&config, parts)?;
+    if let (Some((client, node)), Some(key)) = (node, config.startup_taint.clone()) {
+        let telemetry = Arc::clone(&state.telemetry);
+        tokio::spawn(taint::remove_when_ready(client, node, key, move || telemetry.readiness().0));
+    }
     let listen = config.listen;
     let serving = async {
         let listener = match listener {
@@ -174,6 +165,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     stop(&state, &handing, &mut redirects).await;
     drop(lock);
     Ok(())
+}
+
+/// Answers the control socket (the agent's account of itself) and the metrics port; returns
+/// a hold on the metrics socket, for the next agent.
+fn serve_operators(
+    config: &Config,
+    control: Option<tokio::net::UnixListener>,
+    metrics: Option<TcpListener>,
+    telemetry: &Arc<Telemetry>,
+    updates: &watch::Receiver<Arc<Snapshot>>,
+    draining: &watch::Receiver<bool>,
+) -> anyhow::Result<Option<OwnedFd>> {
+    if let Some(control) = control {
+        let account = control::server::Account {
+            facts: config.facts(),
+            settings: config.explain_settings(),
+            snapshot: updates.clone(),
+            telemetry: Arc::clone(telemetry),
+        };
+        control::server::serve(control, account);
+    }
+    let Some(metrics) = metrics else { return Ok(None) };
+    let handed = metrics.as_fd().try_clone_to_owned().context("holding the metrics socket")?;
+    telemetry::serve(metrics, Arc::clone(telemetry), draining.clone());
+    Ok(Some(handed))
 }
 
 /// On `SIGTERM`: a handed-over agent finishes draining and leaves the filter to its

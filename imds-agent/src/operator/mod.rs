@@ -1,6 +1,6 @@
 //! The operator's commands: `imds-agent status` (is this node protected?), `explain` (the
 //! policy simulator), `doctor` (can this node run the filter?), `health` (the kubelet's
-//! probes), and the [`control`] socket the running agent answers them on.
+//! probes), `uninstall`, and the [`control`] socket the running agent answers them on.
 //!
 //! Each command judges in a pure function ([`status::assess`], [`explain::explain`], the
 //! parsers in [`doctor`]) and gathers its inputs (pins, cgroupfs, the control socket) in one
@@ -15,6 +15,7 @@ pub mod control;
 pub mod doctor;
 pub mod explain;
 pub mod status;
+pub mod uninstall;
 
 /// Prints `result` as `output` asks and exits: with `exit` of the answer, or 3 (and the
 /// error on stderr) when there is none.
