@@ -191,6 +191,10 @@ pub struct UninstallArgs {
     /// $KUBECONFIG or ~/.kube/config].
     #[arg(long, value_name = "PATH", requires = "restore_taint")]
     pub kubeconfig: Option<PathBuf>,
+    /// Also remove the early guard `install-guard` put below ROOT (the node's / as this
+    /// process sees it): without it, the next boot attaches a filter no agent takes over.
+    #[arg(long, value_name = "ROOT")]
+    pub remove_guard: Option<PathBuf>,
 }
 
 /// Where the kernel filter goes and what it protects: `run` and `guard` alike.

@@ -3,11 +3,12 @@
 //! it; the agent removes it from its own node once it is ready (programs attached, policy
 //! synced, serving), and `imds-agent uninstall` puts it back.
 //!
-//! Its effect is `NoSchedule`: pods that do not tolerate it are not placed on the node, and
-//! pods already running are left alone. `NoExecute` would also evict them whenever the
-//! taint comes back (an uninstall), emptying the node; `PreferNoSchedule` would not keep
-//! them off at all. `DaemonSets` that tolerate every taint (the agent's own among them) still
-//! run, which the agent's first, fail-closed install covers.
+//! Nodes are best registered with it as `NoExecute`: the kubelet itself refuses pods that
+//! do not tolerate a `NoExecute` taint, even those that name the node and bypass the
+//! scheduler, and on a node that is just registering there is nothing to evict. The agent
+//! removes the key whatever its effect. `uninstall` puts it back as `NoSchedule`, which keeps
+//! new pods from being scheduled without evicting the running ones. Pods that tolerate every
+//! taint still start, unfiltered until the agent's first install.
 //!
 //! The changes are merge patches of `spec.taints` carrying the Node's `resourceVersion`, so
 //! a taint another controller adds meanwhile is never lost: the API server refuses the patch
@@ -102,6 +103,13 @@ pub(crate) async fn remove_when_ready(client: Client, node: String, key: String,
     let mut pause = Duration::from_secs(1);
     loop {
         match remove(client.clone(), &node, &key).await {
+            // Not allowed (RBAC, or the node-restriction policy): asking again will not help.
+            Err(TaintError::Api { source: kube::Error::Api(status), .. }) if status.code == 403 => {
+                return tracing::error!(
+                    %node, taint = %key, reason = %status.message,
+                    "not allowed to remove the startup taint; pods that do not tolerate it stay off this node"
+                );
+            }
             Ok(true) => {
                 return tracing::info!(%node, taint = %key, "ready: removed the startup taint; pods may be scheduled here")
             }

@@ -67,8 +67,10 @@ struct State {
     /// Watches from a resourceVersion below this get 410.
     compacted_to: u64,
     down: bool,
-    /// Patches to refuse with 409 before applying any, as if the object changed meanwhile.
-    conflicts: usize,
+    /// A change another client makes to an object just before the next patch of it arrives.
+    interposed: Option<Value>,
+    /// The bodies of the patches received.
+    patches: Vec<Value>,
     requests: Vec<String>,
     events: Vec<Value>,
 }
@@ -143,10 +145,15 @@ impl FakeKube {
         self.changed.send_modify(|_| {});
     }
 
-    /// Refuses the next `n` patches with `409 Conflict`, as the API server does when the
-    /// object changed after the client read it.
-    pub fn conflict_next_patches(&self, n: usize) {
-        self.state.lock().unwrap().conflicts = n;
+    /// Makes `change` (a merge patch) to the object the next patch is for, just before that
+    /// patch is applied: another client writing between the patcher's read and its write.
+    pub fn change_before_next_patch(&self, change: Value) {
+        self.state.lock().unwrap().interposed = Some(change);
+    }
+
+    /// The bodies of the patches received so far.
+    pub fn patches(&self) -> Vec<Value> {
+        self.state.lock().unwrap().patches.clone()
     }
 
     /// The stored object `name` of `api_version` `kind` in `namespace` ("" for cluster-scoped
@@ -356,14 +363,21 @@ fn patch(
     };
     let key = (target.namespace.clone().unwrap_or_default(), target.name.clone().unwrap_or_default());
     let mut s = state.lock().unwrap();
+    s.patches.push(patch.clone());
     let Some(mut object) = s.objects.get(target.collection).and_then(|c| c.get(&key)).cloned() else {
         let code = StatusCode::NOT_FOUND;
         return json_response(code, &status(code, "NotFound", &format!("{} {:?} not found", target.kind, key.1)));
     };
+    if let Some(change) = s.interposed.take() {
+        merge_patch(&mut object, &change);
+        s.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+        s.objects.entry(target.collection).or_default().insert(key.clone(), object.clone());
+        let rv = s.rv;
+        s.history.push(Change { rv, collection: target.collection, kind: "MODIFIED", object: object.clone() });
+    }
     let wanted = patch.pointer("/metadata/resourceVersion").and_then(Value::as_str);
-    let outdated = wanted.is_some_and(|v| Some(v) != object["metadata"]["resourceVersion"].as_str());
-    if s.conflicts > 0 || outdated {
-        s.conflicts = s.conflicts.saturating_sub(1);
+    if wanted.is_some_and(|v| Some(v) != object["metadata"]["resourceVersion"].as_str()) {
         let code = StatusCode::CONFLICT;
         let message = "the object has been modified; please apply your changes to the latest version and try again";
         return json_response(code, &status(code, "Conflict", message));

@@ -317,8 +317,8 @@ fn taint_keys(api: &FakeKube) -> Vec<String> {
 
 // Issue #16: pods wait for the filter on a new node. The node is registered with the startup
 // taint; the agent removes it once ready, never before, without losing a taint another
-// controller holds (even when the node changes between its read and its write), and
-// `uninstall --restore-taint` puts it back.
+// controller adds between the agent's read and its write, and `uninstall --restore-taint`
+// puts it back.
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn the_startup_taint_goes_once_the_agent_is_ready_and_comes_back_on_uninstall() {
@@ -328,28 +328,36 @@ fn the_startup_taint_goes_once_the_agent_is_ready_and_comes_back_on_uninstall() 
     let not_ready = "node.kubernetes.io/not-ready";
     api.apply(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": KUBE_NODE},
                      "spec": {"taints": [{"key": not_ready, "effect": "NoExecute"},
-                                         {"key": STARTUP_TAINT, "effect": "NoSchedule"}]}}));
+                                         {"key": STARTUP_TAINT, "effect": "NoExecute"}]}}));
     api.apply(identity("blob", &blob));
     api.apply(binding("blob-binding", "blob", "blob"));
     let web_uid = pod_uid();
     api.apply(pod("web", &web_uid, KUBE_NODE, &json!({"aadpodidbinding": "blob"})));
     let web = node.pod(&web_uid);
-    // The node changes between the agent's read and its write, once.
-    api.conflict_next_patches(1);
+    // Another controller taints the node between the agent's read and its write.
+    let cordoned = "node.kubernetes.io/unschedulable";
+    api.change_before_next_patch(json!({"spec": {"taints": [
+        {"key": not_ready, "effect": "NoExecute"},
+        {"key": STARTUP_TAINT, "effect": "NoExecute"},
+        {"key": cordoned, "effect": "NoSchedule"}]}}));
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = api.kubeconfig(dir.path());
     let metrics = SocketAddr::from(METRICS).to_string();
     node.start_agent_kube(&kubeconfig, &["--metrics", &metrics]);
 
-    eventually("the startup taint is removed", || taint_keys(&api) == [not_ready]);
+    eventually("the startup taint is removed", || taint_keys(&api) == [not_ready, cordoned]);
     let messages: Vec<String> =
         node.agent().log_lines().iter().filter_map(|l| l["message"].as_str().map(str::to_owned)).collect();
     let position = |m: &str| messages.iter().position(|l| l.starts_with(m));
     let (serving, removed) = (position(imds_tests::AGENT_READY), position("ready: removed the startup taint"));
     assert!(serving.is_some() && removed > serving, "removed only once serving: {messages:?}");
     assert_eq!(readyz(&node).0, 200, "and ready");
-    let patches = api.requests().into_iter().filter(|r| r.starts_with("PATCH /api/v1/nodes/")).count();
-    assert_eq!(patches, 2, "the refused patch was tried again after reading the node again");
+    let patches = api.patches();
+    assert_eq!(patches.len(), 2, "the refused patch was tried again after reading the node again: {patches:?}");
+    assert!(
+        patches.iter().all(|p| p["metadata"]["resourceVersion"].is_string()),
+        "every patch is conditional on the version read: {patches:?}"
+    );
     assert!(is_token_of(&token(&node, &web, ""), &blob), "the node serves");
 
     // Uninstalled: the taint is back, after the other one, so that new pods wait again.
@@ -369,8 +377,8 @@ fn the_startup_taint_goes_once_the_agent_is_ready_and_comes_back_on_uninstall() 
     ];
     let (_, out) = imds_tests::run_in(&node.ns, &node.root, &uninstall);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(taint_keys(&api), [not_ready, STARTUP_TAINT]);
+    assert_eq!(taint_keys(&api), [not_ready, cordoned, STARTUP_TAINT]);
     let node_object = api.get("v1", "Node", "", KUBE_NODE).expect("the node");
-    assert_eq!(node_object["spec"]["taints"][1]["effect"], "NoSchedule");
+    assert_eq!(node_object["spec"]["taints"][2]["effect"], "NoSchedule");
     drop(web);
 }

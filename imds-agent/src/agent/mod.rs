@@ -127,10 +127,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let parts = AgentParts { updates, secrets_client, origins, telemetry, events, draining };
     let state = agent_state(&config, parts)?;
-    if let (Some((client, node)), Some(key)) = (node, config.startup_taint.clone()) {
-        let telemetry = Arc::clone(&state.telemetry);
-        tokio::spawn(taint::remove_when_ready(client, node, key, move || telemetry.readiness().0));
-    }
+    let untaint = match (node, config.startup_taint.clone()) {
+        (Some((client, node)), Some(key)) => Some((client, node, key)),
+        _ => None,
+    };
     let listen = config.listen;
     let serving = async {
         let listener = match listener {
@@ -144,6 +144,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tokio::task::spawn_blocking(move || taken.serving()).await?;
             state.telemetry.taking_over(false);
             tracing::info!(predecessor = from, "took the node over from the earlier agent, which drains");
+        }
+        // Only now that it holds its port (and serves once ready) may the node's startup
+        // taint go.
+        if let Some((client, node, key)) = untaint {
+            let telemetry = Arc::clone(&state.telemetry);
+            tokio::spawn(taint::remove_when_ready(client, node, key, move || telemetry.readiness().0));
         }
         offer_handover(&config.handover_socket, &listener, metrics, duties);
         tracing::info!(listen = %listen, agent_cgroup = %own, "filter installed; serving redirected connections");

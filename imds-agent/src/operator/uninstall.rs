@@ -1,9 +1,9 @@
-//! `imds-agent uninstall`: detach the kernel filter, remove its pins, and (with
-//! `--restore-taint`) put the startup taint back on the node, so that new pods wait for the
-//! next agent.
+//! `imds-agent uninstall`: detach the kernel filter, remove its pins, (with `--remove-guard`)
+//! the early guard, and (with `--restore-taint`) put the startup taint back on the node, so
+//! that new pods wait for the next agent.
 use anyhow::Context as _;
 
-use crate::{cli::UninstallArgs, kernel, sources, taint};
+use crate::{cli::UninstallArgs, guard, kernel, sources, taint};
 
 /// Uninstalls as `args` say; prints what was done.
 ///
@@ -21,6 +21,15 @@ pub async fn run(args: &UninstallArgs) -> anyhow::Result<()> {
             args.bpffs.display(),
             if done.backstop.is_empty() { "none found".to_owned() } else { done.backstop.join(", ") }
         );
+    }
+    if let Some(root) = &args.remove_guard {
+        let removed = guard::remove(&guard::InstallPaths { root: root.clone() })?;
+        if removed.is_empty() {
+            println!("no early guard installed below {}", root.display());
+        }
+        for file in removed {
+            println!("removed {}", file.display());
+        }
     }
     if let (Some(key), Some(node)) = (&args.restore_taint, &args.node_name) {
         let client = sources::kube_client(args.kubeconfig.as_deref()).await?;
