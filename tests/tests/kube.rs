@@ -346,6 +346,10 @@ fn the_startup_taint_goes_once_the_agent_is_ready_and_comes_back_on_uninstall() 
     node.start_agent_kube(&kubeconfig, &["--metrics", &metrics]);
 
     eventually("the startup taint is removed", || taint_keys(&api) == [not_ready, cordoned]);
+    // The agent logs the removal once the API server has answered: wait for the line.
+    let said =
+        |m: &str| node.agent().log_lines().iter().any(|l| l["message"].as_str().is_some_and(|l| l.starts_with(m)));
+    eventually("the agent says it removed the taint", || said("ready: removed the startup taint"));
     let messages: Vec<String> =
         node.agent().log_lines().iter().filter_map(|l| l["message"].as_str().map(str::to_owned)).collect();
     let position = |m: &str| messages.iter().position(|l| l.starts_with(m));
