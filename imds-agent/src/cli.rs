@@ -318,6 +318,11 @@ pub struct RunArgs {
     /// How long a request from a pod the policy does not know yet waits before a retryable 404.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     pub pod_grace: Duration,
+    /// With `--kube`: a request from a pod the watch has not brought yet makes the agent list
+    /// the node's pods from the API server's cache, one list at a time and at most one per
+    /// this interval. `0s` turns lookups off (such requests wait for the watch).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "500ms")]
+    pub pod_lookup_interval: Duration,
     /// Forward GET requests for metadata paths under this prefix (repeatable). By default no
     /// path but the token endpoint is served.
     #[arg(long = "allow-path", value_name = "PREFIX")]
@@ -452,6 +457,7 @@ mod tests {
             (Some("10.0.0.4:18182".parse().unwrap()), Some("10.0.0.4:19402".parse().unwrap()))
         );
         assert_eq!(every.pod_grace, Duration::from_millis(500));
+        assert_eq!(every.pod_lookup_interval, Duration::ZERO);
         assert_eq!(every.allow_paths.len(), 2);
         assert_eq!((every.max_connections, every.filter.protected.len()), (8192, 1));
 

@@ -54,6 +54,8 @@ pub struct SourceStatus {
     reconciled: AtomicBool,
     last_sync_unix: AtomicU64,
     failing: Mutex<Option<String>>,
+    /// Pods looked up because a request came before the watch brought them.
+    lookups: Family<ResultLabel, Counter>,
 }
 
 impl SourceStatus {
@@ -93,6 +95,13 @@ impl SourceStatus {
     /// The latest reload's error, while it is failing.
     pub fn failing(&self) -> Option<String> {
         self.failing.lock().clone()
+    }
+
+    /// `pods` looked up with this result.
+    pub fn count_lookups(&self, result: crate::sources::kube::LookupResult, pods: usize) {
+        if pods > 0 {
+            self.lookups.get_or_create(&ResultLabel { result: result.as_str() }).inc_by(pods as u64);
+        }
     }
 }
 
@@ -145,6 +154,11 @@ impl Telemetry {
             "connections_refused",
             "Connections closed unserved: no kernel origin record (not redirected), or over the total or per-pod connection limit (answered 429)",
             connections_refused.clone(),
+        );
+        registry.register(
+            "pod_lookups",
+            "Pods looked up in the API because a request came before the watch brought them, by result (found, missing, failed)",
+            source.lookups.clone(),
         );
         let connections_open = Gauge::default();
         registry.register("connections_open", "Redirected connections being served now", connections_open.clone());
@@ -283,6 +297,11 @@ struct EventLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

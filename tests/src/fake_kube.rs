@@ -14,13 +14,17 @@
 //!   `metadata.resourceVersion` in the patch makes conditional: another version gets the API
 //!   server's `409 Conflict`;
 //! - `GET /version`; `POST`/`PATCH` of `events.k8s.io/v1` Events, recorded for the test;
-//! - while "down", every request gets a `503` Status and open watches end.
+//! - while "down", every request gets a `503` Status and open watches end;
+//! - a watch delay ([`FakeKube::set_watch_delay`]): each change reaches watches that long
+//!   after it was made, while lists answer at once, as when an API server's fan-out to its
+//!   many watchers lags behind its cache.
 use std::{
     collections::BTreeMap,
     convert::Infallible,
     net::{SocketAddr, TcpListener},
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -51,6 +55,8 @@ const KINDS: &[(&str, &str, &str)] = &[
 #[derive(Clone)]
 struct Change {
     rv: u64,
+    /// When it was made.
+    at: tokio::time::Instant,
     collection: &'static str,
     kind: &'static str,
     object: Value,
@@ -67,6 +73,8 @@ struct State {
     /// Watches from a resourceVersion below this get 410.
     compacted_to: u64,
     down: bool,
+    /// How long after a change watches see it.
+    watch_delay: Duration,
     /// A change another client makes to an object just before the next patch of it arrives.
     interposed: Option<Value>,
     /// The bodies of the patches received.
@@ -107,7 +115,13 @@ impl FakeKube {
         object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
         let existed = s.objects.entry(collection).or_default().insert(key, object.clone()).is_some();
         let rv = s.rv;
-        s.history.push(Change { rv, collection, kind: if existed { "MODIFIED" } else { "ADDED" }, object });
+        s.history.push(Change {
+            rv,
+            at: tokio::time::Instant::now(),
+            collection,
+            kind: if existed { "MODIFIED" } else { "ADDED" },
+            object,
+        });
         drop(s);
         self.changed.send_replace(rv);
     }
@@ -126,7 +140,7 @@ impl FakeKube {
         s.rv += 1;
         object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
         let rv = s.rv;
-        s.history.push(Change { rv, collection, kind: "DELETED", object });
+        s.history.push(Change { rv, at: tokio::time::Instant::now(), collection, kind: "DELETED", object });
         drop(s);
         self.changed.send_replace(rv);
     }
@@ -143,6 +157,11 @@ impl FakeKube {
     pub fn set_down(&self, down: bool) {
         self.state.lock().unwrap().down = down;
         self.changed.send_modify(|_| {});
+    }
+
+    /// Delays every change's arrival at watches by `delay` (lists are not delayed).
+    pub fn set_watch_delay(&self, delay: Duration) {
+        self.state.lock().unwrap().watch_delay = delay;
     }
 
     /// Makes `change` (a merge patch) to the object the next patch is for, just before that
@@ -374,7 +393,13 @@ fn patch(
         object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
         s.objects.entry(target.collection).or_default().insert(key.clone(), object.clone());
         let rv = s.rv;
-        s.history.push(Change { rv, collection: target.collection, kind: "MODIFIED", object: object.clone() });
+        s.history.push(Change {
+            rv,
+            at: tokio::time::Instant::now(),
+            collection: target.collection,
+            kind: "MODIFIED",
+            object: object.clone(),
+        });
     }
     let wanted = patch.pointer("/metadata/resourceVersion").and_then(Value::as_str);
     if wanted.is_some_and(|v| Some(v) != object["metadata"]["resourceVersion"].as_str()) {
@@ -387,7 +412,13 @@ fn patch(
     object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
     s.objects.entry(target.collection).or_default().insert(key, object.clone());
     let rv = s.rv;
-    s.history.push(Change { rv, collection: target.collection, kind: "MODIFIED", object: object.clone() });
+    s.history.push(Change {
+        rv,
+        at: tokio::time::Instant::now(),
+        collection: target.collection,
+        kind: "MODIFIED",
+        object: object.clone(),
+    });
     drop(s);
     changed.send_replace(rv);
     json_response(StatusCode::OK, &object)
@@ -439,14 +470,14 @@ fn watch_stream(
         loop {
             let (lines, down) = {
                 let s = state.lock().unwrap();
-                let lines: Vec<String> = s
+                let lines: Vec<(tokio::time::Instant, String)> = s
                     .history
                     .iter()
                     .filter(|c| c.rv > last && c.collection == target.collection)
                     .filter(|c| in_scope(&c.object, &target, selector.as_deref()))
                     .map(|c| {
                         let object = if metadata_only { partial(&c.object) } else { c.object.clone() };
-                        json!({"type": c.kind, "object": object}).to_string() + "\n"
+                        (c.at + s.watch_delay, json!({"type": c.kind, "object": object}).to_string() + "\n")
                     })
                     .collect();
                 last = s.rv;
@@ -455,7 +486,8 @@ fn watch_stream(
             if down {
                 return;
             }
-            for line in lines {
+            for (due, line) in lines {
+                tokio::time::sleep_until(due).await;
                 if tx.send_data(Bytes::from(line)).await.is_err() {
                     return;
                 }

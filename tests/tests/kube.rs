@@ -11,7 +11,7 @@ use imds_tests::{
     fake_entra::{entra_token_for, App, AppCredential, FakeEntra},
     fake_imds::{http_get, token_for, FakeIdentity},
     fake_kube::FakeKube,
-    node::{curl, pod_uid, Fetched, Node, TestPod, KUBE_NODE},
+    node::{curl, pod_uid, sdk, Fetched, Node, TestPod, KUBE_NODE},
     Probe, Server, IMDS_IP,
 };
 use serde_json::{json, Value};
@@ -76,6 +76,10 @@ fn eventually(what: &str, mut check: impl FnMut() -> bool) -> Duration {
         std::thread::sleep(Duration::from_millis(50));
     }
     started.elapsed()
+}
+
+fn metrics_at() -> std::net::SocketAddrV4 {
+    std::net::SocketAddrV4::new(METRICS.0.into(), METRICS.1)
 }
 
 fn readyz(node: &Node) -> (u16, String) {
@@ -385,4 +389,66 @@ fn the_startup_taint_goes_once_the_agent_is_ready_and_comes_back_on_uninstall() 
     let node_object = api.get("v1", "Node", "", KUBE_NODE).expect("the node");
     assert_eq!(node_object["spec"]["taints"][2]["effect"], "NoSchedule");
     drop(web);
+}
+
+/// How late the fake API server's watches are in the cold-start test: longer than the SDKs'
+/// 1–2 s probe timeouts and than `--pod-grace`'s default.
+const WATCH_LAG: Duration = Duration::from_secs(4);
+
+/// A new bound pod's first `get_token` through the Python SDK while the watch lags
+/// [`WATCH_LAG`] behind the API (the agent runs with `lookup_interval`): the SDK's own
+/// measure of the call, in seconds.
+fn first_token_while_the_watch_lags(
+    node: &mut Node,
+    api: &FakeKube,
+    kubeconfig: &std::path::Path,
+    lookup_interval: &str,
+) -> f64 {
+    let metrics = SocketAddr::from(METRICS).to_string();
+    node.start_agent_kube(kubeconfig, &["--pod-lookup-interval", lookup_interval, "--metrics", &metrics]);
+    eventually("ready after the initial sync", || readyz(node) == (200, "ready\n".to_owned()));
+    api.set_watch_delay(WATCH_LAG);
+    let uid = pod_uid();
+    let new = node.pod(&uid);
+    api.apply(pod(&format!("new-{}", &uid[..8]), &uid, KUBE_NODE, &json!({"aadpodidbinding": "blob"})));
+    let out = sdk(node, &new, &["managed"]);
+    api.set_watch_delay(Duration::ZERO);
+    assert_eq!(out["result"], "token", "the SDK's first get_token: {out}");
+    out["seconds"].as_f64().expect("the SDK's timing")
+}
+
+// Issue #16: no cold starts. A pod's first request comes before the watch has brought the
+// pod (an API server whose watches lag): the agent looks the node's pods up and answers
+// within the SDKs' probe timeouts. The control run, with lookups off, shows the lag is real:
+// the same request waits for the watch.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_new_pods_first_token_does_not_wait_for_a_lagging_watch() {
+    let blob = FakeIdentity::named("blob");
+    let mut node = Node::new("kube-cold", vec![blob.clone()]);
+    let api = FakeKube::serve(Server::bind(&node.ns, std::net::SocketAddrV4::new([10, 233, 0, 1].into(), API.1)));
+    api.apply(identity("blob", &blob));
+    api.apply(binding("blob-binding", "blob", "blob"));
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+
+    let waited = first_token_while_the_watch_lags(&mut node, &api, &kubeconfig, "0s");
+    assert!(waited >= 2.0, "with lookups off the first token waits for the watch: {waited} s");
+    assert_eq!(node.metric(metrics_at(), "imds_filter_pod_lookups_total{result=\"found\"}"), 0);
+
+    let looked_up = first_token_while_the_watch_lags(&mut node, &api, &kubeconfig, "500ms");
+    eprintln!("first token with the watch {WATCH_LAG:?} late: {waited} s without lookups, {looked_up} s with");
+    assert!(looked_up < 1.0, "the first token, looked up, within the SDKs' probe timeouts: {looked_up} s");
+    assert_eq!(node.metric(metrics_at(), "imds_filter_pod_lookups_total{result=\"found\"}"), 1);
+    let lookups: Vec<String> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("GET /api/v1/pods?") && r.contains("resourceVersion=0") && !r.contains("watch="))
+        .collect();
+    assert!(
+        lookups.iter().all(|r| r.contains(&format!("fieldSelector=spec.nodeName%3D{KUBE_NODE}"))),
+        "lookups list this node's pods only, from the watch cache: {lookups:?}"
+    );
+    let log = node.agent().log_lines();
+    assert!(log.iter().any(|l| l["message"] == "pod looked up before the watch brought it"), "{log:?}");
 }

@@ -56,6 +56,8 @@ pub struct Config {
     pub mode: Mode,
     pub deny_unbound: bool,
     pub pod_grace: Duration,
+    /// The least time between two pod lookups (`None`: no lookups).
+    pub pod_lookups: Option<Duration>,
 }
 
 impl TryFrom<RunArgs> for Config {
@@ -124,6 +126,7 @@ impl TryFrom<RunArgs> for Config {
             mode: args.mode,
             deny_unbound: args.deny_unbound,
             pod_grace: args.pod_grace,
+            pod_lookups: Some(args.pod_lookup_interval).filter(|i| !i.is_zero()),
         })
     }
 }

@@ -86,7 +86,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // The policy loads while the agent waits for the node's filter: a successor takes over
     // only once it can decide.
     let source = Arc::new(SourceStatus::default());
-    let (updates, synced, _watcher) = policy.start(config.workload.clone(), &source, events.clone())?;
+    let started = policy.start(config.workload.clone(), &source, events.clone(), config.pod_lookups)?;
+    let (updates, synced, _watcher, lookup) = (started.updates, started.synced, started.watcher, started.lookup);
     let (agent_cgroup, own) = cgroup::own_cgroup_id()?;
     let mut steps = startup::OnNode { config: &config, source: &source, agent_cgroup };
     let startup::Taken { lock, handover: taken, control, listener, metrics, mut filter } =
@@ -125,7 +126,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let verdict_sync = VerdictSync::new(filter, attach_cgroup, config.deny_unbound)?;
     verdicts::start_sync(verdict_sync, duties.verdicts.clone(), updates.clone(), synced, Arc::clone(&source))?;
 
-    let parts = AgentParts { updates, secrets_client, origins, telemetry, events, draining };
+    let parts = AgentParts { updates, lookup, secrets_client, origins, telemetry, events, draining };
     let state = agent_state(&config, parts)?;
     let untaint = match (node, config.startup_taint.clone()) {
         (Some((client, node)), Some(key)) => Some((client, node, key)),
@@ -220,6 +221,7 @@ async fn stop(state: &AgentState, handing: &Handing, redirects: &mut Redirects) 
 /// What [`agent_state`] is made of besides the config.
 struct AgentParts {
     updates: watch::Receiver<Arc<Snapshot>>,
+    lookup: Option<crate::sources::kube::PodLookup>,
     secrets_client: Option<kube::Client>,
     origins: Arc<kernel::OriginTable>,
     telemetry: Arc<Telemetry>,
@@ -229,7 +231,7 @@ struct AgentParts {
 
 /// What serving a connection needs: the caller resolver, the token path, the limits.
 fn agent_state(config: &Config, parts: AgentParts) -> anyhow::Result<Arc<AgentState>> {
-    let AgentParts { updates, secrets_client, origins, telemetry, events, draining } = parts;
+    let AgentParts { updates, lookup, secrets_client, origins, telemetry, events, draining } = parts;
     let resolver = Arc::new(CgroupResolver::new(&config.cgroup_root).context("opening the cgroup2 filesystem")?);
     tokio::spawn(caller::prune_every_10s(Arc::clone(&resolver), telemetry.cgroups_cached.clone()));
     let upstream =
@@ -251,6 +253,7 @@ fn agent_state(config: &Config, parts: AgentParts) -> anyhow::Result<Arc<AgentSt
         rules: config.rules.clone(),
         mode: config.mode,
         pod_grace: config.pod_grace,
+        lookup,
         origins,
         resolver,
         telemetry,

@@ -145,13 +145,20 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
 }
 
 /// The snapshot once it knows the pod, or after the grace period, whichever comes first.
+/// A miss asks the source to look the pod up ([`crate::sources::kube::PodLookup`]) rather
+/// than only wait for the watch.
 async fn wait_for_pod(state: &AgentState, uid: &str) -> Arc<Snapshot> {
     let mut updates = state.snapshot.clone();
     let deadline = tokio::time::Instant::now() + state.pod_grace;
+    let mut asked = false;
     loop {
         let snapshot = Arc::clone(&updates.borrow_and_update());
         if snapshot.pod(uid).is_some() {
             return snapshot;
+        }
+        if let (false, Some(lookup)) = (asked, &state.lookup) {
+            lookup.ask(uid);
+            asked = true;
         }
         match tokio::time::timeout_at(deadline, updates.changed()).await {
             Ok(Ok(())) => {}

@@ -71,6 +71,8 @@ pub struct AgentState {
     pub mode: Mode,
     /// How long to wait for a pod the sources do not know yet.
     pub pod_grace: Duration,
+    /// Where to ask for such a pod (the API source, unless `--pod-lookup-interval 0s`).
+    pub lookup: Option<crate::sources::kube::PodLookup>,
     pub origins: Arc<OriginTable>,
     pub resolver: Arc<CgroupResolver>,
     pub telemetry: Arc<crate::telemetry::Telemetry>,

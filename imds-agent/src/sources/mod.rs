@@ -82,32 +82,51 @@ impl PolicySource {
         Ok(PolicySource::Kube { client, node })
     }
 
-    /// Starts watching; returns the snapshots, whether the first is synced already, and the
-    /// file watcher to keep alive (manifests only).
+    /// Starts watching. With `pod_lookups` (the least time between two), the API source
+    /// looks a pod up when a request comes before the watch brought it ([`kube::PodLookup`]).
     pub fn start(
         self,
         workload: WorkloadSettings,
         status: &Arc<SourceStatus>,
         events: Option<events::DenialEvents>,
-    ) -> anyhow::Result<(watch::Receiver<Arc<Snapshot>>, bool, Option<notify::RecommendedWatcher>)> {
+        pod_lookups: Option<std::time::Duration>,
+    ) -> anyhow::Result<Started> {
         match self {
             PolicySource::Manifests { dir, initial } => {
                 let (snapshots, updates) = watch::channel(Arc::new(initial.with_workload(workload.clone())));
                 status.loaded();
                 let watcher = manifests::watch(&dir, workload, snapshots, Arc::clone(status))
                     .context("watching the manifests directory")?;
-                Ok((updates, true, Some(watcher)))
+                Ok(Started { updates, synced: true, watcher: Some(watcher), lookup: None })
             }
             PolicySource::Kube { client, node } => {
                 let (snapshots, updates) = watch::channel(Arc::new(Snapshot::default()));
                 let status = Arc::clone(status);
+                let (lookup, asks) = match pod_lookups {
+                    Some(interval) => {
+                        let (lookup, asks) = kube::lookups(interval);
+                        (Some(lookup), Some(asks))
+                    }
+                    None => (None, None),
+                };
                 tokio::spawn(async move {
-                    kube::run(client, &node, workload, snapshots, status, events).await;
+                    kube::run(client, &node, workload, snapshots, status, events, asks).await;
                 });
-                Ok((updates, false, None))
+                Ok(Started { updates, synced: false, watcher: None, lookup })
             }
         }
     }
+}
+
+/// A source, started.
+pub struct Started {
+    pub updates: watch::Receiver<Arc<Snapshot>>,
+    /// Whether the first snapshot is synced already.
+    pub synced: bool,
+    /// The file watcher to keep alive (manifests only).
+    pub watcher: Option<notify::RecommendedWatcher>,
+    /// Where to ask for a pod the snapshot does not know (the API source only).
+    pub lookup: Option<kube::PodLookup>,
 }
 
 /// A client from `--kubeconfig`, else kube's defaults (in-cluster, then KUBECONFIG).

@@ -13,11 +13,16 @@
 //! - Each kind is mirrored as the policy's own objects ([`mirror`]): once converted, nothing
 //!   of the API's object is kept.
 //! - No snapshot is published until every kind has its initial list.
+//! - A request from a pod the watch has not brought yet makes the agent look the node's
+//!   pods up once ([`lookup`]); what that finds stands in until the watch brings the pod
+//!   ([`FoundPods`]).
 //! - Watch errors are retried with backoff; the mirrors keep what they had, so the policy in
 //!   force is the last one seen (fail-static) and the source reports `failing`. A `410 Gone`
 //!   makes the watcher list again.
+mod found;
 mod ignored;
 mod lean;
+mod lookup;
 mod mirror;
 
 use std::{sync::Arc, time::Duration};
@@ -33,7 +38,10 @@ use kube::{
 };
 use lean::{Lean, LeanAccount, LeanBinding, LeanException, LeanIdentity, LeanPod};
 use mirror::Mirror;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+
+use found::FoundPods;
+pub use lookup::{LookupResult, PodLookup};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -59,6 +67,8 @@ enum Change {
     Binding(Event<LeanBinding>),
     Exception(Event<LeanException>),
     Account(Event<LeanAccount>),
+    /// Pods a lookup found.
+    Found(lookup::Found),
 }
 
 /// The mirrors a snapshot is built from.
@@ -70,6 +80,8 @@ struct Mirrors {
     exceptions: Mirror<policy::Exception>,
     /// Only ServiceAccounts naming a client id.
     service_accounts: Mirror<policy::ServiceAccount>,
+    /// Pods a lookup found that the watch has not brought yet.
+    found: FoundPods,
     /// Objects the conversion left out.
     ignored: IgnoredObjects,
     /// Where Events on ignored objects go.
@@ -82,7 +94,12 @@ impl Mirrors {
         match change {
             Change::Pod(event) => {
                 track(ignored, &event);
+                self.found.watched(&event);
                 self.pods.apply(event, |p| ignored.note(p, || Reach::Pod, pod(p)));
+            }
+            Change::Found(pods) => {
+                let watched = |uid: &str| self.pods.values().any(|p| p.uid == uid);
+                self.found.adopt(pods.iter().filter_map(|p| converted(pod(p))), watched);
             }
             Change::Identity(event) => {
                 track(ignored, &event);
@@ -120,9 +137,9 @@ impl Mirrors {
             && self.service_accounts.listed()
     }
 
-    fn snapshot(&self, workload: &WorkloadSettings) -> Snapshot {
+    fn snapshot(&mut self, workload: &WorkloadSettings) -> Snapshot {
         Snapshot::new(
-            self.pods.values().cloned(),
+            self.pods.values().chain(self.found.current()).cloned(),
             self.identities.values().cloned(),
             self.bindings.values().cloned(),
             self.exceptions.values().cloned(),
@@ -132,8 +149,22 @@ impl Mirrors {
     }
 }
 
+/// The lookup task's end of a [`PodLookup`].
+pub struct Asks {
+    asks: mpsc::Receiver<String>,
+    interval: Duration,
+}
+
+/// A handle for the request handlers, and the asks to give [`run`]: one list at most every
+/// `interval`.
+pub fn lookups(interval: Duration) -> (PodLookup, Asks) {
+    let (handle, asks) = lookup::channel();
+    (handle, Asks { asks, interval })
+}
+
 /// Runs the watches for `node`, publishing a snapshot on `tx` after the initial sync and
-/// after every change. Returns only when every watch stream has ended (never, in practice).
+/// after every change, and answers `lookups` (if any). Returns only when every watch stream
+/// has ended (never, in practice).
 pub async fn run(
     client: Client,
     node: &str,
@@ -141,16 +172,26 @@ pub async fn run(
     tx: watch::Sender<Arc<Snapshot>>,
     status: Arc<SourceStatus>,
     events: Option<DenialEvents>,
+    lookups: Option<Asks>,
 ) {
     let node_pods = all().fields(&format!("spec.nodeName={node}"));
     let probe = client.clone();
-    let streams: Vec<BoxStream<'static, Result<Change, watcher::Error>>> = vec![
+    let mut streams: Vec<BoxStream<'static, Result<Change, watcher::Error>>> = vec![
         watch_kind(Api::all(client.clone()), node_pods, Change::Pod),
         watch_kind(Api::all(client.clone()), all(), Change::Identity),
         watch_kind(Api::all(client.clone()), all(), Change::Binding),
         watch_kind(Api::all(client.clone()), all(), Change::Exception),
-        watch_kind(Api::all(client), all(), Change::Account),
+        watch_kind(Api::all(client.clone()), all(), Change::Account),
     ];
+    if let Some(Asks { asks, interval }) = lookups {
+        let (found, arrivals) = mpsc::channel(1);
+        let pacing = lookup::Pacing::every(interval);
+        tokio::spawn(lookup::run(client, node.to_owned(), asks, pacing, found, Arc::clone(&status)));
+        let arrivals = futures::stream::unfold(arrivals, |mut arrivals| async move {
+            arrivals.recv().await.map(|pods| (Ok(Change::Found(pods)), arrivals))
+        });
+        streams.push(arrivals.boxed());
+    }
     let mut merged = futures::stream::select_all(streams);
     let mut mirrors = Mirrors { events, ..Mirrors::default() };
 
@@ -495,7 +536,8 @@ mod tests {
         tokio::spawn({
             let status = Arc::clone(&status);
             async move {
-                run(Client::new(service, "default"), "node-1", WorkloadSettings::default(), tx, status, None).await;
+                let client = Client::new(service, "default");
+                run(client, "node-1", WorkloadSettings::default(), tx, status, None, None).await;
             }
         });
 
