@@ -97,10 +97,10 @@ impl SourceStatus {
         self.failing.lock().clone()
     }
 
-    /// `pods` looked up with this result.
-    pub fn count_lookups(&self, result: crate::sources::kube::LookupResult, pods: usize) {
+    /// `pods` looked up with this result (`found`, `missing`, `failed`).
+    pub fn count_lookups(&self, result: &'static str, pods: usize) {
         if pods > 0 {
-            self.lookups.get_or_create(&ResultLabel { result: result.as_str() }).inc_by(pods as u64);
+            self.lookups.get_or_create(&ResultLabel { result }).inc_by(pods as u64);
         }
     }
 }

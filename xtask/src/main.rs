@@ -70,7 +70,7 @@ enum Task {
     Man,
     /// The agent on a node in miniature: example manifests, pods, a fake IMDS (needs root).
     Demo,
-    /// The performance figures (P1–P8), each against its baseline, in interleaved rounds;
+    /// The performance figures (P1–P9), each against its baseline, in interleaved rounds;
     /// prints a table and writes target/bench/latest.json (needs root).
     Bench {
         /// Every benchmark briefly, in a debug build: checks the harness, not the targets.
@@ -276,7 +276,8 @@ fn run_bench_binary(profile: &str, quick: bool) -> Result<()> {
     if quick {
         command.arg("--quick");
     }
-    run(command.env("IMDS_REQUIRE_EBPF", "1"))
+    // P9 asks for tokens through the Python SDK that setup installs.
+    run(command.env("IMDS_REQUIRE_EBPF", "1").env("IMDS_SDK_PYTHON", sdk_python()?))
 }
 
 // ---- demo ------------------------------------------------------------------------------------

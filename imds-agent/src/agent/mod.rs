@@ -25,7 +25,7 @@ use crate::{
     policy::Snapshot,
     secrets::SecretReader,
     server::{self, limits::ConnectionLimits, listener, AgentState},
-    sources::PolicySource,
+    sources::{PolicySource, Started},
     succession::{AgentDuties, Handing},
     taint,
     telemetry::{self, SourceStatus, Telemetry},
@@ -86,8 +86,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // The policy loads while the agent waits for the node's filter: a successor takes over
     // only once it can decide.
     let source = Arc::new(SourceStatus::default());
-    let started = policy.start(config.workload.clone(), &source, events.clone(), config.pod_lookups)?;
-    let (updates, synced, _watcher, lookup) = (started.updates, started.synced, started.watcher, started.lookup);
+    let Started { updates, synced, watcher: _watcher, lookup } =
+        policy.start(config.workload.clone(), &source, events.clone(), config.pod_lookups)?;
     let (agent_cgroup, own) = cgroup::own_cgroup_id()?;
     let mut steps = startup::OnNode { config: &config, source: &source, agent_cgroup };
     let startup::Taken { lock, handover: taken, control, listener, metrics, mut filter } =

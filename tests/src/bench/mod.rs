@@ -4,6 +4,7 @@
 //! round runs the measured configuration and its baseline back to back, in alternating order),
 //! with the spread (10th–90th percentile of the rounds) and the ratio to the baseline. The
 //! JSON report carries the machine and kernel it ran on.
+pub mod cold;
 pub mod forward;
 pub mod kernel;
 pub mod memory;

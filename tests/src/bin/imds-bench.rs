@@ -33,12 +33,13 @@ fn main() -> anyhow::Result<()> {
     if wanted(&["P1", "P2", "P3"]) {
         figures.extend(bench::kernel::run(effort));
     }
-    let single: [(&str, Benchmark); 5] = [
+    let single: [(&str, Benchmark); 6] = [
         ("P4", bench::tokens::p4),
         ("P5", bench::tokens::p5),
         ("P6", bench::policy::run),
         ("P7", bench::memory::run),
         ("P8", bench::forward::run),
+        ("P9", bench::cold::run),
     ];
     for (id, run) in single {
         if wanted(&[id]) {

@@ -2,9 +2,11 @@
 //!
 //! The watch's word wins. A lookup's list may be older than what the watch has said (another
 //! API server's cache, a list that raced a delete), so a found pod is taken only if the watch
-//! has never mentioned its uid: a pod it relabelled keeps the watch's labels, and one it
-//! deleted is not brought back. Once the watch mentions the uid, or lists the node's pods
-//! afresh, the found entry goes; one the watch never brings goes after [`STANDS_IN_FOR`].
+//! does not have its uid and has not, in the last [`DEPARTED_FOR`], dropped it: deleted it,
+//! left it out of a relist, or updated it into something the policy cannot use. A pod it
+//! relabelled keeps the watch's labels, and one it dropped is not brought back. Once the
+//! watch mentions the uid, or lists the node's pods afresh, the found entry goes; one the
+//! watch never brings goes after [`STANDS_IN_FOR`].
 use std::{
     collections::{BTreeMap, HashMap},
     time::{Duration, Instant},
@@ -17,13 +19,13 @@ use crate::policy;
 
 /// How long a found pod stands in for the watch at most; then it is looked up again.
 const STANDS_IN_FOR: Duration = Duration::from_mins(5);
-/// How long a uid the watch deleted is remembered, so a late list cannot bring it back.
+/// How long a uid the watch dropped is remembered, so a late list cannot bring it back.
 const DEPARTED_FOR: Duration = Duration::from_mins(10);
 
 #[derive(Debug, Default)]
 pub(super) struct FoundPods {
     pods: BTreeMap<String, (policy::Pod, Instant)>,
-    /// uids whose deletion the watch reported.
+    /// uids the watch dropped, and when.
     departed: HashMap<String, Instant>,
 }
 
@@ -37,7 +39,7 @@ impl FoundPods {
             }
             Event::Delete(p) => {
                 self.pods.remove(&uid(p));
-                self.departed.insert(uid(p), Instant::now());
+                self.departed([uid(p)]);
             }
             // A fresh list is the watch's whole word on the node's pods.
             Event::InitDone => self.pods.clear(),
@@ -45,8 +47,19 @@ impl FoundPods {
         }
     }
 
+    /// The watch dropped these uids (deleted, left out of a relist, updated into something
+    /// the policy cannot use).
+    pub(super) fn departed(&mut self, uids: impl IntoIterator<Item = String>) {
+        let now = Instant::now();
+        self.departed.retain(|_, at| now.duration_since(*at) < DEPARTED_FOR);
+        for uid in uids {
+            self.pods.remove(&uid);
+            self.departed.insert(uid, now);
+        }
+    }
+
     /// Takes the pods a lookup found, except those `watched` says the watch has and those it
-    /// deleted.
+    /// dropped.
     pub(super) fn adopt(&mut self, pods: impl IntoIterator<Item = policy::Pod>, watched: impl Fn(&str) -> bool) {
         let now = Instant::now();
         self.departed.retain(|_, at| now.duration_since(*at) < DEPARTED_FOR);
@@ -57,6 +70,11 @@ impl FoundPods {
                 self.pods.insert(pod.uid.clone(), (pod, now));
             }
         }
+    }
+
+    /// When the next stand-in expires.
+    pub(super) fn next_expiry(&self) -> Option<Instant> {
+        self.pods.values().map(|(_, at)| *at + STANDS_IN_FOR).min()
     }
 
     /// The pods standing in now (those past [`STANDS_IN_FOR`] are dropped).
@@ -109,11 +127,17 @@ mod tests {
         found.watched(&Event::Delete(lean("gone")));
         found.adopt([policy_pod("gone", "blob")], nobody);
         assert!(uids(&mut found).is_empty(), "a deleted pod stays deleted");
+        // The same for a pod a relist left out (deleted while the watch was away).
+        found.departed(["missed".to_owned()]);
+        found.adopt([policy_pod("missed", "blob")], nobody);
+        assert!(uids(&mut found).is_empty(), "a pod a relist dropped stays dropped");
 
         // A fresh list from the watch is its whole word: what stood in goes.
         found.adopt([policy_pod("late", "blob")], nobody);
         assert_eq!(uids(&mut found), ["late"]);
+        assert!(found.next_expiry().is_some_and(|at| at > Instant::now() + STANDS_IN_FOR / 2));
         found.watched(&Event::InitDone);
         assert!(uids(&mut found).is_empty());
+        assert_eq!(found.next_expiry(), None);
     }
 }

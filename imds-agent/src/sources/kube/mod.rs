@@ -89,17 +89,34 @@ struct Mirrors {
 }
 
 impl Mirrors {
-    fn apply(&mut self, change: Change) {
+    /// Applies one change; returns whether it came from a watch (not a lookup).
+    fn apply(&mut self, change: Change) -> bool {
         let ignored = &mut self.ignored;
         match change {
             Change::Pod(event) => {
                 track(ignored, &event);
+                // A relist's end drops, without a Delete, the pods deleted while the watch
+                // was away; an update the policy cannot use drops its pod: none may come
+                // back through a lookup.
+                let updated = match &event {
+                    Event::Apply(p) => p.metadata.uid.clone(),
+                    _ => None,
+                };
+                let before = matches!(event, Event::InitDone).then(|| uids(&self.pods));
                 self.found.watched(&event);
                 self.pods.apply(event, |p| ignored.note(p, || Reach::Pod, pod(p)));
+                if let Some(before) = before {
+                    let kept = uids(&self.pods);
+                    self.found.departed(before.into_iter().filter(|uid| !kept.contains(uid)));
+                }
+                if let Some(uid) = updated.filter(|uid| !self.pods.values().any(|p| &p.uid == uid)) {
+                    self.found.departed([uid]);
+                }
             }
             Change::Found(pods) => {
                 let watched = |uid: &str| self.pods.values().any(|p| p.uid == uid);
                 self.found.adopt(pods.iter().filter_map(|p| converted(pod(p))), watched);
+                return false;
             }
             Change::Identity(event) => {
                 track(ignored, &event);
@@ -116,6 +133,7 @@ impl Mirrors {
             }
             Change::Account(event) => self.service_accounts.apply(event, service_account),
         }
+        true
     }
 
     /// Records Events on the ignored objects that concern this node's pods, when due.
@@ -149,17 +167,21 @@ impl Mirrors {
     }
 }
 
+fn uids(pods: &Mirror<policy::Pod>) -> std::collections::HashSet<String> {
+    pods.values().map(|p| p.uid.clone()).collect()
+}
+
 /// The lookup task's end of a [`PodLookup`].
 pub struct Asks {
-    asks: mpsc::Receiver<String>,
+    asks: PodLookup,
     interval: Duration,
 }
 
 /// A handle for the request handlers, and the asks to give [`run`]: one list at most every
 /// `interval`.
 pub fn lookups(interval: Duration) -> (PodLookup, Asks) {
-    let (handle, asks) = lookup::channel();
-    (handle, Asks { asks, interval })
+    let lookup = PodLookup::default();
+    (lookup.clone(), Asks { asks: lookup, interval })
 }
 
 /// Runs the watches for `node`, publishing a snapshot on `tx` after the initial sync and
@@ -186,7 +208,8 @@ pub async fn run(
     if let Some(Asks { asks, interval }) = lookups {
         let (found, arrivals) = mpsc::channel(1);
         let pacing = lookup::Pacing::every(interval);
-        tokio::spawn(lookup::run(client, node.to_owned(), asks, pacing, found, Arc::clone(&status)));
+        let ends = lookup::Ends { asks, pacing, snapshots: tx.subscribe(), found, status: Arc::clone(&status) };
+        tokio::spawn(lookup::run(client, node.to_owned(), ends));
         let arrivals = futures::stream::unfold(arrivals, |mut arrivals| async move {
             arrivals.recv().await.map(|pods| (Ok(Change::Found(pods)), arrivals))
         });
@@ -198,11 +221,13 @@ pub async fn run(
     let mut synced = false;
     let mut probes = tokio::time::interval(RECOVERY_PROBE);
     loop {
+        let expiry = mirrors.found.next_expiry().map(tokio::time::Instant::from_std);
         let event = tokio::select! {
             event = merged.next() => match event {
-                Some(event) => event,
+                Some(event) => Some(event),
                 None => return,
             },
+            () = tokio::time::sleep_until(expiry.unwrap_or_else(tokio::time::Instant::now)), if expiry.is_some() => None,
             _ = probes.tick(), if status.failing().is_some() => {
                 if probe.apiserver_version().await.is_ok() {
                     tracing::info!("Kubernetes API reachable again");
@@ -211,20 +236,23 @@ pub async fn run(
                 continue;
             }
         };
-        match event {
-            Ok(change) => mirrors.apply(change),
-            Err(e) => {
+        // Whether the watches said something: only then has the source loaded (a lookup's
+        // find, or a stand-in's expiry, says nothing of the watches' health).
+        let mut watched = match event {
+            Some(Ok(change)) => mirrors.apply(change),
+            Some(Err(e)) => {
                 watch_failed(&status, e);
                 continue;
             }
-        }
+            None => false, // a stand-in expired: publish without it
+        };
         // Let a burst of events (an initial list) arrive before rebuilding. A failure in the
         // burst is reported after the rebuild, so that the rebuild does not clear it.
         tokio::time::sleep(SETTLE).await;
         let mut failure = None;
         while let Some(Some(more)) = merged.next().now_or_never() {
             match more {
-                Ok(change) => mirrors.apply(change),
+                Ok(change) => watched |= mirrors.apply(change),
                 Err(e) => failure = Some(e),
             }
         }
@@ -239,7 +267,9 @@ pub async fn run(
             let (p, i, b, e) = snapshot.sizes();
             tracing::debug!(pods = p, identities = i, bindings = b, exceptions = e, "policy updated from the API");
             tx.send_replace(Arc::new(snapshot));
-            status.loaded();
+            if watched {
+                status.loaded();
+            }
             mirrors.tell_ignored();
         } // else never publish a half-listed policy
         if let Some(e) = failure {
@@ -356,8 +386,8 @@ fn track<K: kube::Resource<DynamicType = ()>>(ignored: &mut IgnoredObjects, even
     }
 }
 
-/// What the conversion made of an object, for a one-off read (`explain`): ignored objects
-/// are left out quietly (the agent logs them).
+/// What the conversion made of an object read outside the watches (`explain`, a lookup):
+/// ignored objects are left out quietly (the watch logs them).
 fn converted<T>(result: Result<T, String>) -> Option<T> {
     result.inspect_err(|problem| tracing::debug!(%problem, "policy object ignored")).ok()
 }
@@ -598,6 +628,46 @@ mod tests {
         .await
         .expect("the source never recovered");
         assert_eq!(client_of(&rx.borrow()).as_deref(), Some("c-2"));
+    }
+
+    fn lean_pod(uid: &str, binding: &str) -> LeanPod {
+        serde_json::from_value(json!({"metadata": {"name": format!("pod-{uid}"), "namespace": "shop", "uid": uid,
+                                                   "labels": {"aadpodidbinding": binding}}}))
+        .unwrap()
+    }
+
+    fn pods_in(mirrors: &mut Mirrors) -> Vec<(String, String)> {
+        let snapshot = mirrors.snapshot(&WorkloadSettings::default());
+        let mut pods: Vec<(String, String)> = ["a", "b", "c"]
+            .iter()
+            .filter_map(|uid| snapshot.pod(uid))
+            .map(|p| (p.uid.clone(), p.labels["aadpodidbinding"].clone()))
+            .collect();
+        pods.sort();
+        pods
+    }
+
+    #[test]
+    fn lookups_stand_in_for_the_watch_and_never_override_it() {
+        let mut mirrors = Mirrors::default();
+        let pair = |uid: &str, binding: &str| (uid.to_owned(), binding.to_owned());
+        for event in [Event::Init, Event::InitApply(lean_pod("a", "blob")), Event::InitDone] {
+            assert!(mirrors.apply(Change::Pod(event)), "watch events count as the watch's word");
+        }
+        // Found before the watch brought it: it stands in; a lookup is not the watch's word.
+        assert!(!mirrors.apply(Change::Found(vec![lean_pod("b", "blob")])));
+        assert_eq!(pods_in(&mut mirrors), [pair("a", "blob"), pair("b", "blob")]);
+        // A stale list never overrides what the watch has (a relabelled pod).
+        mirrors.apply(Change::Pod(Event::Apply(lean_pod("a", "other"))));
+        mirrors.apply(Change::Found(vec![lean_pod("a", "blob")]));
+        assert_eq!(pods_in(&mut mirrors), [pair("a", "other"), pair("b", "blob")]);
+        // A relist that no longer has `a` (deleted while the watch was away): a stale list
+        // cannot bring it back. The relist also ends `b`'s stand-in.
+        for event in [Event::Init, Event::InitApply(lean_pod("c", "blob")), Event::InitDone] {
+            mirrors.apply(Change::Pod(event));
+        }
+        mirrors.apply(Change::Found(vec![lean_pod("a", "blob")]));
+        assert_eq!(pods_in(&mut mirrors), [pair("c", "blob")]);
     }
 
     fn gone_with(code: u16) -> Value {
