@@ -110,6 +110,8 @@ pub struct Telemetry {
     pub requests: Family<RequestLabels, Counter>,
     /// Tokens answered, by where they came from (`cache`, `upstream`, `cache-after-failure`).
     pub tokens_served: Family<FromLabel, Counter>,
+    /// Token fetches started to warm the cache for a workload's new pod.
+    pub tokens_prefetched: Counter,
     pub upstream_seconds: Histogram,
     /// Connections closed without being served, by reason (`no_origin`, `total`,
     /// `per_pod`).
@@ -149,6 +151,12 @@ impl Telemetry {
             "Tokens answered to pods, by where they came from (cache, upstream, cache-after-failure)",
             tokens_served.clone(),
         );
+        let tokens_prefetched = Counter::default();
+        registry.register(
+            "tokens_prefetched",
+            "Token fetches started, with the upstream budget idle, to warm the cache for a workload's new pod",
+            tokens_prefetched.clone(),
+        );
         let connections_refused = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "connections_refused",
@@ -180,6 +188,7 @@ impl Telemetry {
         Ok(Telemetry {
             requests,
             tokens_served,
+            tokens_prefetched,
             upstream_seconds,
             connections_refused,
             connections_open,
@@ -240,6 +249,11 @@ impl Telemetry {
     /// Counts one token answered.
     pub fn count_token(&self, from: &'static str) {
         self.tokens_served.get_or_create(&FromLabel { from }).inc();
+    }
+
+    /// Counts one prefetch started.
+    pub fn count_prefetch(&self) {
+        self.tokens_prefetched.inc();
     }
 
     /// Counts one connection closed unserved.

@@ -75,6 +75,8 @@ struct State {
     /// Token requests being answered now, and the most ever at once.
     in_flight: usize,
     peak_in_flight: usize,
+    /// How long the tokens it issues live, in seconds (`None`: IMDS's usual 86,399).
+    lifetime: Option<u64>,
 }
 
 /// Counts a token request in flight until dropped.
@@ -160,6 +162,12 @@ impl FakeImds {
             .map(|i| times[i..].iter().take_while(|t| t.duration_since(times[i]) < Duration::from_secs(1)).count())
             .max()
             .unwrap_or(0)
+    }
+
+    /// Issues tokens that live `lifetime` from now on (IMDS's are good for about a day): a
+    /// test can have the agent's cache go cold in seconds.
+    pub fn set_token_lifetime(&self, lifetime: Duration) {
+        self.state.lock().unwrap().lifetime = Some(lifetime.as_secs());
     }
 
     pub fn set_behaviour(&self, behaviour: Behaviour) {
@@ -253,7 +261,10 @@ async fn answer(state: &Mutex<State>, peer: SocketAddr, req: Request<Incoming>) 
         }
         Behaviour::Slow(delay) => tokio::time::sleep(delay).await,
     }
-    let identities = state.lock().unwrap().identities.clone();
+    let (identities, lifetime) = {
+        let s = state.lock().unwrap();
+        (s.identities.clone(), s.lifetime.unwrap_or(86_399))
+    };
     let identity = match selectors.first() {
         None => identities.first(),
         Some((kind, value)) => identities.iter().find(|i| match *kind {
@@ -265,20 +276,20 @@ async fn answer(state: &Mutex<State>, peer: SocketAddr, req: Request<Incoming>) 
     let Some(identity) = identity else {
         return error(StatusCode::BAD_REQUEST, "invalid_request", "Identity not found");
     };
-    issue(identity, &resource)
+    issue(identity, &resource, lifetime)
 }
 
 /// IMDS's success answer: every value a string.
-fn issue(identity: &FakeIdentity, resource: &str) -> Response<Full<Bytes>> {
+fn issue(identity: &FakeIdentity, resource: &str, lifetime: u64) -> Response<Full<Bytes>> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     json(
         StatusCode::OK,
         &serde_json::json!({
             "access_token": token_for(&identity.client_id, resource),
             "client_id": identity.client_id,
-            "expires_in": "86399",
-            "expires_on": (now + 86_399).to_string(),
-            "ext_expires_in": "86399",
+            "expires_in": lifetime.to_string(),
+            "expires_on": (now + lifetime).to_string(),
+            "ext_expires_in": lifetime.to_string(),
             "not_before": now.to_string(),
             "resource": resource,
             "token_type": "Bearer",

@@ -128,6 +128,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let parts = AgentParts { updates, lookup, secrets_client, origins, telemetry, events, draining };
     let state = agent_state(&config, parts)?;
+    tokio::spawn(server::prefetch::run(Arc::clone(&state)));
     let untaint = match (node, config.startup_taint.clone()) {
         (Some((client, node)), Some(key)) => Some((client, node, key)),
         _ => None,
@@ -254,6 +255,7 @@ fn agent_state(config: &Config, parts: AgentParts) -> anyhow::Result<Arc<AgentSt
         mode: config.mode,
         pod_grace: config.pod_grace,
         lookup,
+        workloads: server::prefetch::Workloads::default(),
         origins,
         resolver,
         telemetry,

@@ -178,6 +178,45 @@ pub struct Pod {
     pub finished: bool,
     /// What its containers' security contexts grant.
     pub powers: Powers,
+    /// The workload it was made for, as its controller names it.
+    pub owner: Option<Owner>,
+}
+
+/// The workload a pod was made for, so that what one of its pods asked for can be warmed for
+/// the next one. A `ReplicaSet`'s pods belong to its `Deployment` (they outlive a rollout), a
+/// `CronJob`'s Jobs' pods to the `CronJob`; any other controller is taken as it is named.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// `Deployment`, `CronJob`, `ReplicaSet`, `Job`, `StatefulSet`…
+    pub kind: String,
+    pub name: String,
+    /// For a `CronJob`'s pod: the minute its Job was scheduled for (Unix time in minutes, as
+    /// the `CronJob` controller names its Jobs).
+    pub run: Option<u64>,
+}
+
+impl Owner {
+    /// The workload of a pod whose controller is `kind` `name`; `template_hash` is the pod's
+    /// `pod-template-hash` label.
+    pub fn of(kind: &str, name: &str, template_hash: Option<&str>) -> Owner {
+        let named = |kind: &str, name: &str, run| Owner { kind: kind.to_owned(), name: name.to_owned(), run };
+        match kind {
+            "ReplicaSet" => match template_hash.and_then(|h| name.strip_suffix(h)?.strip_suffix('-')) {
+                Some(deployment) if !deployment.is_empty() => named("Deployment", deployment, None),
+                _ => named(kind, name, None),
+            },
+            "Job" => match name.rsplit_once('-') {
+                // The `CronJob` controller names a Job `<cronjob>-<scheduled minute>`; minutes
+                // since 1970 have had eight digits since 1989.
+                Some((cronjob, minute)) if !cronjob.is_empty() && minute.len() >= 8 => match minute.parse() {
+                    Ok(run) if minute.bytes().all(|b| b.is_ascii_digit()) => named("CronJob", cronjob, Some(run)),
+                    _ => named(kind, name, None),
+                },
+                _ => named(kind, name, None),
+            },
+            _ => named(kind, name, None),
+        }
+    }
 }
 
 /// What a pod's containers (init and ephemeral ones included) are granted.

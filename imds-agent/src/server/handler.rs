@@ -119,7 +119,11 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
                 source: Source::ManagedIdentity { client_id: identity.client_id.clone() },
                 resource: token.resource.clone(),
             };
-            let outcome = state.tokens.get(key, &uid, Fetch::Imds { api_version: token.api_version.clone() }).await;
+            let outcome =
+                state.tokens.get(key.clone(), &uid, Fetch::Imds { api_version: token.api_version.clone() }).await;
+            if let (Outcome::Token { .. }, Some(pod)) = (&outcome, snapshot.pod(&uid)) {
+                remember_grant(state, pod, &token, &key);
+            }
             answer_token(outcome, record)
         }
         Decision::Workload { service_account, client_id, tenant_id, .. } => {
@@ -141,6 +145,23 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
                 description: "The pod is not known to the node agent yet; retry".into(),
             })
         }
+    }
+}
+
+/// A managed identity's token was answered to `pod`: its workload's next pod is warmed with
+/// it, and a scheduled workload's token is kept until its next run ([`super::prefetch`]).
+fn remember_grant(state: &AgentState, pod: &crate::policy::Pod, token: &TokenRequest, key: &TokenKey) {
+    if pod.owner.is_none() {
+        return;
+    }
+    let want = super::prefetch::Want {
+        selector: token.selector.clone(),
+        resource: token.resource.clone(),
+        api_version: token.api_version.clone(),
+    };
+    state.workloads.granted(pod, want);
+    if let Some(keep) = state.workloads.keep_for(pod) {
+        state.tokens.keep_idle(key, keep);
     }
 }
 

@@ -8,6 +8,7 @@ pub mod admin;
 mod handler;
 pub mod limits;
 pub mod listener;
+pub(crate) mod prefetch;
 mod principal;
 mod workload;
 
@@ -73,6 +74,8 @@ pub struct AgentState {
     pub pod_grace: Duration,
     /// Where to ask for such a pod (the API source, unless `--pod-lookup-interval 0s`).
     pub lookup: Option<crate::sources::kube::PodLookup>,
+    /// What each workload's pods were granted, to warm its next pod's tokens.
+    pub(crate) workloads: prefetch::Workloads,
     pub origins: Arc<OriginTable>,
     pub resolver: Arc<CgroupResolver>,
     pub telemetry: Arc<crate::telemetry::Telemetry>,

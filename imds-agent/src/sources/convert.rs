@@ -9,8 +9,8 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use crate::policy::{
-    Binding, Exception, Identity, IdentityType, Pod, Powers, ServiceAccount, ServicePrincipal, CLIENT_ID_ANNOTATION,
-    TENANT_ID_ANNOTATION,
+    Binding, Exception, Identity, IdentityType, Owner, Pod, Powers, ServiceAccount, ServicePrincipal,
+    CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION,
 };
 
 /// `AzureIdentity` annotation carrying the identity's object (principal) id.
@@ -107,7 +107,13 @@ pub struct PodFields<'a> {
     /// `status.phase`.
     pub phase: Option<&'a str>,
     pub powers: Powers,
+    /// The `kind` and `name` of its controller (the `metadata.ownerReferences` entry with
+    /// `controller: true`).
+    pub controller: Option<(&'a str, &'a str)>,
 }
+
+/// The label a Deployment's `ReplicaSets` put on their pods.
+const TEMPLATE_HASH_LABEL: &str = "pod-template-hash";
 
 /// A pod. Its uid is required (attribution is by uid); its addresses must be addresses.
 pub fn pod(at: Place<'_>, fields: PodFields<'_>) -> Result<Pod, String> {
@@ -130,6 +136,10 @@ pub fn pod(at: Place<'_>, fields: PodFields<'_>) -> Result<Pod, String> {
         host_network: fields.host_network,
         finished: matches!(fields.phase, Some("Succeeded" | "Failed")),
         powers: fields.powers,
+        owner: fields.controller.map(|(kind, name)| {
+            let hash = fields.labels.and_then(|l| l.get(TEMPLATE_HASH_LABEL)).map(String::as_str);
+            Owner::of(kind, name, hash)
+        }),
     })
 }
 
@@ -217,6 +227,37 @@ mod tests {
         let done = pod(AT, done).unwrap();
         assert!(done.finished);
         assert_eq!(done.ips, vec!["fd00::1".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn a_pod_belongs_to_the_workload_its_controller_was_made_for() {
+        let hash = labels(&[(TEMPLATE_HASH_LABEL, "7d9f8c6b5")]);
+        let owner = |kind, name, labels: Option<&BTreeMap<String, String>>| {
+            let fields = PodFields { uid: "u", labels, controller: Some((kind, name)), ..PodFields::default() };
+            pod(AT, fields).unwrap().owner.map(|o| (o.kind, o.name, o.run))
+        };
+        let is = |kind: &str, name: &str, run: Option<u64>| Some((kind.to_owned(), name.to_owned(), run));
+        for (kind, name, labels, expected) in [
+            // A Deployment's pods, through its `ReplicaSet` of the moment.
+            ("ReplicaSet", "web-7d9f8c6b5", Some(&hash), is("Deployment", "web", None)),
+            ("ReplicaSet", "my-api-v2-7d9f8c6b5", Some(&hash), is("Deployment", "my-api-v2", None)),
+            // A `ReplicaSet` of its own (no hash, or a name the hash does not end).
+            ("ReplicaSet", "web-1", None, is("ReplicaSet", "web-1", None)),
+            ("ReplicaSet", "web-1", Some(&hash), is("ReplicaSet", "web-1", None)),
+            ("ReplicaSet", "-7d9f8c6b5", Some(&hash), is("ReplicaSet", "-7d9f8c6b5", None)),
+            // A `CronJob`'s run, and Jobs that only look a little like one.
+            ("Job", "report-29412345", None, is("CronJob", "report", Some(29_412_345))),
+            ("Job", "nightly-backup-29412345", None, is("CronJob", "nightly-backup", Some(29_412_345))),
+            ("Job", "migrate-42", None, is("Job", "migrate-42", None)),
+            ("Job", "migrate", None, is("Job", "migrate", None)),
+            ("Job", "-29412345", None, is("Job", "-29412345", None)),
+            ("Job", "x-2941234a", None, is("Job", "x-2941234a", None)),
+            ("Job", "x-+29412345", None, is("Job", "x-+29412345", None)),
+            ("StatefulSet", "db", None, is("StatefulSet", "db", None)),
+        ] {
+            assert_eq!(owner(kind, name, labels), expected, "{kind} {name}");
+        }
+        assert_eq!(pod(AT, PodFields { uid: "u", ..PodFields::default() }).unwrap().owner, None);
     }
 
     #[test]

@@ -65,6 +65,8 @@ struct Metadata {
     uid: String,
     labels: BTreeMap<String, String>,
     annotations: BTreeMap<String, String>,
+    #[serde(rename = "ownerReferences")]
+    owner_references: Vec<super::OwnerReference>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -297,6 +299,7 @@ impl Parts {
                     host_network: spec.host_network,
                     phase: Some(&doc.status.phase),
                     powers,
+                    controller: super::controller(&doc.metadata.owner_references),
                 };
                 self.pods.push(convert::pod(at, fields).map_err(|e| uid_hint(&e))?);
             }

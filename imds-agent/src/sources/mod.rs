@@ -42,6 +42,22 @@ pub struct Capabilities {
     pub drop: Vec<String>,
 }
 
+/// One of an object's `metadata.ownerReferences`: both sources read a pod's controller
+/// through this.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct OwnerReference {
+    pub kind: String,
+    pub name: String,
+    pub controller: Option<bool>,
+}
+
+/// The `kind` and `name` of the controller among `references` (the one with
+/// `controller: true`; Kubernetes allows one at most).
+pub fn controller(references: &[OwnerReference]) -> Option<(&str, &str)> {
+    references.iter().find(|r| r.controller == Some(true)).map(|r| (r.kind.as_str(), r.name.as_str()))
+}
+
 /// What a pod's containers are granted, all of them together.
 pub fn powers<'a>(containers: impl IntoIterator<Item = &'a Container>) -> Powers {
     let mut powers = Powers::default();

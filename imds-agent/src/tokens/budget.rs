@@ -138,6 +138,25 @@ impl Budget {
         }
     }
 
+    /// A slot at once if the budget is idle, else `None` (never waits): nothing queued, a slot
+    /// in flight left over for the pods' own calls, and less than half the rate used in the
+    /// current window. For work no pod is waiting for (warming the cache).
+    pub fn try_acquire_idle(self: &Arc<Self>) -> Option<Permit> {
+        let mut s = self.lock();
+        let now = Instant::now();
+        while s.starts.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
+            s.starts.pop_front();
+        }
+        let idle =
+            s.queued == 0 && s.in_flight + 1 < self.config.in_flight && s.starts.len() < self.config.per_second / 2;
+        if !idle {
+            return None;
+        }
+        s.in_flight += 1;
+        s.starts.push_back(now);
+        Some(Permit { budget: Arc::clone(self) })
+    }
+
     /// Roughly how long a queue of `queued` takes to drain: what `Retry-After` says.
     fn drain_time(&self, queued: usize) -> Duration {
         Duration::from_secs((queued / self.config.per_second) as u64 + 1)
@@ -309,6 +328,32 @@ mod tests {
         // The first few noisy calls may be granted before the quiet one is even queued;
         // after that it is the next turn.
         assert!(quiet <= 6, "the quiet pod's one call goes within the first turns, not after 30: {quiet}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_capacity_only_is_handed_out_without_waiting() {
+        let budget = Budget::start(BudgetConfig { per_second: 4, in_flight: 2, ..BudgetConfig::default() });
+        // Idle: a slot, but not the last one in flight.
+        let first = budget.try_acquire_idle().expect("an idle budget");
+        assert!(budget.try_acquire_idle().is_none(), "the last slot in flight is the pods'");
+        drop(first);
+        // Half the rate used in the window: no more.
+        let second = budget.try_acquire_idle().expect("a slot is free again");
+        drop(second);
+        assert!(budget.try_acquire_idle().is_none(), "two of four calls this window");
+        tokio::time::sleep(WINDOW).await;
+        // A pod's call waiting: none.
+        let busy = budget.acquire("pod").await.expect("a slot");
+        let held = (budget.acquire("pod").await.expect("a slot"), busy);
+        let waiting = tokio::spawn({
+            let budget = Arc::clone(&budget);
+            async move { budget.acquire("pod").await.map(drop) }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(budget.load().0, 1, "a pod's call is queued");
+        assert!(budget.try_acquire_idle().is_none());
+        drop(held);
+        waiting.await.unwrap().unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -6,7 +6,8 @@
 //!   tokens that were all fetched together are not all renewed together.
 //! - Past `min_remaining` the caller must fetch; if that fails, the old token is still
 //!   good until it expires ([`Lookup::Expiring`]).
-//! - Entries unused for `idle` are swept. At `max_entries`, room is made fairly: each entry
+//! - Entries unused for `idle` are swept; an entry a scheduled workload uses can be kept
+//!   longer ([`Cache::keep_idle`]), so that it is still there at the workload's next run. At `max_entries`, room is made fairly: each entry
 //!   is charged to the pod whose request fetched it, and the pod charged with the most (the
 //!   pod inserting, if it is one of those) gives up its least recently used one. A pod asking for thousands of resources evicts its own
 //!   tokens, not everyone else's (using others' tokens, or sharing its own, changes nothing).
@@ -57,6 +58,8 @@ struct Entry {
     token: Arc<Token>,
     refresh_at: u64,
     last_used: u64,
+    /// Kept this long unused (seconds), when longer than the cache's `idle`.
+    idle: Option<u64>,
     /// The pod whose request fetched it first.
     owner: Arc<str>,
 }
@@ -94,6 +97,15 @@ impl<K: Hash + Eq + Clone> Cache<K> {
 
     /// Looks `key` up at `now` (Unix seconds), marking it used.
     pub fn lookup(&mut self, key: &K, now: u64) -> Lookup {
+        self.look(key, now, true)
+    }
+
+    /// What [`Cache::lookup`] would say, without marking the entry used.
+    pub fn peek(&mut self, key: &K, now: u64) -> Lookup {
+        self.look(key, now, false)
+    }
+
+    fn look(&mut self, key: &K, now: u64, using: bool) -> Lookup {
         let floor = self.min_remaining_for(key);
         let Some(entry) = self.entries.get_mut(key) else { return Lookup::Miss };
         let token = Arc::clone(&entry.token);
@@ -102,7 +114,9 @@ impl<K: Hash + Eq + Clone> Cache<K> {
             self.remove(key);
             return Lookup::Miss;
         }
-        entry.last_used = now;
+        if using {
+            entry.last_used = now;
+        }
         if remaining <= floor.unwrap_or_default() {
             Lookup::Expiring(token)
         } else if now >= entry.refresh_at {
@@ -120,8 +134,10 @@ impl<K: Hash + Eq + Clone> Cache<K> {
     /// Stores a token fetched for `key` on behalf of pod `owner`. `jitter` is a random
     /// sample in [-1, 1].
     pub fn insert(&mut self, key: K, token: Token, now: u64, jitter: f64, owner: &str) {
-        // A renewal stays charged to whoever fetched the token first.
-        let owner = self.entries.get(&key).map_or_else(|| Arc::from(owner), |old| Arc::clone(&old.owner));
+        // A renewal stays charged to whoever fetched the token first, and kept as long.
+        let old = self.entries.get(&key);
+        let idle = old.and_then(|old| old.idle);
+        let owner = old.map_or_else(|| Arc::from(owner), |old| Arc::clone(&old.owner));
         self.remove(&key);
         if self.entries.len() >= self.config.max_entries {
             self.make_room(&owner);
@@ -130,7 +146,18 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         let fraction = (self.config.refresh_at + self.config.jitter * jitter.clamp(-1.0, 1.0)).clamp(0.05, 0.95);
         let refresh_at = token.obtained_at + (lifetime * fraction) as u64;
         *self.own.entry(Arc::clone(&owner)).or_default() += 1;
-        self.entries.insert(key, Entry { token: Arc::new(token), refresh_at, last_used: now, owner });
+        self.entries.insert(key, Entry { token: Arc::new(token), refresh_at, last_used: now, idle, owner });
+    }
+
+    /// Keeps `key`'s entry at least `idle` unused before it is swept (never less than the
+    /// cache's own `idle`).
+    pub fn keep_idle(&mut self, key: &K, idle: Duration) {
+        let idle = idle.as_secs();
+        if let Some(entry) = self.entries.get_mut(key) {
+            if idle > self.config.idle.as_secs() && entry.idle.is_none_or(|kept| kept < idle) {
+                entry.idle = Some(idle);
+            }
+        }
     }
 
     /// Drops a key's entry (a fetch found the identity gone, say).
@@ -146,7 +173,7 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         let idle = self.config.idle.as_secs();
         let own = &mut self.own;
         self.entries.retain(|_, e| {
-            let keep = !e.token.remaining(now).is_zero() && now.saturating_sub(e.last_used) < idle;
+            let keep = !e.token.remaining(now).is_zero() && now.saturating_sub(e.last_used) < e.idle.unwrap_or(idle);
             if !keep {
                 disown(own, e);
             }
@@ -254,6 +281,23 @@ mod tests {
         assert_eq!(c.sweep(T0 + 4 + 3_599), 0);
         assert_eq!(c.sweep(T0 + 4 + 3_600), 1, "a was idle for an hour");
         assert_eq!(kind(&c.lookup(&"c", T0 + 4 + 3_600)), "fresh");
+    }
+
+    #[test]
+    fn an_entry_a_scheduled_workload_uses_is_kept_until_its_next_run() {
+        let mut c = Cache::new(CacheConfig::default());
+        c.insert("cron", token(86_400), T0, 0.0, "pod");
+        c.insert("other", token(86_400), T0, 0.0, "pod");
+        c.keep_idle(&"cron", Duration::from_hours(3));
+        c.keep_idle(&"other", Duration::from_mins(10)); // never less than the cache's hour
+                                                        // A peek (a prefetch deciding) does not count as use.
+        assert_eq!(kind(&c.peek(&"cron", T0 + 3_000)), "fresh");
+        assert_eq!(c.sweep(T0 + 3_600), 1, "the other entry went after an hour");
+        assert_eq!(c.sweep(T0 + 3 * 3_600 - 1), 0);
+        // A renewal keeps it as long.
+        c.insert("cron", token(86_400), T0 + 2 * 3_600, 0.0, "pod");
+        assert_eq!(c.sweep(T0 + 5 * 3_600 - 1), 0);
+        assert_eq!(c.sweep(T0 + 5 * 3_600), 1, "three hours unused");
     }
 
     #[test]

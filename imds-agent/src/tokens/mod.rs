@@ -15,6 +15,9 @@
 //!   when the renewal fails, until it expires.
 //! - **Budget.** Every upstream call holds a slot of a [`budget::Budget`]: IMDS's, or Entra's
 //!   (for workload identity), each with its own limits.
+//! - **Prefetch.** A token can be warmed before anyone asks ([`TokenService::prefetch`]): one
+//!   attempt, only with the budget's idle capacity, never queued behind or ahead of a pod's
+//!   own call.
 pub mod budget;
 pub mod cache;
 pub mod certificate;
@@ -254,8 +257,44 @@ impl TokenService {
         }
     }
 
+    /// Fetches `key` ahead of any request, on behalf of pod `requester`, if the cache has no
+    /// token a request could be served and the budget is idle ([`Budget::try_acquire_idle`]):
+    /// one attempt, no retries. Returns whether a fetch started. The caller has authorised it
+    /// as it would the request.
+    pub fn prefetch(self: &Arc<Self>, key: &TokenKey, requester: &str, how: &Fetch) -> bool {
+        if matches!(self.cache().peek(key, unix_now()), Lookup::Fresh(_) | Lookup::RefreshAhead(_))
+            || self.running().contains_key(key)
+        {
+            return false;
+        }
+        let budget = match key.source {
+            Source::ManagedIdentity { .. } => &self.budget,
+            Source::Workload { .. } | Source::ServicePrincipal { .. } => &self.entra_budget,
+        };
+        let Some(permit) = budget.try_acquire_idle() else { return false };
+        drop(self.start_fetch(key, requester, how, Some(permit)));
+        true
+    }
+
+    /// Keeps `key`'s cached token at least `idle` unused (a scheduled workload's interval).
+    pub fn keep_idle(&self, key: &TokenKey, idle: Duration) {
+        self.cache().keep_idle(key, idle);
+    }
+
     /// Joins the running fetch for `key`, or starts one.
     fn fetch(self: &Arc<Self>, key: &TokenKey, requester: &str, how: &Fetch) -> watch::Receiver<Progress> {
+        self.start_fetch(key, requester, how, None)
+    }
+
+    /// Joins the running fetch for `key`, or starts one; with `idle`, a prefetch's slot, the
+    /// fetch makes that one attempt.
+    fn start_fetch(
+        self: &Arc<Self>,
+        key: &TokenKey,
+        requester: &str,
+        how: &Fetch,
+        idle: Option<budget::Permit>,
+    ) -> watch::Receiver<Progress> {
         let mut running = self.running();
         if let Some(progress) = running.get(key) {
             return progress.clone();
@@ -265,7 +304,10 @@ impl TokenService {
         drop(running);
         let (service, key, requester, how) = (Arc::clone(self), key.clone(), requester.to_owned(), how.clone());
         tokio::spawn(async move {
-            let outcome = service.attempts(&key, &requester, &how, &tx).await;
+            let outcome = match idle {
+                Some(permit) => service.attempt(&key, &how, permit).await,
+                None => service.attempts(&key, &requester, &how, &tx).await,
+            };
             // Cache first, then stop being "running": a request in between finds one or the other.
             if let Outcome::Token { token, .. } = &outcome {
                 let jitter = fastrand::f64() * 2.0 - 1.0;
@@ -308,6 +350,16 @@ impl TokenService {
             tracing::debug!(status = %failure.status, reason = %failure.reason, retry_in = ?pause, "token fetch failed; retrying");
             progress.send_replace(Progress::Running { failure: Some(Retryable { retry_after: pause, ..failure }) });
             tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// One call, in a slot already held.
+    async fn attempt(&self, key: &TokenKey, how: &Fetch, permit: budget::Permit) -> Outcome {
+        let attempt = self.call(key, how).await;
+        drop(permit);
+        match attempt {
+            Attempt::Done(outcome) => outcome,
+            Attempt::Failed(failure) => Outcome::Retry(failure),
         }
     }
 

@@ -11,7 +11,7 @@ use std::{borrow::Cow, collections::BTreeMap, fmt, marker::PhantomData};
 
 use k8s_openapi::{
     api::core::v1::{Pod, ServiceAccount},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 use kube::Resource;
 use serde::{
@@ -42,6 +42,8 @@ pub(super) trait Shape: 'static {
     const LABELS: bool;
     /// The annotations kept; the others are skipped.
     const ANNOTATIONS: &'static [&'static str];
+    /// Keep the controller among `metadata.ownerReferences` (its kind and name only).
+    const CONTROLLER: bool = false;
 }
 
 /// An object of `S::Kind` as the agent keeps it: name, namespace, uid, resourceVersion, the
@@ -123,6 +125,7 @@ struct Meta {
     resource_version: Option<String>,
     labels: Option<BTreeMap<String, String>>,
     annotations: Option<Annotations>,
+    owner_references: Option<Vec<crate::sources::OwnerReference>>,
 }
 
 fn lean_meta<'de, S: Shape, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
@@ -135,8 +138,19 @@ fn lean_meta<'de, S: Shape, D: Deserializer<'de>>(deserializer: D) -> Result<Obj
         resource_version: meta.resource_version,
         labels: meta.labels.filter(|_| S::LABELS),
         annotations,
+        owner_references: meta
+            .owner_references
+            .filter(|_| S::CONTROLLER)
+            .and_then(|refs| crate::sources::controller(&refs).map(controller_reference))
+            .map(|controller| vec![controller]),
         ..ObjectMeta::default()
     })
+}
+
+/// A controller's kind and name, where `ObjectMeta` keeps owner references (the rest of the
+/// reference is not kept).
+fn controller_reference((kind, name): (&str, &str)) -> OwnerReference {
+    OwnerReference { kind: kind.to_owned(), name: name.to_owned(), controller: Some(true), ..OwnerReference::default() }
 }
 
 /// Annotations, their values read only where the key is one some shape keeps: kubectl's
@@ -244,6 +258,7 @@ impl Shape for PodShape {
     type Status = PodStatus;
     const LABELS: bool = true;
     const ANNOTATIONS: &'static [&'static str] = &[];
+    const CONTROLLER: bool = true;
 }
 
 pub(super) struct IdentityShape;
@@ -306,7 +321,9 @@ mod tests {
                          "annotations": {"kubectl.kubernetes.io/last-applied-configuration": applied,
                                          CLIENT_ID_ANNOTATION: "not kept on a pod"},
                          "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:metadata": {}}}],
-                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-1", "uid": "r"}]},
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "not-a-controller", "uid": "c"},
+                                             {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-1", "uid": "r",
+                                              "controller": true, "blockOwnerDeletion": true}]},
             "spec": {"serviceAccountName": "fed", "nodeName": "node-1", "containers": [{"name": "app", "image": "app"}]},
             "status": {"phase": "Running"}
         }))
@@ -317,6 +334,8 @@ mod tests {
             uid: Some("u1".into()),
             resource_version: Some("7".into()),
             labels: Some(BTreeMap::from([("aadpodidbinding".into(), "blob".into())])),
+            // Of the owner references, the controller's kind and name only.
+            owner_references: Some(vec![controller_reference(("ReplicaSet", "web-1"))]),
             ..ObjectMeta::default()
         };
         assert_eq!(pod.metadata, expected);

@@ -1,0 +1,253 @@
+//! Warm tokens for a workload's next pod.
+//!
+//! Short Jobs and `CronJobs` start, ask for the same tokens as their previous run, and end: a
+//! cache that waits to be asked is always cold for them. So the agent remembers, per
+//! workload ([`Owner`]: a Deployment, a `CronJob`, a Job…), which tokens its pods were
+//! granted, and when a new pod of that workload appears in the policy (it is bound to the
+//! node before its containers start) it fetches them, so the pod's first request finds them.
+//!
+//! - **Decided again, for the new pod.** A remembered want is only a hint: each is decided by
+//!   the policy for the new pod, exactly as its request would be, so a pod never gets a token
+//!   warmed that it could not get itself. A pod that names another workload as its controller
+//!   (any pod may, within its namespace) can only warm what it may have anyway.
+//! - **Idle budget only.** A prefetch is one attempt, made only while the upstream budget is
+//!   idle ([`crate::tokens::budget::Budget::try_acquire_idle`]); it never delays a pod's own
+//!   call.
+//! - **Kept until the next run.** A `CronJob`'s interval is learnt from its runs (its Jobs are
+//!   named after the minute they were scheduled for), and its tokens are kept in the cache,
+//!   unused, for one and a half intervals plus five minutes, between the cache's own idle time
+//!   and [`LONGEST_KEEP`].
+//! - **Bounded.** [`MOST_WANTS`] per workload (the latest), [`MOST_WORKLOADS`] workloads (the
+//!   least recently seen go first). Memory is the agent's own: it starts empty.
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use parking_lot::Mutex;
+
+use super::AgentState;
+use crate::{
+    policy::{Decision, Owner, Pod, Selector, Snapshot},
+    tokens::{Fetch, Source, TokenKey},
+};
+
+/// Wants remembered per workload.
+const MOST_WANTS: usize = 8;
+/// Workloads remembered.
+const MOST_WORKLOADS: usize = 1024;
+/// The longest a scheduled workload's tokens are kept unused.
+pub(super) const LONGEST_KEEP: Duration = Duration::from_hours(6);
+
+/// A token request as a pod made it, once the policy allowed it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Want {
+    pub selector: Option<Selector>,
+    pub resource: String,
+    pub api_version: Option<String>,
+}
+
+/// (namespace, kind, name).
+type WorkloadKey = (String, String, String);
+
+#[derive(Debug)]
+struct Remembered {
+    /// Oldest first.
+    wants: Vec<Want>,
+    /// The latest run seen (a `CronJob`'s scheduled minute).
+    last_run: Option<u64>,
+    /// Between the two latest runs.
+    interval: Option<Duration>,
+    /// When it was last seen, in [`Memory::ticks`].
+    seen: u64,
+}
+
+#[derive(Debug, Default)]
+struct Memory {
+    workloads: HashMap<WorkloadKey, Remembered>,
+    /// Counts every time a workload is seen: orders them by recency.
+    ticks: u64,
+}
+
+/// What each workload's pods were granted; see the module.
+#[derive(Debug, Default)]
+pub(crate) struct Workloads {
+    memory: Mutex<Memory>,
+}
+
+fn key(pod: &Pod) -> Option<(WorkloadKey, &Owner)> {
+    let owner = pod.owner.as_ref()?;
+    Some(((pod.namespace.clone(), owner.kind.clone(), owner.name.clone()), owner))
+}
+
+impl Workloads {
+    /// `pod` was granted `want`: its workload's next pod will be warmed with it.
+    pub(super) fn granted(&self, pod: &Pod, want: Want) {
+        let Some((key, _)) = key(pod) else { return };
+        let mut memory = self.memory.lock();
+        let entry = memory.entry(key);
+        entry.wants.retain(|w| *w != want);
+        entry.wants.push(want);
+        if entry.wants.len() > MOST_WANTS {
+            entry.wants.remove(0);
+        }
+    }
+
+    /// A new pod of a workload: what its workload's pods were granted before (and, for a
+    /// `CronJob`'s run, the interval since the previous one is learnt).
+    pub(super) fn started(&self, pod: &Pod) -> Vec<Want> {
+        let Some((key, owner)) = key(pod) else { return Vec::new() };
+        let mut memory = self.memory.lock();
+        let entry = memory.entry(key);
+        if let Some(run) = owner.run {
+            if let Some(last) = entry.last_run.filter(|last| run > *last) {
+                entry.interval = Some(Duration::from_mins(run - last));
+            }
+            entry.last_run = entry.last_run.max(Some(run));
+        }
+        entry.wants.clone()
+    }
+
+    /// How long `pod`'s tokens are kept unused: until after its workload's next run, when it
+    /// runs on a schedule (`None`: the cache's own idle time).
+    pub(super) fn keep_for(&self, pod: &Pod) -> Option<Duration> {
+        let (key, _) = key(pod)?;
+        let interval = self.memory.lock().workloads.get(&key)?.interval?;
+        Some((interval * 3 / 2 + Duration::from_mins(5)).min(LONGEST_KEEP))
+    }
+}
+
+impl Memory {
+    /// The workload's entry, made (and room made for it) if new; marked seen.
+    fn entry(&mut self, key: WorkloadKey) -> &mut Remembered {
+        let workloads = &mut self.workloads;
+        if !workloads.contains_key(&key) && workloads.len() >= MOST_WORKLOADS {
+            let stalest = workloads.iter().min_by_key(|(_, r)| r.seen).map(|(k, _)| k.clone());
+            if let Some(stalest) = stalest {
+                workloads.remove(&stalest);
+            }
+        }
+        self.ticks += 1;
+        let entry = workloads.entry(key).or_insert_with(|| Remembered {
+            wants: Vec::new(),
+            last_run: None,
+            interval: None,
+            seen: 0,
+        });
+        entry.seen = self.ticks;
+        entry
+    }
+}
+
+/// The cache key a want of `pod`'s is served from, if the policy allows it a managed
+/// identity's token (the kind IMDS serves; the others are Entra's and not prefetched).
+pub(super) fn managed_identity_key(snapshot: &Snapshot, pod: &Pod, want: &Want) -> Option<TokenKey> {
+    match snapshot.decide(&pod.uid, want.selector.as_ref()) {
+        Decision::Allow { identity, .. } if identity.service_principal.is_none() => Some(TokenKey {
+            source: Source::ManagedIdentity { client_id: identity.client_id.clone() },
+            resource: want.resource.clone(),
+        }),
+        _ => None,
+    }
+}
+
+/// Warms the tokens of every new pod's workload, for as long as the policy is published.
+pub(crate) async fn run(state: Arc<AgentState>) {
+    let mut updates = state.snapshot.clone();
+    let mut known: HashSet<String> = updates.borrow_and_update().pods().map(|p| p.uid.clone()).collect();
+    while updates.changed().await.is_ok() {
+        let snapshot = Arc::clone(&updates.borrow_and_update());
+        for pod in snapshot.pods().filter(|p| !known.contains(&p.uid) && !p.finished) {
+            for want in state.workloads.started(pod) {
+                warm(&state, &snapshot, pod, &want);
+            }
+        }
+        known = snapshot.pods().map(|p| p.uid.clone()).collect();
+    }
+}
+
+fn warm(state: &AgentState, snapshot: &Snapshot, pod: &Pod, want: &Want) {
+    let Some(key) = managed_identity_key(snapshot, pod, want) else { return };
+    if let Some(keep) = state.workloads.keep_for(pod) {
+        state.tokens.keep_idle(&key, keep);
+    }
+    let how = Fetch::Imds { api_version: want.api_version.clone() };
+    if state.tokens.prefetch(&key, &pod.uid, &how) {
+        state.telemetry.count_prefetch();
+        tracing::debug!(namespace = %pod.namespace, pod = %pod.name, resource = %want.resource,
+            "token warmed for a new pod of its workload");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod_of(kind: &str, name: &str, run: Option<u64>) -> Pod {
+        Pod {
+            uid: format!("{name}-{run:?}"),
+            namespace: "shop".into(),
+            owner: Some(Owner { kind: kind.into(), name: name.into(), run }),
+            ..Pod::default()
+        }
+    }
+
+    fn want(resource: &str) -> Want {
+        Want { selector: None, resource: resource.into(), api_version: None }
+    }
+
+    #[test]
+    fn what_a_workload_was_granted_is_warmed_for_its_next_pod() {
+        let workloads = Workloads::default();
+        let web = pod_of("Deployment", "web", None);
+        workloads.granted(&web, want("vault"));
+        workloads.granted(&web, want("storage"));
+        workloads.granted(&web, want("vault")); // again: once, now the latest
+        assert_eq!(workloads.started(&pod_of("Deployment", "web", None)), [want("storage"), want("vault")]);
+        // Another workload, or another namespace: nothing.
+        assert!(workloads.started(&pod_of("Deployment", "api", None)).is_empty());
+        let elsewhere = Pod { namespace: "other".into(), ..pod_of("Deployment", "web", None) };
+        assert!(workloads.started(&elsewhere).is_empty());
+        // A pod without a controller is not remembered.
+        let bare = Pod { owner: None, ..web.clone() };
+        workloads.granted(&bare, want("x"));
+        assert!(workloads.started(&bare).is_empty());
+        // The latest wants only.
+        for n in 0..20 {
+            workloads.granted(&web, want(&format!("r{n}")));
+        }
+        let wants = workloads.started(&web);
+        assert_eq!(wants.len(), MOST_WANTS);
+        assert_eq!(wants.last(), Some(&want("r19")));
+    }
+
+    #[test]
+    fn a_cronjobs_tokens_are_kept_until_after_its_next_run() {
+        let workloads = Workloads::default();
+        let run = |minute| pod_of("CronJob", "report", Some(minute));
+        assert!(workloads.started(&run(29_000_000)).is_empty());
+        assert_eq!(workloads.keep_for(&run(29_000_000)), None, "one run: no interval yet");
+        workloads.started(&run(29_000_120)); // every two hours
+        assert_eq!(workloads.keep_for(&run(29_000_120)), Some(Duration::from_mins(185)));
+        workloads.started(&run(29_000_060)); // a late pod of an older run changes nothing
+        assert_eq!(workloads.keep_for(&run(29_000_120)), Some(Duration::from_mins(185)));
+        workloads.started(&run(29_001_560)); // daily: capped
+        assert_eq!(workloads.keep_for(&run(29_001_560)), Some(LONGEST_KEEP));
+        assert_eq!(workloads.keep_for(&pod_of("Deployment", "web", None)), None);
+    }
+
+    #[test]
+    fn the_least_recently_seen_workload_makes_room() {
+        let workloads = Workloads::default();
+        for n in 0..MOST_WORKLOADS {
+            workloads.granted(&pod_of("Job", &format!("job-{n}"), None), want("vault"));
+        }
+        workloads.granted(&pod_of("Job", "job-0", None), want("storage")); // job-0 seen again
+        workloads.granted(&pod_of("Job", "new", None), want("vault"));
+        let remembered = &workloads.memory.lock().workloads;
+        assert_eq!(remembered.len(), MOST_WORKLOADS);
+        assert!(!remembered.contains_key(&("shop".into(), "Job".into(), "job-1".into())), "job-1 was the stalest");
+        assert!(remembered.contains_key(&("shop".into(), "Job".into(), "job-0".into())));
+    }
+}
