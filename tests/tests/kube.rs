@@ -464,7 +464,7 @@ fn cronjob_pod(cronjob: &str, minute: u64, uid: &str, labels: &Value) -> Value {
 }
 
 // Issue #16: short Jobs and CronJobs find a warm cache. A CronJob's run is granted a token;
-// by its next run that token has expired (the fake IMDS issues 3-second tokens here, so the
+// by its next run that token has expired (the fake IMDS issues 10-second tokens here, so the
 // cache goes cold as it would after a long idle). When the next run's pod appears, before it
 // asks, the agent fetches the token the workload was granted, so the pod's own request costs
 // no upstream call. What is warmed is decided for the new pod: a run the policy does not bind
@@ -472,9 +472,10 @@ fn cronjob_pod(cronjob: &str, minute: u64, uid: &str, labels: &Value) -> Value {
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn a_cronjobs_next_run_finds_its_token_warm() {
+    const LIFETIME: Duration = Duration::from_secs(10);
     let blob = FakeIdentity::named("blob");
     let mut node = Node::new("kube-warm", vec![blob.clone()]);
-    node.fake.set_token_lifetime(Duration::from_secs(3));
+    node.fake.set_token_lifetime(LIFETIME);
     let api = FakeKube::serve(Server::bind(&node.ns, std::net::SocketAddrV4::new([10, 233, 0, 1].into(), API.1)));
     api.apply(identity("blob", &blob));
     api.apply(binding("blob-binding", "blob", "blob"));
@@ -485,32 +486,33 @@ fn a_cronjobs_next_run_finds_its_token_warm() {
     let bound = json!({"aadpodidbinding": "blob"});
     let upstream_calls = |node: &Node| node.fake.token_requests().len();
     let prefetched = |node: &Node| node.metric(metrics_at(), "imds_filter_tokens_prefetched_total");
+    // The run minutes are now's, as the CronJob controller's are (the agent believes no other).
+    let now_minute = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 60;
 
     // The first run: nothing remembered, so nothing warmed; its request goes upstream.
-    let (first_uid, second_uid, third_uid) = (pod_uid(), pod_uid(), pod_uid());
+    let (first_uid, unbound_uid, next_uid) = (pod_uid(), pod_uid(), pod_uid());
     let first = node.pod(&first_uid);
-    api.apply(cronjob_pod("report", 29_000_000, &first_uid, &bound));
+    api.apply(cronjob_pod("report", now_minute, &first_uid, &bound));
     eventually("the first run is served", || is_token_of(&token(&node, &first, ""), &blob));
     assert_eq!((upstream_calls(&node), prefetched(&node)), (1, 0));
-    std::thread::sleep(Duration::from_secs(4)); // the token has expired: the cache is cold
+    std::thread::sleep(LIFETIME + Duration::from_secs(1)); // the token has expired: the cache is cold
 
-    // The next run: warmed as soon as its pod is known, before it asks.
-    let second = node.pod(&second_uid);
-    api.apply(cronjob_pod("report", 29_000_060, &second_uid, &bound));
+    // A run the policy does not bind (its template relabelled): nothing is warmed for it.
+    let unbound = node.pod(&unbound_uid);
+    api.apply(cronjob_pod("report", now_minute + 1, &unbound_uid, &json!({"app": "report"})));
+    eventually("the agent knows the unbound run", || token(&node, &unbound, "").status == 400);
+    assert_eq!((upstream_calls(&node), prefetched(&node)), (1, 0), "nothing warmed for a pod that may not have it");
+
+    // The next bound run: warmed as soon as its pod is known, before it asks.
+    let next = node.pod(&next_uid);
+    api.apply(cronjob_pod("report", now_minute + 2, &next_uid, &bound));
     eventually("the next run's token is warmed", || upstream_calls(&node) == 2);
     assert_eq!(prefetched(&node), 1);
     std::thread::sleep(Duration::from_millis(200)); // the warmed token reaches the cache
-    assert!(is_token_of(&token(&node, &second, ""), &blob));
+    assert!(is_token_of(&token(&node, &next, ""), &blob));
     assert_eq!(upstream_calls(&node), 2, "the pod's own request was served from the cache");
-    let served = node.agent().decisions();
-    let last = served.iter().rev().find(|d| d["pod_uid"] == second_uid.as_str()).expect("the run's decision");
-    assert_eq!(last["token_from"], "cache", "{last}");
-    std::thread::sleep(Duration::from_secs(4));
-
-    // A run the policy does not bind (relabelled template): nothing is warmed for it.
-    let third = node.pod(&third_uid);
-    api.apply(cronjob_pod("report", 29_000_120, &third_uid, &json!({"app": "report"})));
-    eventually("the agent knows the unbound run", || token(&node, &third, "").status == 400);
-    assert_eq!((upstream_calls(&node), prefetched(&node)), (2, 1), "nothing warmed for a pod that may not have it");
-    drop((first, second, third));
+    let decisions = node.agent().decisions();
+    let served = decisions.iter().rev().find(|d| d["pod_uid"] == next_uid.as_str()).expect("the run's decision");
+    assert_eq!(served["token_from"], "cache", "{served}");
+    drop((first, unbound, next));
 }

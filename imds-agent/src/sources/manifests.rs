@@ -65,7 +65,7 @@ struct Metadata {
     uid: String,
     labels: BTreeMap<String, String>,
     annotations: BTreeMap<String, String>,
-    #[serde(rename = "ownerReferences")]
+    #[serde(rename = "ownerReferences", deserialize_with = "super::lenient_references")]
     owner_references: Vec<super::OwnerReference>,
 }
 
@@ -435,6 +435,27 @@ metadata: {name: ignored}
     fn namespace_defaults_to_default() {
         let snap = load(&[("p.yml", "apiVersion: v1\nkind: Pod\nmetadata: {name: p, uid: u1}\n")]).unwrap();
         assert_eq!(snap.pod("u1").unwrap().namespace, "default");
+    }
+
+    #[test]
+    fn a_pods_controller_is_read_leniently() {
+        let pod = |uid: &str, references: &str| {
+            format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: p-{uid}\n  uid: {uid}\n  ownerReferences: {references}\n---\n")
+        };
+        let text = [
+            pod("u-job", "[{apiVersion: batch/v1, kind: Job, name: report-29000000, uid: j, controller: true}]"),
+            pod("u-owned", "[{kind: ConfigMap, name: c}]"), // not a controller
+            pod("u-null", "null"),
+            pod("u-odd", "[{kind: Job, name: x, controller: \"yes\"}]"),
+            pod("u-scalar", "everything"),
+        ]
+        .concat();
+        let snap = load(&[("p.yaml", &text)]).expect("odd ownerReferences never refuse a pod");
+        let owner = |uid: &str| snap.pod(uid).unwrap().owner.as_ref().map(|o| (o.kind.clone(), o.name.clone(), o.run));
+        assert_eq!(owner("u-job"), Some(("CronJob".into(), "report".into(), Some(29_000_000))));
+        for uid in ["u-owned", "u-null", "u-odd", "u-scalar"] {
+            assert_eq!(owner(uid), None, "{uid}");
+        }
     }
 
     #[test]

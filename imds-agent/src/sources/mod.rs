@@ -52,6 +52,24 @@ pub struct OwnerReference {
     pub controller: Option<bool>,
 }
 
+/// `metadata.ownerReferences`, read leniently: the policy does not depend on it, so a value
+/// of another shape means no controller, never a refused object.
+///
+/// # Errors
+/// Only what the format itself fails on (malformed YAML or JSON).
+pub fn lenient_references<'de, D: serde::Deserializer<'de>>(value: D) -> Result<Vec<OwnerReference>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum References {
+        Read(Vec<OwnerReference>),
+        Unread(serde::de::IgnoredAny),
+    }
+    Ok(match Option::<References>::deserialize(value)? {
+        Some(References::Read(references)) => references,
+        Some(References::Unread(_)) | None => Vec::new(),
+    })
+}
+
 /// The `kind` and `name` of the controller among `references` (the one with
 /// `controller: true`; Kubernetes allows one at most).
 pub fn controller(references: &[OwnerReference]) -> Option<(&str, &str)> {

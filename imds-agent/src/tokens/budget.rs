@@ -56,6 +56,8 @@ struct State {
     turn: VecDeque<String>,
     queued: usize,
     in_flight: usize,
+    /// Of those, calls made with idle capacity ([`Budget::try_acquire_idle`]).
+    idle_in_flight: usize,
     /// When the calls of the current window started.
     starts: VecDeque<Instant>,
 }
@@ -77,11 +79,19 @@ impl Drop for Budget {
 /// A slot for one upstream call; the slot frees when it is dropped.
 pub struct Permit {
     budget: Arc<Budget>,
+    /// Taken with idle capacity.
+    idle: bool,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.budget.lock().in_flight -= 1;
+        {
+            let mut s = self.budget.lock();
+            s.in_flight -= 1;
+            if self.idle {
+                s.idle_in_flight -= 1;
+            }
+        }
         self.budget.wake.notify_one();
     }
 }
@@ -138,23 +148,27 @@ impl Budget {
         }
     }
 
-    /// A slot at once if the budget is idle, else `None` (never waits): nothing queued, a slot
-    /// in flight left over for the pods' own calls, and less than half the rate used in the
-    /// current window. For work no pod is waiting for (warming the cache).
+    /// A slot at once if the budget is idle, else `None` (never waits): nothing queued, no
+    /// other idle call in flight, a slot in flight still free for the pods once this one is
+    /// taken, and under a quarter of the rate used in the current window. For work no pod is waiting for (warming the cache):
+    /// it takes one slot at most, and leaves three quarters of the rate to the pods.
     pub fn try_acquire_idle(self: &Arc<Self>) -> Option<Permit> {
         let mut s = self.lock();
         let now = Instant::now();
         while s.starts.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
             s.starts.pop_front();
         }
-        let idle =
-            s.queued == 0 && s.in_flight + 1 < self.config.in_flight && s.starts.len() < self.config.per_second / 2;
+        let idle = s.queued == 0
+            && s.idle_in_flight == 0
+            && s.in_flight + 1 < self.config.in_flight
+            && s.starts.len() < self.config.per_second / 4;
         if !idle {
             return None;
         }
         s.in_flight += 1;
+        s.idle_in_flight += 1;
         s.starts.push_back(now);
-        Some(Permit { budget: Arc::clone(self) })
+        Some(Permit { budget: Arc::clone(self), idle: true })
     }
 
     /// Roughly how long a queue of `queued` takes to drain: what `Retry-After` says.
@@ -197,7 +211,7 @@ impl Budget {
             }
             s.in_flight += 1;
             s.starts.push_back(now);
-            if let Err(permit) = tx.send(Permit { budget: Arc::clone(self) }) {
+            if let Err(permit) = tx.send(Permit { budget: Arc::clone(self), idle: false }) {
                 // Gave up just now. Dropping the permit takes the lock: do it outside.
                 drop(s);
                 drop(permit);
@@ -332,27 +346,30 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_capacity_only_is_handed_out_without_waiting() {
-        let budget = Budget::start(BudgetConfig { per_second: 4, in_flight: 2, ..BudgetConfig::default() });
-        // Idle: a slot, but not the last one in flight.
+        let budget = Budget::start(BudgetConfig { per_second: 8, in_flight: 3, ..BudgetConfig::default() });
+        // Idle: one slot, never a second idle call at once.
         let first = budget.try_acquire_idle().expect("an idle budget");
-        assert!(budget.try_acquire_idle().is_none(), "the last slot in flight is the pods'");
+        assert!(budget.try_acquire_idle().is_none(), "one idle call at a time");
         drop(first);
-        // Half the rate used in the window: no more.
+        // A quarter of the rate used in the window: no more.
         let second = budget.try_acquire_idle().expect("a slot is free again");
         drop(second);
-        assert!(budget.try_acquire_idle().is_none(), "two of four calls this window");
+        assert!(budget.try_acquire_idle().is_none(), "two of eight calls this window");
         tokio::time::sleep(WINDOW).await;
+        // The last slot in flight is the pods'.
+        let pods = (budget.acquire("pod").await.expect("a slot"), budget.acquire("pod").await.expect("a slot"));
+        assert!(budget.try_acquire_idle().is_none(), "one slot left: the pods'");
         // A pod's call waiting: none.
-        let busy = budget.acquire("pod").await.expect("a slot");
-        let held = (budget.acquire("pod").await.expect("a slot"), busy);
+        let third = budget.acquire("pod").await.expect("a slot");
         let waiting = tokio::spawn({
             let budget = Arc::clone(&budget);
             async move { budget.acquire("pod").await.map(drop) }
         });
         tokio::task::yield_now().await;
         assert_eq!(budget.load().0, 1, "a pod's call is queued");
-        assert!(budget.try_acquire_idle().is_none());
-        drop(held);
+        drop(pods);
+        assert!(budget.try_acquire_idle().is_none(), "a pod's call is waiting");
+        drop(third);
         waiting.await.unwrap().unwrap();
     }
 

@@ -149,14 +149,12 @@ impl<K: Hash + Eq + Clone> Cache<K> {
         self.entries.insert(key, Entry { token: Arc::new(token), refresh_at, last_used: now, idle, owner });
     }
 
-    /// Keeps `key`'s entry at least `idle` unused before it is swept (never less than the
-    /// cache's own `idle`).
+    /// Keeps `key`'s entry `idle` unused before it is swept, from now on (never less than
+    /// the cache's own `idle`).
     pub fn keep_idle(&mut self, key: &K, idle: Duration) {
         let idle = idle.as_secs();
         if let Some(entry) = self.entries.get_mut(key) {
-            if idle > self.config.idle.as_secs() && entry.idle.is_none_or(|kept| kept < idle) {
-                entry.idle = Some(idle);
-            }
+            entry.idle = Some(idle).filter(|idle| *idle > self.config.idle.as_secs());
         }
     }
 

@@ -272,8 +272,7 @@ impl TokenService {
             Source::Workload { .. } | Source::ServicePrincipal { .. } => &self.entra_budget,
         };
         let Some(permit) = budget.try_acquire_idle() else { return false };
-        drop(self.start_fetch(key, requester, how, Some(permit)));
-        true
+        self.start_fetch(key, requester, how, Some(permit)).1
     }
 
     /// Keeps `key`'s cached token at least `idle` unused (a scheduled workload's interval).
@@ -283,21 +282,21 @@ impl TokenService {
 
     /// Joins the running fetch for `key`, or starts one.
     fn fetch(self: &Arc<Self>, key: &TokenKey, requester: &str, how: &Fetch) -> watch::Receiver<Progress> {
-        self.start_fetch(key, requester, how, None)
+        self.start_fetch(key, requester, how, None).0
     }
 
-    /// Joins the running fetch for `key`, or starts one; with `idle`, a prefetch's slot, the
-    /// fetch makes that one attempt.
+    /// Joins the running fetch for `key`, or starts one (then says so); with `idle`, a
+    /// prefetch's slot, the fetch makes that one attempt (joining, the slot is given back).
     fn start_fetch(
         self: &Arc<Self>,
         key: &TokenKey,
         requester: &str,
         how: &Fetch,
         idle: Option<budget::Permit>,
-    ) -> watch::Receiver<Progress> {
+    ) -> (watch::Receiver<Progress>, bool) {
         let mut running = self.running();
         if let Some(progress) = running.get(key) {
-            return progress.clone();
+            return (progress.clone(), false);
         }
         let (tx, rx) = watch::channel(Progress::Running { failure: None });
         running.insert(key.clone(), rx.clone());
@@ -316,7 +315,7 @@ impl TokenService {
             service.running().remove(&key);
             tx.send_replace(Progress::Done(outcome));
         });
-        rx
+        (rx, true)
     }
 
     /// Calls upstream until a token, a final answer, or the deadline.

@@ -117,19 +117,23 @@ impl<S: Shape> Resource for Lean<S> {
 
 /// The metadata fields that are read at all; every other one is skipped unparsed.
 #[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Meta {
+#[serde(rename_all = "camelCase", bound = "")]
+struct Meta<S: Shape> {
     name: Option<String>,
     namespace: Option<String>,
     uid: Option<String>,
     resource_version: Option<String>,
     labels: Option<BTreeMap<String, String>>,
     annotations: Option<Annotations>,
-    owner_references: Option<Vec<crate::sources::OwnerReference>>,
+    /// The controller, for shapes that keep it (the other references are not kept).
+    #[serde(default, deserialize_with = "controller_of::<S, _>")]
+    owner_references: Option<OwnerReference>,
+    #[serde(skip)]
+    shape: PhantomData<fn() -> S>,
 }
 
 fn lean_meta<'de, S: Shape, D: Deserializer<'de>>(deserializer: D) -> Result<ObjectMeta, D::Error> {
-    let meta = Meta::deserialize(deserializer)?;
+    let meta = Meta::<S>::deserialize(deserializer)?;
     let annotations = meta.annotations.map(|a| a.kept(S::ANNOTATIONS)).filter(|a| !a.is_empty());
     Ok(ObjectMeta {
         name: meta.name,
@@ -138,13 +142,20 @@ fn lean_meta<'de, S: Shape, D: Deserializer<'de>>(deserializer: D) -> Result<Obj
         resource_version: meta.resource_version,
         labels: meta.labels.filter(|_| S::LABELS),
         annotations,
-        owner_references: meta
-            .owner_references
-            .filter(|_| S::CONTROLLER)
-            .and_then(|refs| crate::sources::controller(&refs).map(controller_reference))
-            .map(|controller| vec![controller]),
+        owner_references: meta.owner_references.map(|controller| vec![controller]),
         ..ObjectMeta::default()
     })
+}
+
+/// The controller among `metadata.ownerReferences`, for shapes that keep it; for the others
+/// the value is skipped unparsed.
+fn controller_of<'de, S: Shape, D: Deserializer<'de>>(value: D) -> Result<Option<OwnerReference>, D::Error> {
+    if !S::CONTROLLER {
+        IgnoredAny::deserialize(value)?;
+        return Ok(None);
+    }
+    let references = crate::sources::lenient_references(value)?;
+    Ok(crate::sources::controller(&references).map(controller_reference))
 }
 
 /// A controller's kind and name, where `ObjectMeta` keeps owner references (the rest of the

@@ -348,9 +348,12 @@ fn pod(p: &LeanPod) -> Result<policy::Pod, String> {
         host_network: p.spec.host_network.unwrap_or(false),
         phase: status.phase.as_deref(),
         powers: p.spec.powers(),
-        controller: p.metadata.owner_references.as_deref().and_then(|refs| {
-            refs.first().map(|r| (r.kind.as_str(), r.name.as_str())) // only the controller is kept
-        }),
+        controller: p
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find_map(|r| (r.controller == Some(true)).then_some((r.kind.as_str(), r.name.as_str()))),
     };
     convert::pod(place(&p.metadata), fields)
 }
