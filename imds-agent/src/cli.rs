@@ -15,7 +15,7 @@ use crate::{
     handover,
     kernel::{bpffs::DEFAULT_PIN_DIR, origin::DEFAULT_ORIGIN_TTL, NodeBackstop, IMDS_ENDPOINT},
     operator::control,
-    policy::WorkloadMode,
+    policy::{DefaultScope, WorkloadMode},
     server::Mode,
     taint,
     tokens::{cache::CacheConfig, entra},
@@ -70,6 +70,10 @@ pub struct ExplainArgs {
     /// With --manifests or --kubeconfig: decide as an agent run with --deny-unbound.
     #[arg(long)]
     pub deny_unbound: bool,
+    /// With --manifests or --kubeconfig: decide as an agent run with this
+    /// --identity-scope-default would.
+    #[arg(long, value_enum, default_value_t = DefaultScope::Open)]
+    pub identity_scope_default: DefaultScope,
     /// The running agent's control socket.
     #[arg(long, value_name = "PATH", default_value = control::DEFAULT_SOCKET, conflicts_with = "manifests")]
     pub agent_socket: PathBuf,
@@ -302,6 +306,10 @@ pub struct RunArgs {
     /// Tenant for workload-identity ServiceAccounts without a tenant-id annotation.
     #[arg(long, env = "AZURE_TENANT_ID")]
     pub tenant_id: Option<String>,
+    /// The identities a namespace without an imds-filter.io/identity-scope annotation may use:
+    /// every one (`open`, for migrating clusters) or none (`closed`).
+    #[arg(long, value_enum, default_value_t = DefaultScope::Open)]
+    pub identity_scope_default: DefaultScope,
     /// Entra authority that workload-identity tokens are exchanged at.
     #[arg(long, env = "AZURE_AUTHORITY_HOST", default_value = entra::PUBLIC_CLOUD)]
     pub authority_host: String,
@@ -458,6 +466,7 @@ mod tests {
         );
         assert_eq!(every.pod_grace, Duration::from_millis(500));
         assert_eq!(every.pod_lookup_interval, Duration::ZERO);
+        assert_eq!(every.identity_scope_default, DefaultScope::Closed);
         assert_eq!(every.allow_paths.len(), 2);
         assert_eq!((every.max_connections, every.filter.protected.len()), (8192, 1));
 

@@ -39,6 +39,7 @@ use crate::http_server::HttpServer;
 /// The kinds the fake stores: (apiVersion, kind, collection path).
 const KINDS: &[(&str, &str, &str)] = &[
     ("v1", "Node", "/api/v1/nodes"),
+    ("v1", "Namespace", "/api/v1/namespaces"),
     ("v1", "Pod", "/api/v1/pods"),
     ("v1", "ServiceAccount", "/api/v1/serviceaccounts"),
     ("v1", "Secret", "/api/v1/secrets"),

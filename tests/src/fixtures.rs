@@ -19,7 +19,9 @@ use imds_agent::{
     sources::convert::OBJECT_ID_ANNOTATION,
 };
 use k8s_openapi::{
-    api::core::v1::{Capabilities, Container, Pod, PodIP, PodSpec, PodStatus, Secret, SecurityContext, ServiceAccount},
+    api::core::v1::{
+        Capabilities, Container, Namespace, Pod, PodIP, PodSpec, PodStatus, Secret, SecurityContext, ServiceAccount,
+    },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
     ByteString,
 };
@@ -79,6 +81,17 @@ fn meta(namespace: &str, name: &str) -> ObjectMeta {
 
 fn string_map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs.iter().map(|&(k, v)| (k.to_owned(), v.to_owned())).collect()
+}
+
+/// The `Namespace` `name`, with these annotations (the rules cluster admins set:
+/// `imds-filter.io/identity-scope`, `…/metadata-paths`, `…/mode`).
+#[must_use]
+pub fn namespace(name: &str, annotations: &[(&str, &str)]) -> Namespace {
+    let annotations = Some(string_map(annotations)).filter(|a| !a.is_empty());
+    Namespace {
+        metadata: ObjectMeta { name: Some(name.to_owned()), annotations, ..ObjectMeta::default() },
+        ..Namespace::default()
+    }
 }
 
 /// `AzureIdentity` `name`: the user-assigned managed identity `id` (type 0, its resource and

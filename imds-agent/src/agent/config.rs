@@ -13,7 +13,7 @@ use crate::{
     imds::PathRules,
     kernel::{self, cgroup, FilterOptions},
     operator::{explain, status::AgentStatus},
-    policy::WorkloadSettings,
+    policy::PolicySettings,
     server::Mode,
     succession::RetiredMark,
     tokens::{budget::BudgetConfig, cache::CacheConfig, entra::Entra, TokenConfig},
@@ -43,7 +43,8 @@ pub struct Config {
     pub node_name: Option<String>,
     /// The taint removed from the node once the agent is ready (`--kube` only).
     pub startup_taint: Option<String>,
-    pub workload: WorkloadSettings,
+    /// The policy's own settings (workload identity, the default identity scope).
+    pub policy: PolicySettings,
     /// The metadata service the agent asks.
     pub upstream: SocketAddrV4,
     /// Entra's authority host, for workload identity and service principals.
@@ -107,7 +108,11 @@ impl TryFrom<RunArgs> for Config {
             kubeconfig: args.kubeconfig,
             node_name: args.node_name,
             startup_taint: Some(args.startup_taint).filter(|key| !key.is_empty()),
-            workload: WorkloadSettings { mode: args.workload_identity, default_tenant: args.tenant_id },
+            policy: PolicySettings {
+                workload: args.workload_identity,
+                default_tenant: args.tenant_id,
+                default_scope: args.identity_scope_default,
+            },
             upstream: args.upstream,
             authority_host: args.authority_host,
             tokens: TokenConfig {

@@ -87,7 +87,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // only once it can decide.
     let source = Arc::new(SourceStatus::default());
     let Started { updates, synced, watcher: _watcher, lookup } =
-        policy.start(config.workload.clone(), &source, events.clone(), config.pod_lookups)?;
+        policy.start(config.policy.clone(), &source, events.clone(), config.pod_lookups)?;
     let (agent_cgroup, own) = cgroup::own_cgroup_id()?;
     let mut steps = startup::OnNode { config: &config, source: &source, agent_cgroup };
     let startup::Taken { lock, handover: taken, control, listener, metrics, mut filter } =

@@ -20,7 +20,7 @@ use crate::{
     imds::{self, PathRules, Route, TokenRequest},
     kernel::cgroup,
     operator::control::client::Client,
-    policy::{Decision, Pod, PodVerdict, Selector, Snapshot, WorkloadSettings, BINDING_LABEL},
+    policy::{Decision, Pod, PodVerdict, PolicySettings, Selector, Snapshot, BINDING_LABEL, MODE_ANNOTATION},
     sources::{kube as kube_source, manifests},
 };
 
@@ -166,9 +166,19 @@ impl Explanation {
                     format!("matches AzurePodIdentityException {} (podLabels {:?})", e.name, e.pod_labels),
                 );
             }
-            None => {
-                self.step("exception", format!("no AzurePodIdentityException in {} matches its labels", pod.namespace));
-            }
+            None => match snapshot.matching_exception(pod) {
+                Some(e) => self.step(
+                    "exception",
+                    format!(
+                        "matches AzurePodIdentityException {}, not honoured: {} (an exception reaches the metadata service with every identity of the node)",
+                        e.name,
+                        snapshot.scope_rule(&pod.namespace).describe(&pod.namespace)
+                    ),
+                ),
+                None => {
+                    self.step("exception", format!("no AzurePodIdentityException in {} matches its labels", pod.namespace));
+                }
+            },
         }
         let verdict = snapshot.pod_verdict(pod, settings.deny_unbound);
         let name = match verdict {
@@ -243,14 +253,25 @@ impl Explanation {
                 .collect();
             self.step("bindings", or_none(&bound));
         }
+        self.step("identity scope", snapshot.scope_rule(&pod.namespace).describe(&pod.namespace));
+        let audited = snapshot.audited(&pod.namespace);
+        if audited {
+            let note = format!("namespace {} is audited ({MODE_ANNOTATION}: audit)", pod.namespace);
+            self.step("mode", format!("{note}: what would be refused is logged and forwarded as asked"));
+        }
         let decision = snapshot.decide(&pod.uid, token.selector.as_ref());
-        let status = match decision {
-            Decision::Deny(_) => StatusCode::BAD_REQUEST,
-            Decision::UnknownPod => StatusCode::NOT_FOUND,
-            _ => StatusCode::OK,
-        };
         self.identity = decision.identity(&pod.namespace);
-        self.conclude(decision.verdict(), decision.reason(), status.as_u16());
+        let (verdict, reason, status) = match decision {
+            Decision::Deny(_) if audited => (
+                "audit-allow",
+                format!("{}; namespace {} is audited: forwarded as asked", decision.reason(), pod.namespace),
+                StatusCode::OK,
+            ),
+            Decision::Deny(_) => (decision.verdict(), decision.reason(), StatusCode::BAD_REQUEST),
+            Decision::UnknownPod => (decision.verdict(), decision.reason(), StatusCode::NOT_FOUND),
+            _ => (decision.verdict(), decision.reason(), StatusCode::OK),
+        };
+        self.conclude(verdict, reason, status.as_u16());
     }
 }
 
@@ -301,15 +322,16 @@ pub async fn gather(args: &ExplainArgs) -> anyhow::Result<Explanation> {
         (None, None) => bail!("give --pod NAMESPACE/NAME or --cgroup PATH|ID"),
     };
     let settings = Settings { deny_unbound: args.deny_unbound, ..Settings::default() };
+    let policy = PolicySettings { default_scope: args.identity_scope_default, ..PolicySettings::default() };
     let mut explanation = if let Some(dir) = &args.manifests {
         let snapshot = manifests::load_dir(dir).with_context(|| format!("loading {}", dir.display()))?;
-        explain(&snapshot, &settings, &pod, &request)
+        explain(&snapshot.with_settings(policy), &settings, &pod, &request)
     } else if let Some(kubeconfig) = &args.kubeconfig {
         let PodRef::Named { namespace, name } = &pod else {
             bail!("--kubeconfig needs --pod NAMESPACE/NAME");
         };
         let client = crate::sources::kube_client(Some(kubeconfig)).await?;
-        let snapshot = kube_source::snapshot_for_pod(client, namespace, name, WorkloadSettings::default())
+        let snapshot = kube_source::snapshot_for_pod(client, namespace, name, policy)
             .await
             .context("listing the pod and the aad-pod-identity objects")?;
         explain(&snapshot, &settings, &pod, &request)

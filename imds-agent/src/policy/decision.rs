@@ -49,6 +49,8 @@ pub enum DenyReason {
     WorkloadNoTenant { service_account: String },
     /// The chosen service principal cannot be served (see [`ServicePrincipal::problem`]).
     ServicePrincipalUnusable { identity: String, problem: String },
+    /// The namespace's identity scope does not allow the identity (`scope` says which scope).
+    OutOfScope { identity: String, scope: String },
 }
 
 impl DenyReason {
@@ -67,6 +69,9 @@ impl DenyReason {
             }
             DenyReason::ServicePrincipalUnusable { identity, problem } => {
                 format!("the pod's service principal {identity} cannot be used: {problem}")
+            }
+            DenyReason::OutOfScope { identity, scope } => {
+                format!("{identity} is outside the namespace's identity scope: {scope}")
             }
             DenyReason::WorkloadNoClientId { service_account } => format!(
                 "the pod uses workload identity, but its ServiceAccount {service_account:?} has no azure.workload.identity/client-id annotation"

@@ -28,11 +28,23 @@ use std::collections::HashMap;
 
 mod decision;
 mod objects;
+mod scopes;
 #[cfg(test)]
 mod tests;
 
 pub use decision::{Choice, Decision, DenyReason, PodVerdict, Selector};
 pub use objects::*;
+pub use scopes::{
+    DefaultScope, NamespaceRules, Scope, ScopeRule, IDENTITY_SCOPE_ANNOTATION, MODE_ANNOTATION, PATHS_ANNOTATION,
+};
+
+/// The refusal of `identity`, which `scope` does not allow.
+fn out_of_scope(identity: &Identity, scope: &ScopeRule<'_>, namespace: &str) -> DenyReason {
+    DenyReason::OutOfScope {
+        identity: format!("{}/{} (client id {})", identity.namespace, identity.name, identity.client_id),
+        scope: scope.describe(namespace),
+    }
+}
 
 /// Everything the policy knows at one moment. Built by a source, replaced as a whole.
 #[derive(Clone, Debug, Default)]
@@ -46,7 +58,9 @@ pub struct Snapshot {
     service_accounts: HashMap<(String, String), ServiceAccount>,
     /// Secrets from a manifests directory (the API source reads them on demand instead).
     secrets: HashMap<SecretRef, std::sync::Arc<crate::secrets::SecretData>>,
-    workload: WorkloadSettings,
+    /// What each namespace's annotations allow (only namespaces with some).
+    namespaces: HashMap<String, NamespaceRules>,
+    settings: PolicySettings,
 }
 
 impl Snapshot {
@@ -64,7 +78,8 @@ impl Snapshot {
             exceptions: exceptions.into_iter().collect(),
             service_accounts: HashMap::new(),
             secrets: HashMap::new(),
-            workload: WorkloadSettings::default(),
+            namespaces: HashMap::new(),
+            settings: PolicySettings::default(),
         }
     }
 
@@ -85,14 +100,40 @@ impl Snapshot {
         self
     }
 
+    /// Adds the namespaces' rules (namespaces without annotations may be left out).
+    #[must_use]
+    pub fn with_namespaces(mut self, namespaces: impl IntoIterator<Item = NamespaceRules>) -> Snapshot {
+        self.namespaces = namespaces.into_iter().map(|n| (n.name.clone(), n)).collect();
+        self
+    }
+
+    /// The rules of `namespace`, if its annotations set any.
+    pub fn namespace(&self, namespace: &str) -> Option<&NamespaceRules> {
+        self.namespaces.get(namespace)
+    }
+
+    /// The identity scope that decides for `namespace`.
+    pub fn scope_rule(&self, namespace: &str) -> ScopeRule<'_> {
+        match (self.namespaces.get(namespace).and_then(|n| n.scope.as_ref()), self.settings.default_scope) {
+            (Some(scope), _) => ScopeRule::Annotated(scope),
+            (None, DefaultScope::Open) => ScopeRule::Open,
+            (None, DefaultScope::Closed) => ScopeRule::Closed,
+        }
+    }
+
+    /// Whether `namespace` is audited (its [`MODE_ANNOTATION`] is `audit`).
+    pub fn audited(&self, namespace: &str) -> bool {
+        self.namespaces.get(namespace).is_some_and(|n| n.audit)
+    }
+
     pub fn secret(&self, secret: &SecretRef) -> Option<&std::sync::Arc<crate::secrets::SecretData>> {
         self.secrets.get(secret)
     }
 
     /// Sets the agent's workload-identity settings.
     #[must_use]
-    pub fn with_workload(mut self, settings: WorkloadSettings) -> Snapshot {
-        self.workload = settings;
+    pub fn with_settings(mut self, settings: PolicySettings) -> Snapshot {
+        self.settings = settings;
         self
     }
 
@@ -102,7 +143,7 @@ impl Snapshot {
 
     /// Whether the workload-identity bridge serves this pod.
     pub fn uses_workload_identity(&self, pod: &Pod) -> bool {
-        match self.workload.mode {
+        match self.settings.workload {
             WorkloadMode::Off => false,
             WorkloadMode::Label => pod.labels.get(WORKLOAD_LABEL).is_some_and(|v| v == "true"),
             WorkloadMode::Annotated => {
@@ -117,7 +158,7 @@ impl Snapshot {
         let Some(client_id) = account.and_then(|a| a.client_id.as_deref()) else {
             return Decision::Deny(DenyReason::WorkloadNoClientId { service_account: pod.service_account.clone() });
         };
-        let tenant = account.and_then(|a| a.tenant_id.as_deref()).or(self.workload.default_tenant.as_deref());
+        let tenant = account.and_then(|a| a.tenant_id.as_deref()).or(self.settings.default_tenant.as_deref());
         let Some(tenant_id) = tenant else {
             return Decision::Deny(DenyReason::WorkloadNoTenant { service_account: pod.service_account.clone() });
         };
@@ -126,6 +167,11 @@ impl Snapshot {
             Some(Selector::ClientId(id)) if id.eq_ignore_ascii_case(client_id) => Choice::Requested,
             Some(other) => return Decision::Deny(DenyReason::SelectorNotBound { selector: other.clone() }),
         };
+        let scope = self.scope_rule(&pod.namespace);
+        if !scope.permits(client_id, "") {
+            let identity = format!("workload identity {client_id}");
+            return Decision::Deny(DenyReason::OutOfScope { identity, scope: scope.describe(&pod.namespace) });
+        }
         Decision::Workload { service_account: &pod.service_account, client_id, tenant_id, choice }
     }
 
@@ -147,8 +193,15 @@ impl Snapshot {
         (self.pods.len(), self.identities.len(), self.bindings.len(), self.exceptions.len())
     }
 
-    /// The exception a pod matches, if any.
+    /// The exception a pod matches, if any, and if its namespace's scope allows every identity
+    /// (an exception's pods reach the metadata service directly, with every identity of the
+    /// node, so a narrower scope leaves exceptions unhonoured).
     pub fn exception_for(&self, pod: &Pod) -> Option<&Exception> {
+        self.matching_exception(pod).filter(|_| self.scope_rule(&pod.namespace).is_everything())
+    }
+
+    /// The exception a pod's labels match, honoured or not.
+    pub fn matching_exception(&self, pod: &Pod) -> Option<&Exception> {
         self.exceptions
             .iter()
             .filter(|e| e.namespace == pod.namespace)
@@ -188,12 +241,20 @@ impl Snapshot {
             return Decision::Deny(DenyReason::NoBindingLabel);
         };
         let bound = self.bound_identities(pod);
-        let Some(&(first, first_binding)) = bound.first() else {
+        let Some(&(first, _)) = bound.first() else {
             return Decision::Deny(DenyReason::NoBinding { label: label.clone() });
         };
+        let scope = self.scope_rule(&pod.namespace);
         let (identity, binding, choice) = match selector {
-            None => (first, first_binding, Choice::FirstByName),
+            // The first bound identity the scope allows (bound ones it refuses are not served).
+            None => match bound.iter().find(|(i, _)| scope.permits_identity(i)) {
+                Some(&(identity, binding)) => (identity, binding, Choice::FirstByName),
+                None => return Decision::Deny(out_of_scope(first, &scope, &pod.namespace)),
+            },
             Some(sel) => match bound.iter().find(|(i, _)| sel.matches(i)) {
+                Some(&(identity, _)) if !scope.permits_identity(identity) => {
+                    return Decision::Deny(out_of_scope(identity, &scope, &pod.namespace))
+                }
                 Some(&(identity, binding)) => (identity, binding, Choice::Requested),
                 None => return Decision::Deny(DenyReason::SelectorNotBound { selector: sel.clone() }),
             },
@@ -212,7 +273,7 @@ impl Snapshot {
             PodVerdict::Pass
         } else if self.uses_workload_identity(pod) {
             PodVerdict::Redirect
-        } else if deny_unbound && self.bound_identities(pod).is_empty() {
+        } else if deny_unbound && !self.audited(&pod.namespace) && self.bound_identities(pod).is_empty() {
             PodVerdict::Deny
         } else {
             PodVerdict::Redirect

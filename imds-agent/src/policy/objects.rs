@@ -22,12 +22,15 @@ pub enum WorkloadMode {
     Off,
 }
 
-/// The agent's workload-identity settings, carried by every snapshot.
+/// The agent's own policy settings, carried by every snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct WorkloadSettings {
-    pub mode: WorkloadMode,
+pub struct PolicySettings {
+    /// Which pods the workload-identity bridge serves.
+    pub workload: WorkloadMode,
     /// The tenant for ServiceAccounts without a tenant-id annotation.
     pub default_tenant: Option<String>,
+    /// The identity scope of namespaces without one of their own.
+    pub default_scope: super::DefaultScope,
 }
 
 /// What the policy needs of a ServiceAccount.

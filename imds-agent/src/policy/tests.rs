@@ -244,7 +244,11 @@ fn workload_identity_table() {
             sa("fed-no-tenant", Some("c-fed2"), None),
             sa("plain", None, None),
         ])
-        .with_workload(WorkloadSettings { mode, default_tenant: default_tenant.map(Into::into) })
+        .with_settings(PolicySettings {
+            workload: mode,
+            default_tenant: default_tenant.map(Into::into),
+            ..PolicySettings::default()
+        })
     };
     let workload = |d: Decision<'_>| match d {
         Decision::Workload { client_id, tenant_id, service_account, choice } => {
@@ -303,4 +307,111 @@ fn workload_identity_table() {
     // A workload-identity pod has no binding, and is still not denied in the kernel.
     let w = world(WorkloadMode::Label, None);
     assert_eq!(w.pod_verdict(w.pod("wi").unwrap(), true), PodVerdict::Redirect);
+}
+
+fn scoped(default_scope: DefaultScope, namespaces: &[(&str, Option<&str>, bool)]) -> Snapshot {
+    let rules = namespaces.iter().map(|(name, scope, audit)| NamespaceRules {
+        name: (*name).into(),
+        scope: scope.map(|s| Scope::parse(s).unwrap()),
+        audit: *audit,
+        ..NamespaceRules::default()
+    });
+    world().with_settings(PolicySettings { default_scope, ..PolicySettings::default() }).with_namespaces(rules)
+}
+
+fn out_of_scope(d: &Decision<'_>) -> Option<String> {
+    match d {
+        Decision::Deny(DenyReason::OutOfScope { identity, scope }) => Some(format!("{identity} | {scope}")),
+        _ => None,
+    }
+}
+
+/// (default, app's scope, pod, selector, the identity served or the refusal's words)
+type ScopeCase<'a> = (DefaultScope, Option<&'a str>, &'a str, Option<Selector>, &'a str);
+
+#[test]
+fn identity_scopes_table() {
+    let client = |c: &str| Some(Selector::ClientId(c.into()));
+    let cases: Vec<ScopeCase<'_>> = vec![
+        // Open by default: as before scopes.
+        (DefaultScope::Open, None, "web", None, "blob"),
+        (DefaultScope::Open, None, "multi", None, "kv"),
+        // Closed by default: nothing until an admin scopes the namespace, and the refusal says so.
+        (DefaultScope::Closed, None, "web", None, "app/blob (client id c-blob) | namespace app has no imds-filter.io/identity-scope; the cluster default is closed"),
+        // The namespace's own scope, whatever the default.
+        (DefaultScope::Closed, Some("c-blob"), "web", None, "blob"),
+        (DefaultScope::Open, Some("c-table"), "web", None, "app/blob (client id c-blob) | namespace app's imds-filter.io/identity-scope allows c-table"),
+        // Resource ids, by glob.
+        (DefaultScope::Closed, Some("/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/*"), "web", None, "blob"),
+        // Without a selector: the first bound identity the scope allows.
+        (DefaultScope::Open, Some("c-table"), "multi", None, "table"),
+        // Naming one outside the scope is refused, naming one inside is served.
+        (DefaultScope::Open, Some("c-table"), "multi", client("c-kv"), "app/kv (client id c-kv) | namespace app's imds-filter.io/identity-scope allows c-table"),
+        (DefaultScope::Open, Some("c-table"), "multi", client("C-TABLE"), "table"),
+        // An identity the pod is not bound to is still "not bound", whatever the scope.
+        (DefaultScope::Open, Some("**"), "web", client("c-table"), "not bound"),
+        // An exception is honoured only where the scope allows every identity.
+        (DefaultScope::Open, None, "exc", None, "exception"),
+        (DefaultScope::Open, Some("**"), "exc", None, "exception"),
+        (DefaultScope::Open, Some("c-*"), "exc", None, "blob"),
+        (DefaultScope::Closed, None, "exc", None, "app/blob (client id c-blob) | namespace app has no imds-filter.io/identity-scope; the cluster default is closed"),
+    ];
+    for (default_scope, app_scope, uid, selector, expected) in cases {
+        let w = scoped(default_scope, &[("app", app_scope, false)]);
+        let decision = w.decide(uid, selector.as_ref());
+        let got = match &decision {
+            Decision::Allow { identity, .. } => identity.name.clone(),
+            Decision::Exception { .. } => "exception".into(),
+            Decision::Deny(DenyReason::SelectorNotBound { .. }) => "not bound".into(),
+            other => out_of_scope(other).unwrap_or_else(|| format!("{other:?}")),
+        };
+        assert_eq!(got, expected, "{default_scope:?} {app_scope:?} {uid} {selector:?}");
+    }
+    // The words reach the decision log.
+    let w = scoped(DefaultScope::Closed, &[]);
+    assert!(w.decide("web", None).reason().contains("is outside the namespace's identity scope"));
+}
+
+#[test]
+fn scopes_and_audit_in_the_kernel_verdicts() {
+    // An exception the scope does not honour is not PASS: its connections come to the agent.
+    let w = scoped(DefaultScope::Open, &[("app", Some("c-*"), false)]);
+    assert_eq!(w.pod_verdict(w.pod("exc").unwrap(), false), PodVerdict::Redirect);
+    let w = scoped(DefaultScope::Open, &[("app", Some("**"), false)]);
+    assert_eq!(w.pod_verdict(w.pod("exc").unwrap(), false), PodVerdict::Pass);
+    // In an audited namespace, --deny-unbound does not refuse in the kernel: audit forwards.
+    let w = scoped(DefaultScope::Open, &[("app", None, true)]);
+    assert_eq!(w.pod_verdict(w.pod("plain").unwrap(), true), PodVerdict::Redirect);
+    assert!(w.audited("app") && !w.audited("other"));
+    assert_eq!(w.pod_verdict(w.pod("foreign").unwrap(), true), PodVerdict::Deny, "other namespaces keep it");
+}
+
+#[test]
+fn workload_identity_is_scoped_too() {
+    let accounts = [ServiceAccount {
+        namespace: "app".into(),
+        name: "fed".into(),
+        client_id: Some("c-fed".into()),
+        tenant_id: Some("t".into()),
+    }];
+    let mut fed = pod("fed", "app", &[("azure.workload.identity/use", "true")]);
+    fed.service_account = "fed".into();
+    let snapshot = |scope: Option<&str>| {
+        let rules = NamespaceRules {
+            name: "app".into(),
+            scope: scope.map(|s| Scope::parse(s).unwrap()),
+            ..NamespaceRules::default()
+        };
+        Snapshot::new([fed.clone()], [], [], [])
+            .with_service_accounts(accounts.clone())
+            .with_settings(PolicySettings { workload: WorkloadMode::Label, ..PolicySettings::default() })
+            .with_namespaces([rules])
+    };
+    assert!(matches!(snapshot(Some("c-fed")).decide("fed", None), Decision::Workload { .. }));
+    let refusing = snapshot(Some("c-other"));
+    let refused = refusing.decide("fed", None);
+    assert_eq!(
+        out_of_scope(&refused).as_deref(),
+        Some("workload identity c-fed | namespace app's imds-filter.io/identity-scope allows c-other")
+    );
 }

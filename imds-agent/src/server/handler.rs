@@ -91,7 +91,7 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
     record.selector = token.selector.as_ref().map(Selector::describe);
     let Some(uid) = caller.cgroup.as_ref().and_then(|c| c.pod_uid.clone()) else {
         record.reason = "the caller's cgroup is not a pod's".into();
-        return refuse_or_audit(&token, state, record).await;
+        return refuse_or_audit(&token, state, record, false).await;
     };
     let snapshot = wait_for_pod(state, &uid).await;
     if let Some(pod) = snapshot.pod(&uid) {
@@ -131,7 +131,10 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
             let who = super::workload::Workload { namespace, service_account, client_id, tenant_id };
             super::workload::answer(&who, &token.resource, &uid, state, record).await
         }
-        Decision::Deny(_) => refuse_or_audit(&token, state, record).await,
+        Decision::Deny(_) => {
+            let audited = record.pod_namespace.as_deref().is_some_and(|ns| snapshot.audited(ns));
+            refuse_or_audit(&token, state, record, audited).await
+        }
         Decision::Exception { .. } => {
             record.verdict = "exception";
             forward_as_asked(&token, state, record).await
@@ -188,8 +191,16 @@ async fn wait_for_pod(state: &AgentState, uid: &str) -> Arc<Snapshot> {
     }
 }
 
-async fn refuse_or_audit(token: &TokenRequest, state: &AgentState, record: &mut DecisionRecord) -> Answer {
-    match state.mode {
+/// A refusal, or, in `--mode audit` or a namespace `audited` by its annotation, the request
+/// forwarded as asked and logged `audit-allow`.
+async fn refuse_or_audit(
+    token: &TokenRequest,
+    state: &AgentState,
+    record: &mut DecisionRecord,
+    audited: bool,
+) -> Answer {
+    let mode = if audited { Mode::Audit } else { state.mode };
+    match mode {
         Mode::Enforce => {
             record.verdict = "deny";
             report_denial(state, record);

@@ -26,7 +26,7 @@ use base64::Engine as _;
 
 use super::convert::{self, Place, OBJECT_ID_ANNOTATION};
 use crate::{
-    policy::{Binding, Exception, Identity, Pod, SecretRef, ServiceAccount, Snapshot, WorkloadSettings},
+    policy::{Binding, Exception, Identity, Pod, PolicySettings, SecretRef, ServiceAccount, Snapshot},
     secrets::SecretData,
 };
 
@@ -178,7 +178,7 @@ const SETTLE: Duration = Duration::from_millis(20);
 /// stays in force. Returns the watcher, which must be kept alive.
 pub fn watch(
     dir: &Path,
-    workload: WorkloadSettings,
+    settings: PolicySettings,
     tx: watch::Sender<Arc<Snapshot>>,
     status: Arc<crate::telemetry::SourceStatus>,
 ) -> notify::Result<notify::RecommendedWatcher> {
@@ -203,7 +203,7 @@ pub fn watch(
                     last_error = None;
                     let (pods, identities, bindings, exceptions) = snapshot.sizes();
                     tracing::info!(pods, identities, bindings, exceptions, "manifests reloaded");
-                    tx.send_replace(Arc::new(snapshot.with_workload(workload.clone())));
+                    tx.send_replace(Arc::new(snapshot.with_settings(settings.clone())));
                     status.loaded();
                 }
                 Ok(Err(e)) => {
@@ -229,6 +229,7 @@ struct Parts {
     exceptions: Vec<Exception>,
     service_accounts: Vec<ServiceAccount>,
     secrets: Vec<(SecretRef, SecretData)>,
+    namespaces: Vec<crate::policy::NamespaceRules>,
 }
 
 /// Whether the parser stopped at its document limit (its guard against separator storms).
@@ -245,6 +246,7 @@ impl Parts {
         Snapshot::new(self.pods, self.identities, self.bindings, self.exceptions)
             .with_service_accounts(self.service_accounts)
             .with_secrets(self.secrets)
+            .with_namespaces(self.namespaces)
     }
 
     fn add_file(&mut self, path: &Path, text: &str) -> Result<(), ManifestError> {
@@ -266,7 +268,7 @@ impl Parts {
             };
             let known = matches!(
                 (doc.api_version.as_str(), doc.kind.as_str()),
-                ("v1", "Pod" | "ServiceAccount" | "Secret")
+                ("v1", "Pod" | "ServiceAccount" | "Secret" | "Namespace")
                     | (AAD_POD_IDENTITY, "AzureIdentity" | "AzureIdentityBinding" | "AzurePodIdentityException")
             );
             if !known {
@@ -304,6 +306,8 @@ impl Parts {
                 self.pods.push(convert::pod(at, fields).map_err(|e| uid_hint(&e))?);
             }
             "Secret" => self.secrets.push((SecretRef { namespace, name }, secret_data(doc)?)),
+            // Cluster-scoped: its name is the namespace its rules are for.
+            "Namespace" => self.namespaces.extend(convert::namespace(&name, Some(&doc.metadata.annotations))?),
             "ServiceAccount" => {
                 self.service_accounts.extend(convert::service_account(at, Some(&doc.metadata.annotations)));
             }

@@ -16,7 +16,7 @@ use tokio::sync::watch;
 
 use crate::{
     events,
-    policy::{Powers, Snapshot, WorkloadSettings},
+    policy::{PolicySettings, Powers, Snapshot},
     telemetry::SourceStatus,
 };
 
@@ -92,7 +92,7 @@ pub enum PolicySource {
     /// Loaded already: a broken file is an error now, and later only keeps the previous policy.
     Manifests {
         dir: PathBuf,
-        initial: Snapshot,
+        initial: Box<Snapshot>,
     },
     Kube {
         client: ::kube::Client,
@@ -109,7 +109,7 @@ impl PolicySource {
         kubeconfig: Option<&Path>,
     ) -> anyhow::Result<PolicySource> {
         if let Some(dir) = manifests {
-            return Ok(PolicySource::Manifests { dir: dir.to_owned(), initial: manifests::load_dir(dir)? });
+            return Ok(PolicySource::Manifests { dir: dir.to_owned(), initial: Box::new(manifests::load_dir(dir)?) });
         }
         let node = node.context("--kube needs this node's name: set NODE_NAME or pass --node-name")?;
         let client = kube_client(kubeconfig).await?;
@@ -120,16 +120,16 @@ impl PolicySource {
     /// looks a pod up when a request comes before the watch brought it ([`kube::PodLookup`]).
     pub fn start(
         self,
-        workload: WorkloadSettings,
+        settings: PolicySettings,
         status: &Arc<SourceStatus>,
         events: Option<events::DenialEvents>,
         pod_lookups: Option<std::time::Duration>,
     ) -> anyhow::Result<Started> {
         match self {
             PolicySource::Manifests { dir, initial } => {
-                let (snapshots, updates) = watch::channel(Arc::new(initial.with_workload(workload.clone())));
+                let (snapshots, updates) = watch::channel(Arc::new(initial.with_settings(settings.clone())));
                 status.loaded();
-                let watcher = manifests::watch(&dir, workload, snapshots, Arc::clone(status))
+                let watcher = manifests::watch(&dir, settings, snapshots, Arc::clone(status))
                     .context("watching the manifests directory")?;
                 Ok(Started { updates, synced: true, watcher: Some(watcher), lookup: None })
             }
@@ -144,7 +144,7 @@ impl PolicySource {
                     None => (None, None),
                 };
                 tokio::spawn(async move {
-                    kube::run(client, &node, workload, snapshots, status, events, asks).await;
+                    kube::run(client, &node, settings, snapshots, status, events, asks).await;
                 });
                 Ok(Started { updates, synced: false, watcher: None, lookup })
             }

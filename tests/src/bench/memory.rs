@@ -3,7 +3,7 @@
 //! verdicts for all of them. The full run also measures the node of `docs/scale.md`'s
 //! cluster (110 pods, with the whole cluster's 2,000 identities and 10,000 bindings), from a
 //! manifests directory and from the Kubernetes API (the fake API server, with the cluster's
-//! 20,000 ServiceAccounts too).
+//! 20,000 ServiceAccounts and 2,000 Namespaces too).
 use std::{fmt::Write as _, net::SocketAddrV4, time::Duration};
 
 use serde_json::{json, Value};
@@ -22,6 +22,7 @@ struct Load {
     identities: usize,
     bindings: usize,
     service_accounts: usize,
+    namespaces: usize,
 }
 
 /// Where the agent reads its policy from.
@@ -53,7 +54,7 @@ fn as_applied(mut object: Value) -> Value {
 /// every tenth pod unbound, the others spread over the bindings (`--deny-unbound` makes the
 /// unbound ones kernel entries).
 fn objects(load: Load) -> Vec<Value> {
-    let Load { pods, identities, bindings, service_accounts } = load;
+    let Load { pods, identities, bindings, service_accounts, namespaces } = load;
     let ns = |i: usize| format!("ns{}", i % 50);
     let identities = (0..identities).map(|i| {
         json!({"apiVersion": "aadpodidentity.k8s.io/v1", "kind": "AzureIdentity",
@@ -83,7 +84,19 @@ fn objects(load: Load) -> Vec<Value> {
                "metadata": {"name": format!("sa{s}"), "namespace": ns(s),
                             "annotations": {"azure.workload.identity/client-id": format!("wi-client-{s}")}}})
     });
-    identities.chain(bindings).chain(pods).chain(accounts).map(as_applied).collect()
+    // Namespaces as tenants' are labelled and annotated; every fourth is scoped.
+    let namespaces = (0..namespaces).map(|n| {
+        let mut annotations = json!({"scheduler.alpha.kubernetes.io/node-selector": "pool=general",
+                                     "team.example.com/cost-center": format!("cc-{n}")});
+        if n % 4 == 0 {
+            annotations["imds-filter.io/identity-scope"] = json!(format!("client-{n}-*, /subscriptions/s/resourceGroups/rg-{n}/**"));
+        }
+        json!({"apiVersion": "v1", "kind": "Namespace",
+               "metadata": {"name": format!("tenant{n}"), "annotations": annotations,
+                            "labels": {"kubernetes.io/metadata.name": format!("tenant{n}"), "team": format!("team-{n}")}},
+               "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+    });
+    identities.chain(bindings).chain(pods).chain(accounts).chain(namespaces).map(as_applied).collect()
 }
 
 fn pod_uid(i: usize) -> String {
@@ -140,9 +153,9 @@ fn mib(bytes: u64) -> f64 {
 pub fn run(effort: Effort) -> Figure {
     let quick = effort.connects < 1000;
     let big = if quick {
-        Load { pods: 200, identities: 20, bindings: 20, service_accounts: 0 }
+        Load { pods: 200, identities: 20, bindings: 20, service_accounts: 0, namespaces: 0 }
     } else {
-        Load { pods: 10_000, identities: 1_000, bindings: 1_000, service_accounts: 0 }
+        Load { pods: 10_000, identities: 1_000, bindings: 1_000, service_accounts: 0, namespaces: 0 }
     };
     let (rss, peak, synced) = measure(big, Source::Manifests);
     let figure = Figure::new(
@@ -157,15 +170,15 @@ pub fn run(effort: Effort) -> Figure {
     );
     // The per-object costs docs/scale.md builds on (the quick run checks the API path works).
     let others: &[(Load, Source)] = if quick {
-        &[(Load { pods: 20, identities: 20, bindings: 20, service_accounts: 20 }, Source::Api)]
+        &[(Load { pods: 20, identities: 20, bindings: 20, service_accounts: 20, namespaces: 20 }, Source::Api)]
     } else {
-        let floor = Load { pods: 0, identities: 1, bindings: 1, service_accounts: 0 };
-        let scale = Load { pods: 110, identities: 2_000, bindings: 10_000, service_accounts: 0 };
+        let floor = Load { pods: 0, identities: 1, bindings: 1, service_accounts: 0, namespaces: 0 };
+        let scale = Load { pods: 110, identities: 2_000, bindings: 10_000, service_accounts: 0, namespaces: 0 };
         &[
             (floor, Source::Manifests),
             (scale, Source::Manifests),
             (floor, Source::Api),
-            (Load { service_accounts: 20_000, ..scale }, Source::Api),
+            (Load { service_accounts: 20_000, namespaces: 2_000, ..scale }, Source::Api),
         ]
     };
     for &(load, source) in others {
@@ -173,8 +186,8 @@ pub fn run(effort: Effort) -> Figure {
         let from = if source == Source::Api { "from the API" } else { "from manifests" };
         let _ = write!(
             summary,
-            "; {from}, {} pods, {} identities, {} bindings and {} ServiceAccounts: {rss:.1} MiB (peak {peak:.1})",
-            load.pods, load.identities, load.bindings, load.service_accounts
+            "; {from}, {} pods, {} identities, {} bindings, {} ServiceAccounts and {} Namespaces: {rss:.1} MiB (peak {peak:.1})",
+            load.pods, load.identities, load.bindings, load.service_accounts, load.namespaces
         );
     }
     figure.measured(Measured::of(vec![rss]), None).judged(peak <= 64.0).noted(summary)

@@ -10,7 +10,7 @@
 use std::{borrow::Cow, collections::BTreeMap, fmt, marker::PhantomData};
 
 use k8s_openapi::{
-    api::core::v1::{Pod, ServiceAccount},
+    api::core::v1::{Namespace, Pod, ServiceAccount},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
 };
 use kube::Resource;
@@ -24,7 +24,9 @@ use crate::{
         AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec, AzurePodIdentityException,
         AzurePodIdentityExceptionSpec,
     },
-    policy::{CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION},
+    policy::{
+        CLIENT_ID_ANNOTATION, IDENTITY_SCOPE_ANNOTATION, MODE_ANNOTATION, PATHS_ANNOTATION, TENANT_ID_ANNOTATION,
+    },
     sources::convert::OBJECT_ID_ANNOTATION,
 };
 
@@ -202,7 +204,14 @@ impl<'de> Deserialize<'de> for Annotations {
 }
 
 /// Every annotation some shape keeps (the parser reads no other value).
-const KEPT_ANNOTATIONS: &[&str] = &[OBJECT_ID_ANNOTATION, CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION];
+const KEPT_ANNOTATIONS: &[&str] = &[
+    OBJECT_ID_ANNOTATION,
+    CLIENT_ID_ANNOTATION,
+    TENANT_ID_ANNOTATION,
+    IDENTITY_SCOPE_ANNOTATION,
+    PATHS_ANNOTATION,
+    MODE_ANNOTATION,
+];
 
 /// A spec nothing is read of.
 #[derive(Clone, Debug, Default)]
@@ -310,11 +319,24 @@ impl Shape for AccountShape {
     const ANNOTATIONS: &'static [&'static str] = &[CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION];
 }
 
+/// Namespaces, metadata only: the rules cluster admins set in their annotations.
+pub(super) struct NamespaceShape;
+
+impl Shape for NamespaceShape {
+    type Kind = Namespace;
+    type Spec = Unread;
+    type Status = Unread;
+    const METADATA_ONLY: bool = true;
+    const LABELS: bool = false;
+    const ANNOTATIONS: &'static [&'static str] = &[IDENTITY_SCOPE_ANNOTATION, PATHS_ANNOTATION, MODE_ANNOTATION];
+}
+
 pub(super) type LeanPod = Lean<PodShape>;
 pub(super) type LeanIdentity = Lean<IdentityShape>;
 pub(super) type LeanBinding = Lean<BindingShape>;
 pub(super) type LeanException = Lean<ExceptionShape>;
 pub(super) type LeanAccount = Lean<AccountShape>;
+pub(super) type LeanNamespace = Lean<NamespaceShape>;
 
 #[cfg(test)]
 mod tests {

@@ -36,7 +36,7 @@ use kube::{
     },
     Api, Client, ResourceExt as _,
 };
-use lean::{Lean, LeanAccount, LeanBinding, LeanException, LeanIdentity, LeanPod};
+use lean::{Lean, LeanAccount, LeanBinding, LeanException, LeanIdentity, LeanNamespace, LeanPod};
 use mirror::Mirror;
 use tokio::sync::{mpsc, watch};
 
@@ -49,7 +49,7 @@ use ignored::{IgnoredObjects, Reach};
 
 use crate::{
     events::DenialEvents,
-    policy::{self, Snapshot, WorkloadSettings},
+    policy::{self, PolicySettings, Snapshot},
     sources::convert::{self, Place, OBJECT_ID_ANNOTATION},
     telemetry::SourceStatus,
 };
@@ -67,6 +67,7 @@ enum Change {
     Binding(Event<LeanBinding>),
     Exception(Event<LeanException>),
     Account(Event<LeanAccount>),
+    Namespace(Event<LeanNamespace>),
     /// Pods a lookup found.
     Found(lookup::Found),
 }
@@ -80,6 +81,8 @@ struct Mirrors {
     exceptions: Mirror<policy::Exception>,
     /// Only ServiceAccounts naming a client id.
     service_accounts: Mirror<policy::ServiceAccount>,
+    /// Only namespaces with rules of ours.
+    namespaces: Mirror<policy::NamespaceRules>,
     /// Pods a lookup found that the watch has not brought yet.
     found: FoundPods,
     /// Objects the conversion left out.
@@ -132,6 +135,7 @@ impl Mirrors {
                 self.exceptions.apply(event, |e| ignored.note(e, || Reach::Exception, exception(e)));
             }
             Change::Account(event) => self.service_accounts.apply(event, service_account),
+            Change::Namespace(event) => self.namespaces.apply(event, namespace_rules),
         }
         true
     }
@@ -153,9 +157,10 @@ impl Mirrors {
             && self.bindings.listed()
             && self.exceptions.listed()
             && self.service_accounts.listed()
+            && self.namespaces.listed()
     }
 
-    fn snapshot(&mut self, workload: &WorkloadSettings) -> Snapshot {
+    fn snapshot(&mut self, settings: &PolicySettings) -> Snapshot {
         Snapshot::new(
             self.pods.values().chain(self.found.current()).cloned(),
             self.identities.values().cloned(),
@@ -163,7 +168,8 @@ impl Mirrors {
             self.exceptions.values().cloned(),
         )
         .with_service_accounts(self.service_accounts.values().cloned())
-        .with_workload(workload.clone())
+        .with_namespaces(self.namespaces.values().cloned())
+        .with_settings(settings.clone())
     }
 }
 
@@ -190,7 +196,7 @@ pub fn lookups(interval: Duration) -> (PodLookup, Asks) {
 pub async fn run(
     client: Client,
     node: &str,
-    workload: WorkloadSettings,
+    settings: PolicySettings,
     tx: watch::Sender<Arc<Snapshot>>,
     status: Arc<SourceStatus>,
     events: Option<DenialEvents>,
@@ -204,6 +210,7 @@ pub async fn run(
         watch_kind(Api::all(client.clone()), all(), Change::Binding),
         watch_kind(Api::all(client.clone()), all(), Change::Exception),
         watch_kind(Api::all(client.clone()), all(), Change::Account),
+        watch_kind(Api::all(client.clone()), all(), Change::Namespace),
     ];
     if let Some(Asks { asks, interval }) = lookups {
         let (found, arrivals) = mpsc::channel(1);
@@ -263,7 +270,7 @@ pub async fn run(
             }
         }
         if synced {
-            let snapshot = mirrors.snapshot(&workload);
+            let snapshot = mirrors.snapshot(&settings);
             let (p, i, b, e) = snapshot.sizes();
             tracing::debug!(pods = p, identities = i, bindings = b, exceptions = e, "policy updated from the API");
             tx.send_replace(Arc::new(snapshot));
@@ -302,13 +309,13 @@ fn watch_kind<S: lean::Shape>(
 }
 
 /// One snapshot for `imds-agent explain --kubeconfig`: the pod `namespace/name` (wherever it
-/// runs), every aad-pod-identity object, and the pod namespace's ServiceAccounts, each listed
-/// once. No watch, nothing kept.
+/// runs), every aad-pod-identity object, and the pod namespace's ServiceAccounts and rules,
+/// each listed once. No watch, nothing kept.
 pub async fn snapshot_for_pod(
     client: Client,
     namespace: &str,
     name: &str,
-    workload: WorkloadSettings,
+    settings: PolicySettings,
 ) -> Result<Snapshot, kube::Error> {
     let by_name = ListParams::default().fields(&format!("metadata.name={name}"));
     let every = ListParams::default();
@@ -316,7 +323,9 @@ pub async fn snapshot_for_pod(
     let identities = Api::<LeanIdentity>::all(client.clone()).list(&every).await?;
     let bindings = Api::<LeanBinding>::all(client.clone()).list(&every).await?;
     let exceptions = Api::<LeanException>::all(client.clone()).list(&every).await?;
-    let accounts = Api::<LeanAccount>::namespaced(client, namespace).list(&every).await?;
+    let accounts = Api::<LeanAccount>::namespaced(client.clone(), namespace).list(&every).await?;
+    let own_namespace = ListParams::default().fields(&format!("metadata.name={namespace}"));
+    let namespaces = Api::<LeanNamespace>::all(client).list(&own_namespace).await?;
     // The agent's own rules: what it would leave out is left out here too.
     Ok(Snapshot::new(
         pods.items.iter().filter_map(|p| converted(pod(p))),
@@ -325,12 +334,23 @@ pub async fn snapshot_for_pod(
         exceptions.items.iter().filter_map(|e| converted(exception(e))),
     )
     .with_service_accounts(accounts.items.iter().filter_map(service_account))
-    .with_workload(workload))
+    .with_namespaces(namespaces.items.iter().filter_map(namespace_rules))
+    .with_settings(settings))
 }
 
 /// Where an object lives, as the conversion reads it.
 fn place(meta: &ObjectMeta) -> Place<'_> {
     Place { namespace: meta.namespace.as_deref().unwrap_or_default(), name: meta.name.as_deref().unwrap_or_default() }
+}
+
+/// A namespace's rules, if its annotations set any. Annotations that cannot be read give the
+/// narrowest rules (no identity, no extra path, enforced), never the cluster default.
+fn namespace_rules(n: &LeanNamespace) -> Option<policy::NamespaceRules> {
+    let name = n.metadata.name.as_deref().unwrap_or_default();
+    convert::namespace(name, n.metadata.annotations.as_ref()).unwrap_or_else(|problem| {
+        tracing::warn!(%problem, "a namespace's imds-filter annotations cannot be read: its pods get no identity and no extra path until they are fixed");
+        Some(policy::NamespaceRules::unreadable(name))
+    })
 }
 
 fn service_account(a: &LeanAccount) -> Option<policy::ServiceAccount> {
@@ -421,6 +441,7 @@ mod tests {
     const BINDINGS: &str = "/apis/aadpodidentity.k8s.io/v1/azureidentitybindings";
     const EXCEPTIONS: &str = "/apis/aadpodidentity.k8s.io/v1/azurepodidentityexceptions";
     const SERVICE_ACCOUNTS: &str = "/api/v1/serviceaccounts";
+    const NAMESPACES: &str = "/api/v1/namespaces";
     const WEB: &str = "8d3b1f8e-7c1a-4b5e-9f2d-0a1b2c3d4e5f";
 
     #[derive(Default)]
@@ -546,6 +567,11 @@ mod tests {
                 .insert(IDENTITIES, list("aadpodidentity.k8s.io/v1", "AzureIdentity", "20", &[identity("20", "c-1")]));
             s.lists.insert(BINDINGS, list("aadpodidentity.k8s.io/v1", "AzureIdentityBinding", "30", &[binding()]));
             s.lists.insert(EXCEPTIONS, list("aadpodidentity.k8s.io/v1", "AzurePodIdentityException", "40", &[]));
+            // Namespaces, metadata only; `shop` is scoped to the identity the pod uses.
+            let scoped = json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                                "metadata": {"name": "shop", "uid": "ns-shop", "resourceVersion": "60",
+                                             "annotations": {"imds-filter.io/identity-scope": "c-*", "owner": "team-a"}}});
+            s.lists.insert(NAMESPACES, list("meta.k8s.io/v1", "PartialObjectMetadata", "60", &[scoped]));
             // Metadata only, as the agent asks (PartialObjectMetadataList).
             let account = |name: &str, annotations: Value| {
                 json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
@@ -573,7 +599,7 @@ mod tests {
             let status = Arc::clone(&status);
             async move {
                 let client = Client::new(service, "default");
-                run(client, "node-1", WorkloadSettings::default(), tx, status, None, None).await;
+                run(client, "node-1", PolicySettings::default(), tx, status, None, None).await;
             }
         });
 
@@ -583,6 +609,11 @@ mod tests {
         let fed = rx.borrow().service_account("shop", "fed").cloned();
         assert_eq!(fed.and_then(|a| a.client_id).as_deref(), Some("c-fed"));
         assert!(rx.borrow().service_account("shop", "default").is_none());
+        // The namespace's rules, from its annotations only.
+        assert_eq!(
+            rx.borrow().scope_rule("shop").describe("shop"),
+            "namespace shop's imds-filter.io/identity-scope allows c-*"
+        );
         assert!(status.is_synced() && status.failing().is_none());
         assert!(api
             .0
@@ -643,7 +674,7 @@ mod tests {
     }
 
     fn pods_in(mirrors: &mut Mirrors) -> Vec<(String, String)> {
-        let snapshot = mirrors.snapshot(&WorkloadSettings::default());
+        let snapshot = mirrors.snapshot(&PolicySettings::default());
         let mut pods: Vec<(String, String)> = ["a", "b", "c"]
             .iter()
             .filter_map(|uid| snapshot.pod(uid))
