@@ -227,7 +227,10 @@ impl Telemetry {
         match (self.unhealthy(), self.source.synced.load(Ordering::Relaxed)) {
             (Some(why), _) => (false, format!("not ready: {why}")),
             (None, _) if not_serving.is_some() => (false, format!("not ready: {}", not_serving.unwrap_or_default())),
-            (None, false) => (false, "not ready: policy not loaded yet".into()),
+            (None, false) => match self.source.failing() {
+                None => (false, "not ready: policy not loaded yet".into()),
+                Some(e) => (false, format!("not ready: policy not loaded yet; the latest attempt failed: {e}")),
+            },
             // Entries an earlier agent wrote may not apply any more (a revoked exception).
             (None, true) if !reconciled => {
                 (false, "not ready: kernel verdicts not reconciled with the policy yet".into())

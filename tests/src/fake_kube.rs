@@ -14,7 +14,8 @@
 //!   `metadata.resourceVersion` in the patch makes conditional: another version gets the API
 //!   server's `409 Conflict`;
 //! - `GET /version`; `POST`/`PATCH` of `events.k8s.io/v1` Events, recorded for the test;
-//! - while "down", every request gets a `503` Status and open watches end;
+//! - while "down", every request gets a `503` Status and open watches end; a collection
+//!   [`FakeKube::forbid`]den gets the `403 Forbidden` Status a missing RBAC rule gives;
 //! - a watch delay ([`FakeKube::set_watch_delay`]): each change reaches watches that long
 //!   after it was made, while lists answer at once, as when an API server's fan-out to its
 //!   many watchers lags behind its cache.
@@ -76,6 +77,8 @@ struct State {
     down: bool,
     /// How long after a change watches see it.
     watch_delay: Duration,
+    /// Collections the agent's identity may not read (its RBAC lacks them): `403 Forbidden`.
+    forbidden: Vec<&'static str>,
     /// A change another client makes to an object just before the next patch of it arrives.
     interposed: Option<Value>,
     /// The bodies of the patches received.
@@ -107,8 +110,19 @@ impl FakeKube {
     }
 
     /// Creates or replaces an object (as `kubectl apply` would), giving it a new
-    /// resourceVersion; watches see `ADDED` or `MODIFIED`.
-    pub fn apply(&self, mut object: Value) {
+    /// resourceVersion; watches see `ADDED` or `MODIFIED`. An object's namespace is created
+    /// first if it does not exist yet: on a real cluster it must exist before anything can
+    /// be created in it.
+    pub fn apply(&self, object: Value) {
+        if let Some(namespace) = object["metadata"]["namespace"].as_str().filter(|ns| !ns.is_empty()) {
+            if self.get("v1", "Namespace", "", namespace).is_none() {
+                self.put(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}));
+            }
+        }
+        self.put(object);
+    }
+
+    fn put(&self, mut object: Value) {
         let collection = collection_of(&object);
         let key = key_of(&object);
         let mut s = self.state.lock().unwrap();
@@ -158,6 +172,18 @@ impl FakeKube {
     pub fn set_down(&self, down: bool) {
         self.state.lock().unwrap().down = down;
         self.changed.send_modify(|_| {});
+    }
+
+    /// Refuses (`403 Forbidden`, as the API server refuses a service account its RBAC does not
+    /// allow) or allows again every request for the collection of `api_version` `kind`.
+    pub fn forbid(&self, api_version: &str, kind: &str, forbidden: bool) {
+        let probe = json!({"apiVersion": api_version, "kind": kind, "metadata": {"name": "-"}});
+        let collection = collection_of(&probe);
+        let mut s = self.state.lock().unwrap();
+        s.forbidden.retain(|c| *c != collection);
+        if forbidden {
+            s.forbidden.push(collection);
+        }
     }
 
     /// Delays every change's arrival at watches by `delay` (lists are not delayed).
@@ -327,6 +353,14 @@ async fn answer(state: Arc<Mutex<State>>, changed: &watch::Sender<u64>, req: Req
         let code = StatusCode::NOT_FOUND;
         return json_response(code, &status(code, "NotFound", &format!("the server could not find {path}")));
     };
+    if state.lock().unwrap().forbidden.contains(&target.collection) {
+        let code = StatusCode::FORBIDDEN;
+        let plural = target.collection.rsplit('/').next().unwrap_or_default();
+        let message = format!(
+            "{plural} is forbidden: User \"system:serviceaccount:kube-system:imds-filter\" cannot list resource \"{plural}\" at the cluster scope"
+        );
+        return json_response(code, &status(code, "Forbidden", &message));
+    }
     let selector = query_param(&query, "fieldSelector");
     let metadata_only = req
         .headers()

@@ -147,6 +147,14 @@ impl Node {
         self.agent.insert(AgentProcess::start(&self.ns, &args))
     }
 
+    /// Like [`Node::start_agent_kube`], without waiting for it to serve.
+    pub fn launch_agent_kube(&mut self, kubeconfig: &Path, extra: &[&str]) -> &mut AgentProcess {
+        let source = ["--kube", "--node-name", KUBE_NODE, "--kubeconfig"].map(str::to_owned);
+        let source = [source.as_slice(), &[kubeconfig.display().to_string()]].concat();
+        let args = self.agent_args(&source, extra);
+        self.agent.insert(AgentProcess::launch_in(&self.ns, None, &args))
+    }
+
     /// Starts the agent as a pod would run: in the pod's container cgroup below `kubepods`
     /// (so the filter applies to it too) and in a private cgroup namespace.
     pub fn start_agent_as_pod(&mut self, pod: &TestPod, extra: &[&str]) -> &AgentProcess {

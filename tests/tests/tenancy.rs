@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 const RESOURCE: &str = "https://vault.azure.net";
 const TOKEN: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
 const SCOPE: &str = "imds-filter.io/identity-scope";
+const METRICS: ([u8; 4], u16) = ([10, 233, 0, 1], 9402);
 const MODE: &str = "imds-filter.io/mode";
 
 fn token(node: &Node, pod: &TestPod) -> Fetched {
@@ -34,6 +35,10 @@ fn is_token_of(fetched: &Fetched, id: &FakeIdentity) -> bool {
 fn last_decision(node: &Node, uid: &str) -> Value {
     let decisions = node.agent().decisions();
     decisions.into_iter().rev().find(|d| d["pod_uid"] == uid).unwrap_or_else(|| panic!("no decision for {uid}"))
+}
+
+fn readyz(node: &Node) -> (u16, String) {
+    node.ns.enter(|| imds_tests::fake_imds::http_get(SocketAddr::from(METRICS), "/readyz", &[]).unwrap_or_default())
 }
 
 fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -137,8 +142,8 @@ fn api_pod(namespace: &str, name: &str, pod: &TestPod, selector: &str) -> Value 
 #[test]
 #[ignore = "needs root: run with `cargo xtask test`"]
 fn namespace_scopes_through_the_api() {
-    let blob = FakeIdentity::named("blob");
-    let mut node = Node::new("tenancy-k", vec![blob.clone()]);
+    let (blob, other) = (FakeIdentity::named("blob"), FakeIdentity::named("other"));
+    let mut node = Node::new("tenancy-k", vec![blob.clone(), other.clone()]);
     let api = FakeKube::serve(Server::bind(&node.ns, std::net::SocketAddrV4::new([10, 233, 0, 1].into(), 6443)));
     api.apply(api_object(&fixtures::identity("app", "blob", &blob)));
     api.apply(api_object(&fixtures::binding("app", "blob-binding", "blob", "blob")));
@@ -147,7 +152,17 @@ fn namespace_scopes_through_the_api() {
     let web = node.pod(&uid);
     api.apply(api_pod("app", "web", &web, "blob"));
     let dir = tempfile::tempdir().unwrap();
-    node.start_agent_kube(&api.kubeconfig(dir.path()), &[]);
+    // An agent whose RBAC lacks Namespaces (upgraded without the chart's new rule) never
+    // decides with half a policy: it is not ready, and says why.
+    api.forbid("v1", "Namespace", true);
+    let metrics = SocketAddr::from(METRICS).to_string();
+    node.launch_agent_kube(&api.kubeconfig(dir.path()), &["--metrics", &metrics]);
+    eventually("not ready, naming the forbidden list", || {
+        let (status, body) = readyz(&node);
+        status == 503 && body.contains("namespaces is forbidden")
+    });
+    api.forbid("v1", "Namespace", false);
+    eventually("ready once it may list Namespaces", || readyz(&node) == (200, "ready\n".to_owned()));
     let namespace_watches = api.requests().into_iter().filter(|r| r.starts_with("GET /api/v1/namespaces?")).count();
     assert!(namespace_watches > 0, "the agent lists and watches Namespaces");
 
@@ -162,6 +177,22 @@ fn namespace_scopes_through_the_api() {
     let group = blob.resource_id.rsplit_once("/providers/").expect("an ARM id").0.to_owned();
     api.apply(api_object(&fixtures::namespace("app", &[(SCOPE, &format!("{group}/**"))])));
     eventually("served under the new scope", || is_token_of(&token(&node, &web), &blob));
+    // An AzureIdentity pairing the in-scope resource id with another identity's client id:
+    // scoped by resource id, the token is asked for by that resource id, so the pod gets the
+    // in-scope identity's token, never the other's.
+    let mut sneaky = api_object(&fixtures::identity("app", "sneaky", &blob));
+    sneaky["spec"]["clientID"] = json!(other.client_id);
+    api.apply(sneaky);
+    api.apply(api_object(&fixtures::binding("app", "sneaky-binding", "sneaky", "sneaky")));
+    api.apply(api_object(&fixtures::namespace("app", &[(SCOPE, &blob.resource_id)])));
+    let sneak_uid = pod_uid();
+    let sneak = node.pod(&sneak_uid);
+    api.apply(api_pod("app", "sneak", &sneak, "sneaky"));
+    eventually("the sneaky pod is answered", || token(&node, &sneak).status == 200);
+    assert!(is_token_of(&token(&node, &sneak), &blob), "the in-scope identity's token, not the other's");
+    let asked = node.fake.token_requests().last().and_then(|r| r.query.clone()).unwrap_or_default();
+    assert!(asked.contains("msi_res_id="), "fetched by resource id: {asked}");
+    drop(sneak);
     // An annotation the agent cannot read: nothing, not the cluster's open default.
     api.apply(api_object(&fixtures::namespace("app", &[(SCOPE, "[unclosed")])));
     eventually("an unreadable scope allows nothing", || token(&node, &web).status == 400);

@@ -1,6 +1,6 @@
 //! What a request asks ([`Selector`]) and what the policy answers ([`Decision`],
 //! [`PodVerdict`]).
-use super::Identity;
+use super::{FetchBy, Identity};
 
 /// The identity a request names, if any.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -95,8 +95,9 @@ pub enum Choice {
 /// The policy's answer for one request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision<'a> {
-    /// Serve a token for `identity`, bound through `binding`.
-    Allow { identity: &'a Identity, binding: &'a str, choice: Choice },
+    /// Serve a token for `identity`, bound through `binding`, asking the metadata service for
+    /// it by `fetch` (the field the namespace's scope allowed).
+    Allow { identity: &'a Identity, binding: &'a str, choice: Choice, fetch: FetchBy },
     /// "Identity not found" (400).
     Deny(DenyReason),
     /// Serve a token of the pod's own ServiceAccount's federated identity.

@@ -34,14 +34,19 @@ mod tests;
 
 pub use decision::{Choice, Decision, DenyReason, PodVerdict, Selector};
 pub use objects::*;
-pub use scopes::{
-    DefaultScope, NamespaceRules, Scope, ScopeRule, IDENTITY_SCOPE_ANNOTATION, MODE_ANNOTATION, PATHS_ANNOTATION,
-};
+pub use scopes::{DefaultScope, FetchBy, NamespaceRules, Scope, ScopeRule, IDENTITY_SCOPE_ANNOTATION, MODE_ANNOTATION};
 
 /// The refusal of `identity`, which `scope` does not allow.
 fn out_of_scope(identity: &Identity, scope: &ScopeRule<'_>, namespace: &str) -> DenyReason {
     DenyReason::OutOfScope {
-        identity: format!("{}/{} (client id {})", identity.namespace, identity.name, identity.client_id),
+        identity: if identity.resource_id.is_empty() {
+            format!("{}/{} (client id {})", identity.namespace, identity.name, identity.client_id)
+        } else {
+            format!(
+                "{}/{} (client id {}, resource id {})",
+                identity.namespace, identity.name, identity.client_id, identity.resource_id
+            )
+        },
         scope: scope.describe(namespace),
     }
 }
@@ -60,6 +65,10 @@ pub struct Snapshot {
     secrets: HashMap<SecretRef, std::sync::Arc<crate::secrets::SecretData>>,
     /// What each namespace's annotations allow (only namespaces with some).
     namespaces: HashMap<String, NamespaceRules>,
+    /// Every namespace the source knows, when it can know them all (the API source): a pod
+    /// of a namespace not among them is not decided for until it is, so that a namespace
+    /// the watch has not brought never gets the default scope by mistake.
+    known_namespaces: Option<std::collections::HashSet<String>>,
     settings: PolicySettings,
 }
 
@@ -79,6 +88,7 @@ impl Snapshot {
             service_accounts: HashMap::new(),
             secrets: HashMap::new(),
             namespaces: HashMap::new(),
+            known_namespaces: None,
             settings: PolicySettings::default(),
         }
     }
@@ -107,14 +117,30 @@ impl Snapshot {
         self
     }
 
-    /// The rules of `namespace`, if its annotations set any.
-    pub fn namespace(&self, namespace: &str) -> Option<&NamespaceRules> {
-        self.namespaces.get(namespace)
+    /// Says which namespaces exist (all of them): pods of others are not decided for.
+    #[must_use]
+    pub fn with_known_namespaces(mut self, names: impl IntoIterator<Item = String>) -> Snapshot {
+        self.known_namespaces = Some(names.into_iter().collect());
+        self
+    }
+
+    /// Whether the policy can decide for the pod `uid`: it knows the pod, and its namespace
+    /// when namespaces are known.
+    pub fn knows(&self, uid: &str) -> bool {
+        self.pods.get(uid).is_some_and(|p| self.knows_namespace(&p.namespace))
+    }
+
+    fn knows_namespace(&self, namespace: &str) -> bool {
+        self.known_namespaces.as_ref().is_none_or(|known| known.contains(namespace))
     }
 
     /// The identity scope that decides for `namespace`.
     pub fn scope_rule(&self, namespace: &str) -> ScopeRule<'_> {
-        match (self.namespaces.get(namespace).and_then(|n| n.scope.as_ref()), self.settings.default_scope) {
+        let rules = self.namespaces.get(namespace);
+        if let Some(problem) = rules.and_then(|n| n.problem.as_deref()) {
+            return ScopeRule::Unreadable(problem);
+        }
+        match (rules.and_then(|n| n.scope.as_ref()), self.settings.default_scope) {
             (Some(scope), _) => ScopeRule::Annotated(scope),
             (None, DefaultScope::Open) => ScopeRule::Open,
             (None, DefaultScope::Closed) => ScopeRule::Closed,
@@ -168,7 +194,7 @@ impl Snapshot {
             Some(other) => return Decision::Deny(DenyReason::SelectorNotBound { selector: other.clone() }),
         };
         let scope = self.scope_rule(&pod.namespace);
-        if !scope.permits(client_id, "") {
+        if !scope.permits_client(client_id) {
             let identity = format!("workload identity {client_id}");
             return Decision::Deny(DenyReason::OutOfScope { identity, scope: scope.describe(&pod.namespace) });
         }
@@ -228,7 +254,7 @@ impl Snapshot {
 
     /// The decision for a token request from the pod `pod_uid`.
     pub fn decide(&self, pod_uid: &str, selector: Option<&Selector>) -> Decision<'_> {
-        let Some(pod) = self.pods.get(pod_uid) else {
+        let Some(pod) = self.pods.get(pod_uid).filter(|p| self.knows_namespace(&p.namespace)) else {
             return Decision::UnknownPod;
         };
         if let Some(e) = self.exception_for(pod) {
@@ -245,17 +271,17 @@ impl Snapshot {
             return Decision::Deny(DenyReason::NoBinding { label: label.clone() });
         };
         let scope = self.scope_rule(&pod.namespace);
-        let (identity, binding, choice) = match selector {
+        let (identity, binding, choice, fetch) = match selector {
             // The first bound identity the scope allows (bound ones it refuses are not served).
-            None => match bound.iter().find(|(i, _)| scope.permits_identity(i)) {
-                Some(&(identity, binding)) => (identity, binding, Choice::FirstByName),
+            None => match bound.iter().find_map(|&(i, b)| scope.fetch_by(i).map(|f| (i, b, f))) {
+                Some((identity, binding, fetch)) => (identity, binding, Choice::FirstByName, fetch),
                 None => return Decision::Deny(out_of_scope(first, &scope, &pod.namespace)),
             },
             Some(sel) => match bound.iter().find(|(i, _)| sel.matches(i)) {
-                Some(&(identity, _)) if !scope.permits_identity(identity) => {
-                    return Decision::Deny(out_of_scope(identity, &scope, &pod.namespace))
-                }
-                Some(&(identity, binding)) => (identity, binding, Choice::Requested),
+                Some(&(identity, binding)) => match scope.fetch_by(identity) {
+                    Some(fetch) => (identity, binding, Choice::Requested, fetch),
+                    None => return Decision::Deny(out_of_scope(identity, &scope, &pod.namespace)),
+                },
                 None => return Decision::Deny(DenyReason::SelectorNotBound { selector: sel.clone() }),
             },
         };
@@ -263,7 +289,7 @@ impl Snapshot {
             let name = format!("{}/{}", identity.namespace, identity.name);
             return Decision::Deny(DenyReason::ServicePrincipalUnusable { identity: name, problem });
         }
-        Decision::Allow { identity, binding, choice }
+        Decision::Allow { identity, binding, choice, fetch }
     }
 
     /// The kernel verdict for a pod's cgroup.

@@ -121,6 +121,7 @@ fn decisions_table() {
                 identity: &w.identities[&("app".into(), "blob".into())],
                 binding: "blob-binding",
                 choice: Choice::FirstByName,
+                fetch: FetchBy::ClientId("c-blob".into()),
             },
         ),
         // bound pod naming its own identity, any case
@@ -131,6 +132,7 @@ fn decisions_table() {
                 identity: &w.identities[&("app".into(), "blob".into())],
                 binding: "blob-binding",
                 choice: Choice::Requested,
+                fetch: FetchBy::ClientId("c-blob".into()),
             },
         ),
         // another identity's client id
@@ -321,7 +323,10 @@ fn scoped(default_scope: DefaultScope, namespaces: &[(&str, Option<&str>, bool)]
 
 fn out_of_scope(d: &Decision<'_>) -> Option<String> {
     match d {
-        Decision::Deny(DenyReason::OutOfScope { identity, scope }) => Some(format!("{identity} | {scope}")),
+        // The identity as named (its ids follow in brackets), and the scope.
+        Decision::Deny(DenyReason::OutOfScope { identity, scope }) => {
+            Some(format!("{} | {scope}", identity.split(" (").next().unwrap_or_default()))
+        }
         _ => None,
     }
 }
@@ -337,16 +342,40 @@ fn identity_scopes_table() {
         (DefaultScope::Open, None, "web", None, "blob"),
         (DefaultScope::Open, None, "multi", None, "kv"),
         // Closed by default: nothing until an admin scopes the namespace, and the refusal says so.
-        (DefaultScope::Closed, None, "web", None, "app/blob (client id c-blob) | namespace app has no imds-filter.io/identity-scope; the cluster default is closed"),
+        (
+            DefaultScope::Closed,
+            None,
+            "web",
+            None,
+            "app/blob | namespace app has no imds-filter.io/identity-scope; the cluster default is closed",
+        ),
         // The namespace's own scope, whatever the default.
         (DefaultScope::Closed, Some("c-blob"), "web", None, "blob"),
-        (DefaultScope::Open, Some("c-table"), "web", None, "app/blob (client id c-blob) | namespace app's imds-filter.io/identity-scope allows c-table"),
-        // Resource ids, by glob.
-        (DefaultScope::Closed, Some("/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/*"), "web", None, "blob"),
+        (
+            DefaultScope::Open,
+            Some("c-table"),
+            "web",
+            None,
+            "app/blob | namespace app's imds-filter.io/identity-scope allows c-table",
+        ),
+        // Resource ids, by glob (the token is then asked for by resource id: see below).
+        (
+            DefaultScope::Closed,
+            Some("/subscriptions/s/resourcegroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/*"),
+            "web",
+            None,
+            "blob",
+        ),
         // Without a selector: the first bound identity the scope allows.
         (DefaultScope::Open, Some("c-table"), "multi", None, "table"),
         // Naming one outside the scope is refused, naming one inside is served.
-        (DefaultScope::Open, Some("c-table"), "multi", client("c-kv"), "app/kv (client id c-kv) | namespace app's imds-filter.io/identity-scope allows c-table"),
+        (
+            DefaultScope::Open,
+            Some("c-table"),
+            "multi",
+            client("c-kv"),
+            "app/kv | namespace app's imds-filter.io/identity-scope allows c-table",
+        ),
         (DefaultScope::Open, Some("c-table"), "multi", client("C-TABLE"), "table"),
         // An identity the pod is not bound to is still "not bound", whatever the scope.
         (DefaultScope::Open, Some("**"), "web", client("c-table"), "not bound"),
@@ -354,7 +383,13 @@ fn identity_scopes_table() {
         (DefaultScope::Open, None, "exc", None, "exception"),
         (DefaultScope::Open, Some("**"), "exc", None, "exception"),
         (DefaultScope::Open, Some("c-*"), "exc", None, "blob"),
-        (DefaultScope::Closed, None, "exc", None, "app/blob (client id c-blob) | namespace app has no imds-filter.io/identity-scope; the cluster default is closed"),
+        (
+            DefaultScope::Closed,
+            None,
+            "exc",
+            None,
+            "app/blob | namespace app has no imds-filter.io/identity-scope; the cluster default is closed",
+        ),
     ];
     for (default_scope, app_scope, uid, selector, expected) in cases {
         let w = scoped(default_scope, &[("app", app_scope, false)]);
@@ -370,6 +405,15 @@ fn identity_scopes_table() {
     // The words reach the decision log.
     let w = scoped(DefaultScope::Closed, &[]);
     assert!(w.decide("web", None).reason().contains("is outside the namespace's identity scope"));
+    // Allowed by its resource id only: the token is asked for by that resource id, not by the
+    // client id the AzureIdentity claims.
+    let w = scoped(DefaultScope::Closed, &[("app", Some("/subscriptions/s/resourcegroups/rg/**"), false)]);
+    let blob = &w.identities[&("app".into(), "blob".into())];
+    assert!(
+        matches!(w.decide("web", None), Decision::Allow { fetch: FetchBy::ResourceId(r), .. } if r == blob.resource_id)
+    );
+    let w = scoped(DefaultScope::Closed, &[("app", Some("c-blob"), false)]);
+    assert!(matches!(w.decide("web", None), Decision::Allow { fetch: FetchBy::ClientId(c), .. } if c == "c-blob"));
 }
 
 #[test]
@@ -384,6 +428,22 @@ fn scopes_and_audit_in_the_kernel_verdicts() {
     assert_eq!(w.pod_verdict(w.pod("plain").unwrap(), true), PodVerdict::Redirect);
     assert!(w.audited("app") && !w.audited("other"));
     assert_eq!(w.pod_verdict(w.pod("foreign").unwrap(), true), PodVerdict::Deny, "other namespaces keep it");
+}
+
+#[test]
+fn a_pod_of_a_namespace_not_yet_known_is_not_decided_for() {
+    let w = world().with_known_namespaces(["other".to_owned()]);
+    assert_eq!(w.decide("web", None), Decision::UnknownPod, "app is not known yet");
+    assert!(!w.knows("web") && w.knows("exc2"));
+    let w = w.with_known_namespaces(["app".to_owned(), "other".to_owned()]);
+    assert!(matches!(w.decide("web", None), Decision::Allow { .. }));
+    // Unreadable annotations: nothing, and the refusal says why.
+    let unreadable =
+        NamespaceRules::unreadable("app", "imds-filter.io/mode: \"x\" is neither enforce nor audit".into());
+    let w = world().with_namespaces([unreadable]);
+    let refused = out_of_scope(&w.decide("web", None)).unwrap_or_default();
+    assert!(refused.contains("annotations cannot be read (imds-filter.io/mode"), "{refused}");
+    assert_eq!(w.exception_for(w.pod("exc").unwrap()), None);
 }
 
 #[test]

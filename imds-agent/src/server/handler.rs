@@ -103,7 +103,7 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
     record.identity = decision.identity(record.pod_namespace.as_deref().unwrap_or_default());
     record.reason = decision.reason();
     match decision {
-        Decision::Allow { identity, .. } => {
+        Decision::Allow { identity, fetch, .. } => {
             record.verdict = "allow";
             if let Some(principal) = &identity.service_principal {
                 let answered =
@@ -115,10 +115,7 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
                     refusal(&refused)
                 });
             }
-            let key = TokenKey {
-                source: Source::ManagedIdentity { client_id: identity.client_id.clone() },
-                resource: token.resource.clone(),
-            };
+            let key = TokenKey { source: Source::managed(fetch), resource: token.resource.clone() };
             let outcome =
                 state.tokens.get(key.clone(), &uid, Fetch::Imds { api_version: token.api_version.clone() }).await;
             if let (Outcome::Token { .. }, Some(pod)) = (&outcome, snapshot.pod(&uid)) {
@@ -177,7 +174,7 @@ async fn wait_for_pod(state: &AgentState, uid: &str) -> Arc<Snapshot> {
     let mut asked = false;
     loop {
         let snapshot = Arc::clone(&updates.borrow_and_update());
-        if snapshot.pod(uid).is_some() {
+        if snapshot.knows(uid) {
             return snapshot;
         }
         if let (false, Some(lookup)) = (asked, &state.lookup) {

@@ -204,10 +204,9 @@ impl Memory {
 /// identity's token (the kind IMDS serves; the others are Entra's and not prefetched).
 pub(super) fn managed_identity_key(snapshot: &Snapshot, pod: &Pod, want: &Want) -> Option<TokenKey> {
     match snapshot.decide(&pod.uid, want.selector.as_ref()) {
-        Decision::Allow { identity, .. } if identity.service_principal.is_none() => Some(TokenKey {
-            source: Source::ManagedIdentity { client_id: identity.client_id.clone() },
-            resource: want.resource.clone(),
-        }),
+        Decision::Allow { identity, fetch, .. } if identity.service_principal.is_none() => {
+            Some(TokenKey { source: Source::managed(fetch), resource: want.resource.clone() })
+        }
         _ => None,
     }
 }

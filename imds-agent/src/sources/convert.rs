@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use crate::policy::{
     Binding, Exception, Identity, IdentityType, NamespaceRules, Owner, Pod, Powers, ServiceAccount, ServicePrincipal,
-    CLIENT_ID_ANNOTATION, IDENTITY_SCOPE_ANNOTATION, MODE_ANNOTATION, PATHS_ANNOTATION, TENANT_ID_ANNOTATION,
+    CLIENT_ID_ANNOTATION, IDENTITY_SCOPE_ANNOTATION, MODE_ANNOTATION, TENANT_ID_ANNOTATION,
 };
 
 /// `AzureIdentity` annotation carrying the identity's object (principal) id.
@@ -162,12 +162,11 @@ pub fn service_account(at: Place<'_>, annotations: Option<&BTreeMap<String, Stri
 /// manifests source refuses the load.
 pub fn namespace(name: &str, annotations: Option<&BTreeMap<String, String>>) -> Result<Option<NamespaceRules>, String> {
     let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
-    let (scope, paths, mode) =
-        (annotation(IDENTITY_SCOPE_ANNOTATION), annotation(PATHS_ANNOTATION), annotation(MODE_ANNOTATION));
-    if scope.is_none() && paths.is_none() && mode.is_none() {
+    let (scope, mode) = (annotation(IDENTITY_SCOPE_ANNOTATION), annotation(MODE_ANNOTATION));
+    if scope.is_none() && mode.is_none() {
         return Ok(None);
     }
-    NamespaceRules::parse(name, scope, paths, mode).map(Some).map_err(|e| format!("Namespace {name}: {e}"))
+    NamespaceRules::parse(name, scope, mode).map(Some).map_err(|e| format!("Namespace {name}: {e}"))
 }
 
 fn named(at: Place<'_>) -> Result<(), String> {

@@ -134,7 +134,8 @@ impl PolicySource {
                 Ok(Started { updates, synced: true, watcher: Some(watcher), lookup: None })
             }
             PolicySource::Kube { client, node } => {
-                let (snapshots, updates) = watch::channel(Arc::new(Snapshot::default()));
+                let (snapshots, updates) =
+                    watch::channel(Arc::new(Snapshot::default().with_settings(settings.clone())));
                 let status = Arc::clone(status);
                 let (lookup, asks) = match pod_lookups {
                     Some(interval) => {

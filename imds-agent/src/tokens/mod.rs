@@ -58,8 +58,11 @@ const SWEEP_EVERY: Duration = Duration::from_mins(1);
 /// Where a token comes from.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Source {
-    /// A user-assigned managed identity, from IMDS.
+    /// A user-assigned managed identity, from IMDS, asked for by its client id.
     ManagedIdentity { client_id: String },
+    /// A user-assigned managed identity, from IMDS, asked for by its ARM resource id (when
+    /// the namespace's scope allowed it by that id only).
+    ManagedIdentityByResource { resource_id: String },
     /// A ServiceAccount's federated identity, from Entra with a pod's service-account token.
     /// Pods of one ServiceAccount share its tokens; each must present its own
     /// service-account token first (see [`projected`]).
@@ -68,6 +71,17 @@ pub enum Source {
     /// in `secret`. The Secret is part of the key: two identities naming the same client id
     /// with different credentials never share tokens.
     ServicePrincipal { authority: Option<String>, tenant_id: String, client_id: String, secret: SecretRef },
+}
+
+impl Source {
+    /// A managed identity, asked for as the policy decided.
+    #[must_use]
+    pub fn managed(by: crate::policy::FetchBy) -> Source {
+        match by {
+            crate::policy::FetchBy::ClientId(client_id) => Source::ManagedIdentity { client_id },
+            crate::policy::FetchBy::ResourceId(resource_id) => Source::ManagedIdentityByResource { resource_id },
+        }
+    }
 }
 
 /// What a fetch needs besides the key: taken from the request that starts it.
@@ -268,7 +282,7 @@ impl TokenService {
             return false;
         }
         let budget = match key.source {
-            Source::ManagedIdentity { .. } => &self.budget,
+            Source::ManagedIdentity { .. } | Source::ManagedIdentityByResource { .. } => &self.budget,
             Source::Workload { .. } | Source::ServicePrincipal { .. } => &self.entra_budget,
         };
         let Some(permit) = budget.try_acquire_idle() else { return false };
@@ -329,7 +343,7 @@ impl TokenService {
         let deadline = tokio::time::Instant::now() + FETCH_DEADLINE;
         let mut schedule = RETRY_SCHEDULE.iter();
         let budget = match key.source {
-            Source::ManagedIdentity { .. } => &self.budget,
+            Source::ManagedIdentity { .. } | Source::ManagedIdentityByResource { .. } => &self.budget,
             Source::Workload { .. } | Source::ServicePrincipal { .. } => &self.entra_budget,
         };
         loop {
@@ -366,6 +380,11 @@ impl TokenService {
         match (&key.source, how) {
             (Source::ManagedIdentity { client_id }, Fetch::Imds { api_version }) => {
                 let selector = Some(UpstreamSelector::ClientId(client_id));
+                let answer = self.imds.token(api_version.as_deref(), &key.resource, selector).await;
+                classify(answer, unix_now())
+            }
+            (Source::ManagedIdentityByResource { resource_id }, Fetch::Imds { api_version }) => {
+                let selector = Some(UpstreamSelector::ResourceId(resource_id));
                 let answer = self.imds.token(api_version.as_deref(), &key.resource, selector).await;
                 classify(answer, unix_now())
             }
