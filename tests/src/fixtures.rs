@@ -84,7 +84,7 @@ fn string_map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 /// The `Namespace` `name`, with these annotations (the rules cluster admins set:
-/// `imds-filter.io/identity-scope`, `…/metadata-paths`, `…/mode`).
+/// `imds-filter.io/identity-scope`, `imds-filter.io/mode`).
 #[must_use]
 pub fn namespace(name: &str, annotations: &[(&str, &str)]) -> Namespace {
     let annotations = Some(string_map(annotations)).filter(|a| !a.is_empty());

@@ -219,11 +219,13 @@ impl Snapshot {
         (self.pods.len(), self.identities.len(), self.bindings.len(), self.exceptions.len())
     }
 
-    /// The exception a pod matches, if any, and if its namespace's scope allows every identity
-    /// (an exception's pods reach the metadata service directly, with every identity of the
-    /// node, so a narrower scope leaves exceptions unhonoured).
+    /// The exception a pod matches, if any, and if its namespace is known and its scope allows
+    /// every identity (an exception's pods reach the metadata service directly, with every
+    /// identity of the node, so a narrower scope, or one not known yet, leaves exceptions
+    /// unhonoured).
     pub fn exception_for(&self, pod: &Pod) -> Option<&Exception> {
-        self.matching_exception(pod).filter(|_| self.scope_rule(&pod.namespace).is_everything())
+        self.matching_exception(pod)
+            .filter(|_| self.knows_namespace(&pod.namespace) && self.scope_rule(&pod.namespace).is_everything())
     }
 
     /// The exception a pod's labels match, honoured or not.

@@ -435,6 +435,9 @@ fn a_pod_of_a_namespace_not_yet_known_is_not_decided_for() {
     let w = world().with_known_namespaces(["other".to_owned()]);
     assert_eq!(w.decide("web", None), Decision::UnknownPod, "app is not known yet");
     assert!(!w.knows("web") && w.knows("exc2"));
+    // Nor is its exception honoured in the kernel: the namespace may turn out to be scoped.
+    assert_eq!(w.pod_verdict(w.pod("exc").unwrap(), false), PodVerdict::Redirect);
+    assert_eq!(world().pod_verdict(world().pod("exc").unwrap(), false), PodVerdict::Pass);
     let w = w.with_known_namespaces(["app".to_owned(), "other".to_owned()]);
     assert!(matches!(w.decide("web", None), Decision::Allow { .. }));
     // Unreadable annotations: nothing, and the refusal says why.
