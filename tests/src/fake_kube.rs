@@ -87,6 +87,20 @@ struct State {
     events: Vec<Value>,
 }
 
+impl State {
+    /// Stores `object` (created or replaced) under a new resourceVersion, which it is stamped
+    /// with, and records the change for watches (`ADDED` or `MODIFIED`). Returns that version.
+    fn store(&mut self, collection: &'static str, key: (String, String), object: &mut Value) -> u64 {
+        self.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        let existed = self.objects.entry(collection).or_default().insert(key, object.clone()).is_some();
+        let kind = if existed { "MODIFIED" } else { "ADDED" };
+        let change = Change { rv: self.rv, at: tokio::time::Instant::now(), collection, kind, object: object.clone() };
+        self.history.push(change);
+        self.rv
+    }
+}
+
 /// The fake API server, serving until dropped.
 pub struct FakeKube {
     pub addr: SocketAddr,
@@ -126,17 +140,7 @@ impl FakeKube {
         let collection = collection_of(&object);
         let key = key_of(&object);
         let mut s = self.state.lock().unwrap();
-        s.rv += 1;
-        object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
-        let existed = s.objects.entry(collection).or_default().insert(key, object.clone()).is_some();
-        let rv = s.rv;
-        s.history.push(Change {
-            rv,
-            at: tokio::time::Instant::now(),
-            collection,
-            kind: if existed { "MODIFIED" } else { "ADDED" },
-            object,
-        });
+        let rv = s.store(collection, key, &mut object);
         drop(s);
         self.changed.send_replace(rv);
     }
@@ -424,17 +428,7 @@ fn patch(
     };
     if let Some(change) = s.interposed.take() {
         merge_patch(&mut object, &change);
-        s.rv += 1;
-        object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
-        s.objects.entry(target.collection).or_default().insert(key.clone(), object.clone());
-        let rv = s.rv;
-        s.history.push(Change {
-            rv,
-            at: tokio::time::Instant::now(),
-            collection: target.collection,
-            kind: "MODIFIED",
-            object: object.clone(),
-        });
+        s.store(target.collection, key.clone(), &mut object);
     }
     let wanted = patch.pointer("/metadata/resourceVersion").and_then(Value::as_str);
     if wanted.is_some_and(|v| Some(v) != object["metadata"]["resourceVersion"].as_str()) {
@@ -443,17 +437,7 @@ fn patch(
         return json_response(code, &status(code, "Conflict", message));
     }
     merge_patch(&mut object, &patch);
-    s.rv += 1;
-    object["metadata"]["resourceVersion"] = json!(s.rv.to_string());
-    s.objects.entry(target.collection).or_default().insert(key, object.clone());
-    let rv = s.rv;
-    s.history.push(Change {
-        rv,
-        at: tokio::time::Instant::now(),
-        collection: target.collection,
-        kind: "MODIFIED",
-        object: object.clone(),
-    });
+    let rv = s.store(target.collection, key, &mut object);
     drop(s);
     changed.send_replace(rv);
     json_response(StatusCode::OK, &object)
