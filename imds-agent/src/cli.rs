@@ -295,6 +295,10 @@ pub struct RunArgs {
     /// Most calls to the metadata service in flight at once (IMDS allows 5).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub upstream_concurrency: u32,
+    /// Most calls for metadata paths other than the token endpoint started per second (IMDS
+    /// allows 5 per VM, apart from identity requests); they have a budget of their own.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub upstream_path_rate: u32,
     /// Most tokens (identity × resource) held in the node-wide cache.
     #[arg(long, default_value_t = CacheConfig::default().max_entries)]
     pub token_cache_entries: usize,

@@ -214,6 +214,9 @@ async fn answer(state: &Mutex<State>, peer: SocketAddr, req: Request<Incoming>) 
                 &serde_json::json!({ "compute": { "location": "fakeregion", "name": "fake-vm" } }),
             );
         }
+        "/metadata/scheduledevents" if metadata => {
+            return json(StatusCode::OK, &serde_json::json!({ "DocumentIncarnation": 1, "Events": [] }));
+        }
         _ if !metadata => {
             return error(StatusCode::BAD_REQUEST, "invalid_request", "Required metadata header not specified")
         }

@@ -22,6 +22,12 @@ const TOKEN: &str = "/metadata/identity/oauth2/token?api-version=2018-02-01&reso
 const SCOPE: &str = "imds-filter.io/identity-scope";
 const METRICS: ([u8; 4], u16) = ([10, 233, 0, 1], 9402);
 const MODE: &str = "imds-filter.io/mode";
+const PATHS: &str = "imds-filter.io/metadata-paths";
+const EVENTS: &str = "/metadata/scheduledevents?api-version=2020-07-01";
+
+fn get(node: &Node, pod: &TestPod, path_and_query: &str) -> Fetched {
+    curl(node, pod, SocketAddr::from((IMDS_IP, 80)), path_and_query, &["Metadata: true"])
+}
 
 fn token(node: &Node, pod: &TestPod) -> Fetched {
     curl(node, pod, SocketAddr::from((IMDS_IP, 80)), TOKEN, &["Metadata: true"])
@@ -125,6 +131,79 @@ fn namespace_scopes_and_audit_from_manifests() {
     drop((web, multi, helper, other, staged));
 }
 
+// Path grants from a manifests directory: a namespace granted scheduled events reads them
+// (even its unbound pod under --deny-unbound), nothing more, and never an identity; other
+// namespaces get a 403 naming what they lack; an audited namespace is forwarded; and the
+// forwarded paths are paced by a budget of their own (IMDS allows 5 a second), apart from
+// the identity budget.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn path_grants_from_manifests() {
+    let blob = FakeIdentity::named("blob");
+    let mut node = Node::new("grants-m", vec![blob.clone()]);
+    let uids: Vec<String> = (0..3).map(|_| pod_uid()).collect();
+    let [handler, web, staged] = [0, 1, 2].map(|i| node.pod(&uids[i]));
+    let policy = Manifest::new()
+        .with(&fixtures::identity("app", "blob", &blob))
+        .with(&fixtures::binding("app", "blob-binding", "blob", "blob"))
+        .with(&fixtures::namespace("ops", &[(PATHS, "/metadata/scheduledevents")]))
+        .with(&fixtures::namespace("staging", &[(MODE, "audit")]))
+        .with(&fixtures::pod("ops", "handler", &uids[0]).ip(handler.ip))
+        .with(&fixtures::pod("app", "web", &uids[1]).bound_to("blob").ip(web.ip))
+        .with(&fixtures::pod("staging", "staged", &uids[2]).ip(staged.ip));
+    node.write_manifest("policy.yaml", policy.as_str());
+    node.start_agent(&["--deny-unbound"]);
+
+    let read = get(&node, &handler, EVENTS);
+    assert_eq!((read.status, read.json()["DocumentIncarnation"].as_i64()), (200, Some(1)), "{read:?}");
+    let granted = last_decision(&node, &uids[0]);
+    assert_eq!(granted["verdict"], "forward", "{granted}");
+    assert!(granted["reason"].as_str().unwrap_or_default().contains("granted to namespace ops"), "{granted}");
+    // Nothing beyond the grant, and no identity: the grant does not reach the token endpoint.
+    assert_eq!(get(&node, &handler, "/metadata/instance?api-version=2021-02-01").status, 403);
+    assert_eq!(token(&node, &handler).status, 400);
+    assert_eq!(get(&node, &handler, "/metadata/scheduledevents/../identity/oauth2/token").status, 400);
+    // A namespace without a grant: 403, saying what it lacks.
+    assert_eq!(get(&node, &web, EVENTS).status, 403);
+    let refused = last_decision(&node, &uids[1]);
+    assert_eq!(refused["verdict"], "deny");
+    assert!(refused["reason"].as_str().unwrap_or_default().contains(&format!("namespace app has no {PATHS}")));
+    // An audited namespace: forwarded as asked, logged.
+    assert_eq!(get(&node, &staged, EVENTS).status, 200);
+    assert_eq!(last_decision(&node, &uids[2])["verdict"], "audit-allow");
+
+    // The handler floods its path while the web pod asks for tokens.
+    let before = node.fake.seen().len();
+    let (reads, tokens) = std::thread::scope(|scope| {
+        let flood: Vec<_> = (0..12).map(|_| scope.spawn(|| get(&node, &handler, EVENTS).status)).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let tokens: Vec<u16> = (0..8)
+            .map(|i| {
+                let query =
+                    format!("/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https%3A%2F%2Fr{i}");
+                get(&node, &web, &query).status
+            })
+            .collect();
+        (flood.into_iter().map(|t| t.join().expect("a flood request")).collect::<Vec<u16>>(), tokens)
+    });
+    assert!(reads.iter().all(|s| *s == 200), "every read is served, in time: {reads:?}");
+    assert!(tokens.iter().all(|s| *s == 200), "{tokens:?}");
+    let seen = node.fake.seen().split_off(before);
+    let arrivals = |path: &str| seen.iter().filter(|s| s.path == path).map(|s| s.at).collect::<Vec<Instant>>();
+    // The budget paces starts at the agent 1.25 s apart; arrivals here jitter by a few ms.
+    let busiest = |at: &[Instant]| {
+        at.iter()
+            .map(|start| at.iter().filter(|t| **t >= *start && **t - *start < Duration::from_millis(1150)).count())
+            .max()
+    };
+    let (paths, identity) = (arrivals("/metadata/scheduledevents"), arrivals("/metadata/identity/oauth2/token"));
+    assert_eq!((paths.len(), identity.len()), (12, 8));
+    // Paths: 5 in any 1.15 s at most. Tokens: not held to the path budget's pace.
+    assert!(busiest(&paths) <= Some(5), "paths paced at 5 a second: {paths:?}");
+    assert!(busiest(&identity) > Some(5), "tokens on their own budget: {identity:?}");
+    drop((handler, web, staged));
+}
+
 fn api_object(object: &impl serde::Serialize) -> Value {
     serde_json::to_value(object).expect("an object as JSON")
 }
@@ -199,5 +278,14 @@ fn namespace_scopes_through_the_api() {
     // No annotation at all: the cluster default (open here) applies again.
     api.apply(api_object(&fixtures::namespace("app", &[])));
     eventually("the open default", || is_token_of(&token(&node, &web), &blob));
+    // A path grant set there takes effect, and is gone when the annotation is.
+    assert_eq!(get(&node, &web, EVENTS).status, 403);
+    api.apply(api_object(&fixtures::namespace("app", &[(PATHS, "/metadata/scheduledevents")])));
+    eventually("the granted path is read", || get(&node, &web, EVENTS).status == 200);
+    api.apply(api_object(&fixtures::namespace("app", &[(PATHS, "/metadata/identity")])));
+    eventually("a grant naming the identity endpoint is unreadable", || get(&node, &web, EVENTS).status == 403);
+    assert_eq!(token(&node, &web).status, 400, "an unreadable annotation allows nothing");
+    let unreadable = last_decision(&node, &uid);
+    assert!(unreadable["reason"].as_str().unwrap_or_default().contains("never granted"), "{unreadable}");
     drop(web);
 }

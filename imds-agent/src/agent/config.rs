@@ -50,6 +50,8 @@ pub struct Config {
     /// Entra's authority host, for workload identity and service principals.
     pub authority_host: String,
     pub tokens: TokenConfig,
+    /// The budget for metadata paths other than the token endpoint.
+    pub path_budget: BudgetConfig,
     pub max_connections: u32,
     pub max_connections_per_pod: u32,
     pub kubelet_dir: PathBuf,
@@ -124,6 +126,7 @@ impl TryFrom<RunArgs> for Config {
                 },
                 ..TokenConfig::default()
             },
+            path_budget: BudgetConfig { per_second: args.upstream_path_rate as usize, ..BudgetConfig::default() },
             max_connections: args.max_connections,
             max_connections_per_pod: args.max_connections_per_pod,
             kubelet_dir: args.kubelet_dir,

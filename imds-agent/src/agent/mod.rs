@@ -265,6 +265,7 @@ fn agent_state(config: &Config, parts: AgentParts) -> anyhow::Result<Arc<AgentSt
         snapshot: updates,
         upstream,
         tokens,
+        path_budget: crate::tokens::budget::Budget::start(config.path_budget),
         kubelet_dir: config.kubelet_dir.clone(),
         secrets: SecretReader::new(secrets_client),
         rules: config.rules.clone(),

@@ -47,7 +47,8 @@ pub fn classify(raw: &str) -> PathClass {
 
 /// Whether a canonical path is under `/metadata/identity`, as a lenient server could read its
 /// first two segments: path parameters (`;…`) and trailing dots and blanks dropped.
-fn under_identity(canonical: &str) -> bool {
+#[must_use]
+pub fn under_identity(canonical: &str) -> bool {
     let bare = |segment: &str| {
         let segment = segment.split(';').next().unwrap_or_default();
         segment.trim_end_matches(['.', ' ', '\t', '\0']).to_owned()
@@ -118,11 +119,18 @@ impl PathRules {
     pub fn allows(&self, canonical: &str) -> bool {
         match self {
             PathRules::ForwardAll => true,
-            PathRules::Allow(prefixes) => prefixes.iter().filter_map(|p| canonicalize(p)).any(|p| {
-                canonical == p || canonical.strip_prefix(&p).is_some_and(|rest| rest.starts_with('/')) || p == "/"
-            }),
+            PathRules::Allow(prefixes) => {
+                prefixes.iter().filter_map(|p| canonicalize(p)).any(|p| under_prefix(canonical, &p))
+            }
         }
     }
+}
+
+/// Whether the canonical path `canonical` is the canonical prefix `prefix` or under it, on
+/// whole segments (`/a/b` is under `/a`, `/ab` is not).
+#[must_use]
+pub fn under_prefix(canonical: &str, prefix: &str) -> bool {
+    prefix == "/" || canonical == prefix || canonical.strip_prefix(prefix).is_some_and(|rest| rest.starts_with('/'))
 }
 
 #[cfg(test)]

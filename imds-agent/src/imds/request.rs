@@ -3,10 +3,11 @@
 //! Checks, in order: the path (token-path variants are refused outright), the method (GET
 //! only, 405), the `Metadata: true` header, no `X-Forwarded-For`, no duplicate query
 //! parameter (names compared case-insensitively), and for the token endpoint a `resource`
-//! and at most one identity selector. Errors carry IMDS's JSON shape.
+//! and at most one identity selector. Errors carry IMDS's JSON shape. Whether another path
+//! may be read is the policy's to say (`Snapshot::decide_path`), not the parser's.
 use http::{HeaderMap, Method, StatusCode};
 
-use super::path::{classify, PathClass, PathRules};
+use super::path::{classify, PathClass};
 use crate::policy::Selector;
 
 /// The content type of IMDS's JSON answers.
@@ -29,6 +30,16 @@ impl ImdsError {
     /// IMDS's throttling answer (429 `too_many_requests`) with this description.
     pub fn too_many_requests(description: impl Into<String>) -> ImdsError {
         ImdsError { status: StatusCode::TOO_MANY_REQUESTS, error: "too_many_requests", description: description.into() }
+    }
+
+    /// A metadata path the caller may not read (403).
+    #[must_use]
+    pub fn path_forbidden() -> ImdsError {
+        ImdsError {
+            status: StatusCode::FORBIDDEN,
+            error: "forbidden",
+            description: "This metadata path is not available to this pod".into(),
+        }
     }
 
     /// IMDS's answer when no assigned identity matches: SDKs stop rather than retry.
@@ -56,21 +67,15 @@ pub struct TokenRequest {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
     Token(TokenRequest),
-    /// Another allowed path, forwarded as spelled (it is canonical) with its query.
-    Forward {
+    /// Another path, spelled canonically (as it would be forwarded), with its query.
+    Metadata {
         path: String,
         query: Option<String>,
     },
 }
 
 /// Validates one request.
-pub fn route(
-    method: &Method,
-    path: &str,
-    query: Option<&str>,
-    headers: &HeaderMap,
-    rules: &PathRules,
-) -> Result<Route, ImdsError> {
+pub fn route(method: &Method, path: &str, query: Option<&str>, headers: &HeaderMap) -> Result<Route, ImdsError> {
     let class = classify(path);
     if matches!(class, PathClass::TokenVariant | PathClass::Malformed) {
         return Err(ImdsError::bad_request("Invalid request path"));
@@ -93,15 +98,10 @@ pub fn route(
     let params = parse_query(query.unwrap_or(""))?;
     match class {
         PathClass::Token => token_request(&params).map(Route::Token),
-        PathClass::Other { canonical, exact } if exact && rules.allows(&canonical) => {
-            Ok(Route::Forward { path: canonical, query: query.map(str::to_owned) })
+        PathClass::Other { canonical, exact: true } => {
+            Ok(Route::Metadata { path: canonical, query: query.map(str::to_owned) })
         }
         PathClass::Other { exact: false, .. } => Err(ImdsError::bad_request("Invalid request path")),
-        PathClass::Other { .. } => Err(ImdsError {
-            status: StatusCode::FORBIDDEN,
-            error: "forbidden",
-            description: "This metadata path is not available to pods on this node".into(),
-        }),
         PathClass::TokenVariant | PathClass::Malformed => unreachable!("refused above"),
     }
 }
@@ -163,7 +163,7 @@ mod tests {
     const Q: &str = "api-version=2018-02-01&resource=https%3A%2F%2Fvault.azure.net";
 
     fn token(query: &str) -> Result<Route, ImdsError> {
-        route(&Method::GET, TOKEN, Some(query), &headers(&[("Metadata", "true")]), &PathRules::default())
+        route(&Method::GET, TOKEN, Some(query), &headers(&[("Metadata", "true")]))
     }
 
     #[test]
@@ -192,7 +192,6 @@ mod tests {
     fn refusals_table() {
         let bad = |d: &str| Err(ImdsError::bad_request(d));
         let h_ok = headers(&[("Metadata", "true")]);
-        let rules = PathRules::Allow(vec!["/metadata/instance".into()]);
         let cases: Vec<Case<'_>> = vec![
             (Method::GET, TOKEN, Q.into(), headers(&[]), bad("Required metadata header not specified")),
             (
@@ -263,29 +262,29 @@ mod tests {
             (Method::GET, "/metadata//instance", String::new(), h_ok.clone(), bad("Invalid request path")),
         ];
         for (method, path, query, h, want) in cases {
-            assert_eq!(route(&method, path, Some(&query), &h, &rules), want, "{method} {path}?{query}");
+            assert_eq!(route(&method, path, Some(&query), &h), want, "{method} {path}?{query}");
         }
         for method in [Method::POST, Method::PUT, Method::HEAD, Method::OPTIONS, Method::DELETE, Method::PATCH] {
-            let got = route(&method, TOKEN, Some(Q), &h_ok, &rules).unwrap_err();
+            let got = route(&method, TOKEN, Some(Q), &h_ok).unwrap_err();
             assert_eq!(got.status, StatusCode::METHOD_NOT_ALLOWED, "{method}");
         }
     }
 
     #[test]
-    fn other_paths_follow_the_rules() {
+    fn other_paths_are_routed_only_as_spelled_canonically() {
         let h = headers(&[("Metadata", "true")]);
-        let rules = PathRules::Allow(vec!["/metadata/instance".into()]);
         assert_eq!(
-            route(&Method::GET, "/metadata/instance/compute", Some("api-version=2021-02-01"), &h, &rules),
-            Ok(Route::Forward {
+            route(&Method::GET, "/metadata/instance/compute", Some("api-version=2021-02-01"), &h),
+            Ok(Route::Metadata {
                 path: "/metadata/instance/compute".into(),
                 query: Some("api-version=2021-02-01".into())
             })
         );
-        let denied = route(&Method::GET, "/metadata/attested/document", None, &h, &rules).unwrap_err();
-        assert_eq!((denied.status, denied.error), (StatusCode::FORBIDDEN, "forbidden"));
-        let host_token = route(&Method::GET, "/host/token", None, &h, &PathRules::default()).unwrap_err();
-        assert_eq!(host_token.status, StatusCode::FORBIDDEN);
+        let loose = route(&Method::GET, "/metadata/Instance/compute/", None, &h).unwrap_err();
+        assert_eq!(loose, ImdsError::bad_request("Invalid request path"));
+        // Never a metadata path, whatever a rule might allow: refused before any rule.
+        let identity = route(&Method::GET, "/metadata/identity/info", None, &h).unwrap_err();
+        assert_eq!(identity, ImdsError::bad_request("Invalid request path"));
     }
 
     #[test]

@@ -20,7 +20,9 @@ use crate::{
     imds::{self, PathRules, Route, TokenRequest},
     kernel::cgroup,
     operator::control::client::Client,
-    policy::{Decision, Pod, PodVerdict, PolicySettings, Selector, Snapshot, BINDING_LABEL, MODE_ANNOTATION},
+    policy::{
+        Decision, PathDecision, Pod, PodVerdict, PolicySettings, Selector, Snapshot, BINDING_LABEL, MODE_ANNOTATION,
+    },
     sources::{kube as kube_source, manifests},
 };
 
@@ -139,7 +141,7 @@ pub fn explain(snapshot: &Snapshot, settings: &Settings, pod: &PodRef, request: 
     if !out.kernel_steps(snapshot, settings, found) {
         return out; // the request never reaches the agent
     }
-    let Some(token) = out.route(settings, request) else {
+    let Some(token) = out.route(snapshot, settings, found, request) else {
         return out;
     };
     out.policy_steps(snapshot, found, &token);
@@ -213,19 +215,18 @@ impl Explanation {
     }
 
     /// The request, routed as the agent routes it; the token request, if it is one.
-    fn route(&mut self, settings: &Settings, request: &str) -> Option<TokenRequest> {
+    fn route(&mut self, snapshot: &Snapshot, settings: &Settings, pod: &Pod, request: &str) -> Option<TokenRequest> {
         let (path, query) = request.split_once('?').map_or((request, None), |(p, q)| (p, Some(q)));
         let mut headers = HeaderMap::new();
         headers.insert("metadata", HeaderValue::from_static("true"));
-        match imds::route(&Method::GET, path, query, &headers, &settings.rules) {
+        match imds::route(&Method::GET, path, query, &headers) {
             Err(e) => {
                 self.step("path", format!("refused before the policy: {} ({})", e.description, e.status));
                 self.conclude("invalid", e.description, e.status.as_u16());
                 None
             }
-            Ok(Route::Forward { path, .. }) => {
-                self.step("path", format!("{path} is allowed by the path rules: forwarded to the metadata service"));
-                self.conclude("forward", "path allowed by the path rules".into(), StatusCode::OK.as_u16());
+            Ok(Route::Metadata { path, .. }) => {
+                self.path_steps(snapshot, settings, pod, &path);
                 None
             }
             Ok(Route::Token(token)) => {
@@ -234,6 +235,31 @@ impl Explanation {
                 Some(token)
             }
         }
+    }
+
+    /// A metadata path other than the token endpoint: the node's rules, then the namespace's
+    /// grants, then its decision.
+    fn path_steps(&mut self, snapshot: &Snapshot, settings: &Settings, pod: &Pod, path: &str) {
+        let node = if settings.rules.allows(path) { "allow it" } else { "do not allow it" };
+        self.step("path", format!("{path}: another metadata path; the node's path rules {node}"));
+        self.step("path grants", snapshot.describe_grants(&pod.namespace));
+        let decision = snapshot.decide_path(Some(&pod.uid), path, &settings.rules);
+        let audited = snapshot.audited(&pod.namespace);
+        let (verdict, reason, status) = match decision {
+            PathDecision::Refused(_) if audited => (
+                "audit-allow",
+                format!("{}; namespace {} is audited: forwarded as asked", decision.reason(), pod.namespace),
+                StatusCode::OK,
+            ),
+            PathDecision::Refused(_) => (decision.verdict(), decision.reason(), StatusCode::FORBIDDEN),
+            PathDecision::UnknownPod => (decision.verdict(), decision.reason(), StatusCode::NOT_FOUND),
+            _ => (
+                decision.verdict(),
+                format!("{}: forwarded to the metadata service", decision.reason()),
+                StatusCode::OK,
+            ),
+        };
+        self.conclude(verdict, reason, status.as_u16());
     }
 
     /// The policy, step by step, then its decision.
@@ -452,7 +478,15 @@ mod tests {
                 200,
             ),
             ("shop/ghost", token(""), false, "unknown-pod", "not known", None, 404),
-            ("shop/web", "/metadata/instance?api-version=2021-02-01".into(), false, "invalid", "", None, 403),
+            (
+                "shop/web",
+                "/metadata/instance?api-version=2021-02-01".into(),
+                false,
+                "deny",
+                "the path is not allowed on this node, and namespace shop has no imds-filter.io/metadata-paths",
+                None,
+                403,
+            ),
             (
                 "shop/web",
                 "/metadata/identity/oauth2/token%2f?api-version=2018-02-01&resource=r".into(),
@@ -488,6 +522,36 @@ mod tests {
             "{got}"
         );
         assert_eq!(got.exit_code(), 0);
+    }
+
+    #[test]
+    fn path_grants_are_a_step() {
+        let paths = crate::policy::NamespaceAnnotations {
+            paths: Some("/metadata/scheduledevents"),
+            ..crate::policy::NamespaceAnnotations::default()
+        };
+        let snapshot = examples().with_namespaces([crate::policy::NamespaceRules::parse("shop", paths).unwrap()]);
+        let events = "/metadata/scheduledevents?api-version=2020-07-01";
+        // Granted, even to an unbound pod under --deny-unbound: its connections reach the agent.
+        let settings = Settings { deny_unbound: true, ..Settings::default() };
+        let got = ask(&snapshot, &settings, "shop/batch", events);
+        let text = got.to_string();
+        assert!(
+            text.contains(
+                "path grants       namespace shop's imds-filter.io/metadata-paths grants /metadata/scheduledevents"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("the node's path rules do not allow it"), "{text}");
+        assert_eq!((got.verdict.as_str(), got.status, got.exit_code()), ("forward", 200, 0), "{text}");
+        // Not granted: refused, and the node's rules can still allow it.
+        let attested = "/metadata/attested/document?api-version=2020-09-01";
+        let got = ask(&snapshot, &Settings::default(), "shop/web", attested);
+        assert_eq!((got.verdict.as_str(), got.status, got.exit_code()), ("deny", 403, 1), "{got}");
+        let node = Settings { rules: PathRules::Allow(vec!["/metadata/attested".into()]), ..Settings::default() };
+        let got = ask(&snapshot, &node, "shop/web", attested);
+        assert_eq!((got.verdict.as_str(), got.status), ("forward", 200), "{got}");
+        assert!(got.reason.contains("node's path rules"), "{got}");
     }
 
     #[test]

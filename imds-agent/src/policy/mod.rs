@@ -28,13 +28,18 @@ use std::collections::HashMap;
 
 mod decision;
 mod objects;
+mod paths;
 mod scopes;
 #[cfg(test)]
 mod tests;
 
 pub use decision::{Choice, Decision, DenyReason, PodVerdict, Selector};
 pub use objects::*;
-pub use scopes::{DefaultScope, FetchBy, NamespaceRules, Scope, ScopeRule, IDENTITY_SCOPE_ANNOTATION, MODE_ANNOTATION};
+pub use paths::{PathDecision, PathGrants, METADATA_PATHS_ANNOTATION};
+pub use scopes::{
+    DefaultScope, FetchBy, NamespaceAnnotations, NamespaceRules, Scope, ScopeRule, IDENTITY_SCOPE_ANNOTATION,
+    MODE_ANNOTATION,
+};
 
 /// The refusal of `identity`, which `scope` does not allow.
 fn out_of_scope(identity: &Identity, scope: &ScopeRule<'_>, namespace: &str) -> DenyReason {
@@ -301,7 +306,11 @@ impl Snapshot {
             PodVerdict::Pass
         } else if self.uses_workload_identity(pod) {
             PodVerdict::Redirect
-        } else if deny_unbound && !self.audited(&pod.namespace) && self.bound_identities(pod).is_empty() {
+        } else if deny_unbound
+            && !self.audited(&pod.namespace)
+            && !self.grants_paths(&pod.namespace)
+            && self.bound_identities(pod).is_empty()
+        {
             PodVerdict::Deny
         } else {
             PodVerdict::Redirect

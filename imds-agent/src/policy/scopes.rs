@@ -8,6 +8,7 @@
 //!   alternation is two broken patterns: refused, never widened). Without it, the cluster
 //!   default applies ([`DefaultScope`]).
 //! - [`MODE_ANNOTATION`]: `audit` logs what would be refused in this namespace and forwards it.
+//! - [`super::METADATA_PATHS_ANNOTATION`]: metadata paths its pods may read ([`super::paths`]).
 //!
 //! A scope is checked against what the agent asks the metadata service for, never against a
 //! field it does not use: an identity allowed by its client id is fetched by client id; one
@@ -122,6 +123,8 @@ pub struct NamespaceRules {
     pub scope: Option<Scope>,
     /// [`MODE_ANNOTATION`] is `audit`.
     pub audit: bool,
+    /// [`super::METADATA_PATHS_ANNOTATION`]: path prefixes its pods may read.
+    pub paths: super::PathGrants,
     /// Why its annotations cannot be read, if they cannot ([`NamespaceRules::unreadable`]).
     pub problem: Option<String>,
 }
@@ -200,21 +203,42 @@ impl NamespaceRules {
     /// identity, enforced. Never wider than what the annotations could have meant.
     #[must_use]
     pub fn unreadable(name: &str, problem: String) -> NamespaceRules {
-        NamespaceRules { name: name.to_owned(), scope: None, audit: false, problem: Some(problem) }
+        NamespaceRules { name: name.to_owned(), problem: Some(problem), ..NamespaceRules::default() }
     }
 
     /// A namespace's rules from its annotations (`None`: not set).
     ///
     /// # Errors
     /// An annotation the agent cannot read, said in a sentence.
-    pub fn parse(name: &str, scope: Option<&str>, mode: Option<&str>) -> Result<Self, String> {
+    pub fn parse(name: &str, annotations: NamespaceAnnotations<'_>) -> Result<Self, String> {
+        let NamespaceAnnotations { scope, mode, paths } = annotations;
         let scope = scope.map(Scope::parse).transpose()?;
+        let paths = paths.map(super::PathGrants::parse).transpose()?.unwrap_or_default();
         let audit = match mode.map(str::trim) {
             None | Some("enforce") => false,
             Some("audit") => true,
             Some(other) => return Err(format!("{MODE_ANNOTATION}: {other:?} is neither enforce nor audit")),
         };
-        Ok(NamespaceRules { name: name.to_owned(), scope, audit, problem: None })
+        Ok(NamespaceRules { name: name.to_owned(), scope, audit, paths, problem: None })
+    }
+}
+
+/// The values of a namespace's annotations the agent reads (`None`: not set).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NamespaceAnnotations<'a> {
+    /// [`IDENTITY_SCOPE_ANNOTATION`].
+    pub scope: Option<&'a str>,
+    /// [`MODE_ANNOTATION`].
+    pub mode: Option<&'a str>,
+    /// [`super::METADATA_PATHS_ANNOTATION`].
+    pub paths: Option<&'a str>,
+}
+
+impl NamespaceAnnotations<'_> {
+    /// Whether none is set.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.scope.is_none() && self.mode.is_none() && self.paths.is_none()
     }
 }
 
@@ -321,15 +345,18 @@ mod tests {
 
     #[test]
     fn namespace_annotations_are_read_strictly() {
-        let rules = NamespaceRules::parse("shop", Some("c-*"), Some("audit")).unwrap();
+        let set = NamespaceAnnotations { scope: Some("c-*"), mode: Some("audit"), paths: Some("/metadata/instance") };
+        let rules = NamespaceRules::parse("shop", set).unwrap();
         assert!(rules.audit && rules.scope.is_some() && rules.problem.is_none());
+        assert_eq!(rules.paths.covering("/metadata/instance/compute"), Some("/metadata/instance"));
         assert_eq!(
-            NamespaceRules::parse("shop", None, None).unwrap(),
+            NamespaceRules::parse("shop", NamespaceAnnotations::default()).unwrap(),
             NamespaceRules { name: "shop".into(), ..NamespaceRules::default() }
         );
-        assert!(NamespaceRules::parse("shop", None, Some("permissive"))
-            .unwrap_err()
-            .contains("neither enforce nor audit"));
+        let mode = NamespaceAnnotations { mode: Some("permissive"), ..NamespaceAnnotations::default() };
+        assert!(NamespaceRules::parse("shop", mode).unwrap_err().contains("neither enforce nor audit"));
+        let paths = NamespaceAnnotations { paths: Some("/metadata/identity"), ..NamespaceAnnotations::default() };
+        assert!(NamespaceRules::parse("shop", paths).unwrap_err().contains("never granted"));
         let unreadable = NamespaceRules::unreadable("shop", "why".into());
         assert!(!unreadable.audit && unreadable.problem.as_deref() == Some("why"));
     }

@@ -12,7 +12,7 @@ use crate::{
     decisions::DecisionRecord,
     imds::{self, ImdsError, Route, TokenRequest, JSON_CONTENT_TYPE as JSON},
     kernel::CallerOrigin,
-    policy::{Decision, Selector, Snapshot},
+    policy::{Decision, PathDecision, Selector, Snapshot},
     tokens::{token::unix_now, too_many_requests, Fetch, Outcome, Retryable, Served, Source, TokenKey},
     upstream::{UpstreamError, UpstreamResponse, UpstreamSelector},
 };
@@ -62,29 +62,74 @@ async fn answer(
     state: &AgentState,
     record: &mut DecisionRecord,
 ) -> Answer {
-    let route = imds::route(&req.method, req.uri.path(), req.uri.query(), &req.headers, &state.rules);
+    let route = imds::route(&req.method, req.uri.path(), req.uri.query(), &req.headers);
     match route {
         Err(e) => {
             record.verdict = "invalid";
             record.reason.clone_from(&e.description);
             refusal(&e)
         }
-        Ok(Route::Forward { path, query }) => {
-            record.verdict = "forward";
-            record.reason = "path allowed by the path rules".into();
-            let path_and_query = match query {
-                Some(q) => format!("{path}?{q}"),
-                None => path,
-            };
-            let requester = caller.cgroup.as_ref().and_then(|c| c.pod_uid.clone()).unwrap_or_default();
-            let _slot = match state.tokens.budget().acquire(&requester).await {
-                Ok(slot) => slot,
-                Err(overloaded) => return retry_answer(&too_many_requests(overloaded.retry_after), record),
-            };
-            relay(state.upstream.get(&path_and_query).await, record)
-        }
+        Ok(Route::Metadata { path, query }) => path_answer(&path, query.as_deref(), caller, state, record).await,
         Ok(Route::Token(token)) => token_answer(token, caller, state, record).await,
     }
+}
+
+/// A metadata path other than the token endpoint: forwarded within the path budget if the
+/// node's rules, the pod's namespace's grants or an exception allow it (or audit does),
+/// refused with a 403 otherwise.
+async fn path_answer(
+    path: &str,
+    query: Option<&str>,
+    caller: &Caller,
+    state: &AgentState,
+    record: &mut DecisionRecord,
+) -> Answer {
+    let uid = caller.cgroup.as_ref().and_then(|c| c.pod_uid.clone());
+    // The pod matters only when the node's rules do not decide alone.
+    let snapshot = match &uid {
+        Some(uid) if !state.rules.allows(path) => wait_for_pod(state, uid).await,
+        _ => Arc::clone(&state.snapshot.borrow()),
+    };
+    if let Some(pod) = uid.as_deref().and_then(|uid| snapshot.pod(uid)) {
+        record.pod_namespace = Some(pod.namespace.clone());
+        record.pod_name = Some(pod.name.clone());
+    }
+    record.pod_uid.clone_from(&uid);
+    let decision = snapshot.decide_path(uid.as_deref(), path, &state.rules);
+    record.verdict = decision.verdict();
+    record.reason = decision.reason();
+    match decision {
+        PathDecision::Node | PathDecision::Granted { .. } | PathDecision::Exception { .. } => {}
+        PathDecision::Refused(_) => {
+            let audited = record.pod_namespace.as_deref().is_some_and(|ns| snapshot.audited(ns));
+            if !audited && state.mode == Mode::Enforce {
+                report_denial(state, record);
+                return refusal(&ImdsError::path_forbidden());
+            }
+            record.verdict = "audit-allow";
+        }
+        PathDecision::UnknownPod => return unknown_pod(state, record),
+    }
+    let _slot = match state.path_budget.acquire(uid.as_deref().unwrap_or_default()).await {
+        Ok(slot) => slot,
+        Err(overloaded) => return retry_answer(&too_many_requests(overloaded.retry_after), record),
+    };
+    let path_and_query = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    relay(state.upstream.get(&path_and_query).await, record)
+}
+
+/// The retryable 404 for a pod the policy does not know after the grace period.
+fn unknown_pod(state: &AgentState, record: &mut DecisionRecord) -> Answer {
+    record.verdict = "unknown-pod";
+    record.reason = format!("pod not known after waiting {:?}; retry", state.pod_grace);
+    refusal(&ImdsError {
+        status: StatusCode::NOT_FOUND,
+        error: "unknown",
+        description: "The pod is not known to the node agent yet; retry".into(),
+    })
 }
 
 async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, record: &mut DecisionRecord) -> Answer {
@@ -136,15 +181,7 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
             record.verdict = "exception";
             forward_as_asked(&token, state, record).await
         }
-        Decision::UnknownPod => {
-            record.verdict = "unknown-pod";
-            record.reason = format!("pod not known after waiting {:?}; retry", state.pod_grace);
-            refusal(&ImdsError {
-                status: StatusCode::NOT_FOUND,
-                error: "unknown",
-                description: "The pod is not known to the node agent yet; retry".into(),
-            })
-        }
+        Decision::UnknownPod => unknown_pod(state, record),
     }
 }
 

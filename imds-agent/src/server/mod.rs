@@ -61,8 +61,11 @@ pub struct AgentState {
     pub snapshot: watch::Receiver<Arc<Snapshot>>,
     /// Calls for forwarded requests (other paths, audit, exceptions).
     pub upstream: Upstream,
-    /// Tokens for allowed requests; its budget also paces forwarded calls.
+    /// Tokens for allowed requests; its budget also paces forwarded token requests.
     pub tokens: Arc<TokenService>,
+    /// The budget of calls for metadata paths other than the token endpoint (IMDS limits
+    /// them apart from identity calls).
+    pub path_budget: Arc<crate::tokens::budget::Budget>,
     /// The kubelet's directory (`/var/lib/kubelet`): pods' projected tokens, for workload
     /// identity.
     pub kubelet_dir: std::path::PathBuf,

@@ -9,8 +9,9 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use crate::policy::{
-    Binding, Exception, Identity, IdentityType, NamespaceRules, Owner, Pod, Powers, ServiceAccount, ServicePrincipal,
-    CLIENT_ID_ANNOTATION, IDENTITY_SCOPE_ANNOTATION, MODE_ANNOTATION, TENANT_ID_ANNOTATION,
+    Binding, Exception, Identity, IdentityType, NamespaceAnnotations, NamespaceRules, Owner, Pod, Powers,
+    ServiceAccount, ServicePrincipal, CLIENT_ID_ANNOTATION, IDENTITY_SCOPE_ANNOTATION, METADATA_PATHS_ANNOTATION,
+    MODE_ANNOTATION, TENANT_ID_ANNOTATION,
 };
 
 /// `AzureIdentity` annotation carrying the identity's object (principal) id.
@@ -162,11 +163,15 @@ pub fn service_account(at: Place<'_>, annotations: Option<&BTreeMap<String, Stri
 /// manifests source refuses the load.
 pub fn namespace(name: &str, annotations: Option<&BTreeMap<String, String>>) -> Result<Option<NamespaceRules>, String> {
     let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
-    let (scope, mode) = (annotation(IDENTITY_SCOPE_ANNOTATION), annotation(MODE_ANNOTATION));
-    if scope.is_none() && mode.is_none() {
+    let set = NamespaceAnnotations {
+        scope: annotation(IDENTITY_SCOPE_ANNOTATION),
+        mode: annotation(MODE_ANNOTATION),
+        paths: annotation(METADATA_PATHS_ANNOTATION),
+    };
+    if set.is_empty() {
         return Ok(None);
     }
-    NamespaceRules::parse(name, scope, mode).map(Some).map_err(|e| format!("Namespace {name}: {e}"))
+    NamespaceRules::parse(name, set).map(Some).map_err(|e| format!("Namespace {name}: {e}"))
 }
 
 fn named(at: Place<'_>) -> Result<(), String> {

@@ -24,7 +24,10 @@ use crate::{
         AzureIdentity, AzureIdentityBinding, AzureIdentityBindingSpec, AzureIdentitySpec, AzurePodIdentityException,
         AzurePodIdentityExceptionSpec,
     },
-    policy::{CLIENT_ID_ANNOTATION, IDENTITY_SCOPE_ANNOTATION, MODE_ANNOTATION, TENANT_ID_ANNOTATION},
+    policy::{
+        CLIENT_ID_ANNOTATION, IDENTITY_SCOPE_ANNOTATION, METADATA_PATHS_ANNOTATION, MODE_ANNOTATION,
+        TENANT_ID_ANNOTATION,
+    },
     sources::convert::OBJECT_ID_ANNOTATION,
 };
 
@@ -202,8 +205,14 @@ impl<'de> Deserialize<'de> for Annotations {
 }
 
 /// Every annotation some shape keeps (the parser reads no other value).
-const KEPT_ANNOTATIONS: &[&str] =
-    &[OBJECT_ID_ANNOTATION, CLIENT_ID_ANNOTATION, TENANT_ID_ANNOTATION, IDENTITY_SCOPE_ANNOTATION, MODE_ANNOTATION];
+const KEPT_ANNOTATIONS: &[&str] = &[
+    OBJECT_ID_ANNOTATION,
+    CLIENT_ID_ANNOTATION,
+    TENANT_ID_ANNOTATION,
+    IDENTITY_SCOPE_ANNOTATION,
+    MODE_ANNOTATION,
+    METADATA_PATHS_ANNOTATION,
+];
 
 /// A spec nothing is read of.
 #[derive(Clone, Debug, Default)]
@@ -320,7 +329,8 @@ impl Shape for NamespaceShape {
     type Status = Unread;
     const METADATA_ONLY: bool = true;
     const LABELS: bool = false;
-    const ANNOTATIONS: &'static [&'static str] = &[IDENTITY_SCOPE_ANNOTATION, MODE_ANNOTATION];
+    const ANNOTATIONS: &'static [&'static str] =
+        &[IDENTITY_SCOPE_ANNOTATION, MODE_ANNOTATION, METADATA_PATHS_ANNOTATION];
 }
 
 pub(super) type LeanPod = Lean<PodShape>;

@@ -359,7 +359,7 @@ struct KnownNamespace {
 fn known_namespace(n: &LeanNamespace) -> KnownNamespace {
     let name = n.metadata.name.clone().unwrap_or_default();
     let rules = convert::namespace(&name, n.metadata.annotations.as_ref()).unwrap_or_else(|problem| {
-        tracing::warn!(%problem, "a namespace's imds-filter annotations cannot be read: its pods get no identity until they are fixed");
+        tracing::warn!(%problem, "a namespace's imds-filter annotations cannot be read: its pods get no identity and no path grant until they are fixed");
         Some(policy::NamespaceRules::unreadable(&name, problem))
     });
     KnownNamespace { name, rules }
