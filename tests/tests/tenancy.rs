@@ -133,7 +133,7 @@ fn namespace_scopes_and_audit_from_manifests() {
 
 // Path grants from a manifests directory: a namespace granted scheduled events reads them
 // (even its unbound pod under --deny-unbound), nothing more, and never an identity; other
-// namespaces get a 403 naming what they lack; an audited namespace is forwarded; and the
+// namespaces get a 403 naming what they lack, audited ones too; and the
 // forwarded paths are paced by a budget of their own (IMDS allows 5 a second), apart from
 // the identity budget.
 #[test]
@@ -168,9 +168,13 @@ fn path_grants_from_manifests() {
     let refused = last_decision(&node, &uids[1]);
     assert_eq!(refused["verdict"], "deny");
     assert!(refused["reason"].as_str().unwrap_or_default().contains(&format!("namespace app has no {PATHS}")));
-    // An audited namespace: forwarded as asked, logged.
-    assert_eq!(get(&node, &staged, EVENTS).status, 200);
-    assert_eq!(last_decision(&node, &uids[2])["verdict"], "audit-allow");
+    // An audited namespace: audit is for identity policy; paths are still refused.
+    assert_eq!(get(&node, &staged, EVENTS).status, 403);
+    assert_eq!(last_decision(&node, &uids[2])["verdict"], "deny");
+    // Spellings a lenient server would read as `..` never ride on a grant.
+    for climbing in ["/metadata/scheduledevents/..;/identity/oauth2/token", "/metadata/scheduledevents/..;/instance"] {
+        assert_eq!(get(&node, &handler, climbing).status, 400, "{climbing}");
+    }
 
     // The handler floods its path while the web pod asks for tokens.
     let before = node.fake.seen().len();

@@ -25,7 +25,8 @@ pub enum PathClass {
     TokenVariant,
     /// Any other path, in canonical form; `exact` when the request spelled it canonically.
     Other { canonical: String, exact: bool },
-    /// Percent-encoded more deeply than any client would: refused, never forwarded.
+    /// Percent-encoded more deeply than any client would, or with a segment only a lenient
+    /// server reads as `.` or `..` (`..;x`, `...`): refused, never forwarded.
     Malformed,
 }
 
@@ -43,6 +44,17 @@ pub fn classify(raw: &str) -> PathClass {
     }
     let exact = raw == canonical;
     PathClass::Other { canonical, exact }
+}
+
+/// Whether a segment is one a lenient server could read as `.` or `..` once it drops path
+/// parameters (`..;x`) or trailing dots and blanks (`...`, `.. `), though it is not one: the
+/// canonical form would keep it (or resolve a `..` after it against it), and a prefix rule
+/// would match a path that means another one upstream (`/metadata/scheduledevents/..;/identity/…`).
+fn disguised_dot_segment(segment: &str) -> bool {
+    let bare = segment.split(';').next().unwrap_or_default();
+    !matches!(segment, "." | "..")
+        && !bare.is_empty()
+        && bare.trim_end_matches([' ', '\t', '\0']).chars().all(|c| c == '.')
 }
 
 /// Whether a canonical path is under `/metadata/identity`, as a lenient server could read its
@@ -64,7 +76,8 @@ const DECODE_ROUNDS: usize = 8;
 /// The canonical form of a request path: always starts with `/`, no empty, `.` or `..`
 /// segments, no trailing slash (except the root), lower case, nothing left to
 /// percent-decode. `None` when the path is still percent-encoded after [`DECODE_ROUNDS`]
-/// rounds: what it means to someone who decodes further cannot be known.
+/// rounds, or has a segment only a lenient server reads as `.` or `..` (`..;x`, `...`): what
+/// it means to someone else cannot be known.
 #[must_use]
 pub fn canonicalize(raw: &str) -> Option<String> {
     // Percent-decode until nothing changes, so `%252f` cannot survive as a slash in disguise.
@@ -82,6 +95,9 @@ pub fn canonicalize(raw: &str) -> Option<String> {
         return None;
     }
     let unified = decoded.replace('\\', "/").to_ascii_lowercase();
+    if unified.split('/').any(disguised_dot_segment) {
+        return None;
+    }
     let mut segments: Vec<&str> = Vec::new();
     for segment in unified.split('/') {
         match segment {
@@ -185,6 +201,20 @@ mod tests {
         ] {
             assert_eq!(classify(identity), PathClass::TokenVariant, "{identity}");
         }
+        // Segments a lenient server would read as `..` or `.`: refused, whatever they lead to.
+        for climbing in [
+            "/metadata/scheduledevents/..;/identity/oauth2/token",
+            "/metadata/instance/compute/..;x=1/network",
+            "/metadata/instance/.../network",
+            "/metadata/instance/..%20/network",
+            "/metadata/instance/.;/compute",
+        ] {
+            assert_eq!(classify(climbing), PathClass::Malformed, "{climbing}");
+        }
+        assert_eq!(
+            classify("/metadata/instance/a..b"),
+            PathClass::Other { canonical: "/metadata/instance/a..b".into(), exact: true }
+        );
         assert_eq!(
             classify("/metadata/identityx/oauth2/token"),
             PathClass::Other { canonical: "/metadata/identityx/oauth2/token".into(), exact: true }
@@ -297,8 +327,21 @@ mod tests {
                 Just("%20"),
                 Just("%00")
             ];
-            (junk.clone(), junk.clone(), junk, prop::collection::vec("[a-z0-9_.;-]{0,8}", 0..3)).prop_map(
-                |(j1, j2, j3, rest)| format!("/metadata{j1}/identity{j2}/oauth2/token{j3}/{}", rest.join("/")),
+            // Segments before it that a lenient server reads as `..` once it drops what follows
+            // a `;`, or trailing dots and blanks.
+            let climb = prop_oneof![
+                Just(""),
+                Just("/metadata/scheduledevents/..;"),
+                Just("/metadata/instance/..;x=1"),
+                Just("/a/b/..;/.."),
+                Just("/a/..."),
+                Just("/a/..%20"),
+                Just("/a/.;")
+            ];
+            (climb, junk.clone(), junk.clone(), junk, prop::collection::vec("[a-z0-9_.;-]{0,8}", 0..3)).prop_map(
+                |(climb, j1, j2, j3, rest)| {
+                    format!("{climb}/metadata{j1}/identity{j2}/oauth2/token{j3}/{}", rest.join("/"))
+                },
             )
         }
 

@@ -244,13 +244,7 @@ impl Explanation {
         self.step("path", format!("{path}: another metadata path; the node's path rules {node}"));
         self.step("path grants", snapshot.describe_grants(&pod.namespace));
         let decision = snapshot.decide_path(Some(&pod.uid), path, &settings.rules);
-        let audited = snapshot.audited(&pod.namespace);
         let (verdict, reason, status) = match decision {
-            PathDecision::Refused(_) if audited => (
-                "audit-allow",
-                format!("{}; namespace {} is audited: forwarded as asked", decision.reason(), pod.namespace),
-                StatusCode::OK,
-            ),
             PathDecision::Refused(_) => (decision.verdict(), decision.reason(), StatusCode::FORBIDDEN),
             PathDecision::UnknownPod => (decision.verdict(), decision.reason(), StatusCode::NOT_FOUND),
             _ => (

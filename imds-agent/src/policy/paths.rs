@@ -38,6 +38,10 @@ impl PathGrants {
             if path::canonicalize(trimmed).as_deref() != Some(trimmed) || trimmed.contains(['?', '#']) {
                 return Err(refuse("is not a plain lower-case path (no %, \\, ?, #, dot or empty segments)"));
             }
+            // Prefixes are literal: a pattern would silently grant nothing (or not what was meant).
+            if trimmed.contains(['*', '[', ']', '{', '}']) {
+                return Err(refuse("is a pattern; grants are literal path prefixes, matched on whole segments"));
+            }
             if path::under_identity(trimmed) {
                 return Err(refuse("is under /metadata/identity, which is never granted"));
             }
@@ -156,6 +160,13 @@ impl Snapshot {
             }
             _ => format!("namespace {namespace} has no {METADATA_PATHS_ANNOTATION}"),
         }
+    }
+
+    /// Whether some pod could be given a path beyond the node's rules: a namespace is granted
+    /// one, or there are exceptions. If not, a request for a path the node's rules refuse
+    /// needs no pod to be refused.
+    pub fn may_grant_paths(&self) -> bool {
+        !self.exceptions.is_empty() || self.namespaces.values().any(|n| n.problem.is_none() && !n.paths.is_empty())
     }
 
     /// Whether `namespace` is granted some path (its unbound pods then still reach the agent
@@ -277,6 +288,10 @@ mod tests {
             ("/metadata//instance", "not a plain lower-case path"),
             ("/metadata\\instance", "not a plain lower-case path"),
             ("/metadata/instance?api-version=1", "not a plain lower-case path"),
+            ("/metadata/x/..;/identity/oauth2/token", "not a plain lower-case path"),
+            ("/metadata/instance/...", "not a plain lower-case path"),
+            ("/metadata/instance/*", "is a pattern"),
+            ("/metadata/{instance,scheduledevents}", "is a pattern"),
         ] {
             let err = PathGrants::parse(text).unwrap_err();
             assert!(err.contains(why) && err.contains(METADATA_PATHS_ANNOTATION), "{text}: {err}");

@@ -75,8 +75,9 @@ async fn answer(
 }
 
 /// A metadata path other than the token endpoint: forwarded within the path budget if the
-/// node's rules, the pod's namespace's grants or an exception allow it (or audit does),
-/// refused with a 403 otherwise.
+/// node's rules, the pod's namespace's grants or an exception allow it, refused with a 403
+/// otherwise (audit does not forward paths: it is for rolling out identity policy, and node
+/// data such as `userData` may hold secrets).
 async fn path_answer(
     path: &str,
     query: Option<&str>,
@@ -85,29 +86,31 @@ async fn path_answer(
     record: &mut DecisionRecord,
 ) -> Answer {
     let uid = caller.cgroup.as_ref().and_then(|c| c.pod_uid.clone());
-    // The pod matters only when the node's rules do not decide alone.
+    // The pod matters only when the node's rules do not decide alone and something could
+    // give it the path; otherwise an unknown pod is refused at once rather than kept waiting.
+    let current = Arc::clone(&state.snapshot.borrow());
     let snapshot = match &uid {
-        Some(uid) if !state.rules.allows(path) => wait_for_pod(state, uid).await,
-        _ => Arc::clone(&state.snapshot.borrow()),
+        Some(uid) if !state.rules.allows(path) && current.may_grant_paths() => wait_for_pod(state, uid).await,
+        _ => current,
     };
     if let Some(pod) = uid.as_deref().and_then(|uid| snapshot.pod(uid)) {
         record.pod_namespace = Some(pod.namespace.clone());
         record.pod_name = Some(pod.name.clone());
     }
     record.pod_uid.clone_from(&uid);
-    let decision = snapshot.decide_path(uid.as_deref(), path, &state.rules);
+    let decision = match snapshot.decide_path(uid.as_deref(), path, &state.rules) {
+        // Nothing could give an unknown pod this path: no wait, no retry.
+        PathDecision::UnknownPod if !snapshot.may_grant_paths() => {
+            PathDecision::Refused("the path is not allowed on this node, and no namespace is granted paths".into())
+        }
+        decision => decision,
+    };
     record.verdict = decision.verdict();
     record.reason = decision.reason();
     match decision {
         PathDecision::Node | PathDecision::Granted { .. } | PathDecision::Exception { .. } => {}
-        PathDecision::Refused(_) => {
-            let audited = record.pod_namespace.as_deref().is_some_and(|ns| snapshot.audited(ns));
-            if !audited && state.mode == Mode::Enforce {
-                report_denial(state, record);
-                return refusal(&ImdsError::path_forbidden());
-            }
-            record.verdict = "audit-allow";
-        }
+        // No Event: SDKs and resource detectors probe instance data from every pod.
+        PathDecision::Refused(_) => return refusal(&ImdsError::path_forbidden()),
         PathDecision::UnknownPod => return unknown_pod(state, record),
     }
     let _slot = match state.path_budget.acquire(uid.as_deref().unwrap_or_default()).await {

@@ -239,7 +239,7 @@ impl TokenService {
         self.running.lock()
     }
 
-    /// The budget, shared with other upstream calls (forwarded requests).
+    /// The budget of token calls, shared with token requests forwarded as asked (audit, exceptions).
     pub fn budget(&self) -> &Arc<Budget> {
         &self.budget
     }
