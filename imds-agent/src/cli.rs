@@ -295,6 +295,15 @@ pub struct RunArgs {
     /// Most calls to the metadata service in flight at once (IMDS allows 5).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub upstream_concurrency: u32,
+    /// Serve NMI's `/host/token` on this loopback address (the Secrets Store CSI driver's Azure
+    /// provider asks `localhost:2579` in pod-identity mode), to the callers named by
+    /// --host-token-caller only. Off unless given.
+    #[arg(long, value_name = "ADDR:PORT", requires = "host_token_callers", value_parser = parse_host_token_listen)]
+    pub host_token_listen: Option<SocketAddrV4>,
+    /// A ServiceAccount (`NAMESPACE/SERVICEACCOUNT`) whose pods may ask `/host/token` for a
+    /// pod on this node (repeatable): the CSI provider's.
+    #[arg(long = "host-token-caller", value_name = "NAMESPACE/SERVICEACCOUNT", requires = "host_token_listen")]
+    pub host_token_callers: Vec<crate::policy::TrustedCaller>,
     /// Most calls for metadata paths other than the token endpoint started per second (IMDS
     /// allows 5 per VM, apart from identity requests); they have a budget of their own.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
@@ -394,6 +403,11 @@ impl From<DefaultVerdict> for Verdict {
 }
 
 /// `--listen`, else the node's address from the downward API.
+fn parse_host_token_listen(text: &str) -> Result<SocketAddrV4, String> {
+    let listen: SocketAddrV4 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    crate::server::host_token::check_listen(listen)
+}
+
 pub fn listen_address(given: Option<SocketAddrV4>) -> anyhow::Result<SocketAddrV4> {
     let listen = if let Some(listen) = given {
         listen
@@ -455,6 +469,21 @@ mod tests {
     }
 
     #[test]
+    fn host_token_needs_a_loopback_address_and_a_caller() {
+        let parse = |extra: &[&str]| {
+            let base = ["imds-agent", "run", "--manifests", "/m", "--listen", "10.0.0.4:8182"];
+            Cli::try_parse_from(base.iter().chain(extra)).map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert!(parse(&["--host-token-listen", "127.0.0.1:2579", "--host-token-caller", "csi/provider"]).is_ok());
+        let public = parse(&["--host-token-listen", "10.0.0.4:2579", "--host-token-caller", "csi/provider"]);
+        assert!(public.unwrap_err().contains("must be a loopback address"));
+        assert!(parse(&["--host-token-listen", "127.0.0.1:2579"]).is_err(), "no caller: nobody could ask");
+        assert!(parse(&["--host-token-caller", "csi/provider"]).is_err(), "a caller of nothing");
+        let bad = parse(&["--host-token-listen", "127.0.0.1:2579", "--host-token-caller", "provider"]);
+        assert!(bad.unwrap_err().contains("NAMESPACE/SERVICEACCOUNT"));
+    }
+
+    #[test]
     fn the_charts_daemonset_passes_arguments_the_agent_accepts() {
         let (defaults, _) = run_args("deploy/kubernetes/imds-filter.yaml");
         assert!(defaults.kube && matches!(defaults.mode, Mode::Enforce));
@@ -472,6 +501,8 @@ mod tests {
         assert_eq!(every.pod_lookup_interval, Duration::ZERO);
         assert_eq!(every.identity_scope_default, DefaultScope::Closed);
         assert_eq!(every.allow_paths.len(), 2);
+        assert_eq!(every.host_token_listen, Some("127.0.0.1:12579".parse().unwrap()));
+        assert_eq!(every.host_token_callers, ["kube-system/csi-secrets-store-provider-azure".parse().unwrap()]);
         assert_eq!((every.max_connections, every.filter.protected.len()), (8192, 1));
 
         // Every variable the container sets is one the agent reads.

@@ -280,6 +280,16 @@ impl Telemetry {
         self.requests.get_or_create(&labels).inc();
     }
 
+    /// Counts one request on the `/host/token` listener.
+    pub fn count_host_token(&self, verdict: &str, status: StatusCode) {
+        let labels = RequestLabels {
+            verdict: verdict.to_owned(),
+            path_class: "host_token".to_owned(),
+            status: status.as_u16().to_string(),
+        };
+        self.requests.get_or_create(&labels).inc();
+    }
+
     /// `None` when healthy, else what is wrong.
     pub fn unhealthy(&self) -> Option<String> {
         match kernel::attached_programs(&self.attach_cgroup) {

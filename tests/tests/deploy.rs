@@ -112,6 +112,10 @@ fn the_chart_refuses_settings_the_agent_would_refuse() {
     assert!(!ok && error.contains("mode must be one of"), "{error}");
     let (ok, error) = helm_template(&["--set", "podGrace=2"]);
     assert!(!ok && error.contains("podGrace"), "{error}");
+    let (ok, error) = helm_template(&["--set", "hostToken.enabled=true"]);
+    assert!(!ok && error.contains("hostToken.enabled needs hostToken.callers"), "{error}");
+    let (ok, error) = helm_template(&["--set", "hostToken.listen=0.0.0.0:2579"]);
+    assert!(!ok && error.contains("hostToken"), "only loopback: {error}");
     let (ok, error) = helm_template(&["--set", "denyUnbond=true"]);
     assert!(!ok && error.contains("denyUnbond"), "a misspelt setting is an error, not ignored: {error}");
 }

@@ -52,6 +52,8 @@ pub struct Config {
     pub tokens: TokenConfig,
     /// The budget for metadata paths other than the token endpoint.
     pub path_budget: BudgetConfig,
+    /// `/host/token`'s address and trusted callers, if it is served.
+    pub host_token: Option<(SocketAddrV4, Vec<crate::policy::TrustedCaller>)>,
     pub max_connections: u32,
     pub max_connections_per_pod: u32,
     pub kubelet_dir: PathBuf,
@@ -127,6 +129,7 @@ impl TryFrom<RunArgs> for Config {
                 ..TokenConfig::default()
             },
             path_budget: BudgetConfig { per_second: args.upstream_path_rate as usize, ..BudgetConfig::default() },
+            host_token: args.host_token_listen.map(|listen| (listen, args.host_token_callers)),
             max_connections: args.max_connections,
             max_connections_per_pod: args.max_connections_per_pod,
             kubelet_dir: args.kubelet_dir,

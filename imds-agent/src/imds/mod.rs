@@ -5,5 +5,5 @@ pub mod request;
 
 pub use self::{
     path::{PathRules, TOKEN_PATH},
-    request::{route, ImdsError, Route, TokenRequest, JSON_CONTENT_TYPE},
+    request::{route, token_query, ImdsError, Route, TokenRequest, JSON_CONTENT_TYPE},
 };

@@ -106,6 +106,15 @@ pub fn route(method: &Method, path: &str, query: Option<&str>, headers: &HeaderM
     }
 }
 
+/// A token request's query alone (`resource`, at most one selector), validated as for the
+/// token endpoint: for endpoints that take the same parameters (`/host/token`).
+///
+/// # Errors
+/// IMDS's answer to such a query.
+pub fn token_query(query: Option<&str>) -> Result<TokenRequest, ImdsError> {
+    token_request(&parse_query(query.unwrap_or(""))?)
+}
+
 /// Decoded query parameters; duplicate names (case-insensitive) are an error.
 fn parse_query(query: &str) -> Result<Vec<(String, String)>, ImdsError> {
     let mut params: Vec<(String, String)> = Vec::new();

@@ -19,6 +19,7 @@ pub mod netfilter;
 pub mod origin;
 mod protected;
 mod rtnl;
+pub mod sockdiag;
 mod sys;
 pub mod tc;
 

@@ -27,6 +27,7 @@
 use std::collections::HashMap;
 
 mod decision;
+mod host_token;
 mod objects;
 mod paths;
 mod scopes;
@@ -34,6 +35,7 @@ mod scopes;
 mod tests;
 
 pub use decision::{Choice, Decision, DenyReason, PodVerdict, Selector};
+pub use host_token::{HostTokenRefusal, TrustedCaller};
 pub use objects::*;
 pub use paths::{PathDecision, PathGrants, METADATA_PATHS_ANNOTATION};
 pub use scopes::{

@@ -38,18 +38,51 @@ type Answer = Response<Full<Bytes>>;
 
 /// Answers one request and writes its decision record. The body is never read.
 pub(super) async fn handle<B>(req: Request<B>, caller: &Caller, state: &AgentState) -> Answer {
-    let started = Instant::now();
     let (req, _unread_body) = req.into_parts();
+    let (cgroup_id, pid) = (caller.origin.cgroup_id, caller.origin.pid);
+    let origin = Recorded { cgroup_id, pid, endpoint: Endpoint::Imds };
+    recorded(&req, origin, state, async |record| answer(&req, caller, state, record).await).await
+}
+
+/// Which listener a request came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Endpoint {
+    /// The redirected metadata address.
+    Imds,
+    /// `/host/token` ([`super::host_token`]).
+    HostToken,
+}
+
+/// Where a request came from, for its decision record.
+pub(super) struct Recorded {
+    pub cgroup_id: u64,
+    /// 0 when the kernel did not say.
+    pub pid: u32,
+    pub endpoint: Endpoint,
+}
+
+/// Runs `answer` with a decision record for `req`, then writes the record and counts the
+/// request.
+pub(super) async fn recorded(
+    req: &http::request::Parts,
+    from: Recorded,
+    state: &AgentState,
+    answer: impl AsyncFnOnce(&mut DecisionRecord) -> Answer,
+) -> Answer {
+    let started = Instant::now();
     let mut record = DecisionRecord::now();
-    record.cgroup_id = caller.origin.cgroup_id;
-    record.pid = caller.origin.pid;
+    record.cgroup_id = from.cgroup_id;
+    record.pid = from.pid;
     record.method = req.method.to_string();
     record.path = req.uri.path().to_owned();
-    let answer = answer(&req, caller, state, &mut record).await;
+    let answer = answer(&mut record).await;
     record.status = answer.status().as_u16();
     record.latency_ms = started.elapsed().as_secs_f64() * 1000.0;
     record.emit();
-    state.telemetry.count_request(record.verdict, &record.path, answer.status());
+    match from.endpoint {
+        Endpoint::Imds => state.telemetry.count_request(record.verdict, &record.path, answer.status()),
+        Endpoint::HostToken => state.telemetry.count_host_token(record.verdict, answer.status()),
+    }
     if let Some(from) = record.token_from {
         state.telemetry.count_token(from);
     }
@@ -150,41 +183,65 @@ async fn token_answer(token: TokenRequest, caller: &Caller, state: &AgentState, 
     let decision = snapshot.decide(&uid, token.selector.as_ref());
     record.identity = decision.identity(record.pod_namespace.as_deref().unwrap_or_default());
     record.reason = decision.reason();
+    match serve_allowed(decision, &token, &uid, &snapshot, state, record).await {
+        Ok(answer) => answer,
+        Err(NotAllowed::Deny) => {
+            let audited = record.pod_namespace.as_deref().is_some_and(|ns| snapshot.audited(ns));
+            refuse_or_audit(&token, state, record, audited).await
+        }
+        Err(NotAllowed::Exception) => {
+            record.verdict = "exception";
+            forward_as_asked(&token, state, record).await
+        }
+        Err(NotAllowed::UnknownPod) => unknown_pod(state, record),
+    }
+}
+
+/// A decision that serves no token by itself (the decision record says why).
+pub(super) enum NotAllowed {
+    Deny,
+    Exception,
+    UnknownPod,
+}
+
+/// The answer for an `Allow` or `Workload` decision about the pod `uid`; for any other
+/// decision, which it is, for the caller to refuse (or audit) as it must.
+pub(super) async fn serve_allowed(
+    decision: Decision<'_>,
+    token: &TokenRequest,
+    uid: &str,
+    snapshot: &Snapshot,
+    state: &AgentState,
+    record: &mut DecisionRecord,
+) -> Result<Answer, NotAllowed> {
     match decision {
         Decision::Allow { identity, fetch, .. } => {
             record.verdict = "allow";
             if let Some(principal) = &identity.service_principal {
                 let answered =
-                    super::principal::answer(identity, principal, &token.resource, &uid, &snapshot, state, record)
-                        .await;
-                return answered.unwrap_or_else(|refused| {
+                    super::principal::answer(identity, principal, &token.resource, uid, snapshot, state, record).await;
+                return Ok(answered.unwrap_or_else(|refused| {
                     record.verdict = "deny";
                     report_denial(state, record);
                     refusal(&refused)
-                });
+                }));
             }
             let key = TokenKey { source: Source::managed(fetch), resource: token.resource.clone() };
             let outcome =
-                state.tokens.get(key.clone(), &uid, Fetch::Imds { api_version: token.api_version.clone() }).await;
-            if let (Outcome::Token { .. }, Some(pod)) = (&outcome, snapshot.pod(&uid)) {
-                remember_grant(state, pod, &token, &key);
+                state.tokens.get(key.clone(), uid, Fetch::Imds { api_version: token.api_version.clone() }).await;
+            if let (Outcome::Token { .. }, Some(pod)) = (&outcome, snapshot.pod(uid)) {
+                remember_grant(state, pod, token, &key);
             }
-            answer_token(outcome, record)
+            Ok(answer_token(outcome, record))
         }
         Decision::Workload { service_account, client_id, tenant_id, .. } => {
             let namespace = record.pod_namespace.clone().unwrap_or_default();
             let who = super::workload::Workload { namespace, service_account, client_id, tenant_id };
-            super::workload::answer(&who, &token.resource, &uid, state, record).await
+            Ok(super::workload::answer(&who, &token.resource, uid, state, record).await)
         }
-        Decision::Deny(_) => {
-            let audited = record.pod_namespace.as_deref().is_some_and(|ns| snapshot.audited(ns));
-            refuse_or_audit(&token, state, record, audited).await
-        }
-        Decision::Exception { .. } => {
-            record.verdict = "exception";
-            forward_as_asked(&token, state, record).await
-        }
-        Decision::UnknownPod => unknown_pod(state, record),
+        Decision::Deny(_) => Err(NotAllowed::Deny),
+        Decision::Exception { .. } => Err(NotAllowed::Exception),
+        Decision::UnknownPod => Err(NotAllowed::UnknownPod),
     }
 }
 

@@ -6,6 +6,7 @@
 //! header-read timeout, and limits on header size and count; request bodies are never read.
 pub mod admin;
 mod handler;
+pub mod host_token;
 pub mod limits;
 pub mod listener;
 pub(crate) mod prefetch;
@@ -161,7 +162,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
 }
 
 /// HTTP/1.1 with the limits every connection gets: header-read timeout, head size, header count.
-fn http1_limits() -> http1::Builder {
+pub(super) fn http1_limits() -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())

@@ -1,0 +1,281 @@
+//! NMI's host endpoint, `GET /host/token/?resource=…` with `podns` and `podname` headers, for
+//! the Secrets Store CSI driver's Azure provider in its pod-identity mode: it mounts Key Vault
+//! objects into a pod with that pod's identity, asking from its own hostNetwork pod on
+//! `localhost:2579`. The answer is NMI's: `{"token": <IMDS's token>, "clientid": …}`.
+//!
+//! Anyone on the node can send those headers, so the caller must be trusted
+//! ([`crate::policy::TrustedCaller`]): the connection is looked up in the kernel's socket
+//! table (`sock_diag`), which says which cgroup made the client's socket, and that cgroup
+//! must be a pod of a ServiceAccount the operator named. The pod named in the headers must be
+//! on this node, and gets what its own request would get — never more: audit does not apply
+//! here, an exception has nothing to serve, and a refusal is a refusal.
+use std::{net::SocketAddrV4, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{
+    handler::{self, Endpoint, NotAllowed, Recorded},
+    AgentState,
+};
+use crate::{
+    caller::CgroupInfo,
+    decisions::DecisionRecord,
+    imds::{self, ImdsError, JSON_CONTENT_TYPE},
+    policy::{Decision, HostTokenRefusal, Pod, Snapshot, TrustedCaller},
+};
+
+/// The path the CSI provider asks (with or without a trailing slash).
+pub const PATH: &str = "/host/token";
+
+type Answer = Response<Full<Bytes>>;
+
+/// Who called, as the kernel says.
+struct HostCaller {
+    cgroup_id: u64,
+    cgroup: Option<CgroupInfo>,
+}
+
+/// Listens on `listen` once it is free (an earlier agent holds it until it has handed over
+/// and drained), and serves `/host/token` to `trusted` callers until this agent drains.
+pub async fn run(listen: SocketAddrV4, trusted: Vec<TrustedCaller>, state: Arc<AgentState>) {
+    let mut tries = 0u32;
+    let listener = loop {
+        match super::listener::bind(listen) {
+            Ok(listener) => break listener,
+            Err(e) if tries.is_multiple_of(30) => tracing::warn!(
+                %listen,
+                error = %e,
+                holder = %super::listener::held_by(listen),
+                "cannot listen for /host/token yet: CSI mounts in pod-identity mode fail until it is free"
+            ),
+            Err(_) => {}
+        }
+        tries = tries.wrapping_add(1);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    tracing::info!(%listen, trusted = %trusted.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "), "serving /host/token");
+    serve(listener, Arc::new(trusted), state).await;
+}
+
+async fn serve(listener: TcpListener, trusted: Arc<Vec<TrustedCaller>>, state: Arc<AgentState>) {
+    let mut draining = state.draining.clone();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Ok(_) = draining.wait_for(|d| *d) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed on the /host/token listener; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (state, trusted) = (Arc::clone(&state), Arc::clone(&trusted));
+        tokio::spawn(async move {
+            let Some(caller) = identify(&stream, &state).await else { return };
+            let pod = caller.cgroup.as_ref().and_then(|c| c.pod_uid.as_deref());
+            let Ok(_admitted) = state.limits.admit(super::limits::Share::of(pod)) else {
+                state.telemetry.count_refused("host_token_limit");
+                return; // closed: the provider retries its mount
+            };
+            let caller = Arc::new(caller);
+            let service = service_fn(move |req| {
+                let (state, caller, trusted) = (Arc::clone(&state), Arc::clone(&caller), Arc::clone(&trusted));
+                async move { Ok::<_, std::convert::Infallible>(handle(req, &caller, &trusted, &state).await) }
+            });
+            let io = TokioIo::new(stream);
+            if let Err(e) = super::http1_limits().keep_alive(true).serve_connection(io, service).await {
+                tracing::debug!(%peer, error = %e, "/host/token connection ended with an error");
+            }
+        });
+    }
+}
+
+/// The cgroup that made the client's socket, from the kernel's socket table; `None` (logged)
+/// when the kernel cannot say, so the connection is closed unserved.
+async fn identify(stream: &TcpStream, state: &AgentState) -> Option<HostCaller> {
+    let (peer, local) = (stream.peer_addr().ok()?, stream.local_addr().ok()?);
+    let resolver = Arc::clone(&state.resolver);
+    let found = tokio::task::spawn_blocking(move || -> Result<HostCaller, String> {
+        let cgroup_id = crate::kernel::sockdiag::cgroup_of(peer, local)
+            .map_err(|e| format!("sock_diag: {e}"))?
+            .ok_or("the kernel has no such socket (closed already)")?;
+        let cgroup = resolver.resolve(cgroup_id).map_err(|e| format!("resolving cgroup: {e}"))?;
+        Ok(HostCaller { cgroup_id, cgroup })
+    })
+    .await;
+    match found {
+        Ok(Ok(caller)) => Some(caller),
+        Ok(Err(reason)) => {
+            state.telemetry.count_refused("host_token_unattributed");
+            tracing::warn!(%peer, reason, "closed a /host/token connection the kernel could not attribute");
+            None
+        }
+        Err(e) => {
+            tracing::error!(%peer, error = %e, "/host/token attribution task failed");
+            None
+        }
+    }
+}
+
+async fn handle<B>(req: Request<B>, caller: &HostCaller, trusted: &[TrustedCaller], state: &AgentState) -> Answer {
+    let (req, _unread_body) = req.into_parts();
+    let from = Recorded { cgroup_id: caller.cgroup_id, pid: 0, endpoint: Endpoint::HostToken };
+    let answer =
+        handler::recorded(&req, from, state, async |record| answer(&req, caller, trusted, state, record).await);
+    answer.await
+}
+
+async fn answer(
+    req: &http::request::Parts,
+    caller: &HostCaller,
+    trusted: &[TrustedCaller],
+    state: &AgentState,
+    record: &mut DecisionRecord,
+) -> Answer {
+    let asked = match parse(req) {
+        Ok(asked) => asked,
+        Err(e) => {
+            record.verdict = "invalid";
+            record.reason.clone_from(&e.description);
+            return handler::refusal(&e);
+        }
+    };
+    let caller_uid = caller.cgroup.as_ref().and_then(|c| c.pod_uid.as_deref());
+    let (snapshot, target) = target(state, caller_uid, trusted, &asked).await;
+    let caller_name = caller_uid.and_then(|uid| snapshot.pod(uid)).map(|p| format!("{}/{}", p.namespace, p.name));
+    let on_behalf = format!("/host/token from {}", caller_name.as_deref().unwrap_or("a caller that is not a pod"));
+    let target = match target {
+        Ok(pod) => pod,
+        Err(refusal) => {
+            record.reason = format!("{on_behalf}: {}", refusal.describe());
+            let (verdict, status, error) = match refusal {
+                HostTokenRefusal::UnknownPod { .. } => ("unknown-pod", StatusCode::NOT_FOUND, "not_found"),
+                HostTokenRefusal::UnknownCaller | HostTokenRefusal::Untrusted { .. } => {
+                    ("deny", StatusCode::FORBIDDEN, "forbidden")
+                }
+            };
+            record.verdict = verdict;
+            return handler::refusal(&ImdsError { status, error, description: refusal.describe() });
+        }
+    };
+    record.pod_uid = Some(target.uid.clone());
+    record.pod_namespace = Some(target.namespace.clone());
+    record.pod_name = Some(target.name.clone());
+    record.selector = asked.token.selector.as_ref().map(crate::policy::Selector::describe);
+    let decision = snapshot.decide(&target.uid, asked.token.selector.as_ref());
+    record.identity = decision.identity(&target.namespace);
+    record.reason = format!("{on_behalf}: {}", decision.reason());
+    let client_id = match &decision {
+        Decision::Allow { identity, .. } => identity.client_id.clone(),
+        Decision::Workload { client_id, .. } => (*client_id).to_owned(),
+        _ => String::new(),
+    };
+    let uid = target.uid.clone();
+    match handler::serve_allowed(decision, &asked.token, &uid, &snapshot, state, record).await {
+        Ok(answer) if answer.status() == StatusCode::OK => nmi_answer(answer, &client_id).await,
+        Ok(answer) => answer,
+        Err(not_allowed) => {
+            record.verdict = match not_allowed {
+                NotAllowed::UnknownPod => "unknown-pod",
+                NotAllowed::Deny | NotAllowed::Exception => "deny",
+            };
+            if matches!(not_allowed, NotAllowed::Exception) {
+                record.reason = format!("{on_behalf}: the pod is an exception, with no binding to serve");
+            }
+            handler::report_denial(state, record);
+            handler::refusal(&ImdsError {
+                status: StatusCode::NOT_FOUND,
+                error: "not_found",
+                description: record.reason.clone(),
+            })
+        }
+    }
+}
+
+/// What the request asks: the token request, and the pod it is for.
+struct Asked {
+    token: imds::TokenRequest,
+    namespace: String,
+    name: String,
+}
+
+/// NMI's request: `GET /host/token[/]`, the token endpoint's query, one `podns` and one
+/// `podname` header.
+fn parse(req: &http::request::Parts) -> Result<Asked, ImdsError> {
+    if !matches!(req.uri.path(), "/host/token" | "/host/token/") {
+        return Err(ImdsError { status: StatusCode::NOT_FOUND, error: "not_found", description: "Not found".into() });
+    }
+    if req.method != Method::GET {
+        return Err(ImdsError {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            error: "invalid_request",
+            description: format!("The {} method is not allowed", req.method),
+        });
+    }
+    let token = imds::token_query(req.uri.query())?;
+    let header = |name: &str| {
+        let mut values = req.headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (Some(value), None) => value.to_str().ok().filter(|v| !v.is_empty()).map(str::to_owned),
+            _ => None,
+        }
+    };
+    let (Some(namespace), Some(name)) = (header("podns"), header("podname")) else {
+        return Err(ImdsError::bad_request("missing 'podname' and 'podns' from request header"));
+    };
+    Ok(Asked { token, namespace, name })
+}
+
+/// The pod the request names, once the caller is trusted; waits up to the pod grace period
+/// for a pod the sources have not brought yet (a CSI mount comes before its pod's containers).
+async fn target(
+    state: &AgentState,
+    caller_uid: Option<&str>,
+    trusted: &[TrustedCaller],
+    asked: &Asked,
+) -> (Arc<Snapshot>, Result<Pod, HostTokenRefusal>) {
+    let mut updates = state.snapshot.clone();
+    let deadline = tokio::time::Instant::now() + state.pod_grace;
+    loop {
+        let snapshot = Arc::clone(&updates.borrow_and_update());
+        let found = snapshot.host_token_target(caller_uid, trusted, &asked.namespace, &asked.name).cloned();
+        if !matches!(found, Err(HostTokenRefusal::UnknownPod { .. })) {
+            return (snapshot, found);
+        }
+        match tokio::time::timeout_at(deadline, updates.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return (snapshot, found),
+        }
+    }
+}
+
+/// IMDS's token answer as NMI wraps it: `{"token": …, "clientid": …}`.
+async fn nmi_answer(answer: Answer, client_id: &str) -> Answer {
+    let Ok(body) = answer.into_body().collect().await.map(http_body_util::Collected::to_bytes);
+    let token: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let wrapped = serde_json::json!({ "token": token, "clientid": client_id }).to_string();
+    let mut answer = Response::new(Full::new(Bytes::from(wrapped)));
+    answer.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(JSON_CONTENT_TYPE));
+    answer
+}
+
+/// The `--host-token-listen` address must be loopback: the provider asks `localhost`, and the
+/// endpoint is for processes on the node.
+///
+/// # Errors
+/// Not a loopback address, said in a sentence.
+pub fn check_listen(listen: SocketAddrV4) -> Result<SocketAddrV4, String> {
+    if listen.ip().is_loopback() {
+        Ok(listen)
+    } else {
+        Err(format!("--host-token-listen {listen}: must be a loopback address (the CSI provider asks localhost:2579)"))
+    }
+}
