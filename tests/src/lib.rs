@@ -17,7 +17,8 @@
 //! - [`node`]: a whole node (agent, pods, fake IMDS) for the tests of the real agent;
 //! - [`fixtures`]: Kubernetes objects for the manifests and the fake API server;
 //! - [`fake_imds`], [`fake_entra`], [`fake_kube`]: stand-ins for the services the agent calls;
-//! - [`frame`]: hand-made link-layer frames; [`bench`]: the benchmarks.
+//! - [`frame`]: hand-made link-layer frames; [`foreign`]: another component's connect
+//!   program; [`bench`]: the benchmarks.
 #![expect(clippy::missing_panics_doc, reason = "test support: a panic is how a helper reports a broken setup")]
 
 pub mod agent_process;
@@ -27,6 +28,7 @@ pub mod fake_entra;
 pub mod fake_imds;
 pub mod fake_kube;
 pub mod fixtures;
+pub mod foreign;
 pub mod frame;
 pub mod http_server;
 pub mod listeners;

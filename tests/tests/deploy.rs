@@ -51,7 +51,11 @@ fn kubernetes_objects_pass_strict_schema_validation() {
     let files: Vec<PathBuf> = [
         yaml_files("deploy/kubernetes"),
         yaml_files("deploy/crds"),
-        vec![root().join("deploy/examples/pods.yaml"), root().join("tests/fixtures/helm/every-option.yaml")],
+        vec![
+            root().join("deploy/examples/pods.yaml"),
+            root().join("deploy/networkpolicy/networkpolicy.yaml"),
+            root().join("tests/fixtures/helm/every-option.yaml"),
+        ],
     ]
     .concat();
     let results = validate(&["k8s"], &files);
@@ -87,6 +91,24 @@ fn the_validators_reject_broken_manifests() {
     let crds = root().join("deploy/crds");
     let results = validate(&["cr", crds.to_str().unwrap()], &[broken_id]);
     assert!(!results[0].1 && results[0].2[0].contains("type"), "a non-integer type must be rejected: {results:?}");
+}
+
+// The CiliumNetworkPolicy examples, against the part of Cilium's schema they use (a CRD
+// written from Cilium's API reference: `tests/fixtures/cilium/`), and a misspelt one refused.
+#[test]
+#[ignore = "needs the Python test clients: run with `cargo xtask test`"]
+fn cilium_network_policies_validate() {
+    let schemas = root().join("tests/fixtures/cilium");
+    let example = root().join("deploy/networkpolicy/ciliumnetworkpolicy.yaml");
+    for (file, ok, errors) in validate(&["cr", schemas.to_str().unwrap()], std::slice::from_ref(&example)) {
+        assert!(ok, "{file}: {errors:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("cnp.yaml");
+    let text = std::fs::read_to_string(&example).unwrap();
+    std::fs::write(&broken, text.replace("- host", "- hosts").replace("port: \"8182\"", "port: 8182")).unwrap();
+    let results = validate(&["cr", schemas.to_str().unwrap()], &[broken]);
+    assert!(!results[0].1 && results[0].2.len() >= 2, "an unknown entity and a numeric port: {results:?}");
 }
 
 /// `helm template` of the chart with `args`: (succeeded, stderr).

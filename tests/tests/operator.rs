@@ -235,3 +235,66 @@ fn doctor_passes_here_and_names_what_is_wrong() {
     // The upstream check connected, and asked nothing.
     assert_eq!(node.fake.seen().len(), seen_before, "doctor sent the metadata service a request");
 }
+
+// Another component's connect programs above ours, as a socket-level load balancer attaches
+// them (Cilium's on the cgroup root; here on the test's own cgroup, an ancestor of kubepods):
+// one translating a Service address to a backend works as before; one translating a Service
+// address to the metadata address opens no path — ours ran before it and saw the Service, but
+// the packet backstop drops what reaches the metadata address unredirected. `doctor` fails an
+// unknown connect program and passes Cilium's.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_socket_load_balancer_above_the_filter_opens_no_path_and_doctor_tells_ciliums_apart() {
+    use imds_tests::{fake_imds::FakeImds, foreign::ForeignConnect4, Server};
+    use std::net::Ipv4Addr;
+
+    let blob = FakeIdentity::named("blob");
+    let mut node = Node::new("op-lb", vec![blob.clone()]);
+    let web_uid = pod_uid();
+    node.write_manifest("policy.yaml", &bound_pods_manifest("app", &[blob], &[(web_uid.clone(), 0)]));
+    let web = node.pod(&web_uid);
+    node.start_agent(&[]);
+    // A backend on the node, and two "Service" addresses nothing listens on.
+    let backend = Ipv4Addr::new(10, 233, 0, 7);
+    node.ns.ip(&["addr", "add", &format!("{backend}/32"), "dev", "lo"]);
+    let gateway = web.gateway.expect("a pod with its own namespace").to_string();
+    web.ns(&node).ip(&["route", "add", &format!("{backend}/32"), "via", &gateway]);
+    let other = FakeImds::serve(Server::bind(&node.ns, SocketAddrV4::new(backend, 80)), vec![]);
+    let (to_backend, to_metadata) = (Ipv4Addr::new(10, 96, 0, 10), Ipv4Addr::new(10, 96, 0, 11));
+    let balancer = [
+        ForeignConnect4::attach(&node.root, "lb_connect4", Some((to_backend, backend))).expect("a connect program"),
+        ForeignConnect4::attach(&node.root, "lb_connect4", Some((to_metadata, IMDS_IP))).expect("a connect program"),
+    ];
+    let instance = "/metadata/instance?api-version=2021-02-01";
+    let via = |service: Ipv4Addr| {
+        imds_tests::node::curl_within(&node, &web, SocketAddr::from((service, 80)), instance, &["Metadata: true"], 3)
+    };
+    // The positive control: the balancer rewrites.
+    assert_eq!(via(to_backend).status, 200, "the balancer sends the Service to its backend");
+    assert_eq!(other.seen().len(), 1);
+    // To the metadata address: nothing arrives, the connection never completes.
+    let seen = node.fake.seen().len();
+    let refused = via(to_metadata);
+    assert_eq!(refused.status, 0, "{refused:?}");
+    assert_eq!(node.fake.seen().len(), seen, "the metadata service saw the pod's connection");
+    // The pod's own requests to the metadata address still reach the agent (which refuses
+    // instance data here).
+    assert_eq!(curl(&node, &web, SocketAddr::from((IMDS_IP, 80)), instance, &["Metadata: true"]).status, 403);
+
+    let (pins, kubepods, listen) =
+        (node.pins.path.display().to_string(), node.kubepods.path.display().to_string(), AGENT_ADDR.to_string());
+    let upstream = SocketAddrV4::new(IMDS_IP, 80).to_string();
+    let args = ["--bpffs", &pins, "--attach-cgroup", &kubepods, "--listen", &listen, "--upstream", &upstream];
+    let (code, report) = node.agent_json("doctor", &args);
+    let conflicts = check(&report, "conflicts");
+    assert_eq!((code, conflicts["outcome"].as_str()), (Some(1), Some("fail")), "{report:#}");
+    assert!(conflicts["detail"].as_str().is_some_and(|d| d.contains("lb_connect4")), "{report:#}");
+    drop(balancer);
+    // Cilium's socket LB, by name: compatible.
+    let cilium = ForeignConnect4::attach(&node.root, "cil_sock4_connect", None).expect("a connect program");
+    let (code, report) = node.agent_json("doctor", &args);
+    let conflicts = check(&report, "conflicts");
+    assert_eq!((code, conflicts["outcome"].as_str()), (Some(0), Some("pass")), "{report:#}");
+    assert!(conflicts["detail"].as_str().is_some_and(|d| d.contains("Cilium's socket load balancer")), "{report:#}");
+    drop((cilium, web));
+}

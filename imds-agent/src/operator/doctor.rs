@@ -261,32 +261,57 @@ pub fn check_capabilities(status: &str, kernel: KernelVersion) -> Check {
     }
 }
 
-/// Programs of others on our hooks of the attach cgroup and its ancestors.
+/// Programs of others on our hooks of the attach cgroup and its ancestors: known-compatible
+/// ones ([`known_compatible`]) pass, any other connect program fails (it may rewrite a
+/// destination to or from the metadata address after ours), the rest warn.
 fn check_conflicts(root: &Path, attach: &Path, pin_dir: &Path) -> Check {
     let ours: Vec<u32> =
         kernel::inspect::inspect(pin_dir).map(|s| s.links.iter().map(|l| l.prog_id).collect()).unwrap_or_default();
-    let mut foreign = Vec::new();
+    let (mut compatible, mut foreign) = (Vec::new(), Vec::new());
     let mut rewriting = false;
     for dir in attach.ancestors().take_while(|d| d.starts_with(root)) {
         let Ok(attached) = kernel::attached_programs(dir) else { continue };
         for (hook, programs) in attached {
             for p in programs.iter().filter(|p| !ours.contains(&p.id)) {
-                rewriting |= matches!(hook, Hook::Connect4 | Hook::Connect6);
                 let name = if p.name.is_empty() { "unnamed" } else { p.name.as_str() };
-                foreign.push(format!("{hook:?} program {} ({name}) on {}", p.id, dir.display()));
+                let found = format!("{hook:?} program {} ({name}) on {}", p.id, dir.display());
+                if let Some(owner) = known_compatible(&p.name) {
+                    compatible.push(format!("{found}: {owner}"));
+                } else {
+                    rewriting |= matches!(hook, Hook::Connect4 | Hook::Connect6);
+                    foreign.push(found);
+                }
             }
         }
     }
     if foreign.is_empty() {
-        return Check::pass("conflicts", format!("no other programs on our hooks of {} or above", attach.display()));
+        let detail = if compatible.is_empty() {
+            format!("no other programs on our hooks of {} or above", attach.display())
+        } else {
+            format!("only programs known to work with the filter share our hooks: {}", compatible.join("; "))
+        };
+        return Check::pass("conflicts", detail);
     }
     let detail = format!("other programs share our hooks: {}", foreign.join("; "));
-    let fix = "find their owner (bpftool cgroup tree); a connect program that rewrites 169.254.169.254 decides before or after ours";
+    let fix = "find their owner (bpftool cgroup tree); a connect program above ours runs after it and may send a \
+               connection to 169.254.169.254 that ours never saw (the packet backstop then drops it), one below \
+               runs before it; docs/networking.md";
     if rewriting {
         Check::fail("conflicts", detail, fix)
     } else {
         Check::warn("conflicts", detail, fix)
     }
+}
+
+/// Whose program this is, if it is one the filter is known to work with, by the name the
+/// kernel keeps (15 bytes). Cilium's socket load balancer (`cil_sock4_connect`,
+/// `cil_sock6_getpeername`, `cil_sock_release`…, on the cgroup root) runs after ours: it
+/// sees the agent's address, which is no Service, and a Service it would translate to the
+/// metadata address is dropped by the packet backstop (docs/networking.md).
+#[must_use]
+pub fn known_compatible(name: &str) -> Option<&'static str> {
+    let cilium = ["cil_sock4_", "cil_sock6_", "cil_sock_relea"];
+    cilium.iter().any(|p| name.starts_with(p)).then_some("Cilium's socket load balancer, compatible")
 }
 
 /// Lines of `iptables-save` that send metadata traffic elsewhere: NMI's `aad-metadata`
@@ -404,6 +429,17 @@ COMMIT
 ";
         assert_eq!(metadata_rules(save).len(), 4);
         assert!(metadata_rules("*nat\n-A POSTROUTING -j MASQUERADE\nCOMMIT\n").is_empty());
+    }
+
+    #[test]
+    fn cilium_socket_lb_is_told_from_other_programs() {
+        // As the kernel keeps them: 15 bytes of the name.
+        for name in ["cil_sock4_conne", "cil_sock6_conne", "cil_sock4_getpe", "cil_sock6_post_", "cil_sock_releas"] {
+            assert!(known_compatible(name).is_some_and(|o| o.contains("Cilium")), "{name}");
+        }
+        for name in ["", "cil_from_contai", "cil_sock", "lb_connect4", "imds_connect4"] {
+            assert_eq!(known_compatible(name), None, "{name}");
+        }
     }
 
     #[test]
