@@ -402,12 +402,13 @@ impl From<DefaultVerdict> for Verdict {
     }
 }
 
-/// `--listen`, else the node's address from the downward API.
+/// `--host-token-listen`: a loopback address.
 fn parse_host_token_listen(text: &str) -> Result<SocketAddrV4, String> {
     let listen: SocketAddrV4 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
     crate::server::host_token::check_listen(listen)
 }
 
+/// `--listen`, else the node's address from the downward API.
 pub fn listen_address(given: Option<SocketAddrV4>) -> anyhow::Result<SocketAddrV4> {
     let listen = if let Some(listen) = given {
         listen

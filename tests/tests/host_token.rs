@@ -3,15 +3,17 @@
 //! pod's cgroup, asking as the provider asks (`GET /host/token/?resource=…` with `podns` and
 //! `podname` headers) — gets the named pod's token in NMI's shape. Everyone else is refused:
 //! a hostNetwork pod of another ServiceAccount sending the same headers, a node process, and
-//! the trusted caller itself for a pod the policy does not bind. The caller is who the
-//! kernel's socket table says made the connection, never what it claims. Needs root; run with
-//! `cargo xtask test`.
+//! a process in a cgroup named like the provider's pod outside the kubelet's hierarchy, and
+//! the trusted caller itself for a pod the policy does not bind (audited or not). The caller
+//! is who the kernel's socket table says made the connection, never what it claims. Needs
+//! root; run with `cargo xtask test`.
 use std::net::SocketAddr;
 
 use imds_tests::{
     fake_imds::{http_get, token_for, FakeIdentity},
     fixtures::{self, Manifest},
     node::{curl, pod_uid, Fetched, Node, TestPod},
+    run_in,
 };
 
 const RESOURCE: &str = "https://vault.azure.net";
@@ -29,15 +31,17 @@ fn ask(node: &Node, from: &TestPod, namespace: &str, name: &str) -> Fetched {
 fn the_csi_provider_gets_a_pods_token_and_nobody_else_does() {
     let blob = FakeIdentity::named("blob");
     let mut node = Node::new("host-token", vec![blob.clone()]);
-    let uids: Vec<String> = (0..4).map(|_| pod_uid()).collect();
-    let [provider, imposter, web, plain] = [0, 1, 2, 3].map(|i| node.host_network_pod(&uids[i]));
+    let uids: Vec<String> = (0..5).map(|_| pod_uid()).collect();
+    let [provider, imposter, web, plain, staged] = [0, 1, 2, 3, 4].map(|i| node.host_network_pod(&uids[i]));
     let policy = Manifest::new()
         .with(&fixtures::identity("app", "blob", &blob))
         .with(&fixtures::binding("app", "blob-binding", "blob", "blob"))
         .with(&fixtures::pod("csi", "provider", &uids[0]).service_account("provider").host_network())
         .with(&fixtures::pod("csi", "imposter", &uids[1]).host_network())
         .with(&fixtures::pod("app", "web", &uids[2]).bound_to("blob").host_network())
-        .with(&fixtures::pod("app", "plain", &uids[3]).host_network());
+        .with(&fixtures::pod("app", "plain", &uids[3]).host_network())
+        .with(&fixtures::namespace("staging", &[("imds-filter.io/mode", "audit")]))
+        .with(&fixtures::pod("staging", "staged", &uids[4]).host_network());
     node.write_manifest("policy.yaml", policy.as_str());
     node.start_agent(&["--host-token-listen", "127.0.0.1:2579", "--host-token-caller", "csi/provider"]);
 
@@ -58,6 +62,8 @@ fn the_csi_provider_gets_a_pods_token_and_nobody_else_does() {
     assert_eq!(ask(&node, &provider, "app", "plain").status, 404);
     assert_eq!(node.agent().decisions().last().expect("a decision")["verdict"], "deny");
     assert_eq!(ask(&node, &provider, "app", "elsewhere").status, 404);
+    // Audit does not apply here: an audited namespace's unbound pod gets nothing either.
+    assert_eq!(ask(&node, &provider, "staging", "staged").status, 404);
     // Without the headers: 400.
     assert_eq!(curl(&node, &provider, SocketAddr::from(LISTEN), ASK, &[]).status, 400);
 
@@ -73,6 +79,15 @@ fn the_csi_provider_gets_a_pods_token_and_nobody_else_does() {
         .ns
         .enter(|| http_get(SocketAddr::from(LISTEN), ASK, &[("podns", "app"), ("podname", "web")]).unwrap_or_default());
     assert_eq!(status, 403, "{body}");
+    // A process in a cgroup it named like the provider's pod, outside the kubelet's
+    // hierarchy (as a delegated subtree allows): 403.
+    let lookalike = node.root.child(&format!("pod{}", uids[0]));
+    let url = format!("http://127.0.0.1:2579{ASK}");
+    let curl =
+        ["curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}", "-H", "podns: app", "-H", "podname: web"];
+    let command: Vec<&str> = curl.iter().copied().chain([url.as_str()]).collect();
+    let (_, out) = run_in(&node.ns, &lookalike, &command);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "403", "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(node.fake.token_requests().len(), fetched, "no refusal fetched a token");
-    drop((provider, imposter, web, plain));
+    drop((provider, imposter, web, plain, staged));
 }

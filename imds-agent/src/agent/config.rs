@@ -52,8 +52,8 @@ pub struct Config {
     pub tokens: TokenConfig,
     /// The budget for metadata paths other than the token endpoint.
     pub path_budget: BudgetConfig,
-    /// `/host/token`'s address and trusted callers, if it is served.
-    pub host_token: Option<(SocketAddrV4, Vec<crate::policy::TrustedCaller>)>,
+    /// How `/host/token` is served, if it is.
+    pub host_token: Option<crate::server::host_token::HostTokenConfig>,
     pub max_connections: u32,
     pub max_connections_per_pod: u32,
     pub kubelet_dir: PathBuf,
@@ -85,6 +85,7 @@ impl TryFrom<RunArgs> for Config {
         kernel::group_endpoints(&args.filter.protected, &args.filter.protected_addresses)?;
         kernel::nat64_table(&args.filter.nat64_prefixes)?;
         Entra::new(&args.authority_host).with_context(|| format!("--authority-host {}", args.authority_host))?;
+        let pods_under = format!("/{}", attach_cgroup.strip_prefix(&cgroup_root).unwrap_or(&attach_cgroup).display());
         let filter = FilterOptions {
             attach_cgroup,
             pin_dir: args.filter.bpffs.clone(),
@@ -129,7 +130,11 @@ impl TryFrom<RunArgs> for Config {
                 ..TokenConfig::default()
             },
             path_budget: BudgetConfig { per_second: args.upstream_path_rate as usize, ..BudgetConfig::default() },
-            host_token: args.host_token_listen.map(|listen| (listen, args.host_token_callers)),
+            host_token: args.host_token_listen.map(|listen| crate::server::host_token::HostTokenConfig {
+                listen,
+                trusted: args.host_token_callers,
+                pods_under,
+            }),
             max_connections: args.max_connections,
             max_connections_per_pod: args.max_connections_per_pod,
             kubelet_dir: args.kubelet_dir,

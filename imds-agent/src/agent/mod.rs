@@ -170,8 +170,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tokio::spawn(taint::remove_when_ready(client, node, key, move || telemetry.readiness().0));
         }
         offer_handover(&config.handover_socket, &listener, metrics, duties);
-        if let Some((listen, trusted)) = config.host_token.clone() {
-            tokio::spawn(server::host_token::run(listen, trusted, Arc::clone(&state)));
+        if let Some(host_token) = config.host_token.clone() {
+            tokio::spawn(server::host_token::run(host_token, Arc::clone(&state)));
         }
         tracing::info!(listen = %listen, agent_cgroup = %own, "filter installed; serving redirected connections");
         server::serve(listener, Arc::clone(&state)).await;

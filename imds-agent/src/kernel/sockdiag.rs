@@ -23,6 +23,8 @@ use nix::sys::socket::{
 
 /// `INET_DIAG_CGROUP_ID` (`include/uapi/linux/inet_diag.h`).
 const INET_DIAG_CGROUP_ID: u16 = 21;
+/// `TCP_TIME_WAIT` (`include/net/tcp_states.h`).
+const TCP_TIME_WAIT: u8 = 6;
 /// `INET_DIAG_NOCOOKIE`: match the socket by its addresses alone.
 const NO_COOKIE: [u8; 8] = [0xff; 8];
 
@@ -64,7 +66,8 @@ pub fn cgroup_of(client: SocketAddr, server: SocketAddr) -> io::Result<Option<u6
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("sock_diag answer: {e}")))?;
     match answer.payload {
         NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(response)) => {
-            let same = |a: IpAddr, b: IpAddr| a == b;
+            // A dual-stack client's socket answers with its v4-mapped addresses.
+            let same = |a: IpAddr, b: IpAddr| a.to_canonical() == b.to_canonical();
             let id = &response.header.socket_id;
             // The kernel answers for exactly the socket asked for; check rather than trust.
             if !(same(id.source_address, client.ip())
@@ -73,6 +76,9 @@ pub fn cgroup_of(client: SocketAddr, server: SocketAddr) -> io::Result<Option<u6
                 && id.destination_port == server.port())
             {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "sock_diag answered for another socket"));
+            }
+            if response.header.state == TCP_TIME_WAIT {
+                return Ok(None); // closed already: a time-wait entry has no cgroup
             }
             let found = response.nlas.iter().find_map(cgroup_id);
             found.map(Some).ok_or_else(|| {
@@ -117,8 +123,8 @@ mod tests {
             assert_eq!(found, Some(mine), "the cgroup of the process that made the socket");
         }
         drop(client);
-        // A socket that is not there: none.
-        let gone: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        // A socket that is not there: none (a port just given up, so nothing holds it).
+        let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         assert_eq!(cgroup_of(gone, server).unwrap(), None);
     }
 

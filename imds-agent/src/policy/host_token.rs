@@ -17,15 +17,16 @@ pub struct TrustedCaller {
 impl std::str::FromStr for TrustedCaller {
     type Err = String;
 
-    /// `NAMESPACE/SERVICEACCOUNT`.
+    /// `NAMESPACE/SERVICEACCOUNT`: a DNS label (a namespace's name) and a DNS subdomain (a
+    /// ServiceAccount's).
     fn from_str(text: &str) -> Result<Self, String> {
-        let dns_label = |s: &str| {
+        let name = |s: &str, max: usize, dots: bool| {
             !s.is_empty()
-                && s.len() <= 253
-                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+                && s.len() <= max
+                && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.'))
         };
         match text.split_once('/') {
-            Some((namespace, service_account)) if dns_label(namespace) && dns_label(service_account) => {
+            Some((namespace, service_account)) if name(namespace, 63, false) && name(service_account, 253, true) => {
                 Ok(TrustedCaller { namespace: namespace.to_owned(), service_account: service_account.to_owned() })
             }
             _ => Err(format!("{text:?} is not NAMESPACE/SERVICEACCOUNT")),
@@ -61,7 +62,7 @@ impl HostTokenRefusal {
                 "the caller {pod} (ServiceAccount {service_account}) is not a trusted /host/token caller (--host-token-caller)"
             ),
             HostTokenRefusal::UnknownPod { namespace, name } => {
-                format!("no pod {namespace}/{name} on this node")
+                format!("no pod {namespace}/{name} on this node (or not known to the agent yet)")
             }
         }
     }
@@ -143,7 +144,7 @@ mod tests {
             Err(HostTokenRefusal::UnknownPod { namespace: "app".into(), name: "nope".into() })
         );
         assert!(ask(Some("csi"), "app", "nope").unwrap_err().describe().contains("no pod app/nope on this node"));
-        for bad in ["csi", "csi/", "/provider", "CSI/provider", "csi/provider/x"] {
+        for bad in ["csi", "csi/", "/provider", "CSI/provider", "csi/provider/x", "kube.system/provider"] {
             assert!(bad.parse::<TrustedCaller>().is_err(), "{bad}");
         }
     }

@@ -37,12 +37,26 @@ type Answer = Response<Full<Bytes>>;
 /// Who called, as the kernel says.
 struct HostCaller {
     cgroup_id: u64,
-    cgroup: Option<CgroupInfo>,
+    /// The pod, if the cgroup is one of the kubelet's pods'.
+    pod_uid: Option<String>,
 }
 
-/// Listens on `listen` once it is free (an earlier agent holds it until it has handed over
-/// and drained), and serves `/host/token` to `trusted` callers until this agent drains.
-pub async fn run(listen: SocketAddrV4, trusted: Vec<TrustedCaller>, state: Arc<AgentState>) {
+/// How `/host/token` is served.
+#[derive(Clone, Debug)]
+pub struct HostTokenConfig {
+    /// A loopback address ([`check_listen`]).
+    pub listen: SocketAddrV4,
+    pub trusted: Vec<TrustedCaller>,
+    /// The attach cgroup, relative to the cgroup2 root (`/kubepods`): only a cgroup below it
+    /// can be a pod's. Above it, or beside it, a process could name a cgroup it made like a
+    /// pod's (`…/user@1000.service/pod<uid>`) and pass for that pod.
+    pub pods_under: String,
+}
+
+/// Listens on the configured address once it is free (an earlier agent holds it until it
+/// has handed over and drained), and serves `/host/token` until this agent drains.
+pub async fn run(config: HostTokenConfig, state: Arc<AgentState>) {
+    let listen = config.listen;
     let mut tries = 0u32;
     let listener = loop {
         match super::listener::bind(listen) {
@@ -58,11 +72,31 @@ pub async fn run(listen: SocketAddrV4, trusted: Vec<TrustedCaller>, state: Arc<A
         tries = tries.wrapping_add(1);
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
-    tracing::info!(%listen, trusted = %trusted.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "), "serving /host/token");
-    serve(listener, Arc::new(trusted), state).await;
+    if let Err(e) = self_test(&listener).await {
+        tracing::error!(
+            %listen,
+            error = %e,
+            "the kernel cannot say who connects to /host/token here: every caller will be refused"
+        );
+    }
+    let trusted = config.trusted.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    tracing::info!(%listen, trusted, "serving /host/token");
+    serve(listener, Arc::new(config), state).await;
 }
 
-async fn serve(listener: TcpListener, trusted: Arc<Vec<TrustedCaller>>, state: Arc<AgentState>) {
+/// Attributes a connection of the agent's own to `listener`, as every caller will be.
+async fn self_test(listener: &TcpListener) -> std::io::Result<()> {
+    let own = TcpStream::connect(listener.local_addr()?).await?;
+    let (_accepted, peer) = listener.accept().await?;
+    let local = listener.local_addr()?;
+    let found = tokio::task::spawn_blocking(move || crate::kernel::sockdiag::cgroup_of(peer, local))
+        .await
+        .map_err(std::io::Error::other)??;
+    drop(own);
+    found.map(drop).ok_or_else(|| std::io::Error::other("the agent's own connection was not found"))
+}
+
+async fn serve(listener: TcpListener, config: Arc<HostTokenConfig>, state: Arc<AgentState>) {
     let mut draining = state.draining.clone();
     loop {
         let accepted = tokio::select! {
@@ -77,45 +111,60 @@ async fn serve(listener: TcpListener, trusted: Arc<Vec<TrustedCaller>>, state: A
                 continue;
             }
         };
-        let (state, trusted) = (Arc::clone(&state), Arc::clone(&trusted));
+        let (state, config) = (Arc::clone(&state), Arc::clone(&config));
         tokio::spawn(async move {
-            let Some(caller) = identify(&stream, &state).await else { return };
-            let pod = caller.cgroup.as_ref().and_then(|c| c.pod_uid.as_deref());
+            let Some(caller) = identify(&stream, &config, &state).await else { return };
+            let pod = caller.pod_uid.as_deref();
             let Ok(_admitted) = state.limits.admit(super::limits::Share::of(pod)) else {
                 state.telemetry.count_refused("host_token_limit");
                 return; // closed: the provider retries its mount
             };
             let caller = Arc::new(caller);
             let service = service_fn(move |req| {
-                let (state, caller, trusted) = (Arc::clone(&state), Arc::clone(&caller), Arc::clone(&trusted));
-                async move { Ok::<_, std::convert::Infallible>(handle(req, &caller, &trusted, &state).await) }
+                let (state, caller, config) = (Arc::clone(&state), Arc::clone(&caller), Arc::clone(&config));
+                async move { Ok::<_, std::convert::Infallible>(handle(req, &caller, &config.trusted, &state).await) }
             });
-            let io = TokioIo::new(stream);
-            if let Err(e) = super::http1_limits().keep_alive(true).serve_connection(io, service).await {
+            let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+            stream.set_write_timeout(Some(super::WRITE_TIMEOUT));
+            let io = TokioIo::new(Box::pin(stream));
+            // One request per connection: the caller was attributed for this one, and a
+            // mount asks once.
+            if let Err(e) = super::http1_limits().keep_alive(false).serve_connection(io, service).await {
                 tracing::debug!(%peer, error = %e, "/host/token connection ended with an error");
             }
         });
     }
 }
 
-/// The cgroup that made the client's socket, from the kernel's socket table; `None` (logged)
-/// when the kernel cannot say, so the connection is closed unserved.
-async fn identify(stream: &TcpStream, state: &AgentState) -> Option<HostCaller> {
+/// The cgroup that made the client's socket, from the kernel's socket table, and the pod it
+/// is if it is below the attach cgroup; `None` (logged) when the kernel cannot say, so the
+/// connection is closed unserved.
+async fn identify(stream: &TcpStream, config: &HostTokenConfig, state: &AgentState) -> Option<HostCaller> {
     let (peer, local) = (stream.peer_addr().ok()?, stream.local_addr().ok()?);
     let resolver = Arc::clone(&state.resolver);
-    let found = tokio::task::spawn_blocking(move || -> Result<HostCaller, String> {
+    let found = tokio::task::spawn_blocking(move || -> Result<(u64, Option<CgroupInfo>), String> {
         let cgroup_id = crate::kernel::sockdiag::cgroup_of(peer, local)
             .map_err(|e| format!("sock_diag: {e}"))?
             .ok_or("the kernel has no such socket (closed already)")?;
         let cgroup = resolver.resolve(cgroup_id).map_err(|e| format!("resolving cgroup: {e}"))?;
-        Ok(HostCaller { cgroup_id, cgroup })
+        Ok((cgroup_id, cgroup))
     })
     .await;
     match found {
-        Ok(Ok(caller)) => Some(caller),
+        Ok(Ok((cgroup_id, cgroup))) => {
+            let pod_uid = cgroup.and_then(|c| pod_below(&c.path, &config.pods_under));
+            Some(HostCaller { cgroup_id, pod_uid })
+        }
         Ok(Err(reason)) => {
             state.telemetry.count_refused("host_token_unattributed");
-            tracing::warn!(%peer, reason, "closed a /host/token connection the kernel could not attribute");
+            if let Some(held_back) = super::REFUSAL_LOG.allow() {
+                tracing::warn!(
+                    %peer,
+                    reason,
+                    similar_not_logged = held_back,
+                    "closed a /host/token connection the kernel could not attribute"
+                );
+            }
             None
         }
         Err(e) => {
@@ -123,6 +172,13 @@ async fn identify(stream: &TcpStream, state: &AgentState) -> Option<HostCaller> 
             None
         }
     }
+}
+
+/// The pod whose cgroup `path` is, if it is below `pods_under` (the kubelet's hierarchy);
+/// `None` for any other cgroup, however it is named.
+fn pod_below(path: &str, pods_under: &str) -> Option<String> {
+    let rest = path.strip_prefix(pods_under.trim_end_matches('/'))?.strip_prefix('/')?;
+    crate::caller::podpath::pod_uid(rest)
 }
 
 async fn handle<B>(req: Request<B>, caller: &HostCaller, trusted: &[TrustedCaller], state: &AgentState) -> Answer {
@@ -148,7 +204,7 @@ async fn answer(
             return handler::refusal(&e);
         }
     };
-    let caller_uid = caller.cgroup.as_ref().and_then(|c| c.pod_uid.as_deref());
+    let caller_uid = caller.pod_uid.as_deref();
     let (snapshot, target) = target(state, caller_uid, trusted, &asked).await;
     let caller_name = caller_uid.and_then(|uid| snapshot.pod(uid)).map(|p| format!("{}/{}", p.namespace, p.name));
     let on_behalf = format!("/host/token from {}", caller_name.as_deref().unwrap_or("a caller that is not a pod"));
@@ -235,7 +291,8 @@ fn parse(req: &http::request::Parts) -> Result<Asked, ImdsError> {
 }
 
 /// The pod the request names, once the caller is trusted; waits up to the pod grace period
-/// for a pod the sources have not brought yet (a CSI mount comes before its pod's containers).
+/// for a caller or a pod the sources have not brought yet (a CSI mount comes before its
+/// pod's containers start). A caller that is no pod at all is refused at once.
 async fn target(
     state: &AgentState,
     caller_uid: Option<&str>,
@@ -247,7 +304,8 @@ async fn target(
     loop {
         let snapshot = Arc::clone(&updates.borrow_and_update());
         let found = snapshot.host_token_target(caller_uid, trusted, &asked.namespace, &asked.name).cloned();
-        if !matches!(found, Err(HostTokenRefusal::UnknownPod { .. })) {
+        let unknown = matches!(found, Err(HostTokenRefusal::UnknownPod { .. } | HostTokenRefusal::UnknownCaller));
+        if !unknown || caller_uid.is_none() {
             return (snapshot, found);
         }
         match tokio::time::timeout_at(deadline, updates.changed()).await {
@@ -257,10 +315,23 @@ async fn target(
     }
 }
 
-/// IMDS's token answer as NMI wraps it: `{"token": …, "clientid": …}`.
-async fn nmi_answer(answer: Answer, client_id: &str) -> Answer {
+/// IMDS's token answer as NMI wraps it: `{"token": …, "clientid": …}`, the client id the
+/// metadata service answered with when it says one (`identity_client_id` otherwise). A
+/// service principal answered for several tenants gives the first (its own tenant's).
+async fn nmi_answer(answer: Answer, identity_client_id: &str) -> Answer {
     let Ok(body) = answer.into_body().collect().await.map(http_body_util::Collected::to_bytes);
-    let token: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    let token = match serde_json::from_slice::<serde_json::Value>(&body) {
+        Ok(serde_json::Value::Array(mut tokens)) if !tokens.is_empty() => tokens.swap_remove(0),
+        Ok(token @ serde_json::Value::Object(_)) => token,
+        _ => {
+            return handler::refusal(&ImdsError {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                error: "unknown",
+                description: "The token could not be read".into(),
+            })
+        }
+    };
+    let client_id = token["client_id"].as_str().unwrap_or(identity_client_id).to_owned();
     let wrapped = serde_json::json!({ "token": token, "clientid": client_id }).to_string();
     let mut answer = Response::new(Full::new(Bytes::from(wrapped)));
     answer.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(JSON_CONTENT_TYPE));
@@ -277,5 +348,27 @@ pub fn check_listen(listen: SocketAddrV4) -> Result<SocketAddrV4, String> {
         Ok(listen)
     } else {
         Err(format!("--host-token-listen {listen}: must be a loopback address (the CSI provider asks localhost:2579)"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_cgroup_below_the_kubelets_hierarchy_is_a_pods() {
+        let uid = "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b";
+        for (path, pod) in [
+            (format!("/kubepods/burstable/pod{uid}/0123abcd"), Some(uid)),
+            (format!("/kubepods/pod{uid}"), Some(uid)),
+            // Named like a pod's, elsewhere: a delegated subtree, a sibling, a prefix.
+            (format!("/user.slice/user-1000.slice/user@1000.service/pod{uid}"), None),
+            (format!("/pod{uid}/kubepods/x"), None),
+            (format!("/kubepods-evil/pod{uid}"), None),
+            ("/kubepods".to_owned(), None),
+        ] {
+            assert_eq!(pod_below(&path, "/kubepods").as_deref(), pod, "{path}");
+        }
+        assert_eq!(pod_below(&format!("/a/kubepods/pod{uid}"), "/a/kubepods/").as_deref(), Some(uid));
     }
 }

@@ -93,7 +93,7 @@ pub struct AgentState {
 }
 
 /// One warning a second at most for connections closed unserved: callers can make them at will.
-static REFUSAL_LOG: crate::telemetry::Throttle = crate::telemetry::Throttle::new(Duration::from_secs(1));
+pub(super) static REFUSAL_LOG: crate::telemetry::Throttle = crate::telemetry::Throttle::new(Duration::from_secs(1));
 
 /// Accepts and serves connections until the agent drains (the next one serves): then it
 /// returns, and the connections it accepted finish on their own. Accept errors (out of file
