@@ -91,3 +91,44 @@ fn the_csi_provider_gets_a_pods_token_and_nobody_else_does() {
     assert_eq!(node.fake.token_requests().len(), fetched, "no refusal fetched a token");
     drop((provider, imposter, web, plain, staged));
 }
+
+/// A pod of the fake API server's, on this node.
+fn api_pod(pod: fixtures::PodBuilder) -> serde_json::Value {
+    let mut object = serde_json::to_value(pod.build()).expect("a pod as JSON");
+    object["spec"]["nodeName"] = serde_json::json!(imds_tests::node::KUBE_NODE);
+    object
+}
+
+// The same from the API source (the fake API server; a real one cannot run here): the
+// provider's pod, the pod it names and the policy come from watches; a pod the provider names
+// before the watch has brought it is waited for.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn the_csi_provider_is_served_from_the_api_source() {
+    let blob = FakeIdentity::named("blob");
+    let mut node = Node::new("host-token-k", vec![blob.clone()]);
+    let api = imds_tests::fake_kube::FakeKube::serve(imds_tests::Server::bind(
+        &node.ns,
+        std::net::SocketAddrV4::new([10, 233, 0, 1].into(), 6443),
+    ));
+    api.apply(serde_json::to_value(fixtures::identity("app", "blob", &blob)).unwrap());
+    api.apply(serde_json::to_value(fixtures::binding("app", "blob-binding", "blob", "blob")).unwrap());
+    let uids: Vec<String> = (0..3).map(|_| pod_uid()).collect();
+    let [provider, imposter, web] = [0, 1, 2].map(|i| node.host_network_pod(&uids[i]));
+    api.apply(api_pod(fixtures::pod("csi", "provider", &uids[0]).service_account("provider").host_network()));
+    api.apply(api_pod(fixtures::pod("csi", "imposter", &uids[1]).host_network()));
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = ["--host-token-listen", "127.0.0.1:2579", "--host-token-caller", "csi/provider"];
+    node.start_agent_kube(&api.kubeconfig(dir.path()), &trusted);
+    // The pod appears while the provider asks.
+    let named = std::thread::scope(|scope| {
+        let asking = scope.spawn(|| ask(&node, &provider, "app", "web"));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        api.apply(api_pod(fixtures::pod("app", "web", &uids[2]).bound_to("blob").host_network()));
+        asking.join().expect("the provider's request")
+    });
+    assert_eq!(named.status, 200, "{named:?}");
+    assert_eq!(named.json()["token"]["access_token"], token_for(&blob.client_id, RESOURCE));
+    assert_eq!(ask(&node, &imposter, "app", "web").status, 403);
+    drop((provider, imposter, web));
+}
