@@ -1,10 +1,11 @@
 //! The request canonicaliser and router: any method, path and headers. Invariants: nothing
 //! panics; canonical forms are fixed points; only the exact documented spelling reaches the
-//! token endpoint; only exact canonical spellings are ever forwarded.
+//! token endpoint; only exact canonical spellings, never under `/metadata/identity`, are ever
+//! routed to the policy as other metadata paths (which decides whether to forward them).
 #![no_main]
 
 use imds_agent::imds::{
-    path::{canonicalize, classify, PathClass, PathRules, TOKEN_PATH},
+    path::{canonicalize, classify, under_identity, PathClass, TOKEN_PATH},
     route, Route,
 };
 use libfuzzer_sys::fuzz_target;
@@ -35,14 +36,12 @@ fuzz_target!(|data: &[u8]| {
     if class == PathClass::Token {
         assert_eq!(path, TOKEN_PATH);
     }
-    for rules in [PathRules::default(), PathRules::ForwardAll] {
-        match route(&method, path, query, &headers, &rules) {
-            Ok(Route::Token(_)) => assert_eq!(path, TOKEN_PATH, "token endpoint by another spelling"),
-            Ok(Route::Forward { path: forwarded, .. }) => {
-                assert_eq!(forwarded, path, "forwarded a path not spelled canonically");
-                assert_ne!(forwarded, TOKEN_PATH);
-            }
-            Err(_) => {}
+    match route(&method, path, query, &headers) {
+        Ok(Route::Token(_)) => assert_eq!(path, TOKEN_PATH, "token endpoint by another spelling"),
+        Ok(Route::Metadata { path: routed, .. }) => {
+            assert_eq!(routed, path, "routed a path not spelled canonically");
+            assert!(!under_identity(&routed), "routed an identity path: {routed:?}");
         }
+        Err(_) => {}
     }
 });

@@ -288,11 +288,12 @@ pub struct RunArgs {
     /// The real metadata service, called only after a request is authorised.
     #[arg(long, default_value_t = IMDS_ENDPOINT)]
     pub upstream: SocketAddrV4,
-    /// Most calls to the metadata service started per second (IMDS allows 20 identity
-    /// requests per second per VM, and answers 429 beyond).
+    /// Most token calls to the metadata service started per second (IMDS allows 20 identity
+    /// requests per second per VM, and answers 429 beyond); other paths have
+    /// --upstream-path-rate.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub upstream_rate: u32,
-    /// Most calls to the metadata service in flight at once (IMDS allows 5).
+    /// Most token calls to the metadata service in flight at once (IMDS allows 5).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub upstream_concurrency: u32,
     /// Serve NMI's `/host/token` on this loopback address (the Secrets Store CSI driver's Azure
@@ -330,10 +331,13 @@ pub struct RunArgs {
     /// `pods/` (mount it read-only into the agent).
     #[arg(long, default_value = "/var/lib/kubelet")]
     pub kubelet_dir: PathBuf,
-    /// `audit` logs what would be refused and forwards it anyway.
+    /// `audit` logs token requests that would be refused and forwards them anyway; other
+    /// metadata paths follow their rules in every mode.
     #[arg(long, value_enum, default_value_t = Mode::Enforce)]
     pub mode: Mode,
-    /// Pods without a binding get DENY in the kernel: connect() fails at once instead of a 400.
+    /// Pods without a binding get DENY in the kernel: connect() fails at once instead of a 400
+    /// (except pods using workload identity, and pods of namespaces that are audited or
+    /// granted metadata paths).
     #[arg(long)]
     pub deny_unbound: bool,
     /// How long a request from a pod the policy does not know yet waits before a retryable 404.

@@ -54,7 +54,7 @@ pub struct HostTokenConfig {
 }
 
 /// Listens on the configured address once it is free (an earlier agent holds it until it
-/// has handed over and drained), and serves `/host/token` until this agent drains.
+/// hands the node over), and serves `/host/token` until this agent hands over in turn.
 pub async fn run(config: HostTokenConfig, state: Arc<AgentState>) {
     let listen = config.listen;
     let mut tries = 0u32;

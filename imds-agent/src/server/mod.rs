@@ -2,7 +2,9 @@
 //!
 //! A connection without a kernel origin record was not redirected by the filter — a direct
 //! connection to the agent's port, or one from outside the filtered hierarchy — and is
-//! closed without a byte of HTTP. Everything else is served as HTTP/1.1 with keep-alive, a
+//! closed without a byte of HTTP. (The `/host/token` listener, [`host_token`], is the
+//! exception: its callers connect to it directly, and the kernel's socket table says who
+//! they are.) Everything else is served as HTTP/1.1 with keep-alive, a
 //! header-read timeout, and limits on header size and count; request bodies are never read.
 pub mod admin;
 mod handler;
