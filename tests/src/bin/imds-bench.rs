@@ -15,7 +15,7 @@ struct Args {
     /// Every benchmark, briefly: checks the harness works (CI), not the targets.
     #[arg(long)]
     quick: bool,
-    /// Only these benchmarks (e.g. `--only P4,P5`); P1–P3 run together.
+    /// Only these benchmarks (e.g. `--only P4,P5`); P1–P3 run together, and P8–P8d.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where the JSON report goes.
@@ -33,12 +33,14 @@ fn main() -> anyhow::Result<()> {
     if wanted(&["P1", "P2", "P3"]) {
         figures.extend(bench::kernel::run(effort));
     }
-    let single: [(&str, Benchmark); 6] = [
+    if wanted(&["P8", "P8b", "P8c", "P8d"]) {
+        figures.extend(bench::forward::run(effort));
+    }
+    let single: [(&str, Benchmark); 5] = [
         ("P4", bench::tokens::p4),
         ("P5", bench::tokens::p5),
         ("P6", bench::policy::run),
         ("P7", bench::memory::run),
-        ("P8", bench::forward::run),
         ("P9", bench::cold::run),
     ];
     for (id, run) in single {
