@@ -65,6 +65,33 @@ impl ProtectedAddr {
     }
 }
 
+/// A one-word summary of the protected set, tested before the `PROTECTED` map is looked up:
+/// each protected address sets one bit ([`summary_bit`]), so an address whose bit is clear
+/// is not protected, and nearly every packet and socket that is not headed for one stops at a
+/// multiply and a test instead of a hash lookup. A set bit proves nothing (64 bits for up to
+/// 64 addresses): the map decides then. Programs loaded without one see every bit set.
+#[must_use]
+pub fn protected_summary(addrs_be: impl IntoIterator<Item = u32>) -> u64 {
+    addrs_be.into_iter().fold(0, |summary, addr| summary | summary_bit(addr))
+}
+
+/// The bit of [`protected_summary`] that stands for `ip4_be` (the address as a native-endian
+/// load of its bytes in network order): the top six bits of a multiplicative hash.
+#[inline(always)]
+#[expect(clippy::inline_always, reason = "called from BPF programs, where calls cost verifier complexity")]
+#[must_use]
+pub const fn summary_bit(ip4_be: u32) -> u64 {
+    1 << (ip4_be.wrapping_mul(0x9e37_79b1) >> 26)
+}
+
+/// Whether `summary` leaves `ip4_be` possibly protected (its bit is set).
+#[inline(always)]
+#[expect(clippy::inline_always, reason = "called from BPF programs, where calls cost verifier complexity")]
+#[must_use]
+pub const fn maybe_protected(summary: u64, ip4_be: u32) -> bool {
+    summary & summary_bit(ip4_be) != 0
+}
+
 /// Of an IPv4 header's first 20 bytes: its protocol, and where its transport header starts
 /// (`None` for a later fragment, which carries none).
 #[inline(always)]

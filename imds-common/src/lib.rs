@@ -11,8 +11,8 @@ pub mod decide;
 mod origin;
 
 pub use addr::{
-    bind_target_v4, embedded_v4, has_ports, ipproto, ipv4_transport, Embedded, Nat64Prefix, PodAddr, ProtectedAddr,
-    IPV6_HEADER_LEN, V4_MAPPED_WORD2,
+    bind_target_v4, embedded_v4, has_ports, ipproto, ipv4_transport, maybe_protected, protected_summary, summary_bit,
+    Embedded, Nat64Prefix, PodAddr, ProtectedAddr, IPV6_HEADER_LEN, V4_MAPPED_WORD2,
 };
 pub use origin::{Origin, OriginKey, Peer};
 
@@ -105,6 +105,12 @@ pub mod programs {
     pub const NODE_NETFILTER: &str = "imds_node_nf";
     /// The node backstop at tc ingress of each interface of the node namespace.
     pub const NODE_TC: &str = "imds_node_tc";
+}
+
+/// Names of the load-time constants in the BPF object that the agent sets.
+pub mod globals {
+    /// The protected set's [`protected_summary`](crate::protected_summary) (`u64`).
+    pub const PROTECTED_SUMMARY: &str = "PROTECTED_SUMMARY";
 }
 
 /// Capacity of the maps. The verdict map holds one entry per pod (or container) cgroup the
@@ -306,6 +312,25 @@ mod tests {
         assert_eq!(PodAddr::from_ip(ip("169.254.169.254")), PodAddr::v4(IMDS_BE));
         assert_eq!(PodAddr::from_ip(ip("fd00::1")).words, v6("fd00::1"));
         assert_eq!(Nat64Prefix::WELL_KNOWN, Nat64Prefix::from_bytes(v6_bytes("64:ff9b::")));
+    }
+
+    #[test]
+    fn the_summary_keeps_every_protected_address_and_few_others() {
+        extern crate std;
+        let wireserver = u32::from_ne_bytes([168, 63, 129, 16]);
+        let summary = protected_summary([IMDS_BE, wireserver]);
+        assert!(maybe_protected(summary, IMDS_BE) && maybe_protected(summary, wireserver));
+        assert!(!maybe_protected(0, IMDS_BE), "an empty summary protects nothing");
+        assert!(maybe_protected(u64::MAX, IMDS_BE), "a full one leaves every address to the map");
+        // A pod network's addresses and the metadata address's neighbours mostly stop at
+        // the summary: two bits of 64 set, so about 3 % go on to the map.
+        let pods = (0..=u16::MAX).map(|i| u32::from_ne_bytes([10, 244, (i >> 8) as u8, i as u8]));
+        let near = (0..=u16::MAX).map(|i| u32::from_ne_bytes([169, 254, (i >> 8) as u8, i as u8]));
+        for (what, addrs) in [("10.244.0.0/16", pods.collect::<std::vec::Vec<_>>()), ("169.254.0.0/16", near.collect())]
+        {
+            let hits = addrs.iter().filter(|a| maybe_protected(summary, **a)).count();
+            assert!(hits * 100 <= addrs.len() * 5, "{what}: {hits} of {} reach the map", addrs.len());
+        }
     }
 
     #[test]

@@ -50,14 +50,14 @@ use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext},
-    EbpfContext as _,
+    EbpfContext as _, Global,
 };
 use aya_log_ebpf::{debug, warn};
 use imds_common::{
     bind_target_v4, capacity,
     decide::{self, ConnectVerdict},
-    embedded_v4, has_ports, ipproto, ipv4_transport, Config, Counter, Embedded, Nat64Prefix, Origin, OriginKey, Peer,
-    PodAddr, ProtectedAddr, IPV6_HEADER_LEN, V4_MAPPED_WORD2, VERDICT_PASS,
+    embedded_v4, has_ports, ipproto, ipv4_transport, maybe_protected, Config, Counter, Embedded, Nat64Prefix, Origin,
+    OriginKey, Peer, PodAddr, ProtectedAddr, IPV6_HEADER_LEN, V4_MAPPED_WORD2, VERDICT_PASS,
 };
 
 // ---- maps (pinned by name, so they outlive the agent process) ------------------------------
@@ -80,6 +80,13 @@ static PEERS: LruHashMap<u64, Peer> = LruHashMap::pinned(capacity::PEERS, 0);
 static PASS_SOURCES: HashMap<PodAddr, u32> = HashMap::pinned(capacity::PASS_SOURCES, 0);
 #[map]
 static NAT64: Array<Nat64Prefix> = Array::pinned(capacity::NAT64, 0);
+
+/// The protected set's summary ([`imds_common::protected_summary`]), which the agent sets when
+/// it loads the programs (the set is fixed for an agent's run). A read-only global: the
+/// verifier knows its value, and reading it costs one load. Every bit set, so every address
+/// is looked up, if nobody sets it.
+#[unsafe(no_mangle)]
+static PROTECTED_SUMMARY: Global<u64> = Global::new(u64::MAX);
 
 // ---- kernel return codes ---------------------------------------------------------------------
 
@@ -183,9 +190,7 @@ fn apply(
 /// The one place a `connect()` is judged.
 #[inline(always)]
 fn try_connect(ip4_be: u32, port_be: u16, protocol: u32) -> Connect {
-    // SAFETY: values are plain data copied out right away; a concurrent update can at worst
-    // give us the old or the new entry.
-    let Some(protected) = (unsafe { PROTECTED.get(ip4_be) }).copied() else {
+    let Some(protected) = protected_entry(ip4_be) else {
         return Connect::Untouched;
     };
     if !protected.judges(protocol, Some(port_be)) {
@@ -420,8 +425,7 @@ fn try_egress_allowed(ctx: &SkBuffContext) -> bool {
     let Some((dst_be, v6)) = egress_destination(ctx) else {
         return true; // not a packet that can reach an IPv4 endpoint
     };
-    // SAFETY: plain data copied out right away.
-    let Some(protected) = unsafe { PROTECTED.get(dst_be) }.copied() else {
+    let Some(protected) = protected_entry(dst_be) else {
         return true;
     };
     let (protocol, port_be) = egress_transport(ctx, v6);
@@ -445,12 +449,27 @@ fn try_egress_allowed(ctx: &SkBuffContext) -> bool {
 #[inline(always)]
 fn egress_destination(ctx: &SkBuffContext) -> Option<(u32, bool)> {
     match ctx.skb.protocol() {
-        ETH_P_IP_BE => ctx.load::<u32>(IPV4_DADDR_OFFSET).ok().map(|dst| (dst, false)),
+        ETH_P_IP_BE => packet_read::<u32>(ctx, IPV4_DADDR_OFFSET).map(|dst| (dst, false)),
         ETH_P_IPV6_BE => {
-            let dst = ctx.load::<[u32; 4]>(IPV6_DADDR_OFFSET).ok()?;
+            let dst = packet_read::<[u32; 4]>(ctx, IPV6_DADDR_OFFSET)?;
             embedded_v4(dst, nat64_prefix).map(|e| (e.ip4_be(), true))
         }
         _ => None,
+    }
+}
+
+/// The `T` at byte `offset` of a packet: read straight from its linear data when it is all
+/// there (no helper call), through `bpf_skb_load_bytes` otherwise.
+#[inline(always)]
+fn packet_read<T: Copy>(ctx: &SkBuffContext, offset: usize) -> Option<T> {
+    // SAFETY: the kernel's context for this run; `data` and `data_end` bound the linear data.
+    let (data, end) = unsafe { ((*ctx.skb.skb).data as usize, (*ctx.skb.skb).data_end as usize) };
+    let at = data + offset;
+    if at + size_of::<T>() <= end {
+        // SAFETY: within the linear data, as just checked (the verifier checks it again).
+        Some(unsafe { core::ptr::read_unaligned(at as *const T) })
+    } else {
+        ctx.load::<T>(offset).ok()
     }
 }
 
@@ -471,6 +490,18 @@ fn egress_transport(ctx: &SkBuffContext, v6: bool) -> (u32, Option<u16>) {
 }
 
 // ---- shared helpers --------------------------------------------------------------------------
+
+/// The `PROTECTED` entry of `ip4_be`, if it is a protected address. The summary rules out
+/// nearly every other address before the map is asked.
+#[inline(always)]
+fn protected_entry(ip4_be: u32) -> Option<ProtectedAddr> {
+    if !maybe_protected(PROTECTED_SUMMARY.load(), ip4_be) {
+        return None;
+    }
+    // SAFETY: plain data copied out right away; a concurrent update can at worst give us the
+    // old or the new entry.
+    unsafe { PROTECTED.get(ip4_be) }.copied()
+}
 
 #[inline(always)]
 fn config() -> Config {

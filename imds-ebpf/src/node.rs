@@ -24,8 +24,8 @@ use imds_common::{
 };
 
 use crate::{
-    count, nat64_prefix, DPORT_OFFSET, ETH_P_IPV6_BE, ETH_P_IP_BE, IPV4_DADDR_OFFSET, IPV4_SADDR_OFFSET,
-    IPV6_NEXT_HEADER_OFFSET, IPV6_SADDR_OFFSET, PASS_SOURCES, PROTECTED,
+    count, nat64_prefix, protected_entry, DPORT_OFFSET, ETH_P_IPV6_BE, ETH_P_IP_BE, IPV4_DADDR_OFFSET,
+    IPV4_SADDR_OFFSET, IPV6_NEXT_HEADER_OFFSET, IPV6_SADDR_OFFSET, PASS_SOURCES,
 };
 
 /// The one rule: a packet from `src` to a protected address (`protected`, its entry) may
@@ -53,7 +53,7 @@ fn node_allows(
 /// The entry of the protected address an IPv6 destination reaches, if any.
 #[inline(always)]
 fn protected_v6(dst: [u32; 4]) -> Option<ProtectedAddr> {
-    embedded_v4(dst, nat64_prefix).and_then(|e| protected_v4(e.ip4_be()))
+    embedded_v4(dst, nat64_prefix).and_then(|e| protected_entry(e.ip4_be()))
 }
 
 // ---- netfilter PRE_ROUTING -------------------------------------------------------------------
@@ -120,7 +120,7 @@ fn nf_judge(skb: *const u8) -> Option<bool> {
     let (src, protected, transport) = match first[0] >> 4 {
         4 => {
             let (src, dst) = (word(&first, IPV4_SADDR_OFFSET), word(&first, IPV4_DADDR_OFFSET));
-            (PodAddr::v4(src), protected_v4(dst), ipv4_transport(&first))
+            (PodAddr::v4(src), protected_entry(dst), ipv4_transport(&first))
         }
         6 => {
             let a = read::<[u32; 8]>(ip + IPV6_SADDR_OFFSET)?;
@@ -155,13 +155,6 @@ fn nf_judge(skb: *const u8) -> Option<bool> {
         }
     });
     Some(node_allows(&src, protected, || (protocol, port)))
-}
-
-/// The protected address `ip4_be`'s entry, if it is one.
-#[inline(always)]
-fn protected_v4(ip4_be: u32) -> Option<ProtectedAddr> {
-    // SAFETY: plain data copied out right away.
-    unsafe { PROTECTED.get(ip4_be) }.copied()
 }
 
 /// Bytes `at..at + 4` of a header, as they lie in the packet (a native-endian load of them).
@@ -226,7 +219,7 @@ fn tc_packet_allowed(ctx: &TcContext) -> bool {
         ETH_P_IP_BE => match load_net::<[u8; 20]>(ctx, offset) {
             Some(header) => {
                 let (src, dst) = (word(&header, IPV4_SADDR_OFFSET), word(&header, IPV4_DADDR_OFFSET));
-                node_allows(&PodAddr::v4(src), protected_v4(dst), || {
+                node_allows(&PodAddr::v4(src), protected_entry(dst), || {
                     let (protocol, at) = ipv4_transport(&header);
                     (protocol, port(at))
                 })

@@ -17,12 +17,14 @@
 //! - [`node`]: a whole node (agent, pods, fake IMDS) for the tests of the real agent;
 //! - [`fixtures`]: Kubernetes objects for the manifests and the fake API server;
 //! - [`fake_imds`], [`fake_entra`], [`fake_kube`]: stand-ins for the services the agent calls;
-//! - [`frame`]: hand-made link-layer frames; [`foreign`]: another component's connect
-//!   program; [`bench`]: the benchmarks.
+//! - [`frame`]: hand-made link-layer frames; [`bpf`]: raw `bpf(2)` for hand-made programs
+//!   and test runs; [`foreign`]: another component's connect program; [`bench`]: the
+//!   benchmarks.
 #![expect(clippy::missing_panics_doc, reason = "test support: a panic is how a helper reports a broken setup")]
 
 pub mod agent_process;
 pub mod bench;
+pub mod bpf;
 pub mod container;
 pub mod fake_entra;
 pub mod fake_imds;

@@ -16,7 +16,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use imds_common::{maps, Config, Counter, Nat64Prefix, PodAddr, ProtectedAddr, Verdict};
+use imds_common::{globals, maps, protected_summary, Config, Counter, Nat64Prefix, PodAddr, ProtectedAddr, Verdict};
 
 use super::{
     backstop, bpffs, cgroup, group_endpoints, map_err, nat64_table, prog_err, programs_built, sys, Duty, FilterError,
@@ -102,7 +102,11 @@ impl Filter {
         let log_level = opts.kernel_log_level as u8;
         let layout = plan.layout.map(|l| l.globals());
         let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(&opts.pin_dir).override_global("AYA_LOG_LEVEL", &log_level, true);
+        let summary = protected_summary(protected.keys().copied());
+        loader
+            .default_map_pin_directory(&opts.pin_dir)
+            .override_global("AYA_LOG_LEVEL", &log_level, true)
+            .override_global(globals::PROTECTED_SUMMARY, &summary, true);
         for (name, value) in layout.iter().flatten() {
             loader.override_global(name, value, true);
         }

@@ -12,6 +12,7 @@
 //!
 //! and, from the kernel's per-program statistics in a pass of their own (they slow every run
 //! they time, so the side with programs would pay them alone), what each program costs a run.
+//! P8e and P8f ([`super::packet`]) then run the agent's per-packet programs by themselves.
 use std::{
     io::Read as _,
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
@@ -25,7 +26,10 @@ use std::{
 
 use imds_agent::kernel::{self, Hook};
 
-use super::{Effort, Figure, Measured};
+use super::{
+    packet::{self, PacketProgram},
+    Effort, Figure, Measured,
+};
 use crate::{veth, AgentProcess, Cgroup, NetNs, PinDir, Probe, Server};
 
 const TCP_PORT: u16 = 5001;
@@ -267,9 +271,16 @@ pub fn run(effort: Effort) -> Vec<Figure> {
         ("P8c", "the same, small packets (18-byte UDP) arriving", "thousand/s"),
         ("P8d", "the same, TCP connections (connect and close), eight clients at once", "thousand/s"),
     ];
+    let by_itself: Vec<(PacketProgram, u32)> =
+        [(PacketProgram::Egress, on(Hook::Egress)), (PacketProgram::NodeNetfilter, backstop)]
+            .into_iter()
+            .filter_map(|(program, id)| id.map(|id| (program, id)))
+            .collect();
+    let costs = packet::costs(&by_itself, effort);
     drop((with, without));
     drop((filtered, plain));
-    rows.into_iter()
+    let mut figures: Vec<Figure> = rows
+        .into_iter()
         .zip(rounds)
         .map(|((id, what, unit), [with_rounds, without_rounds])| {
             let baseline = ("same path, no programs".to_owned(), Measured::of(without_rounds));
@@ -282,5 +293,7 @@ pub fn run(effort: Effort) -> Vec<Figure> {
                 figure
             }
         })
-        .collect()
+        .collect();
+    figures.extend(costs);
+    figures
 }

@@ -18,7 +18,7 @@ use std::{
 use imds_agent::kernel::{self, Filter, Hook};
 use imds_common::Verdict;
 
-use super::{Effort, Figure, Measured};
+use super::{interleaved, Effort, Figure, Measured};
 use crate::{filter_options, Cgroup, NetNs, PinDir, Probe, Server, IMDS_IP};
 
 /// The listener every connection ends at (accept, close).
@@ -57,18 +57,6 @@ impl Place {
 fn connect_loop(ns: &NetNs, cgroup: &Cgroup, addr: Ipv4Addr, port: u16, count: u32) -> f64 {
     let report = Probe::new(ns, cgroup).connect_loop(addr, port, count).wait();
     report.loop_ns.unwrap_or_else(|| panic!("connect loop to {addr}:{port} failed: {report:?}"))
-}
-
-/// Runs each configuration once per round, alternating the order; per-configuration rounds.
-fn interleaved<const N: usize>(rounds: usize, mut run: impl FnMut(usize) -> f64) -> [Vec<f64>; N] {
-    let mut out: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(rounds));
-    for round in 0..rounds {
-        for step in 0..N {
-            let which = if round % 2 == 0 { step } else { N - 1 - step };
-            out[which].push(run(which));
-        }
-    }
-    out
 }
 
 fn micros(ns: Vec<f64>) -> Measured {

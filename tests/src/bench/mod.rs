@@ -8,6 +8,7 @@ pub mod cold;
 pub mod forward;
 pub mod kernel;
 pub mod memory;
+pub mod packet;
 pub mod policy;
 pub mod tokens;
 
@@ -63,6 +64,18 @@ pub fn percentile(values: &[f64], percent: usize) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     sorted[((sorted.len() - 1) * percent + 50) / 100]
+}
+
+/// Runs each configuration once per round, alternating the order; per-configuration rounds.
+pub fn interleaved<const N: usize>(rounds: usize, mut run: impl FnMut(usize) -> f64) -> [Vec<f64>; N] {
+    let mut out: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(rounds));
+    for round in 0..rounds {
+        for step in 0..N {
+            let which = if round % 2 == 0 { step } else { N - 1 - step };
+            out[which].push(run(which));
+        }
+    }
+    out
 }
 
 /// One row of the table.

@@ -15,7 +15,7 @@ struct Args {
     /// Every benchmark, briefly: checks the harness works (CI), not the targets.
     #[arg(long)]
     quick: bool,
-    /// Only these benchmarks (e.g. `--only P4,P5`); P1–P3 run together, and P8–P8d.
+    /// Only these benchmarks (e.g. `--only P4,P5`); P1–P3 run together, and P8–P8f.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Where the JSON report goes.
@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
     if wanted(&["P1", "P2", "P3"]) {
         figures.extend(bench::kernel::run(effort));
     }
-    if wanted(&["P8", "P8b", "P8c", "P8d"]) {
+    if wanted(&["P8", "P8b", "P8c", "P8d", "P8e", "P8f"]) {
         figures.extend(bench::forward::run(effort));
     }
     let single: [(&str, Benchmark); 5] = [
