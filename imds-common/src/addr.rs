@@ -65,31 +65,51 @@ impl ProtectedAddr {
     }
 }
 
-/// A one-word summary of the protected set, tested before the `PROTECTED` map is looked up:
-/// each protected address sets one bit ([`summary_bit`]), so an address whose bit is clear
-/// is not protected, and nearly every packet and socket that is not headed for one stops at a
-/// multiply and a test instead of a hash lookup. A set bit proves nothing (64 bits for up to
-/// 64 addresses): the map decides then. Programs loaded without one see every bit set.
-#[must_use]
-pub fn protected_summary(addrs_be: impl IntoIterator<Item = u32>) -> u64 {
-    addrs_be.into_iter().fold(0, |summary, addr| summary | summary_bit(addr))
+/// Value of the `SUMMARY` map: a one-word summary of the protected set, tested before the
+/// `PROTECTED` map is looked up, so that nearly every socket and packet not headed for a
+/// protected address stops at a multiply and a test instead of a hash lookup.
+///
+/// Each address has one bit of 64 ([`ProtectedSummary::bit`]). The summary holds the bits
+/// that *no* protected address has: an address whose bit is among them is not protected.
+/// Anything else proves nothing, and the map decides. Zero, which a new map holds, rules out
+/// nothing, so a summary nobody has written yet costs lookups, never protection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProtectedSummary {
+    pub ruled_out: u64,
 }
 
-/// The bit of [`protected_summary`] that stands for `ip4_be` (the address as a native-endian
-/// load of its bytes in network order): the top six bits of a multiplicative hash.
-#[inline(always)]
-#[expect(clippy::inline_always, reason = "called from BPF programs, where calls cost verifier complexity")]
-#[must_use]
-pub const fn summary_bit(ip4_be: u32) -> u64 {
-    1 << (ip4_be.wrapping_mul(0x9e37_79b1) >> 26)
-}
+impl ProtectedSummary {
+    /// The summary of exactly `addrs_be` (addresses as native-endian loads of their bytes in
+    /// network order, as `PROTECTED` keys them).
+    #[must_use]
+    pub fn of(addrs_be: impl IntoIterator<Item = u32>) -> ProtectedSummary {
+        let used = addrs_be.into_iter().fold(0, |used, addr| used | Self::bit(addr));
+        ProtectedSummary { ruled_out: !used }
+    }
 
-/// Whether `summary` leaves `ip4_be` possibly protected (its bit is set).
-#[inline(always)]
-#[expect(clippy::inline_always, reason = "called from BPF programs, where calls cost verifier complexity")]
-#[must_use]
-pub const fn maybe_protected(summary: u64, ip4_be: u32) -> bool {
-    summary & summary_bit(ip4_be) != 0
+    /// A summary that lets through every address either lets through: for the moment two
+    /// protected sets are both in force (programs of both may be running).
+    #[must_use]
+    pub const fn union(self, other: ProtectedSummary) -> ProtectedSummary {
+        ProtectedSummary { ruled_out: self.ruled_out & other.ruled_out }
+    }
+
+    /// Whether `ip4_be` may be protected: `false` only if the summary rules it out.
+    #[inline(always)]
+    #[expect(clippy::inline_always, reason = "called from BPF programs, where calls cost verifier complexity")]
+    #[must_use]
+    pub const fn may_protect(self, ip4_be: u32) -> bool {
+        self.ruled_out & Self::bit(ip4_be) == 0
+    }
+
+    /// The bit that stands for `ip4_be`: the top six bits of a multiplicative hash.
+    #[inline(always)]
+    #[expect(clippy::inline_always, reason = "called from BPF programs, where calls cost verifier complexity")]
+    #[must_use]
+    pub const fn bit(ip4_be: u32) -> u64 {
+        1 << (ip4_be.wrapping_mul(0x9e37_79b1) >> 26)
+    }
 }
 
 /// Of an IPv4 header's first 20 bytes: its protocol, and where its transport header starts

@@ -11,8 +11,8 @@ pub mod decide;
 mod origin;
 
 pub use addr::{
-    bind_target_v4, embedded_v4, has_ports, ipproto, ipv4_transport, maybe_protected, protected_summary, summary_bit,
-    Embedded, Nat64Prefix, PodAddr, ProtectedAddr, IPV6_HEADER_LEN, V4_MAPPED_WORD2,
+    bind_target_v4, embedded_v4, has_ports, ipproto, ipv4_transport, Embedded, Nat64Prefix, PodAddr, ProtectedAddr,
+    ProtectedSummary, IPV6_HEADER_LEN, V4_MAPPED_WORD2,
 };
 pub use origin::{Origin, OriginKey, Peer};
 
@@ -87,8 +87,11 @@ pub mod maps {
     /// `Array<Nat64Prefix>`: /96 prefixes whose addresses embed an IPv4 one (RFC 6052), so
     /// `64:ff9b::a9fe:a9fe` is judged as `169.254.169.254`.
     pub const NAT64: &str = "NAT64";
+    /// `Array<ProtectedSummary>` with one entry: what `PROTECTED` holds, in one word.
+    pub const SUMMARY: &str = "SUMMARY";
     /// Every map the agent pins, in the order it reports them.
-    pub const PINNED: [&str; 9] = [VERDICTS, PROTECTED, CONFIG, COUNTERS, PENDING, ORIGINS, PEERS, PASS_SOURCES, NAT64];
+    pub const PINNED: [&str; 10] =
+        [VERDICTS, PROTECTED, CONFIG, COUNTERS, PENDING, ORIGINS, PEERS, PASS_SOURCES, NAT64, SUMMARY];
 }
 
 /// Names of the programs in the BPF object.
@@ -105,12 +108,6 @@ pub mod programs {
     pub const NODE_NETFILTER: &str = "imds_node_nf";
     /// The node backstop at tc ingress of each interface of the node namespace.
     pub const NODE_TC: &str = "imds_node_tc";
-}
-
-/// Names of the load-time constants in the BPF object that the agent sets.
-pub mod globals {
-    /// The protected set's [`protected_summary`](crate::protected_summary) (`u64`).
-    pub const PROTECTED_SUMMARY: &str = "PROTECTED_SUMMARY";
 }
 
 /// Capacity of the maps. The verdict map holds one entry per pod (or container) cgroup the
@@ -233,7 +230,7 @@ impl Config {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY (all five): `#[repr(C)]`, `Copy`, only integer fields, no implicit padding (the
+    // SAFETY (all of them): `#[repr(C)]`, `Copy`, only integer fields, no implicit padding (the
     // layout test below checks the sizes), so every bit pattern is a valid value.
     // SAFETY: see above.
     unsafe impl aya::Pod for super::Config {}
@@ -249,6 +246,8 @@ mod pod {
     unsafe impl aya::Pod for super::PodAddr {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::Nat64Prefix {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::ProtectedSummary {}
 }
 
 #[cfg(test)]
@@ -265,6 +264,7 @@ mod tests {
         assert_eq!(size_of::<Peer>(), 4 + 2 + 2);
         assert_eq!(size_of::<PodAddr>(), 16);
         assert_eq!(size_of::<Nat64Prefix>(), 16);
+        assert_eq!(size_of::<ProtectedSummary>(), 8);
     }
 
     fn v6(s: &str) -> [u32; 4] {
@@ -318,17 +318,25 @@ mod tests {
     fn the_summary_keeps_every_protected_address_and_few_others() {
         extern crate std;
         let wireserver = u32::from_ne_bytes([168, 63, 129, 16]);
-        let summary = protected_summary([IMDS_BE, wireserver]);
-        assert!(maybe_protected(summary, IMDS_BE) && maybe_protected(summary, wireserver));
-        assert!(!maybe_protected(0, IMDS_BE), "an empty summary protects nothing");
-        assert!(maybe_protected(u64::MAX, IMDS_BE), "a full one leaves every address to the map");
+        let summary = ProtectedSummary::of([IMDS_BE, wireserver]);
+        assert!(summary.may_protect(IMDS_BE) && summary.may_protect(wireserver));
+        assert!(ProtectedSummary::default().may_protect(IMDS_BE), "a summary nobody wrote rules nothing out");
+        assert!(!ProtectedSummary::of([]).may_protect(IMDS_BE), "the empty set's rules everything out");
+        // While two sets are in force, an address of either gets through.
+        let other = ProtectedSummary::of([u32::from_ne_bytes([10, 0, 0, 1])]);
+        let both = summary.union(other);
+        assert!(
+            both.may_protect(IMDS_BE)
+                && both.may_protect(wireserver)
+                && both.may_protect(u32::from_ne_bytes([10, 0, 0, 1]))
+        );
         // A pod network's addresses and the metadata address's neighbours mostly stop at
-        // the summary: two bits of 64 set, so about 3 % go on to the map.
+        // the summary: two bits of 64 in use, so about 3 % go on to the map.
         let pods = (0..=u16::MAX).map(|i| u32::from_ne_bytes([10, 244, (i >> 8) as u8, i as u8]));
         let near = (0..=u16::MAX).map(|i| u32::from_ne_bytes([169, 254, (i >> 8) as u8, i as u8]));
         for (what, addrs) in [("10.244.0.0/16", pods.collect::<std::vec::Vec<_>>()), ("169.254.0.0/16", near.collect())]
         {
-            let hits = addrs.iter().filter(|a| maybe_protected(summary, **a)).count();
+            let hits = addrs.iter().filter(|a| summary.may_protect(**a)).count();
             assert!(hits * 100 <= addrs.len() * 5, "{what}: {hits} of {} reach the map", addrs.len());
         }
     }

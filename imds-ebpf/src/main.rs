@@ -50,14 +50,14 @@ use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext},
-    EbpfContext as _, Global,
+    EbpfContext as _,
 };
 use aya_log_ebpf::{debug, warn};
 use imds_common::{
     bind_target_v4, capacity,
     decide::{self, ConnectVerdict},
-    embedded_v4, has_ports, ipproto, ipv4_transport, maybe_protected, Config, Counter, Embedded, Nat64Prefix, Origin,
-    OriginKey, Peer, PodAddr, ProtectedAddr, IPV6_HEADER_LEN, V4_MAPPED_WORD2, VERDICT_PASS,
+    embedded_v4, has_ports, ipproto, ipv4_transport, Config, Counter, Embedded, Nat64Prefix, Origin, OriginKey, Peer,
+    PodAddr, ProtectedAddr, ProtectedSummary, IPV6_HEADER_LEN, V4_MAPPED_WORD2, VERDICT_PASS,
 };
 
 // ---- maps (pinned by name, so they outlive the agent process) ------------------------------
@@ -80,13 +80,8 @@ static PEERS: LruHashMap<u64, Peer> = LruHashMap::pinned(capacity::PEERS, 0);
 static PASS_SOURCES: HashMap<PodAddr, u32> = HashMap::pinned(capacity::PASS_SOURCES, 0);
 #[map]
 static NAT64: Array<Nat64Prefix> = Array::pinned(capacity::NAT64, 0);
-
-/// The protected set's summary ([`imds_common::protected_summary`]), which the agent sets when
-/// it loads the programs (the set is fixed for an agent's run). A read-only global: the
-/// verifier knows its value, and reading it costs one load. Every bit set, so every address
-/// is looked up, if nobody sets it.
-#[unsafe(no_mangle)]
-static PROTECTED_SUMMARY: Global<u64> = Global::new(u64::MAX);
+#[map]
+static SUMMARY: Array<ProtectedSummary> = Array::pinned(1, 0);
 
 // ---- kernel return codes ---------------------------------------------------------------------
 
@@ -491,11 +486,12 @@ fn egress_transport(ctx: &SkBuffContext, v6: bool) -> (u32, Option<u16>) {
 
 // ---- shared helpers --------------------------------------------------------------------------
 
-/// The `PROTECTED` entry of `ip4_be`, if it is a protected address. The summary rules out
-/// nearly every other address before the map is asked.
+/// The `PROTECTED` entry of `ip4_be`, if it is a protected address. The summary (an array
+/// lookup the verifier inlines) rules out nearly every other address before the map is asked.
 #[inline(always)]
 fn protected_entry(ip4_be: u32) -> Option<ProtectedAddr> {
-    if !maybe_protected(PROTECTED_SUMMARY.load(), ip4_be) {
+    let summary = SUMMARY.get(0).copied().unwrap_or_default();
+    if !summary.may_protect(ip4_be) {
         return None;
     }
     // SAFETY: plain data copied out right away; a concurrent update can at worst give us the

@@ -7,11 +7,11 @@ use std::{
     time::Duration,
 };
 
-use imds_agent::kernel::{attached_programs, Attachment, Filter, Hook, OriginLookup, IMDS_ENDPOINT};
-use imds_common::{Counter, Verdict};
+use imds_agent::kernel::{attached_programs, Attachment, Filter, FilterOptions, Hook, OriginLookup, IMDS_ENDPOINT};
+use imds_common::{maps, Counter, ProtectedSummary, Verdict};
 use imds_tests::{
-    describe, filter_options, udp_received, udp_sink, veth, AgentListener, AgentProcess, Cgroup, NetNs, PinDir, Probe,
-    Sandbox, Server, TcpTap, IMDS_IP,
+    describe, filter_options, udp_received, udp_sink, v4_addr, veth, AgentListener, AgentProcess, Cgroup, NetNs,
+    PinDir, Probe, Sandbox, Server, TcpTap, IMDS_IP,
 };
 
 /// The origin the agent must report for a probe in `cgroup` with the given identity.
@@ -153,7 +153,7 @@ fn pod_namespace_is_redirected_across_a_veth_to_the_node_agent() {
     let (pass, redirect) = (root.child("pass"), root.child("redirect"));
     let pins = PinDir::new("podns");
     let listener = Server::bind(&node, SocketAddrV4::new(node_ip, 0));
-    let agent_addr = imds_tests::v4_addr(&listener);
+    let agent_addr = v4_addr(&listener);
     let mut filter = Filter::install(&filter_options(&root, &pins, agent_addr)).unwrap();
     filter.set_verdict(pass.id(), Verdict::Pass).unwrap();
     let agent = AgentListener::serve(listener, filter.origins());
@@ -418,7 +418,7 @@ fn origin_records_never_outlive_their_connection() {
     let pins = PinDir::new("stale");
     // Bound but never accepted: connections wait in the backlog, records in the kernel map.
     let listener = Server::bind(&ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
-    let agent = imds_tests::v4_addr(&listener);
+    let agent = v4_addr(&listener);
     let filter = Filter::install(&filter_options(&root, &pins, agent)).unwrap();
     let origins = filter.origins();
     let client = |report: &imds_tests::ProbeReport| -> std::net::SocketAddr {
@@ -470,7 +470,7 @@ fn the_agents_own_cgroup_is_never_redirected() {
     let (agent_cg, sibling) = (root.child("agent"), root.child("sibling"));
     let pins = PinDir::new("exempt");
     let listener = Server::bind(&ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
-    let mut options = filter_options(&root, &pins, imds_tests::v4_addr(&listener));
+    let mut options = filter_options(&root, &pins, v4_addr(&listener));
     options.agent_cgroup = agent_cg.id();
     let filter = Filter::install(&options).unwrap();
     let agent = AgentListener::serve(listener, filter.origins());
@@ -489,4 +489,62 @@ fn the_agents_own_cgroup_is_never_redirected() {
     assert!(report.reply.as_deref().is_some_and(|r| r.starts_with("agent pid=")), "{report:?}");
     assert_eq!((standin.accepted(), agent.server.accepted()), (2, 1));
     drop((agent, standin, filter, pins, agent_cg, sibling, root));
+}
+
+// The programs test a one-word summary of the protected set before they look an address up
+// (`SUMMARY`). A restart that protects another address must enforce it at every layer the
+// moment its programs run, and one that stops protecting it must let it go: the summary
+// follows the set, and never rules out an address the map holds.
+#[test]
+#[ignore = "needs root: run with `cargo xtask test`"]
+fn a_restart_with_another_protected_set_enforces_exactly_that_set() {
+    let ns = NetNs::new("reprotect");
+    ns.host_metadata_address();
+    let other = Ipv4Addr::new(10, 237, 0, 1);
+    ns.ip(&["addr", "add", &format!("{other}/32"), "dev", "lo"]);
+    let other_tcp = Server::banner(&ns, SocketAddrV4::new(other, 80), "other");
+    let other_udp = udp_sink(&ns, SocketAddrV4::new(other, 80));
+    let root = Cgroup::new_top("reprotect");
+    let pod = root.child("pod");
+    let pins = PinDir::new("reprotect");
+    let listener = Server::bind(&ns, SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0));
+    let plain = filter_options(&root, &pins, v4_addr(&listener));
+    let widened = FilterOptions { protected_addresses: vec![IMDS_IP, other], ..plain.clone() };
+    let be = |ip: Ipv4Addr| u32::from_ne_bytes(ip.octets());
+    let summary = || {
+        let map = aya::maps::MapData::from_pin(pins.path.join(maps::SUMMARY)).expect("summary pinned");
+        let array: aya::maps::Array<_, ProtectedSummary> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(map)).unwrap();
+        array.get(&0, 0).unwrap()
+    };
+    // Whether a pod reaches `other` by TCP and by unconnected UDP.
+    let reaches = || {
+        let report = Probe::new(&ns, &pod).connect(other, 80, false).wait();
+        let tcp = report.reply.as_deref() == Some("other");
+        assert!(tcp || report.errno == Some(libc::EPERM), "{report:?}");
+        // A datagram the egress backstop drops fails the send (EPERM); either way, the sink tells.
+        let report = Probe::new(&ns, &pod).udp(other, 80).wait();
+        assert_ne!(report.outcome, "setup-failed", "{report:?}");
+        (tcp, udp_received(&other_udp))
+    };
+
+    let filter = Filter::install(&plain).expect("install");
+    assert_eq!(summary(), ProtectedSummary::of([be(IMDS_IP)]));
+    assert_eq!(reaches(), (true, true), "not protected yet");
+    drop(filter);
+
+    let filter = Filter::install(&widened).expect("restart protecting another address");
+    assert_eq!(summary(), ProtectedSummary::of([be(IMDS_IP), be(other)]));
+    // Whole, with no port to redirect: refused at connect, dropped at egress.
+    assert_eq!(reaches(), (false, false), "protected by the restart");
+    drop(filter);
+
+    let filter = Filter::install(&plain).expect("restart protecting it no more");
+    assert_eq!(summary(), ProtectedSummary::of([be(IMDS_IP)]));
+    assert_eq!(reaches(), (true, true), "let go by the restart");
+    // The metadata address stayed protected throughout: redirected to the agent's listener
+    // on loopback (which accepts nothing here).
+    let report = Probe::new(&ns, &pod).connect(IMDS_IP, 80, false).wait();
+    assert!(report.local.as_deref().is_some_and(|l| l.starts_with("127.0.0.1:")), "{report:?}");
+    drop((filter, listener, other_tcp, pins, pod, root));
 }

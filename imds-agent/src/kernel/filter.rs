@@ -16,7 +16,7 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use imds_common::{globals, maps, protected_summary, Config, Counter, Nat64Prefix, PodAddr, ProtectedAddr, Verdict};
+use imds_common::{maps, Config, Counter, Nat64Prefix, PodAddr, ProtectedAddr, ProtectedSummary, Verdict};
 
 use super::{
     backstop, bpffs, cgroup, group_endpoints, map_err, nat64_table, prog_err, programs_built, sys, Duty, FilterError,
@@ -102,11 +102,7 @@ impl Filter {
         let log_level = opts.kernel_log_level as u8;
         let layout = plan.layout.map(|l| l.globals());
         let mut loader = EbpfLoader::new();
-        let summary = protected_summary(protected.keys().copied());
-        loader
-            .default_map_pin_directory(&opts.pin_dir)
-            .override_global("AYA_LOG_LEVEL", &log_level, true)
-            .override_global(globals::PROTECTED_SUMMARY, &summary, true);
+        loader.default_map_pin_directory(&opts.pin_dir).override_global("AYA_LOG_LEVEL", &log_level, true);
         for (name, value) in layout.iter().flatten() {
             loader.override_global(name, value, true);
         }
@@ -129,6 +125,12 @@ impl Filter {
             agent_netns_cookie: opts.agent_netns_cookie,
         };
         config.set(0, wanted, 0).map_err(map_err(maps::CONFIG))?;
+        // Programs already attached may still be an earlier run's, with another set: until
+        // every one is replaced, the summary lets through what either set protects.
+        let mut summary_map: Array<MapData, ProtectedSummary> = take_map(&mut ebpf, maps::SUMMARY)?;
+        let summary = ProtectedSummary::of(protected.keys().copied());
+        let pinned_summary = summary_map.get(&0, 0).map_err(map_err(maps::SUMMARY))?;
+        summary_map.set(0, summary.union(pinned_summary), 0).map_err(map_err(maps::SUMMARY))?;
         let mut protected_map: HashMap<MapData, u32, ProtectedAddr> = take_map(&mut ebpf, maps::PROTECTED)?;
         sync_protected(&mut protected_map, &protected)?;
         let mut nat64_map: Array<MapData, Nat64Prefix> = take_map(&mut ebpf, maps::NAT64)?;
@@ -154,6 +156,8 @@ impl Filter {
             let uncovered = node.uncovered.len();
             tracing::info!(mechanism = mechanism.name(), ?attachment, uncovered, "node backstop in place");
         }
+        // Every program is ours now: the summary says exactly what this set protects.
+        summary_map.set(0, summary, 0).map_err(map_err(maps::SUMMARY))?;
 
         let filter = Filter {
             verdicts: take_map(&mut ebpf, maps::VERDICTS)?,

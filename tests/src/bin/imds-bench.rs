@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
         args.only.is_empty() || ids.iter().any(|id| args.only.iter().any(|o| o.eq_ignore_ascii_case(id)))
     };
     let mut figures = Vec::new();
-    if wanted(&["P1", "P2", "P3"]) {
+    if wanted(&["P1", "P2", "P2b", "P3"]) {
         figures.extend(bench::kernel::run(effort));
     }
     if wanted(&["P8", "P8b", "P8c", "P8d", "P8e", "P8f"]) {
