@@ -48,10 +48,15 @@ impl CgroupResolver {
         Ok(CgroupResolver { root: root.to_owned(), mount: fs::File::open(root)?, cache: Mutex::default() })
     }
 
-    /// The cgroup with this id, or `None` if it no longer exists.
+    /// The cgroup with this id if it is cached: no system call, so an async task may ask.
+    pub fn cached_info(&self, cgroup_id: u64) -> Option<CgroupInfo> {
+        self.lock().get(&cgroup_id).cloned()
+    }
+
+    /// The cgroup with this id, or `None` if it no longer exists. May read the filesystem.
     pub fn resolve(&self, cgroup_id: u64) -> io::Result<Option<CgroupInfo>> {
-        if let Some(hit) = self.lock().get(&cgroup_id) {
-            return Ok(Some(hit.clone()));
+        if let Some(hit) = self.cached_info(cgroup_id) {
+            return Ok(Some(hit));
         }
         let Some(full) = self.path_of(cgroup_id)? else {
             return Ok(None);

@@ -177,18 +177,27 @@ pub(super) fn http1_limits() -> http1::Builder {
 /// The caller of a connection, or `None` (logged) when it must not be served.
 async fn identify(stream: &TcpStream, state: &AgentState) -> Option<Caller> {
     let (peer, local) = (stream.peer_addr().ok()?, stream.local_addr().ok()?);
-    let (origins, resolver) = (Arc::clone(&state.origins), Arc::clone(&state.resolver));
-    // Map lookups are syscalls: keep them off the async workers.
-    let found = tokio::task::spawn_blocking(move || {
-        let origin = match origins.take(peer, local) {
-            Ok(OriginLookup::Found(o)) => o,
-            Ok(other) => return Err(format!("{other:?}")),
-            Err(e) => return Err(format!("{:#}", anyhow::Error::from(e))),
-        };
-        let cgroup = resolver.resolve(origin.cgroup_id).map_err(|e| format!("resolving cgroup: {e}"))?;
-        Ok(Caller { origin, cgroup })
-    })
-    .await;
+    // The origin record is two map system calls that never sleep, and a pod's cgroup is
+    // nearly always cached: both on the async worker, which saves each connection a hand-off
+    // to the blocking pool and back. Only a cgroup not seen yet is looked up in the filesystem,
+    // off the workers.
+    let origin = match state.origins.take(peer, local) {
+        Ok(OriginLookup::Found(o)) => Ok(o),
+        Ok(other) => Err(format!("{other:?}")),
+        Err(e) => Err(format!("{:#}", anyhow::Error::from(e))),
+    };
+    let found = match origin.map(|o| (state.resolver.cached_info(o.cgroup_id), o)) {
+        Ok((Some(info), origin)) => Ok(Ok(Caller { origin, cgroup: Some(info) })),
+        Ok((None, origin)) => {
+            let resolver = Arc::clone(&state.resolver);
+            tokio::task::spawn_blocking(move || {
+                let cgroup = resolver.resolve(origin.cgroup_id).map_err(|e| format!("resolving cgroup: {e}"))?;
+                Ok(Caller { origin, cgroup })
+            })
+            .await
+        }
+        Err(reason) => Ok(Err(reason)),
+    };
     match found {
         Ok(Ok(caller)) => Some(caller),
         Ok(Err(reason)) => {

@@ -9,6 +9,7 @@ pub mod forward;
 pub mod kernel;
 pub mod memory;
 pub mod packet;
+pub mod picture;
 pub mod policy;
 pub mod tokens;
 

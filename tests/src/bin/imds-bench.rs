@@ -18,7 +18,7 @@ struct Args {
     /// Only these benchmarks (e.g. `--only P4,P5`); P1–P3 run together, and P8–P8f.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Where the JSON report goes.
+    /// Where the JSON report goes; the picture of the run goes beside it (`.svg`).
     #[arg(long, default_value = "target/bench/latest.json")]
     out: PathBuf,
 }
@@ -57,6 +57,11 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)? + "\n")
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!("report: {}", args.out.display());
+    let picture = args.out.with_extension("svg");
+    match bench::picture::draw(&report, &picture) {
+        Ok(()) => println!("picture: {}", picture.display()),
+        Err(e) => println!("no picture: {e}"),
+    }
     let missing: Vec<&str> = report.figures.iter().filter(|f| f.value.is_none()).map(|f| f.id).collect();
     if !missing.is_empty() {
         println!("not measured yet: {}", missing.join(", "));
