@@ -266,17 +266,32 @@ fn remember_grant(state: &AgentState, pod: &crate::policy::Pod, token: &TokenReq
 /// A miss asks the source to look the pod up ([`crate::sources::kube::PodLookup`]) rather
 /// than only wait for the watch.
 async fn wait_for_pod(state: &AgentState, uid: &str) -> Arc<Snapshot> {
+    let ask = || {
+        if let Some(lookup) = &state.lookup {
+            lookup.ask(uid);
+        }
+    };
+    snapshot_when(state, |snapshot| snapshot.knows(uid), ask).await
+}
+
+/// The first policy snapshot `settled` accepts, waiting for changes until the pod grace
+/// period ends (then the last one seen); `on_first_miss` runs once, when the current one is
+/// not it.
+pub(super) async fn snapshot_when(
+    state: &AgentState,
+    settled: impl Fn(&Snapshot) -> bool,
+    on_first_miss: impl FnOnce(),
+) -> Arc<Snapshot> {
     let mut updates = state.snapshot.clone();
     let deadline = tokio::time::Instant::now() + state.pod_grace;
-    let mut asked = false;
+    let mut on_first_miss = Some(on_first_miss);
     loop {
         let snapshot = Arc::clone(&updates.borrow_and_update());
-        if snapshot.knows(uid) {
+        if settled(&snapshot) {
             return snapshot;
         }
-        if let (false, Some(lookup)) = (asked, &state.lookup) {
-            lookup.ask(uid);
-            asked = true;
+        if let Some(missed) = on_first_miss.take() {
+            missed();
         }
         match tokio::time::timeout_at(deadline, updates.changed()).await {
             Ok(Ok(())) => {}

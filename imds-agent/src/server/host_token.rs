@@ -98,19 +98,7 @@ async fn self_test(listener: &TcpListener) -> std::io::Result<()> {
 
 async fn serve(listener: TcpListener, config: Arc<HostTokenConfig>, state: Arc<AgentState>) {
     let mut draining = state.draining.clone();
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            Ok(_) = draining.wait_for(|d| *d) => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed on the /host/token listener; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+    while let Some((stream, peer)) = super::next_connection(&listener, &mut draining, "/host/token").await {
         let (state, config) = (Arc::clone(&state), Arc::clone(&config));
         tokio::spawn(async move {
             let Some(caller) = identify(&stream, &config, &state).await else { return };
@@ -299,20 +287,17 @@ async fn target(
     trusted: &[TrustedCaller],
     asked: &Asked,
 ) -> (Arc<Snapshot>, Result<Pod, HostTokenRefusal>) {
-    let mut updates = state.snapshot.clone();
-    let deadline = tokio::time::Instant::now() + state.pod_grace;
-    loop {
-        let snapshot = Arc::clone(&updates.borrow_and_update());
-        let found = snapshot.host_token_target(caller_uid, trusted, &asked.namespace, &asked.name).cloned();
-        let unknown = matches!(found, Err(HostTokenRefusal::UnknownPod { .. } | HostTokenRefusal::UnknownCaller));
-        if !unknown || caller_uid.is_none() {
-            return (snapshot, found);
-        }
-        match tokio::time::timeout_at(deadline, updates.changed()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => return (snapshot, found),
-        }
-    }
+    let find =
+        |snapshot: &Snapshot| snapshot.host_token_target(caller_uid, trusted, &asked.namespace, &asked.name).cloned();
+    // An unknown pod or caller may only not have reached the policy yet; a node process
+    // (no pod) never will.
+    let settled = |snapshot: &Snapshot| {
+        caller_uid.is_none()
+            || !matches!(find(snapshot), Err(HostTokenRefusal::UnknownPod { .. } | HostTokenRefusal::UnknownCaller))
+    };
+    let snapshot = handler::snapshot_when(state, settled, || {}).await;
+    let found = find(&snapshot);
+    (snapshot, found)
 }
 
 /// IMDS's token answer as NMI wraps it: `{"token": …, "clientid": …}`, the client id the

@@ -15,7 +15,7 @@ pub(crate) mod prefetch;
 mod principal;
 mod workload;
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -97,26 +97,35 @@ pub struct AgentState {
 /// One warning a second at most for connections closed unserved: callers can make them at will.
 pub(super) static REFUSAL_LOG: crate::telemetry::Throttle = crate::telemetry::Throttle::new(Duration::from_secs(1));
 
-/// Accepts and serves connections until the agent drains (the next one serves): then it
-/// returns, and the connections it accepted finish on their own. Accept errors (out of file
-/// descriptors under a flood, a connection aborted before it was accepted) are logged and
-/// survived: the agent must not stop answering because of them.
-pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
-    let mut draining = state.draining.clone();
+/// The next connection on `listener`, or `None` once the agent drains (the next one serves).
+/// Accept errors (out of file descriptors under a flood, a connection aborted before it was
+/// accepted) are logged and survived: the agent must not stop answering because of them.
+pub(super) async fn next_connection(
+    listener: &TcpListener,
+    draining: &mut watch::Receiver<bool>,
+    which: &str,
+) -> Option<(TcpStream, SocketAddr)> {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            Ok(_) = draining.wait_for(|d| *d) => return,
+            Ok(_) = draining.wait_for(|d| *d) => return None,
         };
-        let (stream, peer) = match accepted {
-            Ok(accepted) => accepted,
+        match accepted {
+            Ok(accepted) => return Some(accepted),
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed; retrying");
+                tracing::warn!(error = %e, listener = which, "accept failed; retrying");
                 // Give descriptors a moment to be released instead of spinning.
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
             }
-        };
+        }
+    }
+}
+
+/// Accepts and serves connections until the agent drains: then it returns, and the
+/// connections it accepted finish on their own.
+pub async fn serve(listener: TcpListener, state: Arc<AgentState>) {
+    let mut draining = state.draining.clone();
+    while let Some((stream, peer)) = next_connection(&listener, &mut draining, "metadata").await {
         let state = Arc::clone(&state);
         tokio::spawn(async move {
             let Some(caller) = identify(&stream, &state).await else {

@@ -167,17 +167,16 @@ fn program_costs(ns: &NetNs, cgroup: &Cgroup, filter: &mut Filter, effort: Effor
     };
     // What every connection from a filtered cgroup pays besides connect4: sock_ops runs on
     // several TCP events of every socket, cgroup_skb on every packet. Per connect+close.
-    let mut others = Vec::new();
+    // [unprotected, redirected] × (connect4, sock_ops, egress), per connect+close.
+    let mut per_connect: [Vec<[f64; 3]>; 2] = Default::default();
     #[expect(clippy::cast_precision_loss, reason = "run counts and nanoseconds stay far below 2^52 here")]
     let mut per_run = |addr: Ipv4Addr, port: u16| {
         let hooks = [Hook::Connect4, Hook::SockOps, Hook::Egress];
         let before = hooks.map(|h| program_stats(cgroup, h));
         connect_loop(ns, cgroup, addr, port, effort.connects);
         let after = hooks.map(|h| program_stats(cgroup, h));
-        if port != 80 {
-            let per_connect = |i: usize| (after[i].1 - before[i].1) as f64 / f64::from(effort.connects);
-            others.push((per_connect(1), per_connect(2)));
-        }
+        let each = |i: usize| (after[i].1 - before[i].1) as f64 / f64::from(effort.connects);
+        per_connect[usize::from(port == 80)].push([each(0), each(1), each(2)]);
         (after[0].1 - before[0].1) as f64 / (after[0].0 - before[0].0).max(1) as f64
     };
     // Entries for cgroups that do not exist: they only fill the map. The map goes from 10 to
@@ -202,8 +201,11 @@ fn program_costs(ns: &NetNs, cgroup: &Cgroup, filter: &mut Filter, effort: Effor
             filter.clear_verdict(entry(i)).expect("verdict entry removed");
         }
     }
-    let sock_ops = Measured::of(others.iter().map(|o| o.0).collect()).median;
-    let egress = Measured::of(others.iter().map(|o| o.1).collect()).median;
+    let costs = |path: &[[f64; 3]]| {
+        let median = |i: usize| Measured::of(path.iter().map(|c| c[i]).collect()).median;
+        format!("connect4 {:.0} ns, sock_ops {:.0} ns, cgroup_skb egress {:.0} ns", median(0), median(1), median(2))
+    };
+    let (unprotected, redirected) = (costs(&per_connect[0]), costs(&per_connect[1]));
     let paired = |large: &[f64], small: &[f64]| {
         Measured::of(large.iter().zip(small).map(|(l, s)| l / s.max(f64::MIN_POSITIVE)).collect()).median
     };
@@ -213,8 +215,8 @@ fn program_costs(ns: &NetNs, cgroup: &Cgroup, filter: &mut Filter, effort: Effor
     let note = format!(
         "redirect path {:.0} ns/run with 10,000 entries, {:.0} with 10; non-matching {:.0} with 10; \
          10,000 entries over 10, median of the rounds' paired ratios: non-matching {non_matching_growth:.2}×, \
-         redirect {redirect_growth:.2}×. Per unprotected connect+close, also: sock_ops {sock_ops:.0} ns, \
-         cgroup_skb egress {egress:.0} ns",
+         redirect {redirect_growth:.2}×. Programs' time per connect+close: unprotected {unprotected}; \
+         redirected {redirected}",
         redirect.median, redirect_small.median, non_matching_small.median
     );
     let flat = non_matching_growth <= 1.2 && redirect_growth <= 1.2;

@@ -88,7 +88,11 @@ pub fn draw(report: &Report, path: &Path) -> Result<(), String> {
         };
         let bar = PathElement::new(vec![(row.spread[0], at(i)), (row.spread[1], at(i))], colour.stroke_width(2));
         let dot = Circle::new((row.ratio, at(i)), 5, colour.filled());
-        let value = Text::new(format!("{:.2}×", row.ratio), (row.spread[1].max(row.ratio) + x_max / 80.0, at(i)), ("sans-serif", 12));
+        let value = Text::new(
+            format!("{:.2}×", row.ratio),
+            (row.spread[1].max(row.ratio) + x_max / 80.0, at(i)),
+            ("sans-serif", 12),
+        );
         chart.draw_series(std::iter::once(bar)).map_err(err)?;
         chart.draw_series(std::iter::once(dot)).map_err(err)?;
         chart.draw_series(std::iter::once(value)).map_err(err)?;
@@ -104,7 +108,8 @@ mod tests {
     #[test]
     fn draws_each_figure_with_a_baseline_and_leaves_the_others_out() {
         let figure = |id, value: Vec<f64>, baseline: Vec<f64>| {
-            Figure::new(id, "x", "µs", "≤ 1.05×").measured(Measured::of(value), Some(("b".into(), Measured::of(baseline))))
+            Figure::new(id, "x", "µs", "≤ 1.05×")
+                .measured(Measured::of(value), Some(("b".into(), Measured::of(baseline))))
         };
         let report = Report::new(
             false,
