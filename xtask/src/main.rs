@@ -71,7 +71,8 @@ enum Task {
     /// The agent on a node in miniature: example manifests, pods, a fake IMDS (needs root).
     Demo,
     /// The performance figures (P1–P9), each against its baseline, in interleaved rounds;
-    /// prints a table and writes target/bench/latest.json (needs root).
+    /// prints a table, writes target/bench/latest.json and draws it as target/bench/latest.svg
+    /// (needs root).
     Bench {
         /// Every benchmark briefly, in a debug build: checks the harness, not the targets.
         #[arg(long)]
