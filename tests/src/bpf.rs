@@ -6,10 +6,12 @@ use std::{
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
-pub const BPF_PROG_LOAD: libc::c_long = 5;
-pub const BPF_PROG_ATTACH: libc::c_long = 8;
-pub const BPF_PROG_DETACH: libc::c_long = 9;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_DETACH: libc::c_long = 9;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
+/// `BPF_F_ALLOW_MULTI`: attach beside the programs already there.
+const BPF_F_ALLOW_MULTI: u32 = 2;
 
 pub const BPF_PROG_TYPE_CGROUP_SKB: u32 = 8;
 pub const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
@@ -33,6 +35,15 @@ struct ProgLoad {
     prog_name: [u8; 16],
     prog_ifindex: u32,
     expected_attach_type: u32,
+}
+
+/// `attr` for `BPF_PROG_ATTACH` and `BPF_PROG_DETACH`.
+#[repr(C)]
+struct ProgAttach {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
 }
 
 /// `attr` for `BPF_PROG_TEST_RUN`, up to `ctx_out`.
@@ -67,15 +78,43 @@ pub fn returning(value: i32) -> [u64; 2] {
     [insn(0xb7, 0, 0, 0, value), insn(0x95, 0, 0, 0, 0)]
 }
 
-/// Issues `cmd` with `attr`.
+/// Issues `cmd` with `attr`: private, because an `attr` names memory the kernel reads and
+/// writes, which only the functions below build right.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i32> {
+    // SAFETY: every caller passes a live `#[repr(C)]` prefix of `union bpf_attr` for `cmd`
+    // whose pointers name memory that outlives the call; the kernel reads (and for some
+    // commands writes) only that much.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    i32::try_from(ret).ok().filter(|r| *r >= 0).ok_or_else(io::Error::last_os_error)
+}
+
+/// Attaches `prog` to the cgroup `cgroup` at `attach_type`, beside what is there.
 ///
 /// # Errors
 /// What the kernel said.
-pub fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<i32> {
-    // SAFETY: `attr` is a live `#[repr(C)]` prefix of `union bpf_attr` for `cmd`, of the size
-    // given; the kernel reads (and for some commands writes) only that much.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
-    i32::try_from(ret).ok().filter(|r| *r >= 0).ok_or_else(io::Error::last_os_error)
+pub fn attach(cgroup: BorrowedFd<'_>, prog: BorrowedFd<'_>, attach_type: u32) -> io::Result<()> {
+    let mut attr = ProgAttach {
+        target_fd: cgroup.as_raw_fd().cast_unsigned(),
+        attach_bpf_fd: prog.as_raw_fd().cast_unsigned(),
+        attach_type,
+        attach_flags: BPF_F_ALLOW_MULTI,
+    };
+    bpf(BPF_PROG_ATTACH, &mut attr).map(drop)
+}
+
+/// Detaches `prog` from the cgroup `cgroup` at `attach_type`.
+///
+/// # Errors
+/// What the kernel said.
+pub fn detach(cgroup: BorrowedFd<'_>, prog: BorrowedFd<'_>, attach_type: u32) -> io::Result<()> {
+    // Detaching takes no flags.
+    let mut attr = ProgAttach {
+        target_fd: cgroup.as_raw_fd().cast_unsigned(),
+        attach_bpf_fd: prog.as_raw_fd().cast_unsigned(),
+        attach_type,
+        attach_flags: 0,
+    };
+    bpf(BPF_PROG_DETACH, &mut attr).map(drop)
 }
 
 /// Loads `insns` as a program of `prog_type` for `attach_type`, named `name` (the kernel

@@ -6,29 +6,16 @@
 use std::{
     io,
     net::Ipv4Addr,
-    os::fd::{AsRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, OwnedFd},
 };
 
 use crate::{
-    bpf::{
-        bpf, insn, load, returning, BPF_CGROUP_INET4_CONNECT, BPF_PROG_ATTACH, BPF_PROG_DETACH,
-        BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-    },
+    bpf::{self, insn, load, returning, BPF_CGROUP_INET4_CONNECT, BPF_PROG_TYPE_CGROUP_SOCK_ADDR},
     sandbox::Cgroup,
 };
 
-const BPF_F_ALLOW_MULTI: u32 = 2;
 /// Offset of `user_ip4` in `struct bpf_sock_addr`.
 const USER_IP4: i16 = 4;
-
-/// `attr` for `BPF_PROG_ATTACH` and `BPF_PROG_DETACH`.
-#[repr(C)]
-struct ProgAttach {
-    target_fd: u32,
-    attach_bpf_fd: u32,
-    attach_type: u32,
-    attach_flags: u32,
-}
 
 /// An address as `user_ip4` holds it (network order), read as the register sees it.
 fn word(ip: Ipv4Addr) -> i32 {
@@ -61,24 +48,14 @@ impl ForeignConnect4 {
         };
         let prog = load(BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT, name, &insns)?;
         let cgroup = std::fs::File::open(&cgroup.path)?;
-        bpf(BPF_PROG_ATTACH, &mut Self::attach_attr(&cgroup, &prog))?;
+        bpf::attach(cgroup.as_fd(), prog.as_fd(), BPF_CGROUP_INET4_CONNECT)?;
         Ok(ForeignConnect4 { prog, cgroup })
-    }
-
-    fn attach_attr(cgroup: &std::fs::File, prog: &OwnedFd) -> ProgAttach {
-        ProgAttach {
-            target_fd: cgroup.as_raw_fd().cast_unsigned(),
-            attach_bpf_fd: prog.as_raw_fd().cast_unsigned(),
-            attach_type: BPF_CGROUP_INET4_CONNECT,
-            attach_flags: BPF_F_ALLOW_MULTI,
-        }
     }
 }
 
 impl Drop for ForeignConnect4 {
     fn drop(&mut self) {
-        // Detaching takes no flags; the cgroup goes with the test anyway.
-        let attr = ProgAttach { attach_flags: 0, ..Self::attach_attr(&self.cgroup, &self.prog) };
-        let _ = bpf(BPF_PROG_DETACH, &mut { attr });
+        // The cgroup goes with the test anyway.
+        let _ = bpf::detach(self.cgroup.as_fd(), self.prog.as_fd(), BPF_CGROUP_INET4_CONNECT);
     }
 }

@@ -68,16 +68,21 @@ impl CgroupResolver {
         Ok(Some(info))
     }
 
-    /// Drops cached cgroups that no longer exist; returns how many were dropped.
+    /// Drops cached cgroups that no longer exist; returns how many were dropped. The cache is
+    /// locked only to copy what it holds and to drop what went away, not while each cgroup
+    /// is looked at: connections look the cache up on the async workers.
     pub fn prune(&self) -> usize {
+        let held: Vec<(u64, String)> = self.lock().iter().map(|(id, info)| (*id, info.path.clone())).collect();
+        let gone: Vec<u64> = held
+            .into_iter()
+            .filter(|(id, path)| {
+                let dir = self.root.join(path.trim_start_matches('/'));
+                !fs::metadata(dir).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == *id)
+            })
+            .map(|(id, _)| id)
+            .collect();
         let mut cache = self.lock();
-        let before = cache.len();
-        let root = self.root.clone();
-        cache.retain(|id, info| {
-            let dir = root.join(info.path.trim_start_matches('/'));
-            fs::metadata(dir).is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == *id)
-        });
-        before - cache.len()
+        gone.iter().filter(|id| cache.remove(id).is_some()).count()
     }
 
     /// Number of cached cgroups.
@@ -133,5 +138,27 @@ pub async fn prune_every_10s(
         {
             cached.set(i64::try_from(held).unwrap_or(i64::MAX));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+
+    #[test]
+    fn pruning_forgets_exactly_the_cgroups_that_went_away() {
+        let root = tempfile::tempdir().unwrap();
+        fs::create_dir_all(root.path().join("kubepods/pod1")).unwrap();
+        let live = fs::metadata(root.path().join("kubepods/pod1")).unwrap().ino();
+        let resolver = CgroupResolver::new(root.path()).unwrap();
+        let info = |path: &str| CgroupInfo { path: path.to_owned(), pod_uid: None };
+        resolver.lock().insert(live, info("/kubepods/pod1"));
+        resolver.lock().insert(live + 1_000_000, info("/kubepods/pod2")); // never existed
+        resolver.lock().insert(live + 2_000_000, info("/kubepods/pod1")); // reused name, another id
+        assert_eq!(resolver.prune(), 2);
+        assert_eq!(resolver.cached_info(live), Some(info("/kubepods/pod1")));
+        assert_eq!(resolver.cached(), 1);
+        assert_eq!(resolver.prune(), 0);
     }
 }

@@ -125,8 +125,9 @@ impl Filter {
             agent_netns_cookie: opts.agent_netns_cookie,
         };
         config.set(0, wanted, 0).map_err(map_err(maps::CONFIG))?;
-        // Programs already attached may still be an earlier run's, with another set: until
-        // every one is replaced, the summary lets through what either set protects.
+        // The summary every program reads must cover what PROTECTED holds at every moment:
+        // widened to both sets while PROTECTED changes, narrowed once everything is in place
+        // (a start that fails before then leaves the wider one).
         let mut summary_map: Array<MapData, ProtectedSummary> = take_map(&mut ebpf, maps::SUMMARY)?;
         let summary = ProtectedSummary::of(protected.keys().copied());
         let pinned_summary = summary_map.get(&0, 0).map_err(map_err(maps::SUMMARY))?;

@@ -186,30 +186,9 @@ pub(super) fn http1_limits() -> http1::Builder {
 /// The caller of a connection, or `None` (logged) when it must not be served.
 async fn identify(stream: &TcpStream, state: &AgentState) -> Option<Caller> {
     let (peer, local) = (stream.peer_addr().ok()?, stream.local_addr().ok()?);
-    // The origin record is two map system calls that never sleep, and a pod's cgroup is
-    // nearly always cached: both on the async worker, which saves each connection a hand-off
-    // to the blocking pool and back. Only a cgroup not seen yet is looked up in the filesystem,
-    // off the workers.
-    let origin = match state.origins.take(peer, local) {
-        Ok(OriginLookup::Found(o)) => Ok(o),
-        Ok(other) => Err(format!("{other:?}")),
-        Err(e) => Err(format!("{:#}", anyhow::Error::from(e))),
-    };
-    let found = match origin.map(|o| (state.resolver.cached_info(o.cgroup_id), o)) {
-        Ok((Some(info), origin)) => Ok(Ok(Caller { origin, cgroup: Some(info) })),
-        Ok((None, origin)) => {
-            let resolver = Arc::clone(&state.resolver);
-            tokio::task::spawn_blocking(move || {
-                let cgroup = resolver.resolve(origin.cgroup_id).map_err(|e| format!("resolving cgroup: {e}"))?;
-                Ok(Caller { origin, cgroup })
-            })
-            .await
-        }
-        Err(reason) => Ok(Err(reason)),
-    };
-    match found {
-        Ok(Ok(caller)) => Some(caller),
-        Ok(Err(reason)) => {
+    match caller_of(peer, local, state).await {
+        Ok(caller) => Some(caller),
+        Err(reason) => {
             state.telemetry.count_refused("no_origin");
             if let Some(held_back) = REFUSAL_LOG.allow() {
                 tracing::warn!(
@@ -222,11 +201,28 @@ async fn identify(stream: &TcpStream, state: &AgentState) -> Option<Caller> {
             }
             None
         }
-        Err(e) => {
-            tracing::error!(%peer, error = %e, "origin lookup task failed");
-            None
-        }
     }
+}
+
+/// The caller of the connection `peer` → `local` from its kernel origin record, or why not.
+/// The record is two short map system calls, and a pod's cgroup is nearly always cached:
+/// both on the async worker, which saves each connection a hand-off to the blocking pool and
+/// back. Only a cgroup not seen yet is looked up in the filesystem, off the workers.
+async fn caller_of(peer: SocketAddr, local: SocketAddr, state: &AgentState) -> Result<Caller, String> {
+    let origin = match state.origins.take(peer, local) {
+        Ok(OriginLookup::Found(origin)) => origin,
+        Ok(other) => return Err(format!("{other:?}")),
+        Err(e) => return Err(format!("{:#}", anyhow::Error::from(e))),
+    };
+    if let Some(info) = state.resolver.cached_info(origin.cgroup_id) {
+        return Ok(Caller { origin, cgroup: Some(info) });
+    }
+    let (resolver, id) = (Arc::clone(&state.resolver), origin.cgroup_id);
+    let looked_up = tokio::task::spawn_blocking(move || resolver.resolve(id))
+        .await
+        .map_err(|e| format!("cgroup lookup task failed: {e}"))?;
+    let cgroup = looked_up.map_err(|e| format!("resolving cgroup: {e}"))?;
+    Ok(Caller { origin, cgroup })
 }
 
 /// Most over-limit connections being told to retry at once; past that they are just closed.

@@ -271,12 +271,8 @@ pub fn run(effort: Effort) -> Vec<Figure> {
         ("P8c", "the same, small packets (18-byte UDP) arriving", "thousand/s"),
         ("P8d", "the same, TCP connections (connect and close), eight clients at once", "thousand/s"),
     ];
-    let by_itself: Vec<(PacketProgram, u32)> =
-        [(PacketProgram::Egress, on(Hook::Egress)), (PacketProgram::NodeNetfilter, backstop)]
-            .into_iter()
-            .filter_map(|(program, id)| id.map(|id| (program, id)))
-            .collect();
-    let costs = packet::costs(&by_itself, effort);
+    let costs =
+        packet::costs(&[(PacketProgram::Egress, on(Hook::Egress)), (PacketProgram::NodeNetfilter, backstop)], effort);
     drop((with, without));
     drop((filtered, plain));
     let mut figures: Vec<Figure> = rows
