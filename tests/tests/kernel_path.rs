@@ -104,6 +104,15 @@ fn v4_mapped_ipv6_connects_get_the_same_three_outcomes() {
     assert_eq!((report.outcome.as_str(), report.errno), ("error", Some(libc::EPERM)), "{report:?}");
     assert_eq!(sb.standin.accepted(), 1);
     assert_eq!(sb.agent.server.accepted(), 1);
+
+    // The NAT64 spelling is redirected too, and getpeername() gives it back with its prefix.
+    let python = std::env::var("IMDS_SDK_PYTHON").expect("IMDS_SDK_PYTHON: run through `cargo xtask test`");
+    let asks = "import socket; s = socket.create_connection(('64:ff9b::a9fe:a9fe', 80), timeout=5); \
+                print('%s %d' % s.getpeername()[:2])";
+    let (_, out) = Probe::new(&sb.ns, &sb.redirect).exec(&[&python, "-c", asks]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "64:ff9b::a9fe:a9fe 80");
+    assert_eq!(sb.agent.server.accepted(), 2, "the NAT64 connection went to the agent");
 }
 
 // 5.
@@ -329,7 +338,11 @@ fn restart_reuses_pinned_state_with_no_gap_and_no_second_attachment() {
     assert_eq!(report.errno, Some(libc::ECONNREFUSED), "{report:?}");
     assert_eq!(sb.standin.accepted(), 0);
 
+    // An earlier version's map that this one no longer has: the start removes its pin.
+    let retired = sb.pins.path.join(maps::RETIRED[0]);
+    imds_tests::bpf::pin_new_map(imds_tests::bpf::BPF_MAP_TYPE_LRU_HASH, 8, 8, 16, &retired).unwrap();
     let agent = AgentProcess::start(&sb.ns, &args);
+    assert!(!retired.exists(), "the start left the retired map's pin");
     let hows: Vec<String> = agent.log_lines().iter().filter_map(|l| l["how"].as_str().map(str::to_owned)).collect();
     assert_eq!(hows, vec![format!("{:?}", Attachment::Replaced); Hook::ALL.len()]);
     let second_ids = assert_attached_once(&sb.root);
@@ -354,6 +367,15 @@ fn uninstall_detaches_everything_and_removes_the_pins() {
     assert_eq!(report.errno, Some(libc::EPERM), "{report:?}");
     agent.wait_for_log("connect4 to protected 169.254.169.254 refused", Duration::from_secs(5));
 
+    // An earlier version's map (a node upgraded while the agent was down, say) goes too.
+    imds_tests::bpf::pin_new_map(
+        imds_tests::bpf::BPF_MAP_TYPE_LRU_HASH,
+        8,
+        8,
+        16,
+        &sb.pins.path.join(maps::RETIRED[0]),
+    )
+    .unwrap();
     // While the agent still runs: uninstall must not depend on it exiting.
     let out = std::process::Command::new(imds_tests::agent_binary())
         .args(["uninstall", "--bpffs"])
