@@ -14,7 +14,7 @@ pub use addr::{
     bind_target_v4, embedded_v4, has_ports, ipproto, ipv4_transport, Embedded, Nat64Prefix, PodAddr, ProtectedAddr,
     ProtectedSummary, IPV6_HEADER_LEN, V4_MAPPED_WORD2,
 };
-pub use origin::{Origin, OriginKey};
+pub use origin::{Origin, OriginKey, Peer};
 
 /// What the kernel does with a cgroup's connections to protected endpoints.
 #[repr(u32)]
@@ -73,11 +73,13 @@ pub mod maps {
     pub const CONFIG: &str = "CONFIG";
     /// `PerCpuArray<u64>` indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
-    /// `LruHashMap<u64 socket cookie, Origin>`: who made a redirected connection and what it
-    /// asked for, from `connect()` until the socket closes (`getpeername()` reports it).
+    /// `LruHashMap<u64 socket cookie, Origin>`: between `connect()` and the SYN.
     pub const PENDING: &str = "PENDING";
     /// `LruHashMap<OriginKey, Origin>`: from the SYN until the agent takes it or the socket closes.
     pub const ORIGINS: &str = "ORIGINS";
+    /// `LruHashMap<u64 socket cookie, Peer>`: what a redirected socket asked for, from the SYN
+    /// until it closes, so `getpeername()` reports it.
+    pub const PEERS: &str = "PEERS";
     /// `HashMap<PodAddr, u32>`: addresses of pods whose verdict is PASS (exception pods with
     /// their own network namespace). The node backstop lets their packets to protected
     /// addresses through; every other packet entering the node's namespace for one is dropped.
@@ -88,11 +90,8 @@ pub mod maps {
     /// `Array<ProtectedSummary>` with one entry: what `PROTECTED` holds, in one word.
     pub const SUMMARY: &str = "SUMMARY";
     /// Every map the agent pins, in the order it reports them.
-    pub const PINNED: [&str; 9] =
-        [VERDICTS, PROTECTED, CONFIG, COUNTERS, PENDING, ORIGINS, PASS_SOURCES, NAT64, SUMMARY];
-    /// Maps earlier versions pinned and this one no longer has: a start or an uninstall
-    /// removes their pins. `PEERS` held what `PENDING` now keeps until the socket closes.
-    pub const RETIRED: [&str; 1] = ["PEERS"];
+    pub const PINNED: [&str; 10] =
+        [VERDICTS, PROTECTED, CONFIG, COUNTERS, PENDING, ORIGINS, PEERS, PASS_SOURCES, NAT64, SUMMARY];
 }
 
 /// Names of the programs in the BPF object.
@@ -116,9 +115,10 @@ pub mod programs {
 pub mod capacity {
     pub const VERDICTS: u32 = 65_536;
     pub const PROTECTED: u32 = 64;
-    /// Redirected sockets open at once (the agent serves at most 4,096 by default).
     pub const PENDING: u32 = 16_384;
     pub const ORIGINS: u32 = 65_536;
+    /// Redirected connections open at once (the agent serves at most 4,096 by default).
+    pub const PEERS: u32 = 16_384;
     /// Addresses of exception pods on one node (two per dual-stack pod).
     pub const PASS_SOURCES: u32 = 1_024;
     /// NAT64 prefixes: the well-known `64:ff9b::/96` and up to three the operator names.
@@ -241,6 +241,8 @@ mod pod {
     // SAFETY: see above.
     unsafe impl aya::Pod for super::OriginKey {}
     // SAFETY: see above.
+    unsafe impl aya::Pod for super::Peer {}
+    // SAFETY: see above.
     unsafe impl aya::Pod for super::PodAddr {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::Nat64Prefix {}
@@ -259,6 +261,7 @@ mod tests {
         assert_eq!(size_of::<ProtectedAddr>(), 2 * MAX_PORTS_PER_ADDR + 2 + 2);
         assert_eq!(size_of::<Origin>(), 8 * 4 + 4 + 2 + 2);
         assert_eq!(size_of::<OriginKey>(), 4 + 4 + 2 + 2);
+        assert_eq!(size_of::<Peer>(), 4 + 2 + 2);
         assert_eq!(size_of::<PodAddr>(), 16);
         assert_eq!(size_of::<Nat64Prefix>(), 16);
         assert_eq!(size_of::<ProtectedSummary>(), 8);

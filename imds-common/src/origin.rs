@@ -58,3 +58,14 @@ pub struct OriginKey {
     pub client_port_be: u16,
     pub agent_port_be: u16,
 }
+
+/// Value of the `PEERS` map: the destination a redirected socket asked for, network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    pub ip4_be: u32,
+    pub port_be: u16,
+    /// How an `AF_INET6` socket spelt the address: 0 v4-mapped, `n` the NAT64 prefix in
+    /// slot `n - 1` (the high byte of [`Origin::family`]).
+    pub nat64_slot_plus_one: u16,
+}

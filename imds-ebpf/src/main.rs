@@ -7,9 +7,8 @@
 //!   refused (`EPERM`) or rewritten to the agent, by the caller's cgroup verdict. The v6 hook
 //!   catches the v4-mapped spelling `::ffff:169.254.169.254`, which never reaches connect4.
 //! - `imds_sock_ops`: when a redirected TCP connection has its local port (just before the
-//!   SYN), the caller's identity is copied from its socket-cookie record to one under the
-//!   connection's address tuple, which the agent can compute from its accepted socket; both go
-//!   when the connection closes.
+//!   SYN), the caller's identity moves from a socket-cookie key to the connection's address
+//!   tuple, which the agent can compute from its accepted socket.
 //! - `imds_peer4` / `imds_peer6`: `getpeername()` on a redirected socket reports the address
 //!   the caller asked for, not the agent's: what the application connected to is what it sees.
 //! - `imds_bind4` / `imds_bind6`: the agent's TCP port (on its address or the wildcard, in
@@ -57,7 +56,7 @@ use aya_log_ebpf::{debug, warn};
 use imds_common::{
     bind_target_v4, capacity,
     decide::{self, ConnectVerdict},
-    embedded_v4, has_ports, ipproto, ipv4_transport, Config, Counter, Embedded, Nat64Prefix, Origin, OriginKey,
+    embedded_v4, has_ports, ipproto, ipv4_transport, Config, Counter, Embedded, Nat64Prefix, Origin, OriginKey, Peer,
     PodAddr, ProtectedAddr, ProtectedSummary, IPV6_HEADER_LEN, V4_MAPPED_WORD2, VERDICT_PASS,
 };
 
@@ -75,6 +74,8 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::LEN, 0);
 static PENDING: LruHashMap<u64, Origin> = LruHashMap::pinned(capacity::PENDING, 0);
 #[map]
 static ORIGINS: LruHashMap<OriginKey, Origin> = LruHashMap::pinned(capacity::ORIGINS, 0);
+#[map]
+static PEERS: LruHashMap<u64, Peer> = LruHashMap::pinned(capacity::PEERS, 0);
 #[map]
 static PASS_SOURCES: HashMap<PodAddr, u32> = HashMap::pinned(capacity::PASS_SOURCES, 0);
 #[map]
@@ -203,9 +204,7 @@ fn try_connect(ip4_be: u32, port_be: u16, protocol: u32) -> Connect {
     }
 }
 
-/// Remembers who is connecting and what they asked for, under the socket cookie: `sock_ops`
-/// copies it under the connection's tuple once the local port is known, getpeername reads it,
-/// and it goes when the connection closes.
+/// Remembers who is connecting, under the socket cookie, until `sock_ops` sees the local port.
 #[inline(always)]
 fn record_pending(ctx: &SockAddrContext, ip4_be: u32, port_be: u16, family: u16) {
     // SAFETY: helpers without preconditions; the cookie helper accepts this context type.
@@ -238,7 +237,7 @@ pub fn imds_sock_ops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             let _gone = ORIGINS.remove(connection_key(&ctx));
             // SAFETY: the cookie helper accepts a sock_ops context.
-            let _gone = PENDING.remove(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
+            let _gone = PEERS.remove(unsafe { bpf_get_socket_cookie(ctx.as_ptr()) });
         }
         _ => {}
     }
@@ -273,13 +272,19 @@ fn on_tcp_connect(ctx: &SockOpsContext) {
     // SAFETY: plain data copied out right away.
     match unsafe { PENDING.get(cookie) }.copied() {
         Some(origin) => {
+            let _taken = PENDING.remove(cookie);
             if ORIGINS.insert(key, origin, 0).is_ok() {
-                // Drop both records when this socket closes, whether or not the agent took
-                // the connection's. The cookie's stays until then: getpeername() reads it.
+                // Best effort: without it, getpeername() shows the agent's address.
+                let peer = Peer {
+                    ip4_be: origin.orig_ip4_be,
+                    port_be: origin.orig_port_be,
+                    nat64_slot_plus_one: origin.nat64_slot().map_or(0, |slot| slot as u16 + 1),
+                };
+                let _ = PEERS.insert(cookie, peer, 0);
+                // Drop the records when this socket closes, whether or not the agent took it.
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
                 bump(Counter::OriginRecorded);
             } else {
-                let _lost = PENDING.remove(cookie);
                 warn!(ctx, "origin could not be stored: the agent will refuse this connection");
                 bump(Counter::OriginLost);
             }
@@ -298,9 +303,9 @@ fn on_tcp_connect(ctx: &SockOpsContext) {
 pub fn imds_peer4(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in connect4.
     let sa = unsafe { &mut *ctx.sock_addr };
-    if let Some(asked) = asked_for(&ctx, sa.user_ip4, sa.user_port as u16) {
-        sa.user_ip4 = asked.orig_ip4_be;
-        sa.user_port = u32::from(asked.orig_port_be);
+    if let Some(peer) = asked_for(&ctx, sa.user_ip4, sa.user_port as u16) {
+        sa.user_ip4 = peer.ip4_be;
+        sa.user_port = u32::from(peer.port_be);
     }
     ALLOW // the only value these hooks accept
 }
@@ -313,29 +318,28 @@ pub fn imds_peer6(ctx: SockAddrContext) -> i32 {
     if w0 != 0 || w1 != 0 || w2 != V4_MAPPED_WORD2 {
         return ALLOW;
     }
-    if let Some(asked) = asked_for(&ctx, ip4_be, sa.user_port as u16) {
+    if let Some(peer) = asked_for(&ctx, ip4_be, sa.user_port as u16) {
         // A NAT64 spelling gets its prefix back; the v4-mapped one already has it.
-        if let Some(prefix) = asked.nat64_slot().and_then(nat64_prefix) {
+        if let Some(prefix) = peer.nat64_slot_plus_one.checked_sub(1).and_then(|slot| nat64_prefix(u32::from(slot))) {
             sa.user_ip6[0] = prefix.words[0];
             sa.user_ip6[1] = prefix.words[1];
             sa.user_ip6[2] = prefix.words[2];
         }
-        sa.user_ip6[3] = asked.orig_ip4_be;
-        sa.user_port = u32::from(asked.orig_port_be);
+        sa.user_ip6[3] = peer.ip4_be;
+        sa.user_port = u32::from(peer.port_be);
     }
     ALLOW
 }
 
-/// The record of a socket whose peer is `ip4_be:port_be`, if it is a redirected one: what it
-/// asked for.
+/// What a socket whose peer is `ip4_be:port_be` asked for, if it is a redirected one.
 #[inline(always)]
-fn asked_for(ctx: &SockAddrContext, ip4_be: u32, port_be: u16) -> Option<Origin> {
+fn asked_for(ctx: &SockAddrContext, ip4_be: u32, port_be: u16) -> Option<Peer> {
     let cfg = config();
     if ip4_be != cfg.agent_ip4_be || port_be != cfg.agent_port_be {
         return None; // not connected to the agent: nothing to say
     }
     // SAFETY: the cookie helper accepts this context type; plain data copied out right away.
-    unsafe { PENDING.get(bpf_get_socket_cookie(ctx.as_ptr())) }.copied()
+    unsafe { PEERS.get(bpf_get_socket_cookie(ctx.as_ptr())) }.copied()
 }
 
 // ---- bind4 / bind6 ---------------------------------------------------------------------------

@@ -1,23 +1,15 @@
 //! The few `bpf(2)` commands test tooling issues itself, below what aya offers: loading a
-//! hand-assembled program, running a loaded program on a packet the caller gives
-//! (`BPF_PROG_TEST_RUN`, which aya has no handle for on programs it did not load), and pinning
-//! a bare map, as an earlier version of the agent may have left one.
+//! hand-assembled program, and running a loaded program on a packet the caller gives
+//! (`BPF_PROG_TEST_RUN`, which aya has no handle for on programs it did not load).
 use std::{
-    ffi::CString,
     io,
-    os::{
-        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    },
-    path::Path,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
 };
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_PROG_DETACH: libc::c_long = 9;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_MAP_CREATE: libc::c_long = 0;
-const BPF_OBJ_PIN: libc::c_long = 6;
 /// `BPF_F_ALLOW_MULTI`: attach beside the programs already there.
 const BPF_F_ALLOW_MULTI: u32 = 2;
 
@@ -27,25 +19,6 @@ pub const BPF_PROG_TYPE_NETFILTER: u32 = 32;
 pub const BPF_CGROUP_INET_EGRESS: u32 = 1;
 pub const BPF_CGROUP_INET4_CONNECT: u32 = 10;
 pub const BPF_NETFILTER: u32 = 45;
-pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
-
-/// `attr` for `BPF_MAP_CREATE`, up to `max_entries`.
-#[repr(C)]
-struct MapCreate {
-    map_type: u32,
-    key_size: u32,
-    value_size: u32,
-    max_entries: u32,
-}
-
-/// `attr` for `BPF_OBJ_PIN`, up to `file_flags` (spelt out: the kernel refuses nonzero bytes
-/// past the fields it reads, and padding could hold any).
-#[repr(C)]
-struct ObjPin {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
 
 /// `attr` for `BPF_PROG_LOAD`, up to `expected_attach_type`.
 #[repr(C)]
@@ -196,18 +169,4 @@ pub fn test_run(prog: BorrowedFd<'_>, packet: &[u8], repeat: u32) -> io::Result<
     };
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;
     Ok((attr.retval, attr.duration))
-}
-
-/// Creates a map of `map_type` with `key_size`-byte keys, `value_size`-byte values and room for
-/// `max_entries`, and pins it at `path`: what an earlier version of the agent may have left.
-///
-/// # Errors
-/// What the kernel said (a path outside bpffs, one that exists, an unknown map type).
-pub fn pin_new_map(map_type: u32, key_size: u32, value_size: u32, max_entries: u32, path: &Path) -> io::Result<()> {
-    let mut attr = MapCreate { map_type, key_size, value_size, max_entries };
-    // SAFETY: the kernel just returned this descriptor, owned by nobody else.
-    let map = unsafe { OwnedFd::from_raw_fd(bpf(BPF_MAP_CREATE, &mut attr)?) };
-    let path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    let mut attr = ObjPin { pathname: path.as_ptr() as u64, bpf_fd: map.as_raw_fd().cast_unsigned(), file_flags: 0 };
-    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
 }

@@ -175,15 +175,15 @@ fn churning_pod_cgroups_leave_nothing_behind_and_every_answer_is_right() {
     loop {
         let state = inspect(&node.pins.path).expect("the pinned state");
         let fill = |name: &str| state.maps.iter().find(|m| m.name == name).map_or(usize::MAX, |m| m.entries);
-        let left = (state.verdicts.len(), fill("PENDING"), fill("ORIGINS"));
+        let left = (state.verdicts.len(), fill("PENDING"), fill("ORIGINS"), fill("PEERS"));
         let cached = node.metric(metrics, "imds_filter_cgroups_cached");
         let open = node.metric(metrics, "imds_filter_connections_open");
-        if left == (0, 0, 0) && cached <= 1 && open == 0 {
+        if left == (0, 0, 0, 0) && cached <= 1 && open == 0 {
             break;
         }
         assert!(
             settled.elapsed() < Duration::from_secs(25),
-            "left behind: (verdicts, pending, origins) {left:?}, {cached} cgroups cached, {open} connections open"
+            "left behind: (verdicts, pending, origins, peers) {left:?}, {cached} cgroups cached, {open} connections open"
         );
         std::thread::sleep(Duration::from_millis(500));
     }

@@ -338,11 +338,7 @@ fn restart_reuses_pinned_state_with_no_gap_and_no_second_attachment() {
     assert_eq!(report.errno, Some(libc::ECONNREFUSED), "{report:?}");
     assert_eq!(sb.standin.accepted(), 0);
 
-    // An earlier version's map that this one no longer has: the start removes its pin.
-    let retired = sb.pins.path.join(maps::RETIRED[0]);
-    imds_tests::bpf::pin_new_map(imds_tests::bpf::BPF_MAP_TYPE_LRU_HASH, 8, 8, 16, &retired).unwrap();
     let agent = AgentProcess::start(&sb.ns, &args);
-    assert!(!retired.exists(), "the start left the retired map's pin");
     let hows: Vec<String> = agent.log_lines().iter().filter_map(|l| l["how"].as_str().map(str::to_owned)).collect();
     assert_eq!(hows, vec![format!("{:?}", Attachment::Replaced); Hook::ALL.len()]);
     let second_ids = assert_attached_once(&sb.root);
@@ -367,15 +363,6 @@ fn uninstall_detaches_everything_and_removes_the_pins() {
     assert_eq!(report.errno, Some(libc::EPERM), "{report:?}");
     agent.wait_for_log("connect4 to protected 169.254.169.254 refused", Duration::from_secs(5));
 
-    // An earlier version's map (a node upgraded while the agent was down, say) goes too.
-    imds_tests::bpf::pin_new_map(
-        imds_tests::bpf::BPF_MAP_TYPE_LRU_HASH,
-        8,
-        8,
-        16,
-        &sb.pins.path.join(maps::RETIRED[0]),
-    )
-    .unwrap();
     // While the agent still runs: uninstall must not depend on it exiting.
     let out = std::process::Command::new(imds_tests::agent_binary())
         .args(["uninstall", "--bpffs"])

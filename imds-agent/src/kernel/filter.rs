@@ -97,7 +97,6 @@ impl Filter {
         bpffs::ensure_pin_dir(&opts.pin_dir)?;
         let mut plan = backstop::Plan::new(opts.node_backstop)?;
         drop_reshaped_maps(&opts.pin_dir)?;
-        drop_retired_maps(&opts.pin_dir)?;
 
         // log's LevelFilter and aya-log number levels alike: 0 off, 1 error … 5 trace.
         let log_level = opts.kernel_log_level as u8;
@@ -293,19 +292,6 @@ fn drop_reshaped_maps(pin_dir: &Path) -> Result<(), FilterError> {
     drop_pin_unless(pin_dir, maps::COUNTERS, |info| info.max_entries() >= Counter::LEN)?;
     drop_pin_unless(pin_dir, maps::CONFIG, |info| info.value_size() as usize == size_of::<Config>())?;
     drop_pin_unless(pin_dir, maps::PROTECTED, |info| info.value_size() as usize == size_of::<ProtectedAddr>())
-}
-
-/// Maps an earlier version pinned and this one has no use for ([`maps::RETIRED`]): their pins
-/// go (programs still attached keep the map until they are replaced a moment later).
-fn drop_retired_maps(pin_dir: &Path) -> Result<(), FilterError> {
-    for name in maps::RETIRED {
-        let pin = pin_dir.join(name);
-        if pin.exists() {
-            tracing::info!(map = name, "an earlier version's map is no longer used; removing its pin");
-            fs::remove_file(&pin).map_err(|source| FilterError::Io { what: "removing pin", path: pin, source })?;
-        }
-    }
-    Ok(())
 }
 
 fn drop_pin_unless(pin_dir: &Path, name: &'static str, fits: impl Fn(&MapInfo) -> bool) -> Result<(), FilterError> {

@@ -13,7 +13,7 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray},
     Pod,
 };
-use imds_common::{capacity, maps, Config, Counter, Origin, OriginKey, PodAddr, ProtectedAddr, Verdict};
+use imds_common::{capacity, maps, Config, Counter, Origin, OriginKey, Peer, PodAddr, ProtectedAddr, Verdict};
 
 use super::{map_err, sys, FilterError, Hook};
 
@@ -155,6 +155,10 @@ pub fn inspect(pin_dir: &Path) -> Result<PinnedState, FilterError> {
     if let Some(map) = open(pin_dir, maps::PASS_SOURCES)? {
         let entries = count::<PodAddr, u32>(map, maps::PASS_SOURCES)?;
         state.maps.push(MapFill { name: maps::PASS_SOURCES, entries, capacity: capacity::PASS_SOURCES });
+    }
+    if let Some(map) = open(pin_dir, maps::PEERS)? {
+        let entries = count::<u64, Peer>(map, maps::PEERS)?;
+        state.maps.push(MapFill { name: maps::PEERS, entries, capacity: capacity::PEERS });
     }
     if let Some(map) = open(pin_dir, maps::COUNTERS)? {
         let counters: PerCpuArray<MapData, u64> =

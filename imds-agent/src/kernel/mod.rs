@@ -242,7 +242,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<Uninstalled, FilterError> {
         done.links.push(hook.link_pin());
     }
     done.backstop = backstop::uninstall(pin_dir)?;
-    for name in maps::PINNED.into_iter().chain(maps::RETIRED) {
+    for name in maps::PINNED {
         let pin = pin_dir.join(name);
         if pin.exists() {
             fs::remove_file(&pin).map_err(io_err("removing pin", &pin))?;
