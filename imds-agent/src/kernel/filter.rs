@@ -165,7 +165,13 @@ impl Filter {
             pass_sources: take_map(&mut ebpf, maps::PASS_SOURCES)?,
             pass_sources_held: None,
             counters: take_map(&mut ebpf, maps::COUNTERS)?,
-            origins: Arc::new(OriginTable::new(take_map(&mut ebpf, maps::ORIGINS)?, opts.origin_ttl)),
+            origins: Arc::new(OriginTable::new(take_map(&mut ebpf, maps::ORIGINS)?, opts.origin_ttl).map_err(
+                |source| FilterError::Io {
+                    what: "duplicating the descriptor of",
+                    path: opts.pin_dir.join(maps::ORIGINS),
+                    source,
+                },
+            )?),
             logger,
             backstop_duty: Duty::default(),
             redirects: Some(Redirects { config, agent_cgroup: opts.agent_cgroup }),

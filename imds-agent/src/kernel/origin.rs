@@ -9,11 +9,15 @@ use parking_lot::Mutex;
 use std::{
     io,
     net::{SocketAddr, SocketAddrV4},
+    os::fd::{AsFd as _, OwnedFd},
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
-use aya::maps::{HashMap, MapData, MapError};
+use aya::maps::{HashMap, IterableMap as _, MapData, MapError};
 use imds_common::{Origin, OriginKey};
+
+use super::sys;
 
 /// How long a record stays valid after `connect()`: long enough for a SYN retried while the
 /// agent restarts, short enough that a stale record is useless.
@@ -74,6 +78,8 @@ pub enum OriginError {
     Addresses(#[from] io::Error),
     #[error("origin map")]
     Map(#[from] MapError),
+    #[error("taking a record from the origin map")]
+    Take(#[source] io::Error),
 }
 
 /// Anything with the two addresses of an accepted TCP connection.
@@ -119,13 +125,19 @@ pub fn origin_key(peer: SocketAddr, local: SocketAddr) -> Option<OriginKey> {
 
 /// The connection-keyed origin records, shared by all connection handlers.
 pub struct OriginTable {
+    /// The map's own descriptor, for the one-step take.
+    fd: OwnedFd,
+    /// Whether the kernel takes records in one step (Linux ≥ 5.14); cleared the first time it
+    /// refuses, after which records are taken under `map`'s lock in two steps.
+    one_step: AtomicBool,
     map: Mutex<HashMap<MapData, OriginKey, Origin>>,
     ttl: Duration,
 }
 
 impl OriginTable {
-    pub(crate) fn new(map: HashMap<MapData, OriginKey, Origin>, ttl: Duration) -> Self {
-        OriginTable { map: Mutex::new(map), ttl }
+    pub(crate) fn new(map: HashMap<MapData, OriginKey, Origin>, ttl: Duration) -> io::Result<Self> {
+        let fd = map.map().fd().as_fd().try_clone_to_owned()?;
+        Ok(OriginTable { fd, one_step: AtomicBool::new(true), map: Mutex::new(map), ttl })
     }
 
     /// Takes the origin record of an accepted connection.
@@ -138,24 +150,55 @@ impl OriginTable {
         let Some(key) = origin_key(peer, local) else {
             return Ok(OriginLookup::Missing);
         };
-        let raw = {
-            let mut map = self.map.lock();
-            let raw = match map.get(&key, 0) {
-                Ok(raw) => raw,
-                Err(MapError::KeyNotFound) => return Ok(OriginLookup::Missing),
-                Err(e) => return Err(e.into()),
-            };
-            match map.remove(&key) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e.into()),
-            }
-            raw
+        let Some(raw) = self.remove(&key)? else {
+            return Ok(OriginLookup::Missing);
         };
         let age = Duration::from_nanos(monotonic_ns().saturating_sub(raw.recorded_ns));
         if age > self.ttl {
             return Ok(OriginLookup::Expired { age });
         }
         Ok(OriginLookup::Found(CallerOrigin::new(&raw, age)))
+    }
+}
+
+impl OriginTable {
+    /// Whether records are taken in one system call (the kernel has not refused it yet).
+    #[doc(hidden)]
+    pub fn takes_in_one_step(&self) -> bool {
+        self.one_step.load(Ordering::Relaxed)
+    }
+
+    /// Takes records in two steps from now on, as on a kernel before 5.14, so that tests on
+    /// a newer one cover that path too.
+    #[doc(hidden)]
+    pub fn take_in_two_steps(&self) {
+        self.one_step.store(false, Ordering::Relaxed);
+    }
+
+    /// Looks `key` up and deletes it, so that each record is taken once: in one system call
+    /// where the kernel can, else in two under the lock.
+    fn remove(&self, key: &OriginKey) -> Result<Option<Origin>, OriginError> {
+        if self.one_step.load(Ordering::Relaxed) {
+            match sys::map_lookup_and_delete(self.fd.as_fd(), key) {
+                Ok(raw) => return Ok(raw),
+                // 524: the kernel's ENOTSUPP, which libc does not name.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | 524)) => {
+                    tracing::debug!("the kernel cannot take a hash map element in one step; using two");
+                    self.one_step.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(OriginError::Take(e)),
+            }
+        }
+        let mut map = self.map.lock();
+        let raw = match map.get(key, 0) {
+            Ok(raw) => raw,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        match map.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(Some(raw)),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

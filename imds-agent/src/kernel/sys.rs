@@ -1,6 +1,7 @@
 //! The few `bpf()` commands aya 0.14 does not expose: replacing the program behind a link
 //! atomically, force-detaching a link, reading a link's target, listing the programs attached
-//! to a cgroup, and loading and linking a netfilter program (a type aya cannot load).
+//! to a cgroup, loading and linking a netfilter program (a type aya cannot load), and taking
+//! an element out of a hash map in one step.
 //!
 //! Each attr struct below is the prefix of the matching anonymous struct in
 //! `union bpf_attr` (include/uapi/linux/bpf.h); the kernel zero-extends a shorter attr.
@@ -15,6 +16,7 @@ use std::{
     path::Path,
 };
 
+use aya::Pod;
 use aya_obj::generated::{bpf_attach_type, bpf_cmd, bpf_insn};
 
 /// `attr.obj_get` (`BPF_OBJ_GET`).
@@ -122,6 +124,17 @@ struct QueryAttr {
 
 /// `BPF_LINK_TYPE_CGROUP`.
 const LINK_TYPE_CGROUP: u32 = 3;
+/// `attr` for the map element commands (here `BPF_MAP_LOOKUP_AND_DELETE_ELEM`).
+#[repr(C)]
+struct MapElemAttr {
+    map_fd: u32,
+    /// The kernel aligns `key` to 8 bytes; spelt out so that the gap is zero.
+    pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
 /// `BPF_LINK_TYPE_NETFILTER`.
 const LINK_TYPE_NETFILTER: u32 = 10;
 /// `BPF_PROG_TYPE_NETFILTER` and its one attach type, `BPF_NETFILTER` (Linux ≥ 6.4).
@@ -153,6 +166,25 @@ pub(super) fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     let c_path = c_path(path)?;
     let mut attr = ObjPinAttr { pathname: c_path.as_ptr() as u64, bpf_fd: raw(fd), file_flags: 0 };
     bpf(bpf_cmd::BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// Looks `key` up in the map `map` and deletes it in the same step, so that no one else can
+/// also find it: `Ok(None)` when it is not there. Hash maps take the command on Linux ≥ 5.14;
+/// earlier kernels answer `EINVAL` (or `ENOTSUPP`).
+pub(super) fn map_lookup_and_delete<K: Pod, V: Pod + Default>(map: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    let mut value = V::default();
+    let mut attr = MapElemAttr {
+        map_fd: raw(map),
+        pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_mut(&mut value) as u64,
+        flags: 0,
+    };
+    match bpf(bpf_cmd::BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn c_path(path: &Path) -> io::Result<CString> {
