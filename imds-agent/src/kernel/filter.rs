@@ -16,7 +16,9 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use imds_common::{maps, Config, Counter, Nat64Prefix, PodAddr, ProtectedAddr, ProtectedSummary, Verdict};
+use imds_common::{
+    maps, Config, Counter, Nat64Prefix, Origin, OriginKey, PodAddr, ProtectedAddr, ProtectedSummary, Verdict,
+};
 
 use super::{
     backstop, bpffs, cgroup, group_endpoints, map_err, nat64_table, prog_err, programs_built, sys, Duty, FilterError,
@@ -291,13 +293,18 @@ fn return_freed_memory() {
 }
 
 /// An earlier version pinned `COUNTERS` with fewer slots than there are counters now, or
-/// `CONFIG` or `PROTECTED` with another layout: the pin is removed so that the load creates the map afresh
+/// `CONFIG`, `PROTECTED` or `ORIGINS` with another layout (the agent has the kernel copy
+/// `ORIGINS` values into an `Origin`, so that size must be exact): the pin is removed so that
+/// the load creates the map afresh
 /// (counts start again; programs still attached keep the old map until they are replaced a
 /// moment later, after the new one is filled).
 fn drop_reshaped_maps(pin_dir: &Path) -> Result<(), FilterError> {
     drop_pin_unless(pin_dir, maps::COUNTERS, |info| info.max_entries() >= Counter::LEN)?;
     drop_pin_unless(pin_dir, maps::CONFIG, |info| info.value_size() as usize == size_of::<Config>())?;
-    drop_pin_unless(pin_dir, maps::PROTECTED, |info| info.value_size() as usize == size_of::<ProtectedAddr>())
+    drop_pin_unless(pin_dir, maps::PROTECTED, |info| info.value_size() as usize == size_of::<ProtectedAddr>())?;
+    drop_pin_unless(pin_dir, maps::ORIGINS, |info| {
+        (info.key_size() as usize, info.value_size() as usize) == (size_of::<OriginKey>(), size_of::<Origin>())
+    })
 }
 
 fn drop_pin_unless(pin_dir: &Path, name: &'static str, fits: impl Fn(&MapInfo) -> bool) -> Result<(), FilterError> {

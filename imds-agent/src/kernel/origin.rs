@@ -169,7 +169,8 @@ impl OriginTable {
     }
 
     /// Takes records in two steps from now on, as on a kernel before 5.14, so that tests on
-    /// a newer one cover that path too.
+    /// a newer one cover that path too. Only while no take runs: a take in one step beside
+    /// one in two could find the same record.
     #[doc(hidden)]
     pub fn take_in_two_steps(&self) {
         self.one_step.store(false, Ordering::Relaxed);

@@ -205,7 +205,7 @@ async fn identify(stream: &TcpStream, state: &AgentState) -> Option<Caller> {
 }
 
 /// The caller of the connection `peer` → `local` from its kernel origin record, or why not.
-/// The record is two short map system calls, and a pod's cgroup is nearly always cached:
+/// The record is one short map system call, and a pod's cgroup is nearly always cached:
 /// both on the async worker, which saves each connection a hand-off to the blocking pool and
 /// back. Only a cgroup not seen yet is looked up in the filesystem, off the workers.
 async fn caller_of(peer: SocketAddr, local: SocketAddr, state: &AgentState) -> Result<Caller, String> {
