@@ -447,10 +447,20 @@ pub fn curl_within(
     }
 }
 
+/// The Python of the test clients' venv (azure-identity, prometheus-client), which
+/// `cargo xtask test` names in `IMDS_SDK_PYTHON`.
+///
+/// # Panics
+/// When it is not named: the tests that need it cannot run without it.
+#[must_use]
+pub fn sdk_python() -> String {
+    std::env::var("IMDS_SDK_PYTHON")
+        .expect("IMDS_SDK_PYTHON names the venv with azure-identity: run through `cargo xtask test`")
+}
+
 /// Runs the Azure SDK client script in `pod`; its one-line JSON result.
 pub fn sdk(node: &Node, pod: &TestPod, args: &[&str]) -> serde_json::Value {
-    let python = std::env::var("IMDS_SDK_PYTHON")
-        .expect("IMDS_SDK_PYTHON names the venv with azure-identity: run through `cargo xtask test`");
+    let python = sdk_python();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/imds_client.py");
     let mut command = vec![python.as_str(), script];
     command.extend_from_slice(args);

@@ -356,7 +356,7 @@ fn other_metadata_paths_follow_the_configured_rules() {
 /// something), labels sorted.
 fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, i64> {
     use std::io::Write as _;
-    let python = std::env::var("IMDS_SDK_PYTHON").expect("IMDS_SDK_PYTHON: run through `cargo xtask test`");
+    let python = imds_tests::node::sdk_python();
     let script = "import sys, json\n\
         from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse\n\
         out = {}\n\

@@ -14,7 +14,7 @@ fn root() -> PathBuf {
 
 /// (file, ok, errors) per file.
 fn python() -> PathBuf {
-    std::env::var_os("IMDS_SDK_PYTHON").expect("IMDS_SDK_PYTHON: run through `cargo xtask test`").into()
+    imds_tests::node::sdk_python().into()
 }
 
 fn validate(mode: &[&str], files: &[PathBuf]) -> Vec<(String, bool, Vec<String>)> {

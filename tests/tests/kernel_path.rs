@@ -57,7 +57,7 @@ fn redirect_cgroup_lands_on_the_agent_with_its_origin() {
     assert_eq!(report.peer, Some(agent.to_string()), "{report:?}");
     // Nor is one made directly by a socket that was redirected before and then disconnected
     // (connect() to AF_UNSPEC): the socket's records went with its first connection.
-    let python = std::env::var("IMDS_SDK_PYTHON").expect("IMDS_SDK_PYTHON: run through `cargo xtask test`");
+    let python = imds_tests::node::sdk_python();
     let (_, out) = Probe::new(&sb.ns, &sb.redirect).exec(&[
         &python,
         "-c",
@@ -135,7 +135,7 @@ fn v4_mapped_ipv6_connects_get_the_same_three_outcomes() {
     assert_eq!(sb.agent.server.accepted(), 1);
 
     // The NAT64 spelling is redirected too, and getpeername() gives it back with its prefix.
-    let python = std::env::var("IMDS_SDK_PYTHON").expect("IMDS_SDK_PYTHON: run through `cargo xtask test`");
+    let python = imds_tests::node::sdk_python();
     let asks = "import socket; s = socket.create_connection(('64:ff9b::a9fe:a9fe', 80), timeout=5); \
                 print('%s %d' % s.getpeername()[:2])";
     let (_, out) = Probe::new(&sb.ns, &sb.redirect).exec(&[&python, "-c", asks]);

@@ -159,9 +159,7 @@ impl OriginTable {
         }
         Ok(OriginLookup::Found(CallerOrigin::new(&raw, age)))
     }
-}
 
-impl OriginTable {
     /// Whether records are taken in one system call (the kernel has not refused it yet).
     #[doc(hidden)]
     pub fn takes_in_one_step(&self) -> bool {

@@ -122,19 +122,19 @@ struct QueryAttr {
     _pad: u32,
 }
 
-/// `BPF_LINK_TYPE_CGROUP`.
-const LINK_TYPE_CGROUP: u32 = 3;
 /// `attr` for the map element commands (here `BPF_MAP_LOOKUP_AND_DELETE_ELEM`).
 #[repr(C)]
 struct MapElemAttr {
     map_fd: u32,
     /// The kernel aligns `key` to 8 bytes; spelt out so that the gap is zero.
-    pad: u32,
+    _pad: u32,
     key: u64,
     value: u64,
     flags: u64,
 }
 
+/// `BPF_LINK_TYPE_CGROUP`.
+const LINK_TYPE_CGROUP: u32 = 3;
 /// `BPF_LINK_TYPE_NETFILTER`.
 const LINK_TYPE_NETFILTER: u32 = 10;
 /// `BPF_PROG_TYPE_NETFILTER` and its one attach type, `BPF_NETFILTER` (Linux ≥ 6.4).
@@ -175,7 +175,7 @@ pub(super) fn map_lookup_and_delete<K: Pod, V: Pod + Default>(map: BorrowedFd<'_
     let mut value = V::default();
     let mut attr = MapElemAttr {
         map_fd: raw(map),
-        pad: 0,
+        _pad: 0,
         key: std::ptr::from_ref(key) as u64,
         value: std::ptr::from_mut(&mut value) as u64,
         flags: 0,
